@@ -1,0 +1,3 @@
+//! phalanx-reservations
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! End-to-end test harness: boots the Phalanx image in an emulator and judges the serial log.
