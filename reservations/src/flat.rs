@@ -1,0 +1,38 @@
+//! The flattened view of the partition tree that the planner (`sched`) consumes.
+//!
+//! The tree may be arbitrarily deep; the planner and the runtime never walk it.
+//! Flattening resolves every leaf partition's effective reservation once, at plan time,
+//! so that dispatch costs the same at any depth (HiRes: flatten, never walk).
+
+extern crate alloc;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// Index of a leaf partition in the flattened list (also its account id).
+pub type PartitionId = u32;
+
+/// A leaf partition's effective reservation after flattening the hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EffectiveReservation {
+    /// Hard: `budget` time units in every `period`, on each pCPU it holds. Never exceeded,
+    /// never revoked.
+    Hard { budget: u64, period: u64 },
+    /// Soft: a share of each of its pCPUs, in parts per million of the pCPU, already
+    /// converted from the parent's currency (weights) into absolute terms.
+    Soft { share_ppm: u32 },
+}
+
+/// One leaf partition as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlatPartition {
+    pub id: PartitionId,
+    pub name: String,
+    /// pCPU indices granted to the partition: sorted, unique.
+    pub pcpus: Vec<u32>,
+    pub vcpus: u32,
+    /// Gang-scheduled: occupies the same interval on every pCPU in `pcpus`.
+    pub gang: bool,
+    pub reservation: EffectiveReservation,
+    /// Depth in the tree (1 = child of the root); informative only.
+    pub depth: u32,
+}
