@@ -1,3 +1,11 @@
-//! phalanx-firmware
+//! What a machine's firmware describes and what a guest finds at power-on: ACPI tables
+//! (parsed for the host platform, built for each partition), and later the Linux boot
+//! protocol and initial register state.
 #![cfg_attr(not(test), no_std)]
-#![forbid(unsafe_code)]
+// Unsafe is needed only in tests, to view built table bytes as the `acpi` crate's types.
+#![cfg_attr(not(test), forbid(unsafe_code))]
+
+extern crate alloc;
+
+pub mod madt;
+pub mod platform;

@@ -1,0 +1,192 @@
+//! The host platform as the MADT describes it: pCPUs (local APIC IDs), IO-APICs and ISA
+//! interrupt source overrides. The `acpi` crate finds and validates the tables; this module
+//! turns its MADT entries into Phalanx's view, and is what the host tests exercise.
+
+use acpi::madt::{Madt, MadtEntry};
+use alloc::vec::Vec;
+use core::pin::Pin;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cpu {
+    pub apic_id: u32,
+    pub acpi_uid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoApic {
+    pub id: u8,
+    pub address: u32,
+    pub gsi_base: u32,
+}
+
+/// An ISA IRQ that is wired to a different global system interrupt, or with a non-default
+/// polarity/trigger (MPS INTI flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IrqOverride {
+    pub isa_irq: u8,
+    pub gsi: u32,
+    pub flags: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    /// Enabled CPUs; after [`Platform::boot_cpu_first`], index 0 is the BSP and the index is
+    /// the pCPU number used in partition configs.
+    pub cpus: Vec<Cpu>,
+    pub io_apics: Vec<IoApic>,
+    pub overrides: Vec<IrqOverride>,
+    pub local_apic_address: u64,
+    pub has_8259: bool,
+}
+
+impl Platform {
+    pub fn from_madt(madt: Pin<&Madt>) -> Self {
+        let local_apic_address = madt.local_apic_address as u64;
+        let has_8259 = madt.supports_8259();
+        Self::from_entries(madt.entries(), local_apic_address, has_8259)
+    }
+
+    pub fn from_entries<'a>(
+        entries: impl Iterator<Item = MadtEntry<'a>>,
+        local_apic_address: u64,
+        has_8259: bool,
+    ) -> Self {
+        let mut platform = Platform {
+            cpus: Vec::new(),
+            io_apics: Vec::new(),
+            overrides: Vec::new(),
+            local_apic_address,
+            has_8259,
+        };
+        for entry in entries {
+            match entry {
+                MadtEntry::LocalApic(e) if e.flags & 1 != 0 => {
+                    platform.push_cpu(Cpu { apic_id: e.apic_id as u32, acpi_uid: e.processor_id as u32 })
+                }
+                MadtEntry::LocalX2Apic(e) if e.flags & 1 != 0 => {
+                    platform.push_cpu(Cpu { apic_id: e.x2apic_id, acpi_uid: e.processor_uid })
+                }
+                MadtEntry::IoApic(e) => platform.io_apics.push(IoApic {
+                    id: e.io_apic_id,
+                    address: e.io_apic_address,
+                    gsi_base: e.global_system_interrupt_base,
+                }),
+                MadtEntry::InterruptSourceOverride(e) if e.bus == 0 => {
+                    platform.overrides.push(IrqOverride {
+                        isa_irq: e.irq,
+                        gsi: e.global_system_interrupt,
+                        flags: e.flags,
+                    })
+                }
+                MadtEntry::LocalApicAddressOverride(e) => platform.local_apic_address = e.local_apic_address,
+                _ => {}
+            }
+        }
+        platform
+    }
+
+    /// Some firmware lists a CPU both as a local APIC and a local x2APIC.
+    fn push_cpu(&mut self, cpu: Cpu) {
+        if !self.cpus.iter().any(|c| c.apic_id == cpu.apic_id) {
+            self.cpus.push(cpu);
+        }
+    }
+
+    /// Moves the boot CPU to index 0, keeping the firmware's order for the rest. Returns
+    /// false when the boot CPU is not in the table (the MADT does not describe this machine).
+    pub fn boot_cpu_first(&mut self, boot_apic_id: u32) -> bool {
+        match self.cpus.iter().position(|c| c.apic_id == boot_apic_id) {
+            Some(i) => {
+                let bsp = self.cpus.remove(i);
+                self.cpus.insert(0, bsp);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The global system interrupt an ISA IRQ arrives on (identity unless overridden).
+    pub fn isa_irq_to_gsi(&self, irq: u8) -> u32 {
+        self.overrides.iter().find(|o| o.isa_irq == irq).map_or(irq as u32, |o| o.gsi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::madt::{MadtBuilder, LAPIC_ENABLED, PCAT_COMPAT};
+    use acpi::sdt::Signature;
+
+    /// Views MADT bytes as the `acpi` crate's table, validating it as the crate does for
+    /// tables found in memory.
+    fn parse(bytes: &[u8]) -> Platform {
+        // The crate reads entries in place: copy into 8-aligned storage that outlives the view.
+        let mut storage = vec![0u64; bytes.len().div_ceil(8)];
+        let raw = storage.as_mut_ptr() as *mut u8;
+        // SAFETY: `storage` holds at least bytes.len() bytes; regions do not overlap.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), raw, bytes.len()) };
+        // SAFETY: the bytes are a complete MADT (header length covers the entries), the
+        // storage is aligned and lives until the end of this function, and is never moved.
+        let madt = unsafe { Pin::new_unchecked(&*(raw as *const Madt)) };
+        madt.header.validate(Signature::MADT).expect("valid MADT header and checksum");
+        Platform::from_madt(madt)
+    }
+
+    #[test]
+    fn bochs_style_madt_gives_cpus_ioapic_and_overrides() {
+        let bytes = MadtBuilder::new(0xFEE0_0000, PCAT_COMPAT)
+            .local_apic(0, 0, LAPIC_ENABLED)
+            .local_apic(1, 1, LAPIC_ENABLED)
+            .local_apic(2, 2, LAPIC_ENABLED)
+            .local_apic(3, 3, LAPIC_ENABLED)
+            .io_apic(4, 0xFEC0_0000, 0)
+            .interrupt_source_override(0, 2, 0)
+            .interrupt_source_override(9, 9, 0x000D)
+            .finish();
+        let p = parse(&bytes);
+        assert_eq!(p.cpus.iter().map(|c| c.apic_id).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(p.io_apics, [IoApic { id: 4, address: 0xFEC0_0000, gsi_base: 0 }]);
+        assert_eq!(p.isa_irq_to_gsi(0), 2, "PIT is rerouted to GSI 2");
+        assert_eq!(p.isa_irq_to_gsi(4), 4, "COM1 keeps its identity mapping");
+        assert_eq!(p.local_apic_address, 0xFEE0_0000);
+        assert!(p.has_8259);
+    }
+
+    #[test]
+    fn disabled_cpus_are_not_pcpus() {
+        let bytes = MadtBuilder::new(0xFEE0_0000, 0)
+            .local_apic(0, 0, LAPIC_ENABLED)
+            .local_apic(1, 1, 0)
+            .local_apic(2, 6, LAPIC_ENABLED)
+            .finish();
+        let p = parse(&bytes);
+        assert_eq!(p.cpus.iter().map(|c| c.apic_id).collect::<Vec<_>>(), [0, 6]);
+        assert!(!p.has_8259);
+    }
+
+    #[test]
+    fn boot_cpu_becomes_pcpu_zero() {
+        let bytes = MadtBuilder::new(0xFEE0_0000, 0)
+            .local_apic(0, 3, LAPIC_ENABLED)
+            .local_apic(1, 5, LAPIC_ENABLED)
+            .local_apic(2, 7, LAPIC_ENABLED)
+            .finish();
+        let mut p = parse(&bytes);
+        assert!(p.boot_cpu_first(5));
+        assert_eq!(p.cpus.iter().map(|c| c.apic_id).collect::<Vec<_>>(), [5, 3, 7]);
+        assert!(!p.boot_cpu_first(9), "a boot CPU missing from the MADT is reported");
+    }
+
+    #[test]
+    fn corrupted_checksum_is_rejected() {
+        let mut bytes = MadtBuilder::new(0xFEE0_0000, 0).local_apic(0, 0, LAPIC_ENABLED).finish();
+        bytes[20] ^= 0xFF;
+        let mut storage = vec![0u64; bytes.len().div_ceil(8)];
+        let raw = storage.as_mut_ptr() as *mut u8;
+        // SAFETY: as in `parse`.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), raw, bytes.len()) };
+        // SAFETY: as in `parse`.
+        let madt = unsafe { &*(raw as *const Madt) };
+        assert!(madt.header.validate(Signature::MADT).is_err());
+    }
+}
