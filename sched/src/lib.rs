@@ -1,3 +1,27 @@
-//! phalanx-sched
+//! Phalanx scheduling: the planner that builds phase-locked per-pCPU dispatch tables, the nested
+//! per-partition policies, the pure per-pCPU runtime state machine the bare-metal dispatcher
+//! calls, an accounting ledger, and a discrete-event simulator that runs all of them.
+//!
+//! Time is an abstract `Tick` (u64); the hypervisor uses TSC cycles, the simulator nanoseconds.
+//! See `docs/scheduling.md`.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod account;
+pub mod dispatch;
+pub mod nested;
+pub mod plan;
+pub mod rng;
+pub mod sim;
+pub mod spec;
+
+pub use account::{AccountId, AccountMap, ChargeError, Ledger};
+pub use dispatch::{Decision, DispatchEntry, DispatchTables, PcpuDispatcher, PcpuTable, VcpuRef};
+pub use nested::{Gang, NestedPolicy, PerPcpuRoundRobin, RoundRobinGang, SubSlice};
+pub use plan::{plan_gang, plan_independent, IndependentConfig, Owner, Plan, PlanConfig, Slot};
+pub use spec::{PartitionId, PartitionSpec, PlanError, Reservation, Tick};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Simulator (filled in below).
