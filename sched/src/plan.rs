@@ -36,8 +36,12 @@ impl PlanConfig {
 pub struct IndependentConfig {
     /// Length of one round-robin cycle on a pCPU (CFS's scheduling latency).
     pub cycle: Tick,
-    /// Seed for each pCPU's phase and thread order (they are arbitrary on a real host).
+    /// Seed for each pCPU's phase (and thread order when shuffled).
     pub seed: u64,
+    /// Shuffle the thread order per pCPU (fully random relative phases of a partition's
+    /// vCPUs); otherwise threads keep the same order and pCPU c starts its cycle at
+    /// `c * cycle / P` plus a random part below `cycle / P` (evenly staggered phases).
+    pub shuffle: bool,
 }
 
 /// Who a slot belongs to.
@@ -450,8 +454,10 @@ pub fn plan_independent(
             continue;
         }
         // Arbitrary thread order and phase per pCPU: nothing aligns them across pCPUs.
-        for i in (1..th.len()).rev() {
-            th.swap(i, rng.below(i as u64 + 1) as usize);
+        if ind.shuffle {
+            for i in (1..th.len()).rev() {
+                th.swap(i, rng.below(i as u64 + 1) as usize);
+            }
         }
         let stagger = (cycle / p_count as Tick).max(1);
         let phase = (c as Tick * stagger + rng.below(stagger)) % cycle;

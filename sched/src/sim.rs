@@ -1,1 +1,776 @@
-//! Simulator (filled in below).
+//! Discrete-event simulator: P pCPUs running partitions whose vCPUs execute a BARRIER workload
+//! (compute, then a PAUSE spin barrier, optionally spin-then-block) or a CPU-bound one. It
+//! drives the real planner, compiled tables, `PcpuDispatcher` and `Ledger`; the four policies
+//! differ only in which plan is used and what the host does on top of the table:
+//!
+//! - `Gang`: the phase-locked plan, nothing else (Phalanx).
+//! - `Independent`: the independent plan, nothing else (a KVM host without PLE).
+//! - `IndependentPle`: plus pause-loop exiting: after `window` of spinning the vCPU exits
+//!   (`exit_cost`), yields its pCPU and directs a boost to a descheduled sibling that has not
+//!   reached the barrier, which preempts whatever runs on that sibling's pCPU until it arrives
+//!   or that pCPU's next boundary (KVM's `kvm_vcpu_on_spin` + `yield_to`).
+//! - `RelaxedCosched`: plus VMware-style relaxed co-scheduling: every `check_every`, a vCPU whose
+//!   run time leads its slowest runnable sibling by more than `skew_bound` is stopped (its pCPU
+//!   is lent away) until the lead falls below half the bound.
+//!
+//! Time is in ticks; results treat one tick as one nanosecond.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::account::{AccountId, AccountMap, Ledger};
+use crate::dispatch::{Decision, DispatchTables, PcpuDispatcher, VcpuRef};
+use crate::plan::{plan_gang, plan_independent, IndependentConfig, PlanConfig};
+use crate::rng::SplitMix64;
+use crate::spec::{PartitionSpec, PlanError, Tick};
+
+const NS_PER_S: f64 = 1e9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Each iteration: compute `compute` (± `jitter_ppm`), then spin at a barrier of all the
+    /// partition's vCPUs; with `block_after_spin`, a vCPU that has spun that long halts until
+    /// the barrier opens.
+    Barrier { compute: Tick, jitter_ppm: u32, block_after_spin: Option<Tick> },
+    /// Always computing.
+    CpuBound,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Gang,
+    Independent,
+    IndependentPle { window: Tick, exit_cost: Tick },
+    RelaxedCosched { skew_bound: Tick, check_every: Tick },
+}
+
+impl Policy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::Gang => "gang",
+            Policy::Independent => "independent",
+            Policy::IndependentPle { .. } => "independent+ple",
+            Policy::RelaxedCosched { .. } => "relaxed-cosched",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimPartition {
+    pub spec: PartitionSpec,
+    pub workload: Workload,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub pcpu_count: u32,
+    pub duration: Tick,
+    /// Cost of switching a pCPU to another vCPU (charged to the incoming partition's
+    /// hypervisor account; the vCPU makes no progress meanwhile).
+    pub switch_cost: Tick,
+    pub soft_period: Tick,
+    pub frame: Option<Tick>,
+    pub independent_cycle: Tick,
+    /// Independent plans: random thread order per pCPU instead of evenly staggered phases.
+    pub independent_shuffle: bool,
+    pub seed: u64,
+    /// Record the schedule of `[0, trace_until)`.
+    pub trace_until: Tick,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliceKind {
+    Compute,
+    Spin,
+    /// Switch or exit overhead.
+    Overhead,
+    Idle,
+}
+
+/// One piece of a pCPU's schedule, for the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceSlice {
+    pub pcpu: u32,
+    pub start: Tick,
+    pub end: Tick,
+    pub run: Option<VcpuRef>,
+    pub kind: SliceKind,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PartitionResult {
+    pub id: u32,
+    pub name: String,
+    pub iterations: u64,
+    /// Barrier iterations per simulated second.
+    pub progress_per_s: f64,
+    /// Time its vCPUs were on a pCPU (excluding switch/exit overhead), summed over vCPUs.
+    pub cpu_time: Tick,
+    pub compute_time: Tick,
+    pub spin_time: Tick,
+    /// Spinning while a sibling that has not reached the barrier was descheduled.
+    pub waste_time: Tick,
+    /// `waste_time / cpu_time`, percent.
+    pub waste_pct: f64,
+    /// Barrier arrival spread (first to last arrival), mean and max, in ticks.
+    pub mean_skew: f64,
+    pub max_skew: Tick,
+    /// Times one of its vCPUs was switched onto a pCPU.
+    pub switches: u64,
+    pub ple_exits: u64,
+    pub overhead_time: Tick,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimResult {
+    pub policy: &'static str,
+    pub duration: Tick,
+    pub partitions: Vec<PartitionResult>,
+    pub trace: Vec<TraceSlice>,
+    /// Ledger check: sum over accounts and the elapsed time over all pCPUs.
+    pub charged: Tick,
+    pub elapsed: Tick,
+    /// Owner changes per frame forced by the table.
+    pub table_switches: usize,
+    pub frame: Tick,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VState {
+    Compute { left: Tick },
+    Spin,
+    Blocked,
+}
+
+#[derive(Debug, Clone)]
+struct Vcpu {
+    state: VState,
+    running_on: Option<usize>,
+    sched_time: Tick,
+    spin_run: Tick,
+    ple_spin: Tick,
+    stopped: bool,
+}
+
+struct Part {
+    spec: PartitionSpec,
+    workload: Workload,
+    vcpus: Vec<Vcpu>,
+    arrived: u32,
+    first_arrival: Tick,
+    skew_sum: u128,
+    yield_cursor: usize,
+    res: PartitionResult,
+    guest: AccountId,
+    hyp: AccountId,
+}
+
+struct Cpu {
+    running: Option<VcpuRef>,
+    busy_until: Tick,
+    deadline: Tick,
+    account: AccountId,
+    boost: Option<VcpuRef>,
+}
+
+struct Sim<'t> {
+    cfg: SimConfig,
+    policy: Policy,
+    disps: Vec<PcpuDispatcher<'t>>,
+    cpus: Vec<Cpu>,
+    parts: Vec<Part>,
+    ids: Vec<(u32, usize)>,
+    ledger: Ledger,
+    rng: SplitMix64,
+    trace: Vec<TraceSlice>,
+}
+
+/// Runs one simulation. Errors are the planner's (infeasible or invalid partitions).
+pub fn simulate(parts: &[SimPartition], policy: Policy, cfg: &SimConfig) -> Result<SimResult, PlanError> {
+    let specs: Vec<PartitionSpec> = parts.iter().map(|p| p.spec.clone()).collect();
+    let mut pc = PlanConfig::new(cfg.pcpu_count, cfg.soft_period);
+    pc.frame = cfg.frame;
+    let plan = match policy {
+        Policy::Gang => plan_gang(&specs, &pc)?,
+        _ => plan_independent(&specs, &pc, &IndependentConfig { cycle: cfg.independent_cycle, seed: cfg.seed, shuffle: cfg.independent_shuffle })?,
+    };
+    let tables = DispatchTables::compile(&plan, &specs)?;
+    let mut sim = Sim::new(&tables, parts, policy, cfg);
+    sim.run();
+    let mut result = sim.finish();
+    result.table_switches = plan.switches();
+    result.frame = plan.frame;
+    Ok(result)
+}
+
+impl<'t> Sim<'t> {
+    fn new(tables: &'t DispatchTables, parts: &[SimPartition], policy: Policy, cfg: &SimConfig) -> Self {
+        let mut rng = SplitMix64::new(cfg.seed ^ 0x5EED);
+        let mut sim_parts = Vec::new();
+        for p in parts {
+            let guest = tables.accounts.guest(p.spec.id).unwrap();
+            let hyp = tables.accounts.hypervisor_for(p.spec.id).unwrap();
+            let vcpus = (0..p.spec.vcpus)
+                .map(|_| Vcpu {
+                    state: VState::Compute { left: first_work(&p.workload, &mut rng) },
+                    running_on: None,
+                    sched_time: 0,
+                    spin_run: 0,
+                    ple_spin: 0,
+                    stopped: false,
+                })
+                .collect();
+            sim_parts.push(Part {
+                spec: p.spec.clone(),
+                workload: p.workload,
+                vcpus,
+                arrived: 0,
+                first_arrival: 0,
+                skew_sum: 0,
+                yield_cursor: 0,
+                res: PartitionResult { id: p.spec.id, name: p.spec.name.clone(), ..Default::default() },
+                guest,
+                hyp,
+            });
+        }
+        let mut ids: Vec<(u32, usize)> = sim_parts.iter().enumerate().map(|(i, p)| (p.spec.id, i)).collect();
+        ids.sort_unstable();
+        let p = cfg.pcpu_count as usize;
+        Sim {
+            cfg: cfg.clone(),
+            policy,
+            disps: (0..p).map(|c| tables.dispatcher(c, 0)).collect(),
+            cpus: (0..p)
+                .map(|_| Cpu { running: None, busy_until: 0, deadline: 0, account: AccountMap::HYPERVISOR, boost: None })
+                .collect(),
+            parts: sim_parts,
+            ids,
+            ledger: Ledger::new(tables.accounts.len(), p, 0),
+            rng,
+            trace: Vec::new(),
+        }
+    }
+
+    fn pidx(&self, id: u32) -> usize {
+        self.ids[self.ids.binary_search_by_key(&id, |e| e.0).unwrap()].1
+    }
+
+    fn vcpu(&self, v: VcpuRef) -> &Vcpu {
+        &self.parts[self.pidx(v.partition)].vcpus[v.vcpu as usize]
+    }
+
+    fn vcpu_mut(&mut self, v: VcpuRef) -> &mut Vcpu {
+        let i = self.pidx(v.partition);
+        &mut self.parts[i].vcpus[v.vcpu as usize]
+    }
+
+    /// Lends the rest of `c`'s slot through the dispatcher's slack ring to a runnable vCPU
+    /// (not of partition `exclude`).
+    fn lend(&mut self, c: usize, now: Tick, exclude: Option<u32>) -> Decision {
+        let Sim { disps, parts, ids, .. } = self;
+        disps[c].on_halt(now, |w: VcpuRef| {
+            let j = ids[ids.binary_search_by_key(&w.partition, |e| e.0).unwrap()].1;
+            let x = &parts[j].vcpus[w.vcpu as usize];
+            Some(w.partition) != exclude && x.state != VState::Blocked && !x.stopped && x.running_on.is_none()
+        })
+    }
+
+    fn run(&mut self) {
+        for c in 0..self.cpus.len() {
+            let d = self.disps[c].on_boundary(0);
+            self.take(c, d, 0);
+        }
+        let mut now = 0;
+        let mut next_check = match self.policy {
+            Policy::RelaxedCosched { check_every, .. } => check_every,
+            _ => Tick::MAX,
+        };
+        while now < self.cfg.duration {
+            let mut next = self.cfg.duration.min(next_check);
+            for c in 0..self.cpus.len() {
+                next = next.min(self.cpus[c].deadline);
+                if let Some(t) = self.vcpu_event(c, now) {
+                    next = next.min(t);
+                }
+            }
+            let next = next.max(now + 1).min(self.cfg.duration.max(now + 1));
+            self.advance(now, next);
+            now = next;
+            self.events(now);
+            if now >= next_check {
+                self.relaxed_check(now);
+                if let Policy::RelaxedCosched { check_every, .. } = self.policy {
+                    next_check = now + check_every;
+                }
+            }
+        }
+    }
+
+    /// When the vCPU running on `c` next changes state by itself.
+    fn vcpu_event(&self, c: usize, now: Tick) -> Option<Tick> {
+        let v = self.cpus[c].running?;
+        let x = self.vcpu(v);
+        let start = now.max(self.cpus[c].busy_until);
+        match x.state {
+            VState::Compute { left } => Some(start.saturating_add(left)),
+            VState::Spin => {
+                let p = &self.parts[self.pidx(v.partition)];
+                let mut t = Tick::MAX;
+                if let Workload::Barrier { block_after_spin: Some(b), .. } = p.workload {
+                    t = t.min(start + b.saturating_sub(x.spin_run));
+                }
+                if let Policy::IndependentPle { window, .. } = self.policy {
+                    t = t.min(start + window.saturating_sub(x.ple_spin));
+                }
+                Some(t)
+            }
+            VState::Blocked => None,
+        }
+    }
+
+    fn advance(&mut self, now: Tick, next: Tick) {
+        // Which partitions have a sibling that has not arrived and is off-CPU right now.
+        let lagging_off: Vec<bool> = self
+            .parts
+            .iter()
+            .map(|p| p.vcpus.iter().any(|x| matches!(x.state, VState::Compute { .. }) && x.running_on.is_none()))
+            .collect();
+        for c in 0..self.cpus.len() {
+            let cpu = &self.cpus[c];
+            let ovh_end = cpu.busy_until.clamp(now, next);
+            let run = cpu.running;
+            let account = cpu.account;
+            let mut kind = SliceKind::Idle;
+            if ovh_end > now {
+                let hyp = run.map(|v| self.parts[self.pidx(v.partition)].hyp).unwrap_or(AccountMap::HYPERVISOR);
+                self.ledger.charge(c, now, ovh_end, hyp).expect("contiguous charge");
+                if let Some(v) = run {
+                    let i = self.pidx(v.partition);
+                    self.parts[i].res.overhead_time += ovh_end - now;
+                }
+                self.record(c, now, ovh_end, run, SliceKind::Overhead);
+            }
+            self.ledger.charge(c, ovh_end, next, account).expect("contiguous charge");
+            let dt = next - ovh_end;
+            if let Some(v) = run {
+                let i = self.pidx(v.partition);
+                let p = &mut self.parts[i];
+                let x = &mut p.vcpus[v.vcpu as usize];
+                x.sched_time += next - now;
+                p.res.cpu_time += dt;
+                match &mut x.state {
+                    VState::Compute { left } => {
+                        *left -= dt.min(*left);
+                        p.res.compute_time += dt;
+                        kind = SliceKind::Compute;
+                    }
+                    VState::Spin => {
+                        x.spin_run += dt;
+                        x.ple_spin += dt;
+                        p.res.spin_time += dt;
+                        if lagging_off[i] {
+                            p.res.waste_time += dt;
+                        }
+                        kind = SliceKind::Spin;
+                    }
+                    VState::Blocked => {}
+                }
+            }
+            if dt > 0 {
+                self.record(c, ovh_end, next, run, kind);
+            }
+        }
+    }
+
+    fn record(&mut self, c: usize, start: Tick, end: Tick, run: Option<VcpuRef>, kind: SliceKind) {
+        if start >= self.cfg.trace_until {
+            return;
+        }
+        let end = end.min(self.cfg.trace_until);
+        if let Some(last) = self.trace.iter_mut().rev().find(|s| s.pcpu == c as u32) {
+            if last.end == start && last.run == run && last.kind == kind {
+                last.end = end;
+                return;
+            }
+        }
+        self.trace.push(TraceSlice { pcpu: c as u32, start, end, run, kind });
+    }
+
+    fn events(&mut self, now: Tick) {
+        // Work and spin events of running vCPUs.
+        for c in 0..self.cpus.len() {
+            let Some(v) = self.cpus[c].running else { continue };
+            if self.cpus[c].busy_until > now {
+                continue;
+            }
+            let i = self.pidx(v.partition);
+            let x = self.parts[i].vcpus[v.vcpu as usize].clone();
+            match x.state {
+                VState::Compute { left: 0 } => self.arrive(i, v, now),
+                VState::Spin => {
+                    if let Workload::Barrier { block_after_spin: Some(b), .. } = self.parts[i].workload {
+                        if x.spin_run >= b {
+                            self.vcpu_mut(v).state = VState::Blocked;
+                            self.halt(c, now);
+                            continue;
+                        }
+                    }
+                    if let Policy::IndependentPle { window, exit_cost } = self.policy {
+                        if x.ple_spin >= window {
+                            self.ple_exit(c, i, v, now, exit_cost);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for c in 0..self.cpus.len() {
+            if self.cpus[c].deadline <= now {
+                self.cpus[c].boost = None;
+                let d = self.disps[c].on_boundary(now);
+                self.take(c, d, now);
+            }
+        }
+    }
+
+    /// Puts `d` into effect on `c`, first lending the slot if its owner cannot run.
+    fn take(&mut self, c: usize, d: Decision, now: Tick) {
+        let d = match d.run {
+            Some(v) if self.cpus[c].running == Some(v) => d,
+            Some(v) if self.vcpu(v).state != VState::Blocked && !self.vcpu(v).stopped => d,
+            _ => self.lend(c, now, None),
+        };
+        self.apply(c, d, now);
+    }
+
+    fn halt(&mut self, c: usize, now: Tick) {
+        let d = Decision { run: None, account: AccountMap::HYPERVISOR, next_deadline: self.cpus[c].deadline, lent: false };
+        self.take(c, d, now);
+    }
+
+    /// Switches `c` to `d.run`, preempting it elsewhere if it runs on another pCPU.
+    fn apply(&mut self, c: usize, d: Decision, now: Tick) {
+        self.cpus[c].deadline = d.next_deadline;
+        self.cpus[c].account = d.account;
+        if self.cpus[c].running == d.run {
+            return;
+        }
+        if let Some(old) = self.cpus[c].running.take() {
+            self.vcpu_mut(old).running_on = None;
+        }
+        let Some(v) = d.run else {
+            self.cpus[c].busy_until = now;
+            return;
+        };
+        let elsewhere = self.vcpu(v).running_on;
+        {
+            let x = self.vcpu_mut(v);
+            x.running_on = Some(c);
+            x.ple_spin = 0;
+        }
+        self.cpus[c].running = Some(v);
+        self.cpus[c].busy_until = now + self.cfg.switch_cost;
+        let i = self.pidx(v.partition);
+        self.parts[i].res.switches += 1;
+        if let Some(e) = elsewhere {
+            self.cpus[e].running = None;
+            self.cpus[e].boost = None;
+            self.halt(e, now);
+        }
+    }
+
+    fn arrive(&mut self, i: usize, v: VcpuRef, now: Tick) {
+        {
+            let x = &mut self.parts[i].vcpus[v.vcpu as usize];
+            x.state = VState::Spin;
+            x.spin_run = 0;
+            x.ple_spin = 0;
+        }
+        let p = &mut self.parts[i];
+        if p.arrived == 0 {
+            p.first_arrival = now;
+        }
+        p.arrived += 1;
+        if let Some(c) = p.vcpus[v.vcpu as usize].running_on {
+            if self.cpus[c].boost == Some(v) {
+                // The directed-yield boost ends once the sibling reaches the barrier.
+                self.cpus[c].boost = None;
+                let d = self.disps[c].owner_decision();
+                self.take(c, d, now);
+            }
+        }
+        let p = &mut self.parts[i];
+        if p.arrived as usize == p.vcpus.len() {
+            self.release(i, now);
+        }
+    }
+
+    fn release(&mut self, i: usize, now: Tick) {
+        let p = &mut self.parts[i];
+        p.res.iterations += 1;
+        let skew = now - p.first_arrival;
+        p.skew_sum += skew as u128;
+        p.res.max_skew = p.res.max_skew.max(skew);
+        p.arrived = 0;
+        let mut woken = Vec::new();
+        for k in 0..p.vcpus.len() {
+            let left = next_work(&p.workload, &mut self.rng);
+            let x = &mut p.vcpus[k];
+            if x.state == VState::Blocked {
+                woken.push(VcpuRef { partition: p.spec.id, vcpu: k as u32 });
+            }
+            x.state = VState::Compute { left };
+        }
+        for v in woken {
+            self.wake(i, v, now);
+        }
+    }
+
+    /// `v` became runnable: if it owns a current slot somewhere, it takes it back.
+    fn wake(&mut self, i: usize, v: VcpuRef, now: Tick) {
+        let pcpus = self.parts[i].spec.pcpus.clone();
+        for c in pcpus {
+            let c = c as usize;
+            if self.cpus[c].boost.is_some() {
+                continue;
+            }
+            if let Some(d) = self.disps[c].on_wake(now, v) {
+                self.take(c, d, now);
+                return;
+            }
+        }
+    }
+
+    fn ple_exit(&mut self, c: usize, i: usize, v: VcpuRef, now: Tick, exit_cost: Tick) {
+        self.parts[i].res.ple_exits += 1;
+        self.vcpu_mut(v).ple_spin = 0;
+        self.cpus[c].busy_until = now + exit_cost;
+        let p = &self.parts[i];
+        let n = p.vcpus.len();
+        let target = (0..n)
+            .map(|k| (p.yield_cursor + k) % n)
+            .find(|&k| matches!(p.vcpus[k].state, VState::Compute { .. }) && p.vcpus[k].running_on.is_none() && !p.vcpus[k].stopped);
+        let Some(k) = target else { return };
+        self.parts[i].yield_cursor = (k + 1) % n;
+        let y = VcpuRef { partition: v.partition, vcpu: k as u32 };
+        let home = self.parts[i].spec.pcpus[k % self.parts[i].spec.pcpus.len()] as usize;
+        let guest = self.parts[i].guest;
+        // The spinner yields its pCPU to the other runnable threads there ...
+        let d = self.lend(c, now, Some(v.partition));
+        if d.run.is_some() {
+            self.apply(c, d, now);
+            self.cpus[c].busy_until = self.cpus[c].busy_until.max(now + exit_cost);
+        }
+        // ... and boosts the lagging sibling on its own pCPU.
+        let boost = Decision { run: Some(y), account: guest, next_deadline: self.cpus[home].deadline, lent: true };
+        self.apply(home, boost, now);
+        self.cpus[home].boost = Some(y);
+    }
+
+    fn relaxed_check(&mut self, now: Tick) {
+        let Policy::RelaxedCosched { skew_bound, .. } = self.policy else { return };
+        for i in 0..self.parts.len() {
+            if self.parts[i].vcpus.len() < 2 || self.parts[i].workload == Workload::CpuBound {
+                continue;
+            }
+            let min = self.parts[i]
+                .vcpus
+                .iter()
+                .filter(|x| x.state != VState::Blocked)
+                .map(|x| x.sched_time)
+                .min()
+                .unwrap_or(0);
+            for k in 0..self.parts[i].vcpus.len() {
+                let v = VcpuRef { partition: self.parts[i].spec.id, vcpu: k as u32 };
+                let x = &self.parts[i].vcpus[k];
+                let lead = x.sched_time.saturating_sub(min);
+                if !x.stopped && lead > skew_bound && x.state != VState::Blocked {
+                    self.vcpu_mut(v).stopped = true;
+                    if let Some(c) = self.vcpu(v).running_on {
+                        self.halt(c, now);
+                    }
+                } else if x.stopped && lead <= skew_bound / 2 {
+                    self.vcpu_mut(v).stopped = false;
+                    self.wake(i, v, now);
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> SimResult {
+        let secs = self.cfg.duration as f64 / NS_PER_S;
+        for p in &mut self.parts {
+            let r = &mut p.res;
+            r.progress_per_s = r.iterations as f64 / secs;
+            r.waste_pct = if r.cpu_time == 0 { 0.0 } else { 100.0 * r.waste_time as f64 / r.cpu_time as f64 };
+            r.mean_skew = if r.iterations == 0 { 0.0 } else { p.skew_sum as f64 / r.iterations as f64 };
+        }
+        SimResult {
+            policy: self.policy.name(),
+            duration: self.cfg.duration,
+            partitions: self.parts.into_iter().map(|p| p.res).collect(),
+            trace: self.trace,
+            charged: self.ledger.sum(),
+            elapsed: self.ledger.elapsed(),
+            table_switches: 0,
+            frame: 0,
+        }
+    }
+}
+
+fn first_work(w: &Workload, rng: &mut SplitMix64) -> Tick {
+    next_work(w, rng)
+}
+
+fn next_work(w: &Workload, rng: &mut SplitMix64) -> Tick {
+    match *w {
+        Workload::CpuBound => Tick::MAX / 4,
+        Workload::Barrier { compute, jitter_ppm, .. } => {
+            let j = compute * jitter_ppm as u64 / 1_000_000;
+            if j == 0 {
+                compute
+            } else {
+                compute - j + rng.below(2 * j + 1)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Reservation;
+    use alloc::string::ToString;
+
+    const MS: Tick = 1_000_000;
+    const US: Tick = 1_000;
+
+    fn barrier(id: u32, pcpus: &[u32], vcpus: u32, r: Reservation, compute: Tick, block: Option<Tick>) -> SimPartition {
+        SimPartition {
+            spec: PartitionSpec { id, name: "barrier".to_string(), pcpus: pcpus.to_vec(), vcpus, gang: true, reservation: r, depth: 1 },
+            workload: Workload::Barrier { compute, jitter_ppm: 0, block_after_spin: block },
+        }
+    }
+
+    fn cpu_bound(id: u32, pcpus: &[u32], vcpus: u32, share_ppm: u32) -> SimPartition {
+        SimPartition {
+            spec: PartitionSpec {
+                id,
+                name: "batch".to_string(),
+                pcpus: pcpus.to_vec(),
+                vcpus,
+                gang: true,
+                reservation: Reservation::Soft { share_ppm },
+                depth: 1,
+            },
+            workload: Workload::CpuBound,
+        }
+    }
+
+    fn cfg(p: u32, duration: Tick) -> SimConfig {
+        SimConfig {
+            pcpu_count: p,
+            duration,
+            switch_cost: 0,
+            soft_period: 10 * MS,
+            frame: None,
+            independent_cycle: 8 * MS,
+            independent_shuffle: false,
+            seed: 1,
+            trace_until: 20 * MS,
+        }
+    }
+
+    fn whole() -> Reservation {
+        Reservation::Hard { budget: 10 * MS, period: 10 * MS }
+    }
+    fn half() -> Reservation {
+        Reservation::Hard { budget: 5 * MS, period: 10 * MS }
+    }
+
+    #[test]
+    fn dedicated_barrier_has_no_waste_and_exact_progress() {
+        // 2 vCPUs on 2 dedicated pCPUs, 100 us per iteration, no jitter: 10,000 iterations/s.
+        let r = simulate(&[barrier(1, &[0, 1], 2, whole(), 100 * US, None)], Policy::Gang, &cfg(2, 1_000 * MS)).unwrap();
+        let b = &r.partitions[0];
+        assert_eq!(b.iterations, 10_000);
+        assert_eq!(b.waste_time, 0);
+        assert_eq!(b.spin_time, 0, "equal compute: both arrive together");
+        assert_eq!(r.charged, r.elapsed);
+        assert_eq!(r.elapsed, 2 * 1_000 * MS);
+    }
+
+    #[test]
+    fn gang_half_share_gives_half_progress_without_waste() {
+        let parts = [barrier(1, &[0, 1], 2, half(), 100 * US, None), cpu_bound(2, &[0, 1], 2, 500_000)];
+        let r = simulate(&parts, Policy::Gang, &cfg(2, 1_000 * MS)).unwrap();
+        let (b, c) = (&r.partitions[0], &r.partitions[1]);
+        assert_eq!(b.iterations, 5_000);
+        assert_eq!(b.waste_time, 0);
+        assert_eq!(c.compute_time, 1_000 * MS, "the batch partition gets the other half of 2 pCPUs");
+        assert_eq!(r.charged, r.elapsed);
+    }
+
+    #[test]
+    fn independent_round_robin_collapses_barrier_progress() {
+        let parts = [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, None), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
+        let g = simulate(&parts, Policy::Gang, &cfg(4, 500 * MS)).unwrap();
+        let i = simulate(&parts, Policy::Independent, &cfg(4, 500 * MS)).unwrap();
+        let (gb, ib) = (&g.partitions[0], &i.partitions[0]);
+        assert!(ib.progress_per_s < 0.2 * gb.progress_per_s, "gang {} vs independent {}", gb.progress_per_s, ib.progress_per_s);
+        assert!(ib.waste_pct > 50.0, "independent waste {}", ib.waste_pct);
+        assert!(ib.mean_skew > 100.0 * gb.mean_skew.max(1.0));
+        // The batch partition still gets its half either way.
+        assert!(i.partitions[1].cpu_time.abs_diff(g.partitions[1].cpu_time) < g.partitions[1].cpu_time / 50);
+        assert_eq!(i.charged, i.elapsed);
+    }
+
+    #[test]
+    fn spin_then_block_lends_the_slot_to_the_soft_partition() {
+        let spin = [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, None), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
+        let block = [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, Some(20 * US)), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
+        let s = simulate(&spin, Policy::Independent, &cfg(4, 300 * MS)).unwrap();
+        let b = simulate(&block, Policy::Independent, &cfg(4, 300 * MS)).unwrap();
+        assert!(b.partitions[0].spin_time < s.partitions[0].spin_time / 4);
+        assert!(
+            b.partitions[1].compute_time > s.partitions[1].compute_time * 5 / 4,
+            "batch gets the blocked vCPUs' slots: {} vs {}",
+            b.partitions[1].compute_time,
+            s.partitions[1].compute_time
+        );
+        assert_eq!(b.charged, b.elapsed);
+    }
+
+    #[test]
+    fn ple_and_relaxed_cosched_run_and_account_exactly() {
+        let parts = [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, None), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
+        let i = simulate(&parts, Policy::Independent, &cfg(4, 300 * MS)).unwrap();
+        let ple = simulate(&parts, Policy::IndependentPle { window: 10 * US, exit_cost: 2 * US }, &cfg(4, 300 * MS)).unwrap();
+        let rc = simulate(&parts, Policy::RelaxedCosched { skew_bound: 3 * MS, check_every: MS }, &cfg(4, 300 * MS)).unwrap();
+        assert!(ple.partitions[0].ple_exits > 0);
+        assert!(ple.partitions[0].overhead_time > 0);
+        assert!(ple.partitions[0].spin_time < i.partitions[0].spin_time, "PLE cuts spinning");
+        for r in [&ple, &rc] {
+            assert_eq!(r.charged, r.elapsed, "{}", r.policy);
+        }
+    }
+
+    #[test]
+    fn trace_slices_tile_each_pcpu() {
+        let parts = [barrier(1, &[0, 1], 2, half(), 100 * US, None), cpu_bound(2, &[0, 1], 2, 500_000)];
+        let mut c = cfg(2, 50 * MS);
+        c.switch_cost = 2 * US;
+        let r = simulate(&parts, Policy::Gang, &c).unwrap();
+        for p in 0..2 {
+            let mut at = 0;
+            for s in r.trace.iter().filter(|s| s.pcpu == p) {
+                assert_eq!(s.start, at);
+                at = s.end;
+            }
+            assert_eq!(at, 20 * MS);
+        }
+        assert!(r.trace.iter().any(|s| s.kind == SliceKind::Overhead));
+        // Switch cost: 2 switches per 10 ms per pCPU, each costing 2 us of the incoming partition.
+        assert_eq!(r.partitions[0].overhead_time + r.partitions[1].overhead_time, 2 * 2 * 5 * 2 * US);
+    }
+}
