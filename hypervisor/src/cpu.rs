@@ -1,0 +1,95 @@
+//! Per-CPU state: GDT, TSS with IST stacks, the shared IDT, and which CPU this is.
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::VirtAddr;
+
+use crate::interrupts::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI};
+
+/// Most pCPUs Phalanx manages (xAPIC IDs fit in a byte).
+pub const MAX_CPUS: usize = 64;
+const IST_STACK_SIZE: usize = 16 * 1024;
+const UNKNOWN_CPU: u8 = 0xFF;
+
+static APIC_ID_TO_INDEX: [AtomicU8; 256] = [const { AtomicU8::new(UNKNOWN_CPU) }; 256];
+static LAPIC_READY: AtomicBool = AtomicBool::new(false);
+
+/// Selectors every CPU's GDT uses, in the same slots (the VMCS host state refers to them).
+pub struct Selectors {
+    pub code: SegmentSelector,
+    pub data: SegmentSelector,
+    pub tss: SegmentSelector,
+}
+
+/// Records which CPU index an APIC ID belongs to (from the MADT order).
+pub fn register_apic_id(apic_id: u32, index: usize) {
+    if let Some(slot) = APIC_ID_TO_INDEX.get(apic_id as usize) {
+        slot.store(index as u8, Ordering::Relaxed);
+    }
+}
+
+pub fn mark_lapic_ready() {
+    LAPIC_READY.store(true, Ordering::Release);
+}
+
+/// Index of the executing CPU (0 = BSP); 0 until the LAPIC is mapped.
+pub fn current_index() -> usize {
+    if !LAPIC_READY.load(Ordering::Acquire) {
+        return 0;
+    }
+    match APIC_ID_TO_INDEX[crate::apic::id() as usize & 0xFF].load(Ordering::Relaxed) {
+        UNKNOWN_CPU => 0,
+        index => index as usize,
+    }
+}
+
+fn leak_stack(size: usize) -> VirtAddr {
+    let stack: &'static mut [u8] = Box::leak(alloc::vec![0u8; size].into_boxed_slice());
+    VirtAddr::new((stack.as_ptr() as u64 + size as u64) & !0xF)
+}
+
+/// BSP set-up: builds the shared IDT once, then does what every CPU does.
+pub fn init_this_cpu_first(_boot: &crate::memory::BootInfo) -> Selectors {
+    crate::interrupts::build_idt(0x08);
+    init_this_cpu()
+}
+
+/// Gives this CPU its own GDT and TSS (a TSS descriptor is marked busy by `ltr`, so it
+/// cannot be shared), loads the shared IDT, and reloads the segment registers.
+pub fn init_this_cpu() -> Selectors {
+    let mut tss = TaskStateSegment::new();
+    for slot in [IST_DOUBLE_FAULT, IST_NMI, IST_MACHINE_CHECK] {
+        tss.interrupt_stack_table[slot as usize - 1] = leak_stack(IST_STACK_SIZE);
+    }
+    let tss: &'static TaskStateSegment = Box::leak(Box::new(tss));
+    let gdt: &'static mut GlobalDescriptorTable = Box::leak(Box::new(GlobalDescriptorTable::new()));
+    let selectors = Selectors {
+        code: gdt.append(Descriptor::kernel_code_segment()),
+        data: gdt.append(Descriptor::kernel_data_segment()),
+        tss: gdt.append(Descriptor::tss_segment(tss)),
+    };
+    gdt.load();
+    // SAFETY: the selectors index the GDT just loaded, whose descriptors are valid 64-bit
+    // code/data/TSS descriptors that live forever.
+    unsafe {
+        CS::set_reg(selectors.code);
+        SS::set_reg(selectors.data);
+        DS::set_reg(selectors.data);
+        ES::set_reg(selectors.data);
+        x86_64::instructions::tables::load_tss(selectors.tss);
+    }
+    crate::interrupts::load_idt();
+    selectors
+}
+
+pub fn halt_forever() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}

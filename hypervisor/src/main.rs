@@ -1,0 +1,211 @@
+//! Phalanx: a Type-1 VT-x hypervisor that gang-schedules each partition's vCPUs with
+//! phase-locked timers. This is the bare-metal image: boot, platform bring-up, VMX root on
+//! every pCPU, and the partition config check.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod apic;
+mod boot;
+mod console;
+mod cpu;
+mod interrupts;
+mod memory;
+mod phase;
+mod platform;
+mod power;
+mod rt;
+mod serial;
+mod smp;
+mod tsc;
+mod vmx_root;
+
+use alloc::vec::Vec;
+use console::Record;
+
+/// Period of the phase-locked tick test, in microseconds.
+const PHASE_PERIOD_US: u64 = 1_000;
+/// How far ahead of "now" the BSP publishes the release time `t0`.
+const PHASE_LEAD_US: u64 = 20_000;
+const TSC_CALIBRATION_MS: u64 = 10;
+
+/// Reports a fatal boot error (human line + record) and ends the run.
+fn fatal(stage: &str, message: &str) -> ! {
+    log::error!("{stage}: {message}");
+    Record::new("error").str("stage", stage).str("message", message).emit();
+    power::end_run(true)
+}
+
+#[no_mangle]
+extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
+    let entry_tsc = tsc::now();
+    console::init();
+    log::info!("Phalanx {} starting", env!("CARGO_PKG_VERSION"));
+
+    let boot = memory::init(magic, info).unwrap_or_else(|e| fatal("memory", e));
+    let selectors = cpu::init_this_cpu_first(&boot);
+    let _ = selectors;
+    apic::disable_legacy_pic();
+    apic::init_this_cpu();
+
+    let discovered = platform::discover(boot.acpi_root).unwrap_or_else(|e| fatal("acpi", &e));
+    let mut platform = discovered.platform;
+    if let Some(port) = discovered.pm1a_control_port {
+        power::set_pm1a_control_port(port);
+    }
+    let bsp_apic_id = apic::id();
+    if !platform.boot_cpu_first(bsp_apic_id) {
+        fatal("acpi", "the boot CPU's APIC ID is not in the MADT");
+    }
+    platform.cpus.truncate(cpu::MAX_CPUS);
+    let apic_ids: Vec<u32> = platform.cpus.iter().map(|c| c.apic_id).collect();
+    for (index, &apic_id) in apic_ids.iter().enumerate() {
+        cpu::register_apic_id(apic_id, index);
+    }
+    cpu::mark_lapic_ready();
+
+    let tsc_hz = tsc::calibrate(TSC_CALIBRATION_MS);
+    log::info!(
+        "{} via {}: {} MiB usable, heap {:#x}..{:#x}, {} MiB for partitions, {} modules, TSC {} kHz",
+        boot.cmdline,
+        boot.loader,
+        boot.usable_total >> 20,
+        boot.heap.start,
+        boot.heap.end,
+        boot.partition_memory.total() >> 20,
+        boot.modules.len(),
+        tsc_hz / 1000
+    );
+    Record::new("boot")
+        .str("loader", boot.loader)
+        .str("cmdline", &boot.cmdline)
+        .str("acpi", discovered.source)
+        .u64("cpus", apic_ids.len() as u64)
+        .u64_list("apic_ids", apic_ids.iter().map(|&a| a as u64))
+        .u64("io_apics", platform.io_apics.len() as u64)
+        .u64("irq_overrides", platform.overrides.len() as u64)
+        .u64("usable_mib", boot.usable_total >> 20)
+        .u64("partition_mib", boot.partition_memory.total() >> 20)
+        .str_list("modules", boot.modules.iter().map(|m| m.name.as_str()))
+        .u64("tsc_hz", tsc_hz)
+        .emit();
+
+    // SMP: every AP sets up its own GDT/TSS/IDT and LAPIC and reports in.
+    for ap in smp::start_aps(&apic_ids) {
+        if ap.online {
+            log::info!("cpu{} (APIC {}) online after {} us", ap.cpu, ap.apic_id, tsc::cycles_to_us(ap.cycles));
+        } else {
+            log::error!("cpu{} (APIC {}) did not start", ap.cpu, ap.apic_id);
+        }
+        Record::new("cpu_online")
+            .u64("cpu", ap.cpu as u64)
+            .u64("apic_id", ap.apic_id as u64)
+            .bool("online", ap.online)
+            .u64("startup_us", tsc::cycles_to_us(ap.cycles))
+            .emit();
+    }
+    let cpus = smp::online_count();
+    if cpus != apic_ids.len() {
+        fatal("smp", "not every pCPU listed in the MADT started");
+    }
+
+    // TSC synchronisation: gang dispatch relies on one clock across pCPUs.
+    let syncs: Vec<smp::TscSync> = (1..cpus).map(smp::check_tsc_sync).collect();
+    let worst = syncs.iter().map(|s| s.offset.unsigned_abs()).max().unwrap_or(0);
+    let in_sync = syncs.iter().all(|s| s.offset.unsigned_abs() <= s.round_trip / 2 + 1);
+    Record::new("tsc_sync")
+        .u64("cpus", cpus as u64)
+        .bool("in_sync", in_sync)
+        .u64("worst_skew_cycles", worst)
+        .u64_list("round_trip_cycles", syncs.iter().map(|s| s.round_trip))
+        .emit();
+    if !in_sync {
+        log::warn!("TSC offsets between pCPUs exceed the measurement's uncertainty (worst {worst} cycles)");
+    }
+
+    let period = tsc::us_to_cycles(PHASE_PERIOD_US);
+    let phase = phase::measure(cpus, period, tsc::us_to_cycles(PHASE_LEAD_US));
+    log::info!(
+        "phase-locked timers ({}): {} ticks of {} cycles on {} pCPUs, skew min/median/max {}/{}/{} cycles",
+        phase.mode.name(),
+        phase::TICKS,
+        phase.period,
+        phase.cpus,
+        phase.skew_min,
+        phase.skew_median,
+        phase.skew_max
+    );
+    Record::new("phase_lock")
+        .u64("cpus", phase.cpus as u64)
+        .str("timer_mode", phase.mode.name())
+        .u64("ticks", phase::TICKS as u64)
+        .u64("period_cycles", phase.period)
+        .u64("skew_min_cycles", phase.skew_min)
+        .u64("skew_median_cycles", phase.skew_median)
+        .u64("skew_max_cycles", phase.skew_max)
+        .u64("skew_median_ppm_of_period", phase.skew_median * 1_000_000 / phase.period.max(1))
+        .u64("latency_median_cycles", phase.latency_median)
+        .u64("latency_max_cycles", phase.latency_max)
+        .emit();
+
+    // VMX root on every pCPU.
+    smp::run_on_all(cpus, vmx_root::enable_on_this_cpu);
+    report_vmx(cpus);
+
+    let boot_cycles = tsc::now() - entry_tsc;
+    Record::new("summary")
+        .u64("cpus", cpus as u64)
+        .u64("cpus_in_vmx_root", cpus as u64)
+        .u64("boot_us", tsc::cycles_to_us(boot_cycles))
+        .u64("tsc_skew_cycles", worst)
+        .u64("phase_skew_median_cycles", phase.skew_median)
+        .emit();
+    log::info!("all {cpus} pCPUs in VMX root; boot took {} us", tsc::cycles_to_us(boot_cycles));
+    power::end_run(false)
+}
+
+/// Prints one record per pCPU and the capability record; ends the run if a pCPU lacks VMX.
+fn report_vmx(cpus: usize) {
+    for cpu in 0..cpus {
+        let status = vmx_root::status(cpu);
+        Record::new("vmx").u64("cpu", cpu as u64).bool("root", status == vmx_root::VmxStatus::Root).str("status", status.describe()).emit();
+        if status != vmx_root::VmxStatus::Root {
+            let message = alloc::format!(
+                "pCPU {cpu}: {}. Phalanx needs Intel VT-x with EPT. Run it under Bochs (scripts/phalanx run), \
+                 or under QEMU with nested KVM on an Intel host: qemu-system-x86_64 -accel kvm -cpu host,+vmx ...",
+                status.describe()
+            );
+            fatal("vmx", &message);
+        }
+    }
+    let caps = vmx_root::capabilities(0).expect("BSP capabilities read at VMXON");
+    Record::new("vmx_msrs")
+        .fmt("basic", format_args!("{:#x}", caps.basic))
+        .fmt("pinbased", format_args!("{:#x}", caps.pinbased))
+        .fmt("procbased", format_args!("{:#x}", caps.procbased))
+        .fmt("procbased2", format_args!("{:#x}", caps.procbased2))
+        .fmt("exit", format_args!("{:#x}", caps.exit))
+        .fmt("entry", format_args!("{:#x}", caps.entry))
+        .fmt("misc", format_args!("{:#x}", caps.misc))
+        .fmt("ept_vpid", format_args!("{:#x}", caps.ept_vpid))
+        .fmt("cr0_fixed0", format_args!("{:#x}", caps.cr0_fixed0))
+        .fmt("cr0_fixed1", format_args!("{:#x}", caps.cr0_fixed1))
+        .fmt("cr4_fixed0", format_args!("{:#x}", caps.cr4_fixed0))
+        .fmt("cr4_fixed1", format_args!("{:#x}", caps.cr4_fixed1))
+        .emit();
+    let features = caps.features();
+    let mut record = Record::new("vmx_caps").u64("revision", caps.revision_id() as u64);
+    for (name, present) in features.named() {
+        record = record.bool(name, present);
+    }
+    record.u64("preemption_timer_shift", features.preemption_timer_shift as u64).emit();
+    let mismatched: Vec<usize> = (1..cpus).filter(|&c| vmx_root::capabilities(c) != Some(caps)).collect();
+    if !mismatched.is_empty() {
+        log::warn!("pCPUs {mismatched:?} report different VMX capabilities from the BSP");
+    }
+    let missing: Vec<&str> = features.missing_required().collect();
+    if !missing.is_empty() {
+        log::warn!("VMX lacks features partitions need: {}", missing.join(", "));
+    }
+}
