@@ -1,3 +1,56 @@
-//! phalanx-config
+//! phalanx-config: the partition config file, parsed and validated the same way at boot
+//! (bare metal, `no_std` + `alloc`) and on the host (`phalanx-check`).
+//!
+//! ```text
+//! TOML text --toml+serde--> schema (spans kept) --validate--> Config + memory placement
+//!                                                          + reservations::Tree (admitted)
+//! ```
+//! Every rejection is a [`ConfigError`] that prints as
+//! `FILE:LINE:COLUMN: partition "web": field `pcpus`: pCPU 7 does not exist (the machine has 4 pCPUs)`.
+//! The schema is documented in `docs/config.md`.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+mod error;
+mod schema;
+mod validate;
+
+use alloc::vec::Vec;
+
+pub use error::{line_column, ConfigError, ErrorKind};
+pub use schema::*;
+pub use validate::{parse_port_range, Machine, Validated, MEMORY_ALIGN, MIB};
+
+/// What the hypervisor knows about the machine at boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    /// pCPUs found in the MADT; valid indices are `0..pcpus`.
+    pub pcpus: u32,
+    /// Host-physical memory the hypervisor can hand to partitions (already without the
+    /// hypervisor image, boot modules and firmware areas).
+    pub usable_memory: Vec<core::ops::Range<u64>>,
+}
+
+/// Parses and validates `text` (named `file_name` in errors). With `platform = None` (a host
+/// check without a machine description) pCPU existence and memory fit against the machine are
+/// skipped; everything else is checked.
+pub fn load(file_name: &str, text: &str, platform: Option<&Platform>) -> Result<Validated, ConfigError> {
+    let machine = match platform {
+        Some(p) => Machine { pcpus: Some(p.pcpus), usable_memory: Some(p.usable_memory.clone()) },
+        None => Machine::default(),
+    };
+    load_for(file_name, text, &machine)
+}
+
+/// Like [`load`], for a machine that is only partly known (e.g. `phalanx-check --pcpus 4`).
+pub fn load_for(file_name: &str, text: &str, machine: &Machine) -> Result<Validated, ConfigError> {
+    let reporter = error::Reporter { file: file_name, text };
+    let document = toml::de::DeTable::parse(text).map_err(|e| reporter.syntax(&e))?;
+    let raw: schema::RawConfig = toml::from_str(text).map_err(|e| reporter.schema(&e, &document))?;
+    validate::validate(&reporter, &raw, machine)
+}
+
+#[cfg(test)]
+mod tests;

@@ -123,6 +123,7 @@ fn fixed_share_of_a_fixed_share_is_a_guaranteed_budget_over_the_frame() {
     assert_eq!(flat[0].reservation, EffectiveReservation::Hard { budget: 2_500, period: FRAME });
     assert_eq!(flat[0].depth, 2);
     assert_eq!(tree.share_ppm(0), Some(250_000));
+    assert_eq!(tree.pcpu_load_us(0), 2_500, "load counts what leaves take, not what groups hold");
 }
 
 #[test]

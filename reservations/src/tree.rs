@@ -156,7 +156,7 @@ impl fmt::Display for Problem {
                 write!(
                     f,
                     "pCPU {pcpu} is over-admitted: with this reservation the reservations on it \
-                     add up to {} of the pCPU ({needed_us} us of every {frame_us} us frame)",
+                     would take {} of the pCPU ({needed_us} us of every {frame_us} us frame)",
                     Percent { us: *needed_us, frame_us: *frame_us }
                 )
             }
@@ -243,7 +243,8 @@ pub struct Tree {
     gang: bool,
     groups: Vec<Group>,
     leaves: Vec<Leaf>,
-    /// pCPU -> microseconds per frame planned for partitions (hard, fixed and soft).
+    /// pCPU -> microseconds per frame the leaves' effective reservations (hard, fixed and
+    /// soft) take; capacity a group holds but no leaf uses is not counted (it is slack).
     load_us: BTreeMap<u32, Micros>,
 }
 
@@ -279,7 +280,8 @@ impl Tree {
         self.leaves.get(id as usize)
     }
 
-    /// Microseconds per major frame planned for partitions on `pcpu` (0 if none uses it).
+    /// Microseconds per major frame that partitions' effective reservations take on `pcpu`
+    /// (0 if none uses it). The rest of the frame is slack.
     pub fn pcpu_load_us(&self, pcpu: u32) -> Micros {
         self.load_us.get(&pcpu).copied().unwrap_or(0)
     }
@@ -527,7 +529,7 @@ impl Builder<'_> {
         let mut leaf_us = alloc::vec![0 as Micros; spec.partitions.len()];
         let mut guaranteed_leaves = alloc::vec![false; spec.partitions.len()];
 
-        let load = self.allocate(
+        self.allocate(
             None,
             &machine,
             true,
@@ -569,7 +571,7 @@ impl Builder<'_> {
                 depth: depths[g],
             })
             .collect();
-        let leaves = spec
+        let leaves: Vec<Leaf> = spec
             .partitions
             .iter()
             .enumerate()
@@ -590,12 +592,17 @@ impl Builder<'_> {
                 }
             })
             .collect();
-        Ok(Tree { major_frame_us: frame, gang: spec.gang, groups, leaves, load_us: load })
+        let mut load_us: BTreeMap<u32, Micros> = BTreeMap::new();
+        for leaf in &leaves {
+            for &pcpu in &leaf.pcpus {
+                *load_us.entry(pcpu).or_insert(0) += leaf.per_pcpu_us;
+            }
+        }
+        Ok(Tree { major_frame_us: frame, gang: spec.gang, groups, leaves, load_us })
     }
 
     /// Hands `capacity` (pCPU -> us per frame) of one parent to its children: hard and fixed
-    /// shares first, then what is left to the weighted children by weight. Returns what the
-    /// children use on each pCPU.
+    /// shares first, then what is left to the weighted children by weight.
     #[allow(clippy::too_many_arguments)]
     fn allocate(
         &self,
@@ -608,7 +615,7 @@ impl Builder<'_> {
         guaranteed_groups: &mut [bool],
         leaf_us: &mut [Micros],
         guaranteed_leaves: &mut [bool],
-    ) -> Result<BTreeMap<u32, Micros>, AdmissionError> {
+    ) -> Result<(), AdmissionError> {
         let frame = self.spec.major_frame_us;
         let parent_name = parent.map(|g| self.spec.groups[g].name.clone());
         let pcpus_of = |child: Child| -> &[u32] {
@@ -705,6 +712,6 @@ impl Builder<'_> {
                 record(&mut used, child, &per_pcpu, false)?;
             }
         }
-        Ok(used)
+        Ok(())
     }
 }

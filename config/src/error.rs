@@ -1,0 +1,204 @@
+//! Errors that point into the file: `FILE:LINE:COLUMN: SUBJECT: field `FIELD`: MESSAGE`.
+
+use alloc::borrow::ToOwned;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// What kind of problem a config has; tests and callers match on this, people read the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Not valid TOML.
+    Syntax,
+    /// Valid TOML that does not fit the schema: unknown key, wrong type, missing key, bad
+    /// enum value.
+    Schema,
+    /// Two groups/partitions with one name.
+    DuplicateName,
+    /// A `group` or `parent` that names nothing.
+    UnknownName,
+    /// A value outside what it may be (0 vCPUs, a pCPU the machine lacks, a bad port range).
+    InvalidValue,
+    /// Memory that does not fit the machine or overlaps another partition's.
+    Memory,
+    /// An I/O port, IRQ or serial port claimed by two partitions, or one the hypervisor keeps.
+    DeviceConflict,
+    /// The reservation tree cannot be admitted (over-admitted pCPU, child beyond its parent,
+    /// period not dividing the major frame, cycle, ...).
+    Admission,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based.
+    pub line: u32,
+    /// 1-based, in characters.
+    pub column: u32,
+    /// E.g. `partition "web"`, `group "batch"`, `[hypervisor]`; `None` at file level.
+    pub subject: Option<String>,
+    /// Dotted key path inside the subject, e.g. `pcpus`, `memory.base`, `devices.irqs`.
+    pub field: Option<String>,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if let Some(subject) = &self.subject {
+            write!(f, "{subject}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "field `{field}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// 1-based line and character column of a byte offset.
+pub fn line_column(text: &str, offset: usize) -> (u32, u32) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line as u32, column as u32)
+}
+
+/// Builds errors for one file.
+pub(crate) struct Reporter<'a> {
+    pub file: &'a str,
+    pub text: &'a str,
+}
+
+impl Reporter<'_> {
+    pub fn at(
+        &self,
+        span: Range<usize>,
+        subject: Option<String>,
+        field: Option<&str>,
+        kind: ErrorKind,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let (line, column) = line_column(self.text, span.start);
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            subject,
+            field: field.map(str::to_owned),
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A TOML syntax error.
+    pub fn syntax(&self, error: &toml::de::Error) -> ConfigError {
+        let span = error.span().unwrap_or(0..0);
+        self.at(span, None, None, ErrorKind::Syntax, error.message().trim_end().to_string())
+    }
+
+    /// A serde (schema) error: finds which table and key the error's span falls in, so the
+    /// message names the partition and the field like the semantic errors do.
+    pub fn schema(&self, error: &toml::de::Error, document: &Spanned<DeTable<'_>>) -> ConfigError {
+        let span = error.span().unwrap_or(0..0);
+        let mut path = Vec::new();
+        locate_in_table(document.get_ref(), span.start, &mut path);
+        let message = error.message().trim_end().to_string();
+        // "missing field `x`" points at the table: name the missing key as the field.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_owned);
+        let (subject, mut keys) = subject_of(document.get_ref(), &path);
+        keys.extend(missing);
+        let field = if keys.is_empty() { None } else { Some(keys.join(".")) };
+        let mut error = self.at(span, subject, None, ErrorKind::Schema, message);
+        error.field = field;
+        error
+    }
+}
+
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+fn contains(span: &Range<usize>, offset: usize) -> bool {
+    span.contains(&offset) || (span.is_empty() && span.start == offset)
+}
+
+fn locate_in_table(table: &DeTable<'_>, offset: usize, path: &mut Vec<Step>) -> bool {
+    for (key, value) in table.iter() {
+        if contains(&key.span(), offset) {
+            path.push(Step::Key(key.get_ref().to_string()));
+            return true;
+        }
+        path.push(Step::Key(key.get_ref().to_string()));
+        if locate_in_value(value, offset, path) {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+fn locate_in_value(value: &Spanned<DeValue<'_>>, offset: usize, path: &mut Vec<Step>) -> bool {
+    match value.get_ref() {
+        DeValue::Table(table) => locate_in_table(table, offset, path) || contains(&value.span(), offset),
+        DeValue::Array(array) => {
+            for (i, item) in array.iter().enumerate() {
+                path.push(Step::Index(i));
+                if locate_in_value(item, offset, path) {
+                    return true;
+                }
+                path.pop();
+            }
+            contains(&value.span(), offset)
+        }
+        _ => contains(&value.span(), offset),
+    }
+}
+
+/// Turns a key path into (`partition "web"`, [`pcpus`]) form.
+fn subject_of(root: &DeTable<'_>, path: &[Step]) -> (Option<String>, Vec<String>) {
+    let mut keys = Vec::new();
+    let mut subject = None;
+    let mut rest = path;
+    if let [Step::Key(section), Step::Index(i), tail @ ..] = path {
+        if section == "partition" || section == "group" {
+            let name = root
+                .get(section.as_str())
+                .and_then(|v| v.get_ref().as_array())
+                .and_then(|a| a.get(*i))
+                .and_then(|t| t.get_ref().get("name"))
+                .and_then(|n| n.get_ref().as_str().map(str::to_owned));
+            subject = Some(match name {
+                Some(name) => format!("{section} \"{name}\""),
+                None => format!("{section} #{}", i + 1),
+            });
+            rest = tail;
+        }
+    } else if let [Step::Key(section), tail @ ..] = path {
+        if section == "hypervisor" {
+            subject = Some("[hypervisor]".to_owned());
+            rest = tail;
+        }
+    }
+    for step in rest {
+        match step {
+            Step::Key(k) => keys.push(k.clone()),
+            Step::Index(_) => {}
+        }
+    }
+    (subject, keys)
+}

@@ -1,0 +1,321 @@
+//! The file's shape (serde, with spans kept for error messages) and the clean model the rest
+//! of Phalanx uses.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::{Range, RangeInclusive};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use reservations::{ChildPolicy, NestedPolicy, Reservation};
+
+// ---------------------------------------------------------------- the file, as written
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub hypervisor: Option<Spanned<RawHypervisor>>,
+    #[serde(default)]
+    pub group: Vec<Spanned<RawGroup>>,
+    #[serde(default)]
+    pub partition: Vec<Spanned<RawPartition>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHypervisor {
+    pub major_frame_us: Option<Spanned<u64>>,
+    pub policy: Option<Spanned<DispatchPolicy>>,
+    pub stats_interval_ms: Option<Spanned<u64>>,
+    pub run_ms: Option<Spanned<u64>>,
+    pub skew_bound_us: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGroup {
+    pub name: Spanned<String>,
+    pub parent: Option<Spanned<String>>,
+    pub reservation: Spanned<RawReservation>,
+    pub pcpus: Option<Spanned<Vec<Spanned<u32>>>>,
+    pub policy: Option<Spanned<RawChildPolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPartition {
+    pub name: Spanned<String>,
+    pub group: Option<Spanned<String>>,
+    pub vcpus: Spanned<u32>,
+    pub pcpus: Spanned<Vec<Spanned<u32>>>,
+    pub memory_mb: Option<Spanned<u64>>,
+    pub memory: Option<Spanned<RawMemory>>,
+    pub reservation: Spanned<RawReservation>,
+    pub policy: Option<Spanned<RawNestedPolicy>>,
+    pub guest: Spanned<RawGuest>,
+    pub devices: Option<Spanned<RawDevices>>,
+    pub on_fault: Option<Spanned<OnFault>>,
+}
+
+/// Exactly one of: `budget_us` + `period_us`, `share_percent`, `weight` (checked after
+/// parsing, with a message that says so, rather than by an untagged enum whose serde error
+/// would only say "did not match any variant").
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawReservation {
+    pub budget_us: Option<Spanned<u64>>,
+    pub period_us: Option<Spanned<u64>>,
+    pub share_percent: Option<Spanned<u32>>,
+    pub weight: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMemory {
+    pub base: Spanned<u64>,
+    pub size_mb: Spanned<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGuest {
+    pub module: Spanned<String>,
+    #[serde(default)]
+    pub cmdline: String,
+    pub initrd: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDevices {
+    #[serde(default)]
+    pub ioports: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub irqs: Vec<Spanned<u32>>,
+    pub serial: Option<Spanned<SerialPort>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum RawChildPolicy {
+    Any,
+    FixedShare,
+    Weighted,
+    BudgetPeriod,
+}
+
+impl From<RawChildPolicy> for ChildPolicy {
+    fn from(raw: RawChildPolicy) -> ChildPolicy {
+        match raw {
+            RawChildPolicy::Any => ChildPolicy::Any,
+            RawChildPolicy::FixedShare => ChildPolicy::FixedShare,
+            RawChildPolicy::Weighted => ChildPolicy::Weighted,
+            RawChildPolicy::BudgetPeriod => ChildPolicy::BudgetPeriod,
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum RawNestedPolicy {
+    Gang,
+    RoundRobinGang,
+}
+
+impl From<RawNestedPolicy> for NestedPolicy {
+    fn from(raw: RawNestedPolicy) -> NestedPolicy {
+        match raw {
+            RawNestedPolicy::Gang => NestedPolicy::Gang,
+            RawNestedPolicy::RoundRobinGang => NestedPolicy::RoundRobinGang,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the model
+
+/// How pCPUs dispatch partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DispatchPolicy {
+    /// Phase-locked gang dispatch: a partition's vCPUs start and stop together.
+    #[default]
+    Gang,
+    /// Baseline: each pCPU time-slices its vCPUs round-robin without cross-CPU alignment.
+    Independent,
+    /// Independent plus PAUSE-loop-exit directed yield (the KVM approach).
+    IndependentYield,
+    /// Relaxed co-scheduling (the VMware approach): leading vCPUs are stopped when the skew
+    /// between a partition's vCPUs exceeds `skew_bound_us`.
+    RelaxedCo,
+}
+
+impl DispatchPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DispatchPolicy::Gang => "gang",
+            DispatchPolicy::Independent => "independent",
+            DispatchPolicy::IndependentYield => "independent-yield",
+            DispatchPolicy::RelaxedCo => "relaxed-co",
+        }
+    }
+
+    /// Whether the planner aligns each partition's slots across its pCPUs.
+    pub fn aligned(self) -> bool {
+        matches!(self, DispatchPolicy::Gang | DispatchPolicy::RelaxedCo)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFault {
+    /// Stop the partition's vCPUs and keep its slots idle; others run on.
+    #[default]
+    Stop,
+    /// Reload the guest payload and start it again from power-on.
+    Reset,
+}
+
+/// A physical 16550 UART handed to a partition: its eight I/O ports and its IRQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialPort {
+    Com1,
+    Com2,
+    Com3,
+    Com4,
+}
+
+impl SerialPort {
+    pub fn base_port(self) -> u16 {
+        match self {
+            SerialPort::Com1 => 0x3f8,
+            SerialPort::Com2 => 0x2f8,
+            SerialPort::Com3 => 0x3e8,
+            SerialPort::Com4 => 0x2e8,
+        }
+    }
+
+    pub fn ports(self) -> RangeInclusive<u16> {
+        self.base_port()..=self.base_port() + 7
+    }
+
+    pub fn irq(self) -> u32 {
+        match self {
+            SerialPort::Com1 | SerialPort::Com3 => 4,
+            SerialPort::Com2 | SerialPort::Com4 => 3,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SerialPort::Com1 => "com1",
+            SerialPort::Com2 => "com2",
+            SerialPort::Com3 => "com3",
+            SerialPort::Com4 => "com4",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HypervisorConfig {
+    pub major_frame_us: u64,
+    pub policy: DispatchPolicy,
+    pub stats_interval_ms: u64,
+    /// End the run and print final statistics after this long; `None`: run forever.
+    pub run_ms: Option<u64>,
+    /// Only for `relaxed-co`: the skew between a partition's vCPUs that triggers co-stop.
+    pub skew_bound_us: Option<u64>,
+}
+
+pub const DEFAULT_MAJOR_FRAME_US: u64 = 10_000;
+pub const DEFAULT_STATS_INTERVAL_MS: u64 = 1_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: String,
+    pub parent: Option<String>,
+    pub reservation: Reservation,
+    pub pcpus: Option<Vec<u32>>,
+    pub policy: ChildPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryRequest {
+    /// The hypervisor picks the place (first fit, 2 MiB aligned).
+    Allocate { size: u64 },
+    /// Exactly here (host-physical, 2 MiB aligned).
+    Fixed { base: u64, size: u64 },
+}
+
+impl MemoryRequest {
+    pub fn size(&self) -> u64 {
+        match *self {
+            MemoryRequest::Allocate { size } | MemoryRequest::Fixed { size, .. } => size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guest {
+    /// Multiboot2 module name of the payload (e.g. a bzImage).
+    pub module: String,
+    pub cmdline: String,
+    /// Module name of an initrd, if any.
+    pub initrd: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Devices {
+    /// Passed-through I/O port ranges, including the serial port's if any.
+    pub ioports: Vec<RangeInclusive<u16>>,
+    /// Device IRQs (GSIs) the partition owns, including the serial port's if any.
+    pub irqs: Vec<u32>,
+    pub serial: Option<SerialPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionConfig {
+    pub name: String,
+    pub group: Option<String>,
+    pub vcpus: u32,
+    /// As written (validated: unique, existing).
+    pub pcpus: Vec<u32>,
+    pub memory: MemoryRequest,
+    pub reservation: Reservation,
+    pub policy: NestedPolicy,
+    pub guest: Guest,
+    pub devices: Devices,
+    pub on_fault: OnFault,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    pub groups: Vec<GroupConfig>,
+    pub partitions: Vec<PartitionConfig>,
+}
+
+/// Where a partition's memory lies in host-physical space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    At(Range<u64>),
+    /// Host check without a machine description: the size is known, the place is not.
+    Deferred { size: u64 },
+}
+
+impl Placement {
+    pub fn size(&self) -> u64 {
+        match self {
+            Placement::At(range) => range.end - range.start,
+            Placement::Deferred { size } => *size,
+        }
+    }
+
+    pub fn range(&self) -> Option<Range<u64>> {
+        match self {
+            Placement::At(range) => Some(range.clone()),
+            Placement::Deferred { .. } => None,
+        }
+    }
+}

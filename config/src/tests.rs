@@ -1,0 +1,457 @@
+//! Host tests: good configs load into the expected model, placement and tree; every bad one
+//! is rejected with the right kind, subject, field, line and column.
+
+use crate::*;
+use reservations::{EffectiveReservation, Reservation};
+
+const DEFAULT: &str = include_str!("../../guests/configs/default.toml");
+const FOUR: &str = include_str!("../../guests/configs/four-pcpus.toml");
+const OVERCOMMIT: &str = include_str!("../../guests/configs/invalid-overcommit.toml");
+
+/// Two partitions on pCPUs 0-1 at 40% each; cases below edit it.
+const BASE: &str = r#"[hypervisor]
+major_frame_us = 10000
+policy = "gang"
+
+[[partition]]
+name = "web"
+vcpus = 2
+pcpus = [0, 1]
+memory_mb = 64
+reservation = { budget_us = 4000, period_us = 10000 }
+guest = { module = "bzImage", cmdline = "console=ttyS0" }
+
+[[partition]]
+name = "db"
+vcpus = 2
+pcpus = [0, 1]
+memory_mb = 64
+reservation = { budget_us = 4000, period_us = 10000 }
+guest = { module = "bzImage" }
+"#;
+
+fn platform(pcpus: u32, memory_mb: u64) -> Platform {
+    Platform { pcpus, usable_memory: core::iter::once(16 * MIB..memory_mb * MIB).collect() }
+}
+
+fn ok(text: &str, platform: Option<&Platform>) -> Validated {
+    load("partitions.toml", text, platform).unwrap_or_else(|e| panic!("expected a valid config, got: {e}"))
+}
+
+fn bad(text: &str, platform: Option<&Platform>) -> ConfigError {
+    match load("partitions.toml", text, platform) {
+        Ok(_) => panic!("expected a rejection of:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+/// Replaces exactly one occurrence of `from`.
+fn edit(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "`{from}` must occur exactly once");
+    text.replacen(from, to, 1)
+}
+
+/// Line and column (1-based, characters) of the `nth` occurrence of `needle`, found by
+/// walking the lines (independently of the crate's own offset arithmetic).
+fn position(text: &str, needle: &str, nth: usize) -> (u32, u32) {
+    let mut seen = 0;
+    for (l, line) in text.lines().enumerate() {
+        let mut from = 0;
+        while let Some(i) = line[from..].find(needle) {
+            if seen == nth {
+                return (l as u32 + 1, line[..from + i].chars().count() as u32 + 1);
+            }
+            seen += 1;
+            from += i + needle.len();
+        }
+    }
+    panic!("`{needle}` #{nth} not in text");
+}
+
+#[track_caller]
+fn assert_error(e: &ConfigError, kind: ErrorKind, subject: Option<&str>, field: &str, at: (u32, u32), words: &str) {
+    assert_eq!(e.kind, kind, "{e}");
+    assert_eq!(e.subject.as_deref(), subject, "{e}");
+    assert_eq!(e.field.as_deref(), Some(field), "{e}");
+    assert_eq!((e.line, e.column), at, "{e}");
+    assert!(e.message.contains(words), "message lacks `{words}`: {e}");
+    let text = e.to_string();
+    assert!(text.starts_with(&format!("partitions.toml:{}:{}: ", at.0, at.1)), "{text}");
+    assert!(text.contains(&format!("field `{field}`")), "{text}");
+}
+
+// ------------------------------------------------------------------ good configs
+
+#[test]
+fn the_default_config_places_memory_and_admits_two_hard_halves() {
+    let v = ok(DEFAULT, Some(&platform(2, 256)));
+    let c = &v.config;
+    assert_eq!(c.hypervisor.major_frame_us, 10_000);
+    assert_eq!(c.hypervisor.policy, DispatchPolicy::Gang);
+    assert_eq!(c.hypervisor.run_ms, None);
+    assert_eq!(c.partitions.len(), 2);
+    assert_eq!(c.partitions[0].pcpus, vec![0, 1]);
+    assert_eq!(c.partitions[0].memory, MemoryRequest::Allocate { size: 64 * MIB });
+    assert_eq!(c.partitions[0].reservation, Reservation::Hard { budget_us: 5_000, period_us: 10_000 });
+    assert_eq!(c.partitions[0].guest.module, "bzImage");
+    assert!(c.partitions[0].guest.cmdline.contains("phalanx.workload=barrier"));
+    assert_eq!(v.memory, vec![Placement::At(16 * MIB..80 * MIB), Placement::At(80 * MIB..144 * MIB)]);
+    let flat = v.tree.flatten();
+    assert!(flat.iter().all(|p| p.gang && p.reservation == EffectiveReservation::Hard { budget: 5_000, period: 10_000 }));
+    assert_eq!(v.tree.pcpu_load_us(0), 10_000);
+}
+
+#[test]
+fn the_four_pcpu_example_builds_its_hierarchy() {
+    let v = ok(FOUR, Some(&platform(4, 1024)));
+    let c = &v.config;
+    assert_eq!(c.groups.len(), 2);
+    assert_eq!(c.groups[0].policy, ChildPolicy::BudgetPeriod);
+    assert_eq!(c.hypervisor.run_ms, Some(30_000));
+    let control = c.partitions.iter().position(|p| p.name == "control").unwrap();
+    assert_eq!(v.memory[control], Placement::At(0x1000_0000..0x1000_0000 + 32 * MIB));
+    let barrier = &c.partitions[0];
+    assert_eq!(barrier.devices.serial, Some(SerialPort::Com2));
+    assert_eq!(barrier.devices.ioports, vec![0x2f8..=0x2ff]);
+    assert_eq!(barrier.devices.irqs, vec![3]);
+    assert_eq!(barrier.on_fault, OnFault::Reset);
+    let crunch = c.partitions.iter().find(|p| p.name == "crunch").unwrap();
+    assert_eq!(crunch.policy, NestedPolicy::RoundRobinGang);
+    // batch holds 25% of each pCPU; on pCPU 1 crunch (weight 3) and logger (weight 1) split it.
+    let flat = v.tree.flatten();
+    assert_eq!(flat[2].reservation, EffectiveReservation::Soft { share_ppm: 187_500 });
+    assert_eq!(flat[3].reservation, EffectiveReservation::Soft { share_ppm: 62_500 });
+    assert_eq!(flat[2].depth, 2);
+    // No two placements overlap, all are 2 MiB aligned and inside usable memory.
+    let ranges: Vec<_> = v.memory.iter().map(|p| p.range().unwrap()).collect();
+    for (i, a) in ranges.iter().enumerate() {
+        assert_eq!(a.start % MEMORY_ALIGN, 0);
+        assert!(a.start >= 16 * MIB && a.end <= 1024 * MIB);
+        for b in &ranges[i + 1..] {
+            assert!(a.end <= b.start || b.end <= a.start, "{a:?} overlaps {b:?}");
+        }
+    }
+}
+
+#[test]
+fn defaults_apply_when_keys_are_left_out() {
+    let text = edit(BASE, "[hypervisor]\nmajor_frame_us = 10000\npolicy = \"gang\"\n", "");
+    let v = ok(&text, None);
+    let hv = &v.config.hypervisor;
+    assert_eq!((hv.major_frame_us, hv.policy, hv.stats_interval_ms, hv.skew_bound_us), (10_000, DispatchPolicy::Gang, 1_000, None));
+    let db = &v.config.partitions[1];
+    assert_eq!((db.policy, db.on_fault, db.guest.cmdline.as_str()), (NestedPolicy::Gang, OnFault::Stop, ""));
+    assert_eq!(db.devices, Devices::default());
+    assert_eq!(v.memory, vec![Placement::Deferred { size: 64 * MIB }; 2], "no machine: placed at boot");
+}
+
+#[test]
+fn first_fit_skips_explicit_regions_and_aligns_to_2_mib() {
+    let text = edit(BASE, "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", cmdline",
+        "memory = { base = 0x2000000, size_mb = 16 }\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", cmdline");
+    // Usable: [17 MiB, 56 MiB) and [64 MiB, 256 MiB). web is fixed at 32..48 MiB; db (64 MiB)
+    // fits neither the aligned 18..32 MiB gap nor 48..56 MiB, so it lands at 64 MiB.
+    let machine = Platform { pcpus: 2, usable_memory: vec![64 * MIB..256 * MIB, 17 * MIB..56 * MIB] };
+    let v = ok(&text, Some(&machine));
+    assert_eq!(v.memory, vec![Placement::At(32 * MIB..48 * MIB), Placement::At(64 * MIB..128 * MIB)]);
+    // A small one goes into the aligned gap below the explicit region.
+    let small = edit(&text, "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "memory_mb = 8\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    assert_eq!(ok(&small, Some(&machine)).memory[1], Placement::At(18 * MIB..26 * MIB));
+}
+
+#[test]
+fn independent_dispatch_flattens_without_gang_alignment() {
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"independent-yield\"");
+    let v = ok(&text, None);
+    assert_eq!(v.config.hypervisor.policy, DispatchPolicy::IndependentYield);
+    assert!(v.tree.flatten().iter().all(|p| !p.gang));
+    let relaxed = edit(BASE, "policy = \"gang\"", "policy = \"relaxed-co\"\nskew_bound_us = 500");
+    let v = ok(&relaxed, None);
+    assert_eq!(v.config.hypervisor.skew_bound_us, Some(500));
+    assert!(v.tree.flatten().iter().all(|p| p.gang));
+}
+
+#[test]
+fn line_and_column_count_characters() {
+    assert_eq!(line_column("a = 1\nb = 2", 6), (2, 1));
+    assert_eq!(line_column("# é\nname = 3", 9), (2, 5));
+    assert_eq!(line_column("é = 1", 5), (1, 5), "é is one column, two bytes");
+}
+
+#[test]
+fn port_ranges_parse_hex_decimal_and_single_ports() {
+    assert_eq!(parse_port_range("0x2f8-0x2ff"), Ok(0x2f8..=0x2ff));
+    assert_eq!(parse_port_range("0x60"), Ok(0x60..=0x60));
+    assert_eq!(parse_port_range("96 - 100"), Ok(96..=100));
+    assert!(parse_port_range("0x2ff-0x2f8").unwrap_err().contains("ends before it starts"));
+    assert!(parse_port_range("0x10000").is_err());
+    assert!(parse_port_range("com2").is_err());
+}
+
+// ------------------------------------------------------------------ bad configs
+
+#[test]
+fn the_shipped_overcommit_example_is_rejected_at_the_second_reservation() {
+    let e = load("partitions.toml", OVERCOMMIT, None).unwrap_err();
+    assert_error(&e, ErrorKind::Admission, Some("partition \"second\""), "reservation", position(OVERCOMMIT, "{ budget_us = 5000", 0), "over-admitted");
+}
+
+#[test]
+fn pcpu_that_does_not_exist_is_pointed_at_exactly() {
+    let text = edit(BASE, "pcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ",
+        "pcpus = [0, 7]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ");
+    let e = bad(&text, Some(&platform(4, 256)));
+    assert_eq!(
+        e.to_string(),
+        "partitions.toml:8:13: partition \"web\": field `pcpus`: pCPU 7 does not exist (the machine has 4 pCPUs)"
+    );
+    assert_eq!(e.kind, ErrorKind::InvalidValue);
+    // The host check without a machine description accepts it.
+    ok(&text, None);
+}
+
+#[test]
+fn syntax_errors_give_the_position() {
+    let text = edit(BASE, "pcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "pcpus = [0, 1\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_eq!(e.kind, ErrorKind::Syntax);
+    // The parser notices the missing `,`/`]` at the next token: the start of line 17.
+    assert_eq!((e.line, e.column), (17, 1), "{e}");
+    assert!(e.to_string().starts_with("partitions.toml:17:1: "), "{e}");
+    assert!(e.message.contains("expected `,`"), "{e}");
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_table() {
+    let text = edit(BASE, "vcpus = 2\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "vcpus = 2\ncpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "cpus", position(&text, "cpus = [0, 1]", 1), "unknown field `cpus`");
+
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nframe_us = 5");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Schema, Some("[hypervisor]"), "frame_us", (4, 1), "unknown field");
+
+    let text = format!("{BASE}\n[hypervsor]\nrun_ms = 5\n");
+    let e = bad(&text, None);
+    assert_eq!((e.kind, e.subject.as_deref(), e.field.as_deref()), (ErrorKind::Schema, None, Some("hypervsor")), "{e}");
+    assert_eq!((e.line, e.column), position(&text, "hypervsor", 0));
+}
+
+#[test]
+fn unknown_keys_inside_inline_tables_name_the_path() {
+    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "reservation.budget", position(&text, "budget =", 0), "unknown field `budget`");
+}
+
+#[test]
+fn wrong_types_and_enum_values_are_schema_errors() {
+    let text = edit(BASE, "vcpus = 2\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ",
+        "vcpus = \"two\"\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Schema, Some("partition \"web\""), "vcpus", position(&text, "\"two\"", 0), "invalid type");
+
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"gangs\"");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Schema, Some("[hypervisor]"), "policy", (3, 10), "unknown variant `gangs`");
+
+    let text = edit(BASE, "pcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "pcpus = [0, -1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "pcpus", position(&text, "-1", 0), "-1");
+}
+
+#[test]
+fn missing_keys_name_the_key_at_the_table_header() {
+    let text = edit(BASE, "name = \"db\"\nvcpus = 2\n", "name = \"db\"\n");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "vcpus", position(&text, "[[partition]]", 1), "missing field `vcpus`");
+}
+
+#[test]
+fn duplicate_names_point_at_the_second_and_cite_the_first() {
+    let text = edit(BASE, "name = \"db\"", "name = \"web\"");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::DuplicateName, Some("partition \"web\""), "name", position(&text, "\"web\"", 1), "partition on line 6");
+    let text = format!("{BASE}\n[[group]]\nname = \"db\"\nreservation = {{ weight = 1 }}\n");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::DuplicateName, Some("partition \"db\""), "name", position(&text, "\"db\"", 0), "group on line");
+}
+
+#[test]
+fn unknown_groups_and_parents_are_named() {
+    let text = edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"batch\"\n");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::UnknownName, Some("partition \"db\""), "group", position(&text, "\"batch\"", 0), "no [[group]] is named \"batch\"");
+
+    let text = format!("{BASE}\n[[group]]\nname = \"g\"\nparent = \"web\"\nreservation = {{ weight = 1 }}\n");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::UnknownName, Some("group \"g\""), "parent", position(&text, "\"web\"", 1), "is a partition");
+}
+
+#[test]
+fn group_cycles_are_rejected() {
+    let text = format!(
+        "{}\n[[group]]\nname = \"a\"\nparent = \"b\"\nreservation = {{ share_percent = 50 }}\n\n[[group]]\nname = \"b\"\nparent = \"a\"\nreservation = {{ share_percent = 50 }}\n",
+        edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"b\"\n")
+    );
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Admission, Some("group \"a\""), "parent", position(&text, "\"b\"", 1), "cycle");
+}
+
+#[test]
+fn zero_vcpus_and_duplicate_pcpus_are_invalid_values() {
+    let text = edit(BASE, "vcpus = 2\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "vcpus = 0\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "vcpus", (15, 9), "at least 1 vCPU");
+
+    let text = edit(BASE, "pcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ",
+        "pcpus = [1, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"web\""), "pcpus", (8, 13), "listed twice");
+}
+
+#[test]
+fn gang_with_more_vcpus_than_pcpus_suggests_round_robin_gang() {
+    let text = edit(BASE, "vcpus = 2\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "vcpus = 4\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "policy", (15, 9), "round-robin-gang");
+    ok(&edit(&text, "vcpus = 4", "vcpus = 4\npolicy = \"round-robin-gang\""), None);
+}
+
+#[test]
+fn memory_that_does_not_fit_the_machine_is_rejected() {
+    let e = bad(BASE, Some(&platform(2, 128)));
+    assert_error(&e, ErrorKind::Memory, Some("partition \"db\""), "memory_mb", position(BASE, "64", 1), "64 MiB does not fit");
+    assert!(e.message.contains("largest free 2 MiB-aligned block left is 48 MiB"), "{e}");
+    ok(BASE, Some(&platform(2, 144)));
+}
+
+#[test]
+fn explicit_memory_must_be_aligned_usable_and_unshared() {
+    let fixed = |text: &str, nth_from: &str, base: &str| -> String {
+        edit(text, nth_from, &nth_from.replace("memory_mb = 64", &format!("memory = {{ base = {base}, size_mb = 64 }}")))
+    };
+    let web = "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ";
+    let db = "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }";
+
+    let text = fixed(BASE, web, "0x2100000");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"web\""), "memory.base", position(&text, "0x2100000", 0), "not 2 MiB aligned");
+
+    let text = fixed(&fixed(BASE, web, "0x4000000"), db, "0x6000000");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Memory, Some("partition \"db\""), "memory", position(&text, "{ base = 0x6000000", 0), "overlaps partition \"web\"");
+
+    let text = fixed(BASE, web, "0x40000000");
+    let e = bad(&text, Some(&platform(2, 512)));
+    assert_error(&e, ErrorKind::Memory, Some("partition \"web\""), "memory", position(&text, "{ base = 0x40000000", 0), "not inside usable memory");
+
+    let text = edit(BASE, "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "memory_mb = 64\nmemory = { base = 0x4000000, size_mb = 64 }\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "memory", position(&text, "{ base", 0), "not both");
+}
+
+#[test]
+fn devices_owned_twice_are_rejected() {
+    let web = "guest = { module = \"bzImage\", cmdline = \"console=ttyS0\" }";
+    let db = "guest = { module = \"bzImage\" }";
+    let text = edit(&edit(BASE, web, &format!("{web}\ndevices = {{ ioports = [\"0x2f8-0x2ff\"], irqs = [3] }}")), db, &format!("{db}\ndevices = {{ ioports = [\"0x2fc\"] }}"));
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.ioports", position(&text, "\"0x2fc\"", 0), "already owned by partition \"web\"");
+
+    // A serial port brings its IRQ along.
+    let text = edit(&edit(BASE, web, &format!("{web}\ndevices = {{ irqs = [3] }}")), db, &format!("{db}\ndevices = {{ serial = \"com4\" }}"));
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.serial", position(&text, "\"com4\"", 0), "IRQ 3 is already owned");
+
+    let text = edit(BASE, db, &format!("{db}\ndevices = {{ serial = \"com1\" }}"));
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.serial", position(&text, "\"com1\"", 0), "hypervisor's console");
+
+    let text = edit(BASE, db, &format!("{db}\ndevices = {{ ioports = [\"0x40-0x47\"] }}"));
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.ioports", position(&text, "\"0x40-0x47\"", 0), "belong to the hypervisor");
+
+    let text = edit(BASE, db, &format!("{db}\ndevices = {{ irqs = [0] }}"));
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.irqs", position(&text, "0] }", 0), "PIT");
+}
+
+#[test]
+fn over_admitted_pcpu_points_at_the_reservation_that_tips_it() {
+    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget_us = 7000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Admission, Some("partition \"db\""), "reservation", position(&text, "{ budget_us = 7000", 0), "pCPU 0 is over-admitted");
+    assert!(e.message.contains("110.0%"), "{e}");
+}
+
+#[test]
+fn children_beyond_their_group_are_rejected() {
+    let text = format!(
+        "{}\n[[group]]\nname = \"g\"\nreservation = {{ share_percent = 50 }}\n",
+        edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"g\"\n")
+            .replacen("reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }", "reservation = { budget_us = 6000, period_us = 10000 }\nguest = { module = \"bzImage\" }", 1)
+    );
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Admission, Some("partition \"db\""), "reservation", position(&text, "{ budget_us = 6000", 0), "exceeds group \"g\"");
+}
+
+#[test]
+fn periods_must_divide_the_major_frame() {
+    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget_us = 1000, period_us = 3000 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Admission, Some("partition \"db\""), "reservation.period_us", position(&text, "3000", 0), "does not divide the major frame");
+}
+
+#[test]
+fn a_reservation_must_be_exactly_one_kind() {
+    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { weight = 2, share_percent = 10 }\nguest = { module = \"bzImage\" }");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "reservation", position(&text, "{ weight", 0), "exactly one of");
+    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget_us = 4000 }\nguest = { module = \"bzImage\" }");
+    assert!(bad(&text, None).message.contains("needs a `period_us`"));
+}
+
+#[test]
+fn hard_reservations_cannot_hang_below_a_soft_group() {
+    let text = format!(
+        "{}\n[[group]]\nname = \"soft\"\nreservation = {{ weight = 1 }}\n",
+        edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"soft\"\n")
+    );
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Admission, Some("partition \"db\""), "reservation", position(&text, "{ budget_us", 1), "weighted (soft) share");
+}
+
+#[test]
+fn hypervisor_settings_are_checked() {
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nskew_bound_us = 100");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "skew_bound_us", (4, 17), "only policy \"relaxed-co\"");
+    let text = edit(BASE, "major_frame_us = 10000", "major_frame_us = 10");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "major_frame_us", (2, 18), "outside 100 us");
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nrun_ms = 0");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "run_ms", (4, 10), "at least 1 ms");
+}
+
+#[test]
+fn names_must_be_printable_identifiers_and_a_partition_must_exist() {
+    let text = edit(BASE, "name = \"db\"", "name = \"d b\"");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"d b\""), "name", position(&text, "\"d b\"", 0), "A-Z");
+    let e = bad("[hypervisor]\nrun_ms = 100\n", None);
+    assert_eq!((e.kind, e.field.as_deref(), e.line), (ErrorKind::InvalidValue, Some("partition"), 1));
+}

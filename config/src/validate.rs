@@ -1,0 +1,699 @@
+//! From the parsed file to a validated config: names, references, values, devices, memory
+//! placement and admission of the reservation tree. The first problem found is reported.
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::ops::{Range, RangeInclusive};
+
+use reservations::{
+    AdmissionError, Field, GroupSpec, NodeRef, PartitionSpec, Problem, Tree, TreeSpec,
+};
+use toml::Spanned;
+
+use crate::error::{ConfigError, ErrorKind, Reporter};
+use crate::schema::*;
+
+/// What is known about the machine the config will run on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Machine {
+    /// Number of pCPUs; `None` skips the existence check.
+    pub pcpus: Option<u32>,
+    /// Host-physical ranges the hypervisor can give to partitions; `None` skips placement.
+    pub usable_memory: Option<Vec<Range<u64>>>,
+}
+
+/// A config that passed every check: nothing in it can fail at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated {
+    pub config: Config,
+    /// Per partition (same order as `config.partitions`).
+    pub memory: Vec<Placement>,
+    pub tree: Tree,
+}
+
+pub const MIB: u64 = 1 << 20;
+/// Partition memory is placed on 2 MiB boundaries so EPT can map it with large pages.
+pub const MEMORY_ALIGN: u64 = 2 * MIB;
+const MAX_MEMORY_MB: u64 = 1 << 20; // 1 TiB
+const MAX_VCPUS: u32 = 255; // xAPIC IDs
+const MAX_NAME_LEN: usize = 32;
+
+/// I/O ports the hypervisor keeps for itself; passing them through would break it.
+const HYPERVISOR_PORTS: &[(u16, u16, &str)] = &[
+    (0x20, 0x21, "the master PIC"),
+    (0x40, 0x43, "the PIT (TSC calibration)"),
+    (0x61, 0x61, "the PIT gate / speaker port (TSC calibration)"),
+    (0x70, 0x71, "the RTC/CMOS (emulated)"),
+    (0xa0, 0xa1, "the slave PIC"),
+    (0xe9, 0xe9, "the Bochs debug port"),
+    (0xf4, 0xf4, "the QEMU isa-debug-exit port"),
+    (0x3f8, 0x3ff, "COM1, the hypervisor's console"),
+    (0xcf8, 0xcff, "PCI configuration space (emulated)"),
+    (0x8900, 0x8900, "the Bochs shutdown port"),
+    (0xb000, 0xb03f, "the ACPI PM block (power-off)"),
+];
+
+pub(crate) fn validate(r: &Reporter<'_>, raw: &RawConfig, machine: &Machine) -> Result<Validated, ConfigError> {
+    Checker { r, raw, machine }.run()
+}
+
+struct Checker<'a> {
+    r: &'a Reporter<'a>,
+    raw: &'a RawConfig,
+    machine: &'a Machine,
+}
+
+fn partition_subject(p: &RawPartition) -> Option<String> {
+    Some(format!("partition \"{}\"", p.name.get_ref()))
+}
+
+fn group_subject(g: &RawGroup) -> Option<String> {
+    Some(format!("group \"{}\"", g.name.get_ref()))
+}
+
+fn hv_subject() -> Option<String> {
+    Some("[hypervisor]".to_string())
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes / MIB
+}
+
+impl Checker<'_> {
+    fn run(&self) -> Result<Validated, ConfigError> {
+        let hypervisor = self.hypervisor()?;
+        if self.raw.partition.is_empty() {
+            return Err(self.r.at(0..0, None, Some("partition"), ErrorKind::InvalidValue, "no [[partition]] is defined"));
+        }
+        self.names()?;
+        let group_index = self.group_index();
+        let groups = self
+            .raw
+            .group
+            .iter()
+            .map(|g| self.group(g.get_ref(), &group_index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let partitions = self
+            .raw
+            .partition
+            .iter()
+            .map(|p| self.partition(p.get_ref(), &group_index))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.device_conflicts(&partitions)?;
+        let memory = self.place_memory(&partitions)?;
+        let config = Config { hypervisor, groups, partitions };
+        let tree = self.admit(&config, &group_index)?;
+        Ok(Validated { config, memory, tree })
+    }
+
+    fn hypervisor(&self) -> Result<HypervisorConfig, ConfigError> {
+        let raw = self.raw.hypervisor.as_ref().map(Spanned::get_ref);
+        let invalid = |span: Range<usize>, field: &str, message: String| {
+            self.r.at(span, hv_subject(), Some(field), ErrorKind::InvalidValue, message)
+        };
+        let major_frame_us = match raw.and_then(|h| h.major_frame_us.as_ref()) {
+            Some(v) if !(100..=10_000_000).contains(v.get_ref()) => {
+                return Err(invalid(v.span(), "major_frame_us", format!("{} us is outside 100 us ..= 10 s", v.get_ref())));
+            }
+            Some(v) => *v.get_ref(),
+            None => DEFAULT_MAJOR_FRAME_US,
+        };
+        let policy = raw.and_then(|h| h.policy.as_ref()).map_or(DispatchPolicy::Gang, |p| *p.get_ref());
+        let stats_interval_ms = match raw.and_then(|h| h.stats_interval_ms.as_ref()) {
+            Some(v) if *v.get_ref() == 0 => return Err(invalid(v.span(), "stats_interval_ms", "must be at least 1 ms".into())),
+            Some(v) => *v.get_ref(),
+            None => DEFAULT_STATS_INTERVAL_MS,
+        };
+        let run_ms = match raw.and_then(|h| h.run_ms.as_ref()) {
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(invalid(v.span(), "run_ms", "must be at least 1 ms (leave it out to run forever)".into()))
+            }
+            v => v.map(|v| *v.get_ref()),
+        };
+        let skew_bound_us = match (raw.and_then(|h| h.skew_bound_us.as_ref()), policy) {
+            (Some(v), DispatchPolicy::RelaxedCo) => {
+                if *v.get_ref() == 0 || *v.get_ref() >= major_frame_us {
+                    return Err(invalid(v.span(), "skew_bound_us", format!("must be above 0 and below the major frame ({major_frame_us} us)")));
+                }
+                Some(*v.get_ref())
+            }
+            (Some(v), other) => {
+                return Err(invalid(
+                    v.span(),
+                    "skew_bound_us",
+                    format!("only policy \"relaxed-co\" uses a skew bound; the policy is \"{}\"", other.as_str()),
+                ))
+            }
+            (None, DispatchPolicy::RelaxedCo) => Some(major_frame_us / 10),
+            (None, _) => None,
+        };
+        Ok(HypervisorConfig { major_frame_us, policy, stats_interval_ms, run_ms, skew_bound_us })
+    }
+
+    /// Names are printed in logs and JSON records and are the tree's node names: one
+    /// namespace for groups and partitions.
+    fn names(&self) -> Result<(), ConfigError> {
+        let mut seen: BTreeMap<&str, (&str, Range<usize>)> = BTreeMap::new();
+        let all = self
+            .raw
+            .group
+            .iter()
+            .map(|g| ("group", &g.get_ref().name))
+            .chain(self.raw.partition.iter().map(|p| ("partition", &p.get_ref().name)));
+        for (kind, name) in all {
+            let subject = Some(format!("{kind} \"{}\"", name.get_ref()));
+            let text = name.get_ref().as_str();
+            let valid = !text.is_empty()
+                && text.len() <= MAX_NAME_LEN
+                && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid {
+                return Err(self.r.at(
+                    name.span(),
+                    subject,
+                    Some("name"),
+                    ErrorKind::InvalidValue,
+                    format!("names are 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '-' and '_'"),
+                ));
+            }
+            if let Some((first_kind, first_span)) = seen.get(text) {
+                let (line, _) = crate::error::line_column(self.r.text, first_span.start);
+                return Err(self.r.at(
+                    name.span(),
+                    subject,
+                    Some("name"),
+                    ErrorKind::DuplicateName,
+                    format!("the name is already used by the {first_kind} on line {line}"),
+                ));
+            }
+            seen.insert(text, (kind, name.span()));
+        }
+        Ok(())
+    }
+
+    fn group_index(&self) -> BTreeMap<&str, usize> {
+        self.raw.group.iter().enumerate().map(|(i, g)| (g.get_ref().name.get_ref().as_str(), i)).collect()
+    }
+
+    fn resolve_group(
+        &self,
+        reference: &Spanned<String>,
+        subject: Option<String>,
+        field: &str,
+        index: &BTreeMap<&str, usize>,
+    ) -> Result<usize, ConfigError> {
+        let name = reference.get_ref();
+        index.get(name.as_str()).copied().ok_or_else(|| {
+            let is_partition = self.raw.partition.iter().any(|p| p.get_ref().name.get_ref() == name);
+            let message = if is_partition {
+                format!("\"{name}\" is a partition; only a [[group]] can hold children")
+            } else {
+                format!("no [[group]] is named \"{name}\"")
+            };
+            self.r.at(reference.span(), subject, Some(field), ErrorKind::UnknownName, message)
+        })
+    }
+
+    fn reservation(&self, raw: &Spanned<RawReservation>, subject: Option<String>) -> Result<Reservation, ConfigError> {
+        let r = raw.get_ref();
+        let invalid = |span: Range<usize>, message: &str| {
+            self.r.at(span, subject.clone(), Some("reservation"), ErrorKind::InvalidValue, message.to_string())
+        };
+        let kinds = [r.budget_us.is_some() || r.period_us.is_some(), r.share_percent.is_some(), r.weight.is_some()];
+        if kinds.iter().filter(|&&k| k).count() != 1 {
+            return Err(invalid(
+                raw.span(),
+                "give exactly one of { budget_us, period_us } (hard), { share_percent } (fixed share) or { weight } (soft)",
+            ));
+        }
+        Ok(match (&r.budget_us, &r.period_us, &r.share_percent, &r.weight) {
+            (Some(b), Some(p), _, _) => Reservation::Hard { budget_us: *b.get_ref(), period_us: *p.get_ref() },
+            (Some(_), None, _, _) => return Err(invalid(raw.span(), "`budget_us` needs a `period_us`")),
+            (None, Some(_), _, _) => return Err(invalid(raw.span(), "`period_us` needs a `budget_us`")),
+            (_, _, Some(s), _) => Reservation::FixedShare { percent: *s.get_ref() },
+            (_, _, _, Some(w)) => Reservation::Weight(*w.get_ref()),
+            (None, None, None, None) => unreachable!("exactly one kind is present"),
+        })
+    }
+
+    fn group(&self, g: &RawGroup, index: &BTreeMap<&str, usize>) -> Result<GroupConfig, ConfigError> {
+        let subject = group_subject(g);
+        if let Some(parent) = &g.parent {
+            self.resolve_group(parent, subject.clone(), "parent", index)?;
+        }
+        Ok(GroupConfig {
+            name: g.name.get_ref().clone(),
+            parent: g.parent.as_ref().map(|p| p.get_ref().clone()),
+            reservation: self.reservation(&g.reservation, subject)?,
+            pcpus: g.pcpus.as_ref().map(|list| list.get_ref().iter().map(|p| *p.get_ref()).collect()),
+            policy: g.policy.as_ref().map_or(ChildPolicy::Any, |p| (*p.get_ref()).into()),
+        })
+    }
+
+    fn partition(&self, p: &RawPartition, index: &BTreeMap<&str, usize>) -> Result<PartitionConfig, ConfigError> {
+        let subject = partition_subject(p);
+        let invalid = |span: Range<usize>, field: &str, message: String| {
+            self.r.at(span, subject.clone(), Some(field), ErrorKind::InvalidValue, message)
+        };
+        if let Some(group) = &p.group {
+            self.resolve_group(group, subject.clone(), "group", index)?;
+        }
+        if *p.vcpus.get_ref() > MAX_VCPUS {
+            return Err(invalid(p.vcpus.span(), "vcpus", format!("at most {MAX_VCPUS} vCPUs (xAPIC IDs)")));
+        }
+        let memory = match (&p.memory_mb, &p.memory) {
+            (Some(_), Some(explicit)) => {
+                return Err(invalid(explicit.span(), "memory", "give either `memory_mb` or `memory`, not both".into()))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    p.name.span(),
+                    "memory_mb",
+                    "missing: give `memory_mb = N` or `memory = { base = 0x..., size_mb = N }`".into(),
+                ))
+            }
+            (Some(mb), None) => MemoryRequest::Allocate { size: self.memory_size(mb, &subject, "memory_mb")? },
+            (None, Some(explicit)) => {
+                let m = explicit.get_ref();
+                let size = self.memory_size(&m.size_mb, &subject, "memory.size_mb")?;
+                let base = *m.base.get_ref();
+                if base % MEMORY_ALIGN != 0 {
+                    return Err(invalid(m.base.span(), "memory.base", format!("base {base:#x} is not 2 MiB aligned")));
+                }
+                if base.checked_add(size).is_none() {
+                    return Err(invalid(m.base.span(), "memory.base", format!("base {base:#x} + size runs past the address space")));
+                }
+                MemoryRequest::Fixed { base, size }
+            }
+        };
+        let guest = p.guest.get_ref();
+        if guest.module.get_ref().is_empty() {
+            return Err(invalid(guest.module.span(), "guest.module", "the module name is empty".into()));
+        }
+        if let Some(initrd) = guest.initrd.as_ref().filter(|i| i.get_ref().is_empty()) {
+            return Err(invalid(initrd.span(), "guest.initrd", "the module name is empty".into()));
+        }
+        Ok(PartitionConfig {
+            name: p.name.get_ref().clone(),
+            group: p.group.as_ref().map(|g| g.get_ref().clone()),
+            vcpus: *p.vcpus.get_ref(),
+            pcpus: p.pcpus.get_ref().iter().map(|c| *c.get_ref()).collect(),
+            memory,
+            reservation: self.reservation(&p.reservation, subject.clone())?,
+            policy: p.policy.as_ref().map_or(NestedPolicy::Gang, |n| (*n.get_ref()).into()),
+            guest: Guest {
+                module: guest.module.get_ref().clone(),
+                cmdline: guest.cmdline.clone(),
+                initrd: guest.initrd.as_ref().map(|i| i.get_ref().clone()),
+            },
+            devices: self.devices(p, &subject)?,
+            on_fault: p.on_fault.as_ref().map_or(OnFault::Stop, |o| *o.get_ref()),
+        })
+    }
+
+    fn memory_size(&self, mb: &Spanned<u64>, subject: &Option<String>, field: &str) -> Result<u64, ConfigError> {
+        match *mb.get_ref() {
+            0 => Err(self.r.at(mb.span(), subject.clone(), Some(field), ErrorKind::InvalidValue, "a partition needs at least 1 MiB")),
+            n if n > MAX_MEMORY_MB => Err(self.r.at(
+                mb.span(),
+                subject.clone(),
+                Some(field),
+                ErrorKind::InvalidValue,
+                format!("{n} MiB is more than the {MAX_MEMORY_MB} MiB a partition may have"),
+            )),
+            n => Ok(n * MIB),
+        }
+    }
+
+    fn devices(&self, p: &RawPartition, subject: &Option<String>) -> Result<Devices, ConfigError> {
+        let Some(raw) = p.devices.as_ref().map(Spanned::get_ref) else {
+            return Ok(Devices::default());
+        };
+        let conflict = |span: Range<usize>, field: &str, message: String| {
+            self.r.at(span, subject.clone(), Some(field), ErrorKind::DeviceConflict, message)
+        };
+        let mut devices = Devices::default();
+        for entry in &raw.ioports {
+            let range = parse_port_range(entry.get_ref()).map_err(|message| {
+                self.r.at(entry.span(), subject.clone(), Some("devices.ioports"), ErrorKind::InvalidValue, message)
+            })?;
+            if let Some((lo, hi, what)) = HYPERVISOR_PORTS.iter().find(|(lo, hi, _)| *range.start() <= *hi && *lo <= *range.end()) {
+                return Err(conflict(
+                    entry.span(),
+                    "devices.ioports",
+                    format!("ports {lo:#x}-{hi:#x} belong to the hypervisor ({what})"),
+                ));
+            }
+            devices.ioports.push(range);
+        }
+        for irq in &raw.irqs {
+            let message = match *irq.get_ref() {
+                0 => Some("IRQ 0 is the PIT, which the hypervisor keeps"),
+                2 => Some("IRQ 2 is the PIC cascade, never a device"),
+                n if n > 255 => Some("IRQs (GSIs) go up to 255"),
+                _ => None,
+            };
+            if let Some(message) = message {
+                return Err(conflict(irq.span(), "devices.irqs", message.into()));
+            }
+            devices.irqs.push(*irq.get_ref());
+        }
+        if let Some(serial) = &raw.serial {
+            let port = *serial.get_ref();
+            if port == SerialPort::Com1 {
+                return Err(conflict(serial.span(), "devices.serial", "com1 is the hypervisor's console".into()));
+            }
+            devices.serial = Some(port);
+            devices.ioports.push(port.ports());
+            devices.irqs.push(port.irq());
+        }
+        devices.ioports.sort_by_key(|r| *r.start());
+        devices.irqs.sort_unstable();
+        devices.irqs.dedup();
+        Ok(devices)
+    }
+
+    /// Every port and IRQ has at most one owner partition.
+    fn device_conflicts(&self, partitions: &[PartitionConfig]) -> Result<(), ConfigError> {
+        for (later, p) in partitions.iter().enumerate() {
+            let raw = self.raw.partition[later].get_ref();
+            let subject = partition_subject(raw);
+            let Some(raw_devices) = raw.devices.as_ref() else { continue };
+            for earlier in &partitions[..later] {
+                let owner = &earlier.name;
+                for range in &p.devices.ioports {
+                    if let Some(theirs) = earlier.devices.ioports.iter().find(|t| t.start() <= range.end() && range.start() <= t.end()) {
+                        // Point at the entry that claims the range: a listed one or the serial port.
+                        let (span, field) = raw_devices
+                            .get_ref()
+                            .ioports
+                            .iter()
+                            .find(|e| parse_port_range(e.get_ref()).ok().as_ref() == Some(range))
+                            .map(|e| (e.span(), "devices.ioports"))
+                            .or_else(|| raw_devices.get_ref().serial.as_ref().map(|s| (s.span(), "devices.serial")))
+                            .unwrap_or((raw_devices.span(), "devices"));
+                        return Err(self.r.at(
+                            span,
+                            subject,
+                            Some(field),
+                            ErrorKind::DeviceConflict,
+                            format!(
+                                "ports {:#x}-{:#x} are already owned by partition \"{owner}\" ({:#x}-{:#x})",
+                                range.start(),
+                                range.end(),
+                                theirs.start(),
+                                theirs.end()
+                            ),
+                        ));
+                    }
+                }
+                for irq in &p.devices.irqs {
+                    if earlier.devices.irqs.contains(irq) {
+                        let (span, field) = raw_devices
+                            .get_ref()
+                            .irqs
+                            .iter()
+                            .find(|i| i.get_ref() == irq)
+                            .map(|i| (i.span(), "devices.irqs"))
+                            .or_else(|| raw_devices.get_ref().serial.as_ref().map(|s| (s.span(), "devices.serial")))
+                            .unwrap_or((raw_devices.span(), "devices"));
+                        return Err(self.r.at(
+                            span,
+                            subject,
+                            Some(field),
+                            ErrorKind::DeviceConflict,
+                            format!("IRQ {irq} is already owned by partition \"{owner}\""),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Explicit regions where they are asked for, the rest first-fit, 2 MiB aligned.
+    fn place_memory(&self, partitions: &[PartitionConfig]) -> Result<Vec<Placement>, ConfigError> {
+        let usable = self.machine.usable_memory.as_ref().map(|u| normalise(u));
+        let mut placements: Vec<Option<Placement>> = alloc::vec![None; partitions.len()];
+        let mut taken: Vec<(Range<u64>, usize)> = Vec::new();
+        for (i, p) in partitions.iter().enumerate() {
+            let MemoryRequest::Fixed { base, size } = p.memory else { continue };
+            let region = base..base + size;
+            let raw = self.raw.partition[i].get_ref();
+            let span = raw.memory.as_ref().map_or(raw.name.span(), Spanned::span);
+            let err = |message: String| self.r.at(span.clone(), partition_subject(raw), Some("memory"), ErrorKind::Memory, message);
+            if let Some(usable) = &usable {
+                if !usable.iter().any(|u| u.start <= region.start && region.end <= u.end) {
+                    return Err(err(format!(
+                        "{:#x}-{:#x} is not inside usable memory ({})",
+                        region.start,
+                        region.end,
+                        describe_ranges(usable)
+                    )));
+                }
+            }
+            if let Some((other, owner)) = taken.iter().find(|(t, _)| t.start < region.end && region.start < t.end) {
+                return Err(err(format!(
+                    "{:#x}-{:#x} overlaps partition \"{}\" ({:#x}-{:#x})",
+                    region.start, region.end, partitions[*owner].name, other.start, other.end
+                )));
+            }
+            taken.push((region.clone(), i));
+            placements[i] = Some(Placement::At(region));
+        }
+        let mut free: Option<Vec<Range<u64>>> = usable.map(|u| subtract(&u, taken.iter().map(|(r, _)| r)));
+        for (i, p) in partitions.iter().enumerate() {
+            let MemoryRequest::Allocate { size } = p.memory else { continue };
+            let Some(free) = free.as_mut() else {
+                placements[i] = Some(Placement::Deferred { size });
+                continue;
+            };
+            let fit = free.iter().enumerate().find_map(|(k, f)| {
+                let start = f.start.checked_next_multiple_of(MEMORY_ALIGN)?;
+                (start.checked_add(size)? <= f.end).then_some((k, start))
+            });
+            let Some((k, start)) = fit else {
+                let raw = self.raw.partition[i].get_ref();
+                let span = raw.memory_mb.as_ref().map_or(raw.name.span(), Spanned::span);
+                let largest = free
+                    .iter()
+                    .map(|f| f.start.checked_next_multiple_of(MEMORY_ALIGN).map_or(0, |s| f.end.saturating_sub(s)))
+                    .max()
+                    .unwrap_or(0);
+                let total: u64 = self.machine.usable_memory.iter().flatten().map(|u| u.end - u.start).sum();
+                return Err(self.r.at(
+                    span,
+                    partition_subject(raw),
+                    Some("memory_mb"),
+                    ErrorKind::Memory,
+                    format!(
+                        "{} MiB does not fit: the largest free 2 MiB-aligned block left is {} MiB (the machine has {} MiB usable)",
+                        mib(size),
+                        mib(largest),
+                        mib(total)
+                    ),
+                ));
+            };
+            let block = free.remove(k);
+            if block.start < start {
+                free.insert(k, block.start..start);
+            }
+            if start + size < block.end {
+                free.push(start + size..block.end);
+                free.sort_by_key(|r| r.start);
+            }
+            placements[i] = Some(Placement::At(start..start + size));
+        }
+        Ok(placements.into_iter().map(|p| p.expect("every partition was placed")).collect())
+    }
+
+    fn admit(&self, config: &Config, group_index: &BTreeMap<&str, usize>) -> Result<Tree, ConfigError> {
+        let spec = TreeSpec {
+            major_frame_us: config.hypervisor.major_frame_us,
+            pcpu_count: self.machine.pcpus,
+            gang: config.hypervisor.policy.aligned(),
+            groups: config
+                .groups
+                .iter()
+                .map(|g| GroupSpec {
+                    name: g.name.clone(),
+                    parent: g.parent.as_ref().map(|p| group_index[p.as_str()]),
+                    reservation: g.reservation,
+                    pcpus: g.pcpus.clone(),
+                    children: g.policy,
+                })
+                .collect(),
+            partitions: config
+                .partitions
+                .iter()
+                .map(|p| PartitionSpec {
+                    name: p.name.clone(),
+                    group: p.group.as_ref().map(|g| group_index[g.as_str()]),
+                    vcpus: p.vcpus,
+                    pcpus: p.pcpus.clone(),
+                    reservation: p.reservation,
+                    nested: p.policy,
+                })
+                .collect(),
+        };
+        Tree::build(&spec).map_err(|e| self.admission_error(e))
+    }
+
+    /// Points an admission error at the key (or list element) it is about.
+    fn admission_error(&self, e: AdmissionError) -> ConfigError {
+        let kind = match e.problem {
+            Problem::UnknownGroup { .. } => ErrorKind::UnknownName,
+            Problem::ZeroBudget
+            | Problem::ZeroPeriod
+            | Problem::BudgetExceedsPeriod { .. }
+            | Problem::ShareOutOfRange { .. }
+            | Problem::ZeroWeight
+            | Problem::NoPcpus
+            | Problem::DuplicatePcpu { .. }
+            | Problem::PcpuDoesNotExist { .. }
+            | Problem::ZeroVcpus
+            | Problem::MorePcpusThanVcpus { .. }
+            | Problem::GangNeedsOnePcpuPerVcpu { .. }
+            | Problem::ZeroMajorFrame => ErrorKind::InvalidValue,
+            _ => ErrorKind::Admission,
+        };
+        let message = e.problem.to_string();
+        let named_pcpu = match e.problem {
+            Problem::DuplicatePcpu { pcpu } | Problem::PcpuDoesNotExist { pcpu, .. } | Problem::PcpuOutsideParent { pcpu, .. } => {
+                Some(pcpu)
+            }
+            _ => None,
+        };
+        let pick_pcpu = |list: &Spanned<Vec<Spanned<u32>>>| -> Range<usize> {
+            let mut matches = list.get_ref().iter().filter(|p| Some(*p.get_ref()) == named_pcpu);
+            let first = matches.next();
+            // For a duplicate, the second mention is the wrong one.
+            let chosen = if matches!(e.problem, Problem::DuplicatePcpu { .. }) { matches.next().or(first) } else { first };
+            chosen.map_or(list.span(), Spanned::span)
+        };
+        let reservation_span = |r: &Spanned<RawReservation>| -> (Range<usize>, &'static str) {
+            let raw = r.get_ref();
+            match e.problem {
+                Problem::PeriodDoesNotDivideFrame { .. } | Problem::ZeroPeriod => {
+                    raw.period_us.as_ref().map_or((r.span(), "reservation"), |s| (s.span(), "reservation.period_us"))
+                }
+                Problem::ZeroBudget | Problem::BudgetExceedsPeriod { .. } => {
+                    raw.budget_us.as_ref().map_or((r.span(), "reservation"), |s| (s.span(), "reservation.budget_us"))
+                }
+                Problem::ShareOutOfRange { .. } => raw
+                    .share_percent
+                    .as_ref()
+                    .map_or((r.span(), "reservation"), |s| (s.span(), "reservation.share_percent")),
+                Problem::ZeroWeight => raw.weight.as_ref().map_or((r.span(), "reservation"), |s| (s.span(), "reservation.weight")),
+                _ => (r.span(), "reservation"),
+            }
+        };
+        let (subject, span, field): (Option<String>, Range<usize>, &str) = match e.node {
+            NodeRef::Machine => {
+                let span = self
+                    .raw
+                    .hypervisor
+                    .as_ref()
+                    .and_then(|h| h.get_ref().major_frame_us.as_ref().map(Spanned::span))
+                    .unwrap_or(0..0);
+                (hv_subject(), span, e.field.as_str())
+            }
+            NodeRef::Group(i) => {
+                let g = self.raw.group[i].get_ref();
+                let (span, field) = match e.field {
+                    Field::Reservation => reservation_span(&g.reservation),
+                    Field::Pcpus => (g.pcpus.as_ref().map_or(g.name.span(), pick_pcpu), "pcpus"),
+                    Field::Parent if e.problem == Problem::EmptyGroup => (g.name.span(), "name"),
+                    Field::Parent => (g.parent.as_ref().map_or(g.name.span(), Spanned::span), "parent"),
+                    other => (g.name.span(), other.as_str()),
+                };
+                (group_subject(g), span, field)
+            }
+            NodeRef::Partition(i) => {
+                let p = self.raw.partition[i].get_ref();
+                let (span, field) = match e.field {
+                    Field::Reservation => reservation_span(&p.reservation),
+                    Field::Pcpus => (pick_pcpu(&p.pcpus), "pcpus"),
+                    Field::Vcpus => (p.vcpus.span(), "vcpus"),
+                    Field::Parent => (p.group.as_ref().map_or(p.name.span(), Spanned::span), "group"),
+                    Field::Policy => (p.policy.as_ref().map_or(p.vcpus.span(), Spanned::span), "policy"),
+                    Field::MajorFrame => (p.name.span(), "major_frame_us"),
+                };
+                (partition_subject(p), span, field)
+            }
+        };
+        self.r.at(span, subject, Some(field), kind, message)
+    }
+}
+
+/// `"0x2f8-0x2ff"`, `"0x60"` or decimal, inclusive.
+pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let number = |s: &str| -> Result<u16, String> {
+        let s = s.trim();
+        let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(hex) => u16::from_str_radix(hex, 16),
+            None => s.parse::<u16>(),
+        };
+        parsed.map_err(|_| format!("\"{s}\" is not a port number 0..=0xffff (use \"0x2f8\" or \"0x2f8-0x2ff\")"))
+    };
+    let (lo, hi) = match text.split_once('-') {
+        Some((lo, hi)) => (number(lo)?, number(hi)?),
+        None => {
+            let n = number(text)?;
+            (n, n)
+        }
+    };
+    if lo > hi {
+        return Err(format!("the range \"{text}\" ends before it starts"));
+    }
+    Ok(lo..=hi)
+}
+
+/// Sorted, merged.
+fn normalise(ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut sorted: Vec<Range<u64>> = ranges.iter().filter(|r| r.start < r.end).cloned().collect();
+    sorted.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// `from` minus every range in `holes`; `from` sorted and disjoint.
+fn subtract<'a>(from: &[Range<u64>], holes: impl Iterator<Item = &'a Range<u64>> + Clone) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    for r in from {
+        let mut pieces = alloc::vec![r.clone()];
+        for hole in holes.clone() {
+            pieces = pieces
+                .into_iter()
+                .flat_map(|p| {
+                    let mut kept = Vec::new();
+                    if p.start < hole.start.min(p.end) {
+                        kept.push(p.start..hole.start.min(p.end));
+                    }
+                    if hole.end.max(p.start) < p.end {
+                        kept.push(hole.end.max(p.start)..p.end);
+                    }
+                    kept
+                })
+                .collect();
+        }
+        out.extend(pieces);
+    }
+    out
+}
+
+fn describe_ranges(ranges: &[Range<u64>]) -> String {
+    let parts: Vec<String> = ranges.iter().map(|r| format!("{:#x}-{:#x}", r.start, r.end)).collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
