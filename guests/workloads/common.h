@@ -1,0 +1,184 @@
+/* Shared pieces of the Phalanx guest workloads: option parsing, the compute step, CPU
+ * pinning, the TSC, the run timer and single-line JSON output. */
+#ifndef PHALANX_WORKLOAD_COMMON_H
+#define PHALANX_WORKLOAD_COMMON_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <x86intrin.h>
+
+#define MAX_THREADS 256
+
+struct options {
+    const char *name;       /* workload name, used in every record */
+    unsigned threads;       /* worker threads, one per CPU (default: online CPUs) */
+    unsigned seconds;       /* run for this many seconds of guest time ... */
+    uint64_t iterations;    /* ... or this many iterations (exactly one of the two) */
+    unsigned work;          /* xorshift rounds per compute step */
+};
+
+/* Prints one JSON record as a single write(2), so records from concurrent programs sharing
+ * a console never interleave within a line. */
+static void emit(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void emit(const char *fmt, ...)
+{
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n > sizeof line - 2) n = sizeof line - 2;
+    line[n++] = '\n';
+    for (int off = 0; off < n;) {
+        ssize_t w = write(STDOUT_FILENO, line + off, (size_t)(n - off));
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;
+        off += (int)w;
+    }
+}
+
+static void __attribute__((noreturn)) fail(const char *name, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    for (char *p = msg; *p; p++) if (*p == '"' || *p == '\\' || (unsigned char)*p < 0x20) *p = '\'';
+    emit("{\"type\":\"error\",\"source\":\"%s\",\"message\":\"%s\"}", name, msg);
+    exit(2);
+}
+
+static unsigned online_cpus(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (unsigned)n : 1;
+}
+
+static uint64_t parse_positive(const char *name, const char *opt, const char *text)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno || *end || end == text || text[0] == '-' || v == 0)
+        fail(name, "%s wants a positive integer, got '%s'", opt, text);
+    return v;
+}
+
+static void usage(const char *name)
+{
+    fprintf(stderr,
+            "usage: %s [--threads N] [--seconds S | --iterations N] [--work W]\n"
+            "  --threads N     worker threads, pinned one per CPU (default: online CPUs)\n"
+            "  --seconds S     run S seconds of guest time (default 5)\n"
+            "  --iterations N  run N iterations instead\n"
+            "  --work W        xorshift rounds per compute step (default 100)\n"
+            "Prints single-line JSON records: one per thread, then a total.\n", name);
+}
+
+static struct options parse_options(const char *name, int argc, char **argv)
+{
+    struct options o = {.name = name, .threads = online_cpus(), .seconds = 0, .iterations = 0, .work = 100};
+    static const struct option longopts[] = {
+        {"threads", required_argument, 0, 't'}, {"seconds", required_argument, 0, 's'},
+        {"iterations", required_argument, 0, 'i'}, {"work", required_argument, 0, 'w'},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    opterr = 0;
+    int c;
+    while ((c = getopt_long(argc, argv, "t:s:i:w:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 't': o.threads = (unsigned)parse_positive(name, "--threads", optarg); break;
+        case 's': o.seconds = (unsigned)parse_positive(name, "--seconds", optarg); break;
+        case 'i': o.iterations = parse_positive(name, "--iterations", optarg); break;
+        case 'w': o.work = (unsigned)parse_positive(name, "--work", optarg); break;
+        case 'h': usage(name); exit(0);
+        default: fail(name, "unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind < argc) fail(name, "unexpected argument '%s'", argv[optind]);
+    if (o.threads > MAX_THREADS) fail(name, "--threads %u exceeds the maximum of %d", o.threads, MAX_THREADS);
+    if (o.seconds && o.iterations) fail(name, "--seconds and --iterations exclude each other");
+    if (!o.seconds && !o.iterations) o.seconds = 5;
+    return o;
+}
+
+/* The compute step every workload performs between barriers: a serial xorshift chain the
+ * compiler cannot vectorise or drop (the result is kept). ~4 instructions per round. */
+static inline uint64_t compute_step(uint64_t x, unsigned work)
+{
+    for (unsigned i = 0; i < work; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    return x;
+}
+
+static inline uint64_t tsc(void) { return __rdtsc(); }
+
+static double monotonic_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Pins the calling thread to CPU (index mod online CPUs): one thread per CPU. */
+static unsigned pin_self(const char *name, unsigned index)
+{
+    unsigned cpu = index % online_cpus();
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set) != 0)
+        fail(name, "sched_setaffinity(cpu %u) failed: %s", cpu, strerror(errno));
+    return cpu;
+}
+
+/* Run timer: set once the run has started (by the workers), raises time_up after the
+ * requested guest seconds. Runs on its own thread so it never competes with a worker's
+ * position in a team (the OpenMP master is a worker). */
+struct run_timer {
+    atomic_int started;
+    atomic_int time_up;
+    unsigned seconds;
+    pthread_t thread;
+};
+
+static void *run_timer_main(void *arg)
+{
+    struct run_timer *t = arg;
+    while (!atomic_load(&t->started)) usleep(1000);
+    struct timespec ts = {.tv_sec = t->seconds, .tv_nsec = 0};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+    atomic_store(&t->time_up, 1);
+    return NULL;
+}
+
+static void run_timer_start(const char *name, struct run_timer *t, unsigned seconds)
+{
+    atomic_store(&t->started, 0);
+    atomic_store(&t->time_up, 0);
+    t->seconds = seconds;
+    if (seconds && pthread_create(&t->thread, NULL, run_timer_main, t) != 0)
+        fail(name, "cannot create the timer thread");
+}
+
+static void run_timer_join(struct run_timer *t)
+{
+    if (t->seconds) pthread_join(t->thread, NULL);
+}
+
+#endif
