@@ -1,1 +1,93 @@
-//! End-to-end test harness: boots the Phalanx image in an emulator and judges the serial log.
+//! End-to-end test harness: boots the Phalanx image in an emulator through
+//! `scripts/phalanx boot` (the same path `scripts/phalanx run` takes) and parses the serial
+//! log's JSON records.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Builds the hypervisor image once per test process (fails the test loudly on error).
+pub fn ensure_image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(repo_root().join("scripts/phalanx")).arg("build").status().expect("run scripts/phalanx build");
+        assert!(status.success(), "building the hypervisor image failed");
+    });
+}
+
+pub struct Run {
+    pub dir: PathBuf,
+    pub log: String,
+    pub records: Vec<Value>,
+    pub timed_out: bool,
+    /// QEMU's exit status (isa-debug-exit: 1 = clean success, 3 = clean failure).
+    pub exit_status: Option<i32>,
+}
+
+pub struct Boot<'a> {
+    pub name: &'a str,
+    pub emulator: &'a str,
+    pub cpus: u32,
+    /// Path relative to the repo root.
+    pub config: &'a str,
+    pub timeout_s: u32,
+}
+
+impl Boot<'_> {
+    pub fn run(&self) -> Run {
+        ensure_image();
+        let root = repo_root();
+        let dir = root.join("target/e2e").join(self.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new(root.join("scripts/phalanx"))
+            .args(["boot", "--emulator", self.emulator, "--cpus", &self.cpus.to_string()])
+            .args(["--timeout", &self.timeout_s.to_string(), "--out"])
+            .arg(&dir)
+            .arg("--config")
+            .arg(root.join(self.config))
+            .status()
+            .expect("run scripts/phalanx boot");
+        let timed_out = dir.join("timed_out").exists();
+        assert!(status.success() || timed_out, "scripts/phalanx boot failed for {}", self.name);
+        let log = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+        let records = parse_records(&log);
+        let exit_status = std::fs::read_to_string(dir.join("exit_status")).ok().and_then(|s| s.trim().parse().ok());
+        Run { dir, log, records, timed_out, exit_status }
+    }
+}
+
+/// Every line that is a JSON object with a "type" field.
+pub fn parse_records(log: &str) -> Vec<Value> {
+    log.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("type").is_some())
+        .collect()
+}
+
+impl Run {
+    pub fn all(&self, kind: &str) -> Vec<&Value> {
+        self.records.iter().filter(|r| r["type"] == kind).collect()
+    }
+
+    /// The last record of `kind`; panics with the console log when there is none.
+    pub fn one(&self, kind: &str) -> &Value {
+        self.all(kind)
+            .pop()
+            .unwrap_or_else(|| panic!("no {kind:?} record in {}:\n{}", self.dir.display(), self.log))
+    }
+
+    /// Fails the test unless the run ended by itself, with no exception or panic.
+    pub fn assert_clean_end(&self) {
+        assert!(!self.timed_out, "the run hung until the timeout:\n{}", self.log);
+        for kind in ["exception", "panic"] {
+            assert!(self.all(kind).is_empty(), "{kind} during the run:\n{}", self.log);
+        }
+    }
+}

@@ -215,17 +215,68 @@ pub(crate) mod tests {
     /// Capability MSRs as Bochs 2.7 reports them (cpu model corei7_skylake_x), captured from
     /// the `vmx_msrs` record of a Phalanx boot.
     pub(crate) const BOCHS_SKYLAKE_X: VmxCapabilities = VmxCapabilities {
-        basic: 0,
-        pinbased: 0,
-        procbased: 0,
-        procbased2: 0,
-        exit: 0,
-        entry: 0,
-        misc: 0,
-        ept_vpid: 0,
-        cr0_fixed0: 0,
-        cr0_fixed1: 0,
-        cr4_fixed0: 0,
-        cr4_fixed1: 0,
+        basic: 0xd810000000002b,
+        pinbased: 0x7f00000016,
+        procbased: 0xf7f9fffe04006172,
+        procbased2: 0x2177fff00000000,
+        exit: 0x7fffff00036dfb,
+        entry: 0xffff000011fb,
+        misc: 0x600401e0,
+        ept_vpid: 0xf0106334141,
+        cr0_fixed0: 0x80000021,
+        cr0_fixed1: 0xffffffff,
+        cr4_fixed0: 0x2000,
+        cr4_fixed1: 0x3727ff,
     };
+}
+
+#[cfg(test)]
+mod feature_tests {
+    use super::tests::BOCHS_SKYLAKE_X;
+    use super::*;
+
+    #[test]
+    fn bochs_skylake_x_features_match_what_the_platform_notes_verified() {
+        let f = BOCHS_SKYLAKE_X.features();
+        assert_eq!(BOCHS_SKYLAKE_X.revision_id(), 0x2b);
+        assert!(f.true_controls && f.vmcs_write_back);
+        assert!(f.ept && f.ept_4_level && f.ept_write_back && f.ept_2m_pages && f.ept_1g_pages && f.ept_accessed_dirty);
+        assert!(f.vpid && f.invvpid && f.invept_single_context);
+        assert!(f.unrestricted_guest && f.pause_exiting && f.pause_loop_exiting);
+        assert!(f.preemption_timer && f.external_interrupt_exiting && f.ack_interrupt_on_exit);
+        assert_eq!(f.preemption_timer_shift, 0, "Bochs' preemption timer ticks at the TSC rate");
+        assert!(f.apic_access && f.x2apic_virtualization && f.virtual_interrupt_delivery);
+        assert!(!f.posted_interrupts, "no Bochs model has posted interrupts");
+        assert!(!f.monitor_trap_flag, "MTF exists only on tigerlake/icelake_u");
+        assert!(f.activity_wait_for_sipi);
+        assert_eq!(f.missing_required().count(), 0);
+    }
+
+    #[test]
+    fn secondary_and_ept_msrs_are_not_read_when_the_cpu_lacks_them() {
+        let mut asked = Vec::new();
+        let caps = VmxCapabilities::read(|msr| {
+            asked.push(msr);
+            match msr {
+                // basic without TRUE controls; primary controls without the secondary bit.
+                0x480 => 0x0000_0000_0000_0010,
+                0x482 => 0x7FFF_FFFF_0000_0000,
+                _ => 0,
+            }
+        });
+        assert_eq!(caps.procbased2, 0);
+        assert_eq!(caps.ept_vpid, 0);
+        assert!(!asked.contains(&0x48B) && !asked.contains(&0x48C));
+        assert!(asked.contains(&0x482) && !asked.contains(&0x48E), "plain controls without BASIC[55]");
+        let missing: Vec<_> = caps.features().missing_required().collect();
+        assert!(missing.contains(&"EPT") && missing.contains(&"VPID"));
+    }
+
+    #[test]
+    fn cr_adjustment_sets_fixed0_and_clears_outside_fixed1() {
+        let c = BOCHS_SKYLAKE_X;
+        assert_eq!(c.adjust_cr0(0x0000_0011), 0x8000_0031);
+        assert_eq!(c.adjust_cr4(0x20), 0x2020);
+        assert_eq!(c.adjust_cr4(0x20 | (1 << 30)) & (1 << 30), 0, "a bit outside CR4_FIXED1 is cleared");
+    }
 }

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Summarise a Phalanx serial log: parse its JSON records (one per line, each with a
+"type"; docs/records.md) and print what a user looks for first."""
+import argparse
+import json
+import sys
+
+
+def records(path):
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("{") and '"type"' in line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("log")
+    ap.add_argument("--wall", type=float, help="wall-clock seconds of the emulator run")
+    args = ap.parse_args()
+    recs = records(args.log)
+    by = {}
+    for r in recs:
+        by.setdefault(r["type"], []).append(r)
+    one = lambda t: by.get(t, [None])[-1]
+
+    rows = []
+    boot = one("boot")
+    if boot:
+        rows.append(("pCPUs (MADT)", f'{boot["cpus"]} (APIC IDs {boot["apic_ids"]})'))
+        rows.append(("memory", f'{boot["usable_mib"]} MiB usable, {boot["partition_mib"]} MiB for partitions'))
+        rows.append(("TSC", f'{boot["tsc_hz"] / 1e6:.3f} MHz (PIT-calibrated)'))
+        rows.append(("modules", ", ".join(boot["modules"]) or "-"))
+    sync = one("tsc_sync")
+    if sync:
+        rows.append(("TSC sync", f'{"in sync" if sync["in_sync"] else "NOT in sync"}, worst skew {sync["worst_skew_cycles"]} cycles'))
+    ph = one("phase_lock")
+    if ph:
+        pct = 100.0 * ph["skew_median_cycles"] / max(ph["period_cycles"], 1)
+        rows.append(("phase-locked ticks", f'{ph["ticks"]} x {ph["period_cycles"]} cycles, {ph["timer_mode"]}'))
+        rows.append(("tick skew min/med/max", f'{ph["skew_min_cycles"]}/{ph["skew_median_cycles"]}/{ph["skew_max_cycles"]} cycles ({pct:.4f}% of period)'))
+        rows.append(("tick latency med/max", f'{ph["latency_median_cycles"]}/{ph["latency_max_cycles"]} cycles after the boundary'))
+    vmx = by.get("vmx", [])
+    if vmx:
+        rows.append(("VMX root", f'{sum(1 for v in vmx if v["root"])}/{len(vmx)} pCPUs'))
+    for c in by.get("config", []):
+        if c.get("status") == "accepted":
+            rows.append(("config", f'accepted: {c.get("file")} ({c.get("partitions")} partitions)'))
+        else:
+            rows.append(("config", f'REJECTED: {c.get("error")}'))
+    for p in by.get("partition_plan", []):
+        rows.append((f'  partition {p["name"]}', f'{p["vcpus"]} vCPUs on pCPUs {p["pcpus"]}, {p["memory_mib"]} MiB at {p["memory_base"]}, {p["reservation"]}'))
+    summ = one("summary")
+    if summ:
+        rows.append(("boot time (guest clock)", f'{summ["boot_us"] / 1000:.1f} ms from entry to the end of bring-up'))
+    if args.wall is not None:
+        rows.append(("emulator wall time", f"{args.wall:.0f} s"))
+    for e in by.get("error", []):
+        rows.append(("ERROR", f'{e["stage"]}: {e["message"]}'))
+    for e in by.get("exception", []):
+        rows.append(("EXCEPTION", f'cpu{e["cpu"]} vector {e["vector"]} ({e["name"]}) at {e["rip"]}'))
+    for e in by.get("panic", []):
+        rows.append(("PANIC", f'cpu{e["cpu"]}: {e["message"]}'))
+    if not recs:
+        rows.append(("ERROR", "no records in the log: the image did not start (see the emulator log)"))
+
+    width = max(len(k) for k, _ in rows)
+    print("Phalanx run summary")
+    print("-" * (width + 50))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 1 if by.get("error") or by.get("exception") or by.get("panic") or not recs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+//! Boot foundation end to end: Bochs (VT-x) brings every pCPU into VMX root with
+//! phase-locked timers; QEMU TCG (no VT-x) gets one clear error and a clean end.
+
+use e2e::{Boot, Run};
+
+fn boot_bochs(name: &str, cpus: u32) -> Run {
+    Boot { name, emulator: "bochs", cpus, config: "guests/configs/default.toml", timeout_s: 300 }.run()
+}
+
+fn assert_vmx_root_with_phase_lock(run: &Run, cpus: u64) {
+    run.assert_clean_end();
+    assert_eq!(run.one("boot")["cpus"], cpus, "MADT pCPU count");
+    let online = run.all("cpu_online");
+    assert_eq!(online.len() as u64, cpus - 1);
+    assert!(online.iter().all(|r| r["online"] == true), "an AP did not start:\n{}", run.log);
+
+    let vmx = run.all("vmx");
+    assert_eq!(vmx.len() as u64, cpus, "one vmx record per pCPU");
+    assert!(vmx.iter().all(|r| r["root"] == true), "a pCPU is not in VMX root:\n{}", run.log);
+    let caps = run.one("vmx_caps");
+    assert_eq!(caps["ept"], true);
+    assert_eq!(caps["pause_loop_exiting"], true);
+
+    let sync = run.one("tsc_sync");
+    assert_eq!(sync["in_sync"], true);
+
+    let phase = run.one("phase_lock");
+    assert_eq!(phase["cpus"], cpus);
+    assert_eq!(phase["ticks"], 300);
+    let period = phase["period_cycles"].as_u64().unwrap();
+    let median = phase["skew_median_cycles"].as_u64().unwrap();
+    assert!(period > 0);
+    assert!(median * 100 < period, "median tick skew {median} cycles is not below 1% of the {period}-cycle period");
+    // Every pCPU took every tick, none more than a tenth of a period late.
+    assert!(phase["latency_max_cycles"].as_u64().unwrap() < period / 10, "{phase}");
+
+    let summary = run.one("summary");
+    assert_eq!(summary["cpus_in_vmx_root"], cpus);
+}
+
+#[test]
+fn bochs_two_pcpus_reach_vmx_root_with_phase_locked_timers() {
+    let run = boot_bochs("bochs-2cpu", 2);
+    assert_vmx_root_with_phase_lock(&run, 2);
+}
+
+#[test]
+fn bochs_four_pcpus_reach_vmx_root_with_phase_locked_timers() {
+    let run = boot_bochs("bochs-4cpu", 4);
+    assert_vmx_root_with_phase_lock(&run, 4);
+}
+
+fn assert_clear_no_vtx_error(run: &Run) {
+    run.assert_clean_end();
+    assert_eq!(run.exit_status, Some(3), "QEMU should end through isa-debug-exit with the failure code:\n{}", run.log);
+    let error = run.one("error");
+    assert_eq!(error["stage"], "vmx");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("does not offer VT-x"), "{message}");
+    assert!(message.contains("-cpu host,+vmx") && message.contains("Bochs"), "the error says how to run it: {message}");
+    assert!(run.all("summary").is_empty(), "no success summary after the error");
+}
+
+#[test]
+fn qemu_tcg_without_vtx_gets_one_clear_error_and_a_clean_end() {
+    let run = Boot { name: "qemu-iso", emulator: "qemu", cpus: 2, config: "guests/configs/default.toml", timeout_s: 120 }.run();
+    assert_eq!(run.one("boot")["loader"], "multiboot2");
+    assert_eq!(run.one("boot")["cpus"], 2);
+    assert_clear_no_vtx_error(&run);
+}
+
+#[test]
+fn qemu_kernel_multiboot1_boot_reaches_the_same_clear_error() {
+    let run = Boot { name: "qemu-kernel", emulator: "qemu-kernel", cpus: 2, config: "guests/configs/default.toml", timeout_s: 120 }.run();
+    assert_eq!(run.one("boot")["loader"], "multiboot1");
+    assert_clear_no_vtx_error(&run);
+}
