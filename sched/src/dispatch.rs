@@ -260,6 +260,12 @@ impl<'t> PcpuDispatcher<'t> {
         self.owner_decision()
     }
 
+    /// Ends any lending: the slot's owner decision is back in force.
+    pub fn reclaim(&mut self) -> Decision {
+        self.lent = None;
+        self.owner_decision()
+    }
+
     /// The decision in force (the lent vCPU if slack is lent).
     pub fn current(&self) -> Decision {
         match self.lent {

@@ -6,12 +6,15 @@
 //! - `Gang`: the phase-locked plan, nothing else (Phalanx).
 //! - `Independent`: the independent plan, nothing else (a KVM host without PLE).
 //! - `IndependentPle`: plus pause-loop exiting: after `window` of spinning the vCPU exits
-//!   (`exit_cost`), yields its pCPU and directs a boost to a descheduled sibling that has not
-//!   reached the barrier, which preempts whatever runs on that sibling's pCPU until it arrives
-//!   or that pCPU's next boundary (KVM's `kvm_vcpu_on_spin` + `yield_to`).
+//!   (`exit_cost`) and directs a boost to a descheduled sibling that has not reached the
+//!   barrier: the sibling preempts whatever runs on its own pCPU until it arrives (or that
+//!   pCPU's next boundary), and the spinner's pCPU runs the preempted partition meanwhile, so
+//!   shares stay fair (KVM's `kvm_vcpu_on_spin` + `yield_to` under CFS).
 //! - `RelaxedCosched`: plus VMware-style relaxed co-scheduling: every `check_every`, a vCPU whose
-//!   run time leads its slowest runnable sibling by more than `skew_bound` is stopped (its pCPU
-//!   is lent away) until the lead falls below half the bound.
+//!   run time leads its slowest runnable sibling by more than `skew_bound` is co-stopped and the
+//!   most lagging descheduled sibling is co-started in its place (it migrates onto the leader's
+//!   pCPU for the rest of that slot); the leader stays stopped until its lead falls below half
+//!   the bound.
 //!
 //! Time is in ticks; results treat one tick as one nanosecond.
 
@@ -112,9 +115,12 @@ pub struct PartitionResult {
     pub waste_time: Tick,
     /// `waste_time / cpu_time`, percent.
     pub waste_pct: f64,
-    /// Barrier arrival spread (first to last arrival), mean and max, in ticks.
+    /// Run-time skew between sibling vCPUs (max - min of their cumulative time on a pCPU),
+    /// sampled at each barrier release: mean and max, in ticks.
     pub mean_skew: f64,
     pub max_skew: Tick,
+    /// Mean wall-clock time from the first to the last arrival at a barrier, in ticks.
+    pub mean_arrival_spread: f64,
     /// Times one of its vCPUs was switched onto a pCPU.
     pub switches: u64,
     pub ple_exits: u64,
@@ -159,6 +165,7 @@ struct Part {
     arrived: u32,
     first_arrival: Tick,
     skew_sum: u128,
+    spread_sum: u128,
     yield_cursor: usize,
     res: PartitionResult,
     guest: AccountId,
@@ -170,7 +177,13 @@ struct Cpu {
     busy_until: Tick,
     deadline: Tick,
     account: AccountId,
+    /// A sibling boosted here by a directed yield / co-start (runs until it reaches the barrier
+    /// or this pCPU's next boundary).
     boost: Option<VcpuRef>,
+    /// The pCPU that gave its slot away in exchange for this boost.
+    boost_partner: Option<usize>,
+    /// This pCPU lent its owner's slot while the owner's sibling is boosted on that pCPU.
+    swapped_to: Option<usize>,
 }
 
 struct Sim<'t> {
@@ -227,6 +240,7 @@ impl<'t> Sim<'t> {
                 arrived: 0,
                 first_arrival: 0,
                 skew_sum: 0,
+                spread_sum: 0,
                 yield_cursor: 0,
                 res: PartitionResult { id: p.spec.id, name: p.spec.name.clone(), ..Default::default() },
                 guest,
@@ -241,7 +255,7 @@ impl<'t> Sim<'t> {
             policy,
             disps: (0..p).map(|c| tables.dispatcher(c, 0)).collect(),
             cpus: (0..p)
-                .map(|_| Cpu { running: None, busy_until: 0, deadline: 0, account: AccountMap::HYPERVISOR, boost: None })
+                .map(|_| Cpu { running: None, busy_until: 0, deadline: 0, account: AccountMap::HYPERVISOR, boost: None, boost_partner: None, swapped_to: None })
                 .collect(),
             parts: sim_parts,
             ids,
@@ -271,7 +285,10 @@ impl<'t> Sim<'t> {
         disps[c].on_halt(now, |w: VcpuRef| {
             let j = ids[ids.binary_search_by_key(&w.partition, |e| e.0).unwrap()].1;
             let x = &parts[j].vcpus[w.vcpu as usize];
-            Some(w.partition) != exclude && x.state != VState::Blocked && !x.stopped && x.running_on.is_none()
+            Some(w.partition) != exclude
+                && x.state != VState::Blocked
+                && !x.stopped
+                && (x.running_on.is_none() || x.running_on == Some(c))
         })
     }
 
@@ -426,7 +443,10 @@ impl<'t> Sim<'t> {
         }
         for c in 0..self.cpus.len() {
             if self.cpus[c].deadline <= now {
-                self.cpus[c].boost = None;
+                if self.cpus[c].boost.is_some() {
+                    self.end_boost(c, now, false);
+                }
+                self.cpus[c].swapped_to = None;
                 let d = self.disps[c].on_boundary(now);
                 self.take(c, d, now);
             }
@@ -475,6 +495,7 @@ impl<'t> Sim<'t> {
         if let Some(e) = elsewhere {
             self.cpus[e].running = None;
             self.cpus[e].boost = None;
+            self.cpus[e].boost_partner = None;
             self.halt(e, now);
         }
     }
@@ -493,10 +514,8 @@ impl<'t> Sim<'t> {
         p.arrived += 1;
         if let Some(c) = p.vcpus[v.vcpu as usize].running_on {
             if self.cpus[c].boost == Some(v) {
-                // The directed-yield boost ends once the sibling reaches the barrier.
-                self.cpus[c].boost = None;
-                let d = self.disps[c].owner_decision();
-                self.take(c, d, now);
+                // The boost ends once the sibling reaches the barrier.
+                self.end_boost(c, now, true);
             }
         }
         let p = &mut self.parts[i];
@@ -508,7 +527,10 @@ impl<'t> Sim<'t> {
     fn release(&mut self, i: usize, now: Tick) {
         let p = &mut self.parts[i];
         p.res.iterations += 1;
-        let skew = now - p.first_arrival;
+        p.spread_sum += (now - p.first_arrival) as u128;
+        let most = p.vcpus.iter().map(|x| x.sched_time).max().unwrap_or(0);
+        let least = p.vcpus.iter().map(|x| x.sched_time).min().unwrap_or(0);
+        let skew = most - least;
         p.skew_sum += skew as u128;
         p.res.max_skew = p.res.max_skew.max(skew);
         p.arrived = 0;
@@ -553,18 +575,50 @@ impl<'t> Sim<'t> {
         let Some(k) = target else { return };
         self.parts[i].yield_cursor = (k + 1) % n;
         let y = VcpuRef { partition: v.partition, vcpu: k as u32 };
-        let home = self.parts[i].spec.pcpus[k % self.parts[i].spec.pcpus.len()] as usize;
+        self.swap_boost(c, i, y, now);
+        self.cpus[c].busy_until = self.cpus[c].busy_until.max(now + exit_cost);
+    }
+
+    /// Directed co-start: run the lagging sibling `y` on its home pCPU now (preempting whoever
+    /// runs there) and lend `from`'s slot to the other partitions for as long as the boost
+    /// lasts, so they lose on one pCPU what they gain on the other (the host keeps shares fair).
+    fn swap_boost(&mut self, from: usize, i: usize, y: VcpuRef, now: Tick) {
+        let n = self.parts[i].spec.pcpus.len();
+        let home = self.parts[i].spec.pcpus[y.vcpu as usize % n] as usize;
         let guest = self.parts[i].guest;
-        // The spinner yields its pCPU to the other runnable threads there ...
-        let d = self.lend(c, now, Some(v.partition));
-        if d.run.is_some() {
-            self.apply(c, d, now);
-            self.cpus[c].busy_until = self.cpus[c].busy_until.max(now + exit_cost);
+        let mut partner = None;
+        if home != from {
+            let d = self.lend(from, now, Some(y.partition));
+            if d.run.is_some() {
+                self.apply(from, d, now);
+                self.cpus[from].swapped_to = Some(home);
+                partner = Some(from);
+            }
         }
-        // ... and boosts the lagging sibling on its own pCPU.
+        if self.cpus[home].boost.is_some() {
+            self.end_boost(home, now, false);
+        }
         let boost = Decision { run: Some(y), account: guest, next_deadline: self.cpus[home].deadline, lent: true };
         self.apply(home, boost, now);
         self.cpus[home].boost = Some(y);
+        self.cpus[home].boost_partner = partner;
+    }
+
+    /// Ends the boost on `b`; the partner pCPU returns to its table owner, and so does `b` if
+    /// `restore`.
+    fn end_boost(&mut self, b: usize, now: Tick, restore: bool) {
+        self.cpus[b].boost = None;
+        if let Some(a) = self.cpus[b].boost_partner.take() {
+            if self.cpus[a].swapped_to == Some(b) {
+                self.cpus[a].swapped_to = None;
+                let d = self.disps[a].reclaim();
+                self.take(a, d, now);
+            }
+        }
+        if restore {
+            let d = self.disps[b].reclaim();
+            self.take(b, d, now);
+        }
     }
 
     fn relaxed_check(&mut self, now: Tick) {
@@ -587,7 +641,24 @@ impl<'t> Sim<'t> {
                 if !x.stopped && lead > skew_bound && x.state != VState::Blocked {
                     self.vcpu_mut(v).stopped = true;
                     if let Some(c) = self.vcpu(v).running_on {
-                        self.halt(c, now);
+                        // Co-stop the leader and co-start the most lagging descheduled sibling.
+                        let p = &self.parts[i];
+                        let lagger = (0..p.vcpus.len())
+                            .filter(|&k| {
+                                let y = &p.vcpus[k];
+                                matches!(y.state, VState::Compute { .. }) && y.running_on.is_none() && !y.stopped
+                            })
+                            .min_by_key(|&k| p.vcpus[k].sched_time);
+                        // The lagger migrates onto the leader's pCPU for the rest of its slot, so
+                        // the partition keeps its share while the skew shrinks.
+                        match lagger {
+                            Some(k) => {
+                                let y = VcpuRef { partition: v.partition, vcpu: k as u32 };
+                                let d = Decision { run: Some(y), account: p.guest, next_deadline: self.cpus[c].deadline, lent: true };
+                                self.apply(c, d, now);
+                            }
+                            None => self.halt(c, now),
+                        }
                     }
                 } else if x.stopped && lead <= skew_bound / 2 {
                     self.vcpu_mut(v).stopped = false;
@@ -604,6 +675,7 @@ impl<'t> Sim<'t> {
             r.progress_per_s = r.iterations as f64 / secs;
             r.waste_pct = if r.cpu_time == 0 { 0.0 } else { 100.0 * r.waste_time as f64 / r.cpu_time as f64 };
             r.mean_skew = if r.iterations == 0 { 0.0 } else { p.skew_sum as f64 / r.iterations as f64 };
+            r.mean_arrival_spread = if r.iterations == 0 { 0.0 } else { p.spread_sum as f64 / r.iterations as f64 };
         }
         SimResult {
             policy: self.policy.name(),
@@ -750,6 +822,10 @@ mod tests {
         assert!(ple.partitions[0].ple_exits > 0);
         assert!(ple.partitions[0].overhead_time > 0);
         assert!(ple.partitions[0].spin_time < i.partitions[0].spin_time, "PLE cuts spinning");
+        assert!(ple.partitions[0].progress_per_s > 5.0 * i.partitions[0].progress_per_s, "directed yield restores progress");
+        // The directed-yield swap keeps the two partitions' CPU shares close to 50/50.
+        let (a, b) = (ple.partitions[0].cpu_time as f64, ple.partitions[1].cpu_time as f64);
+        assert!((a / b - 1.0).abs() < 0.1, "PLE shares {a} vs {b}");
         for r in [&ple, &rc] {
             assert_eq!(r.charged, r.elapsed, "{}", r.policy);
         }
