@@ -133,6 +133,18 @@ fn the_four_pcpu_example_builds_its_hierarchy() {
     }
 }
 
+/// docs/config.md's annotated example must stay a valid config.
+#[test]
+fn the_documented_example_is_valid() {
+    let doc = include_str!("../../docs/config.md");
+    let start = doc.find("## Annotated example").expect("section exists");
+    let block = &doc[start..];
+    let body = &block[block.find("```toml\n").expect("toml block") + 8..];
+    let example = &body[..body.find("```").expect("block ends")];
+    let v = ok(example, Some(&platform(4, 1024)));
+    assert_eq!((v.config.groups.len(), v.config.partitions.len()), (2, 3));
+}
+
 #[test]
 fn defaults_apply_when_keys_are_left_out() {
     let text = edit(BASE, "[hypervisor]\nmajor_frame_us = 10000\npolicy = \"gang\"\n", "");

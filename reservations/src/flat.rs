@@ -12,6 +12,9 @@ use alloc::vec::Vec;
 pub type PartitionId = u32;
 
 /// A leaf partition's effective reservation after flattening the hierarchy.
+///
+/// From [`crate::Tree::flatten`] the time unit is the microsecond (the config's unit); use
+/// [`EffectiveReservation::in_ticks`] to convert to the planner's tick (TSC cycles, ns).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EffectiveReservation {
     /// Hard: `budget` time units in every `period`, on each pCPU it holds. Never exceeded,
@@ -35,4 +38,18 @@ pub struct FlatPartition {
     pub reservation: EffectiveReservation,
     /// Depth in the tree (1 = child of the root); informative only.
     pub depth: u32,
+}
+
+impl EffectiveReservation {
+    /// The same reservation with time measured in ticks of which there are `ticks_per_unit`
+    /// per current unit (e.g. TSC cycles per microsecond). Shares are unit-free and unchanged.
+    pub fn in_ticks(&self, ticks_per_unit: u64) -> EffectiveReservation {
+        match *self {
+            EffectiveReservation::Hard { budget, period } => EffectiveReservation::Hard {
+                budget: budget.saturating_mul(ticks_per_unit),
+                period: period.saturating_mul(ticks_per_unit),
+            },
+            EffectiveReservation::Soft { share_ppm } => EffectiveReservation::Soft { share_ppm },
+        }
+    }
 }

@@ -309,6 +309,14 @@ fn host_check_without_a_machine_skips_pcpu_existence() {
     assert!(!Tree::build(&s).unwrap().flatten()[0].gang);
 }
 
+#[test]
+fn flattened_reservations_convert_to_planner_ticks() {
+    let hard = EffectiveReservation::Hard { budget: 5_000, period: 10_000 };
+    assert_eq!(hard.in_ticks(2_400), EffectiveReservation::Hard { budget: 12_000_000, period: 24_000_000 });
+    let soft = EffectiveReservation::Soft { share_ppm: 250_000 };
+    assert_eq!(soft.in_ticks(1_000), soft);
+}
+
 // ---- accounting ----
 
 #[test]
