@@ -13,7 +13,7 @@ pub use reservations::{ChildPolicy, NestedPolicy, Reservation};
 // ---------------------------------------------------------------- the file, as written
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a config with [hypervisor], [[group]] and [[partition]] tables")]
 pub(crate) struct RawConfig {
     pub hypervisor: Option<Spanned<RawHypervisor>>,
     #[serde(default)]
@@ -23,7 +23,7 @@ pub(crate) struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [hypervisor] table")]
 pub(crate) struct RawHypervisor {
     pub major_frame_us: Option<Spanned<u64>>,
     pub policy: Option<Spanned<DispatchPolicy>>,
@@ -33,7 +33,7 @@ pub(crate) struct RawHypervisor {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [[group]] table")]
 pub(crate) struct RawGroup {
     pub name: Spanned<String>,
     pub parent: Option<Spanned<String>>,
@@ -43,7 +43,7 @@ pub(crate) struct RawGroup {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [[partition]] table")]
 pub(crate) struct RawPartition {
     pub name: Spanned<String>,
     pub group: Option<Spanned<String>>,
@@ -62,7 +62,7 @@ pub(crate) struct RawPartition {
 /// parsing, with a message that says so, rather than by an untagged enum whose serde error
 /// would only say "did not match any variant").
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table: { budget_us = B, period_us = P }, { share_percent = S } or { weight = W }")]
 pub(crate) struct RawReservation {
     pub budget_us: Option<Spanned<u64>>,
     pub period_us: Option<Spanned<u64>>,
@@ -71,14 +71,14 @@ pub(crate) struct RawReservation {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table: { base = 0x..., size_mb = N }")]
 pub(crate) struct RawMemory {
     pub base: Spanned<u64>,
     pub size_mb: Spanned<u64>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = r#"a table: { module = "name", cmdline = "..." }"#)]
 pub(crate) struct RawGuest {
     pub module: Spanned<String>,
     #[serde(default)]
@@ -87,7 +87,7 @@ pub(crate) struct RawGuest {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = r#"a table: { ioports = [...], irqs = [...], serial = "comN" }"#)]
 pub(crate) struct RawDevices {
     #[serde(default)]
     pub ioports: Vec<Spanned<String>>,

@@ -267,6 +267,10 @@ fn wrong_types_and_enum_values_are_schema_errors() {
     let e = bad(&text, None);
     assert_error(&e, ErrorKind::Schema, Some("partition \"web\""), "vcpus", position(&text, "\"two\"", 0), "invalid type");
 
+    let text = edit(BASE, "guest = { module = \"bzImage\" }", "guest = \"bzImage\"");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "guest", position(&text, "\"bzImage\"", 1), "expected a table: { module = ");
+
     let text = edit(BASE, "policy = \"gang\"", "policy = \"gangs\"");
     let e = bad(&text, None);
     assert_error(&e, ErrorKind::Schema, Some("[hypervisor]"), "policy", (3, 10), "unknown variant `gangs`");
