@@ -62,7 +62,7 @@ impl DispatchTables {
         let mut by_id: Vec<(PartitionId, usize)> = parts.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
         by_id.sort_unstable();
         let find = |pid: PartitionId| by_id.binary_search_by_key(&pid, |e| e.0).ok().map(|i| by_id[i].1);
-        let policies: Vec<&'static dyn NestedPolicy> = parts.iter().map(|p| choose(p)).collect();
+        let policies: Vec<&'static dyn NestedPolicy> = parts.iter().map(choose).collect();
         for (p, pol) in parts.iter().zip(&policies) {
             pol.check(p).map_err(|reason| PlanError::PolicyMismatch {
                 partition: p.name.clone(),

@@ -13,8 +13,8 @@
 //! - `RelaxedCosched`: plus VMware-style relaxed co-scheduling: every `check_every`, a vCPU whose
 //!   run time leads its slowest runnable sibling by more than `skew_bound` is co-stopped and the
 //!   most lagging descheduled sibling is co-started in its place (it migrates onto the leader's
-//!   pCPU for the rest of that slot); the leader stays stopped until its lead falls below half
-//!   the bound.
+//!   pCPU; while the leader stays stopped its slots go to the most lagging sibling, so the
+//!   partition keeps its entitlement) until its lead falls below half the bound.
 //!
 //! Time is in ticks; results treat one tick as one nanosecond.
 
@@ -458,6 +458,12 @@ impl<'t> Sim<'t> {
         let d = match d.run {
             Some(v) if self.cpus[c].running == Some(v) => d,
             Some(v) if self.vcpu(v).state != VState::Blocked && !self.vcpu(v).stopped => d,
+            // A co-stopped leader's slot goes to its most lagging sibling (relaxed co-scheduling
+            // keeps the partition's entitlement), else it is lent.
+            Some(v) if self.vcpu(v).stopped => match self.lagger(self.pidx(v.partition)) {
+                Some(y) => Decision { run: Some(y), account: d.account, next_deadline: d.next_deadline, lent: true },
+                None => self.lend(c, now, None),
+            },
             _ => self.lend(c, now, None),
         };
         self.apply(c, d, now);
@@ -496,7 +502,9 @@ impl<'t> Sim<'t> {
             self.cpus[e].running = None;
             self.cpus[e].boost = None;
             self.cpus[e].boost_partner = None;
-            self.halt(e, now);
+            // `e` falls back to its slot's owner (or whoever `take` picks in its place).
+            let d = self.disps[e].reclaim();
+            self.take(e, d, now);
         }
     }
 
@@ -561,6 +569,19 @@ impl<'t> Sim<'t> {
                 return;
             }
         }
+    }
+
+    /// The runnable, off-CPU, not stopped sibling of partition `i` with the least run time
+    /// (like ESX, this looks at run time only, not at what the guest is doing).
+    fn lagger(&self, i: usize) -> Option<VcpuRef> {
+        let p = &self.parts[i];
+        (0..p.vcpus.len())
+            .filter(|&k| {
+                let y = &p.vcpus[k];
+                y.state != VState::Blocked && y.running_on.is_none() && !y.stopped
+            })
+            .min_by_key(|&k| p.vcpus[k].sched_time)
+            .map(|k| VcpuRef { partition: p.spec.id, vcpu: k as u32 })
     }
 
     fn ple_exit(&mut self, c: usize, i: usize, v: VcpuRef, now: Tick, exit_cost: Tick) {
@@ -641,24 +662,13 @@ impl<'t> Sim<'t> {
                 if !x.stopped && lead > skew_bound && x.state != VState::Blocked {
                     self.vcpu_mut(v).stopped = true;
                     if let Some(c) = self.vcpu(v).running_on {
-                        // Co-stop the leader and co-start the most lagging descheduled sibling.
-                        let p = &self.parts[i];
-                        let lagger = (0..p.vcpus.len())
-                            .filter(|&k| {
-                                let y = &p.vcpus[k];
-                                matches!(y.state, VState::Compute { .. }) && y.running_on.is_none() && !y.stopped
-                            })
-                            .min_by_key(|&k| p.vcpus[k].sched_time);
-                        // The lagger migrates onto the leader's pCPU for the rest of its slot, so
-                        // the partition keeps its share while the skew shrinks.
-                        match lagger {
-                            Some(k) => {
-                                let y = VcpuRef { partition: v.partition, vcpu: k as u32 };
-                                let d = Decision { run: Some(y), account: p.guest, next_deadline: self.cpus[c].deadline, lent: true };
-                                self.apply(c, d, now);
-                            }
-                            None => self.halt(c, now),
-                        }
+                        // Co-stop the leader; `take` co-starts the most lagging descheduled
+                        // sibling on this pCPU for the rest of the slot.
+                        let d = self.disps[c].current();
+                        let d = Decision { run: Some(v), ..d };
+                        self.cpus[c].running = None;
+                        self.vcpu_mut(v).running_on = None;
+                        self.take(c, d, now);
                     }
                 } else if x.stopped && lead <= skew_bound / 2 {
                     self.vcpu_mut(v).stopped = false;

@@ -232,7 +232,7 @@ fn planner_errors_name_the_partition() {
         (part(1, "zero", &[0], 1, true, Reservation::Soft { share_ppm: 0 }), "soft share"),
     ];
     for (p, needle) in cases {
-        let msg = plan_gang(&[p.clone()], &cfg).unwrap_err().to_string();
+        let msg = plan_gang(std::slice::from_ref(&p), &cfg).unwrap_err().to_string();
         assert!(msg.contains(&format!("'{}'", p.name)) && msg.contains(needle), "{msg}");
     }
     let dup = vec![part(3, "x", &[0], 1, true, hard(1, 10)), part(3, "y", &[1], 1, true, hard(1, 10))];
