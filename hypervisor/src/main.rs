@@ -12,6 +12,7 @@ mod console;
 mod cpu;
 mod interrupts;
 mod memory;
+mod partitions;
 mod phase;
 mod platform;
 mod power;
@@ -90,6 +91,17 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .str_list("modules", boot.modules.iter().map(|m| m.name.as_str()))
         .u64("tsc_hz", tsc_hz)
         .emit();
+
+    // The config is validated against this machine before anything else starts: a rejected
+    // config starts nothing.
+    let validated = match partitions::load(&boot, apic_ids.len() as u32) {
+        Ok(v) => v,
+        Err(error) => {
+            partitions::report_rejected(&error);
+            power::end_run(true)
+        }
+    };
+    partitions::report_accepted(&validated);
 
     // SMP: every AP sets up its own GDT/TSS/IDT and LAPIC and reports in.
     for ap in smp::start_aps(&apic_ids) {

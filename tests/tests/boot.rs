@@ -75,3 +75,50 @@ fn qemu_kernel_multiboot1_boot_reaches_the_same_clear_error() {
     assert_eq!(run.one("boot")["loader"], "multiboot1");
     assert_clear_no_vtx_error(&run);
 }
+
+#[test]
+fn bochs_accepts_the_default_config_and_places_partition_memory() {
+    let run = boot_bochs("bochs-config-ok", 2);
+    run.assert_clean_end();
+    let config = run.one("config");
+    assert_eq!(config["status"], "accepted", "{config}");
+    let plans = run.all("partition_plan");
+    assert_eq!(plans.len() as u64, config["partitions"].as_u64().unwrap());
+    let mut ranges: Vec<(u64, u64)> = plans
+        .iter()
+        .map(|p| {
+            let base = u64::from_str_radix(p["memory_base"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+            (base, base + (p["memory_mib"].as_u64().unwrap() << 20))
+        })
+        .collect();
+    ranges.sort();
+    assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "partition memory overlaps: {ranges:?}");
+    assert!(ranges.iter().all(|r| r.0 >= 0x10_0000 && r.0 % (2 << 20) == 0), "placed above 1 MiB, 2 MiB aligned: {ranges:?}");
+}
+
+fn assert_rejected_before_anything_started(run: &Run, expected: &[&str]) {
+    run.assert_clean_end();
+    let config = run.one("config");
+    assert_eq!(config["status"], "rejected", "{config}");
+    let error = config["error"].as_str().unwrap();
+    for part in expected {
+        assert!(error.contains(part), "rejection {error:?} should contain {part:?}");
+    }
+    for kind in ["partition_plan", "cpu_online", "vmx", "summary"] {
+        assert!(run.all(kind).is_empty(), "a rejected config must start nothing, but found {kind} records:\n{}", run.log);
+    }
+}
+
+#[test]
+fn bochs_rejects_an_over_admitted_config_with_its_line_and_field() {
+    let run = Boot { name: "bochs-config-overcommit", emulator: "bochs", cpus: 2, config: "guests/configs/invalid-overcommit.toml", timeout_s: 300 }.run();
+    assert_rejected_before_anything_started(&run, &["partitions.toml:21:", "partition \"second\"", "`reservation`", "over-admitted"]);
+}
+
+#[test]
+fn bochs_rejects_a_config_naming_pcpus_the_madt_does_not_list() {
+    // Valid on a 4-pCPU machine (phalanx-check accepts it without --pcpus): only the boot-time
+    // check against the MADT can reject it.
+    let run = Boot { name: "bochs-config-pcpus", emulator: "bochs", cpus: 2, config: "tests/configs/needs-4-pcpus.toml", timeout_s: 300 }.run();
+    assert_rejected_before_anything_started(&run, &["partitions.toml:", "`pcpus`", "does not exist"]);
+}
