@@ -842,6 +842,24 @@ mod tests {
     }
 
     #[test]
+    fn gang_spin_then_block_keeps_progress_and_lends_blocked_time() {
+        // Jittered compute makes vCPUs wait; blocking after 5 us lends the rest of the slot.
+        let jittered = |block| SimPartition {
+            workload: Workload::Barrier { compute: 100 * US, jitter_ppm: 200_000, block_after_spin: block },
+            ..barrier(1, &[0, 1, 2, 3], 4, half(), 0, None)
+        };
+        let batch = cpu_bound(2, &[0, 1, 2, 3], 4, 500_000);
+        let spin = simulate(&[jittered(None), batch.clone()], Policy::Gang, &cfg(4, 300 * MS)).unwrap();
+        let block = simulate(&[jittered(Some(5 * US)), batch], Policy::Gang, &cfg(4, 300 * MS)).unwrap();
+        assert_eq!(spin.partitions[0].waste_time, 0, "under gang no sibling is ever descheduled mid-barrier");
+        assert!(spin.partitions[0].spin_time > 0, "jitter makes early arrivals spin");
+        let (s, b) = (spin.partitions[0].progress_per_s, block.partitions[0].progress_per_s);
+        assert!(b > 0.9 * s, "blocking costs little progress: {b} vs {s}");
+        assert!(block.partitions[1].compute_time > spin.partitions[1].compute_time, "batch gets the lent time");
+        assert_eq!(block.charged, block.elapsed);
+    }
+
+    #[test]
     fn trace_slices_tile_each_pcpu() {
         let parts = [barrier(1, &[0, 1], 2, half(), 100 * US, None), cpu_bound(2, &[0, 1], 2, 500_000)];
         let mut c = cfg(2, 50 * MS);

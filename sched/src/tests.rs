@@ -432,3 +432,31 @@ fn ledger_charges_sum_to_elapsed_and_reject_gaps_and_overlaps() {
     assert!(matches!(l.charge(0, end, end + 5, crate::account::AccountId(99)), Err(ChargeError::UnknownAccount { .. })));
     assert_eq!(l.sum(), l.elapsed(), "rejected charges leave the ledger unchanged");
 }
+
+#[test]
+fn round_robin_gang_tables_never_run_a_vcpu_twice_at_once() {
+    let parts = vec![
+        part(1, "wide", &[0, 1, 2, 3], 6, true, hard(600, 1000)),
+        part(2, "other", &[0, 1, 2, 3], 4, true, Reservation::Soft { share_ppm: 400_000 }),
+    ];
+    let mut cfg = PlanConfig::new(4, 1000);
+    cfg.frame = Some(6000);
+    let plan = plan_gang(&parts, &cfg).unwrap();
+    let tables = DispatchTables::compile(&plan, &parts).unwrap();
+    let mut per_vcpu = [0u64; 6];
+    for t in 0..plan.frame {
+        let runs: Vec<Option<VcpuRef>> = (0..4).map(|c| entry_at(&tables, c, 0, t).0).collect();
+        let wide: Vec<u32> = runs.iter().flatten().filter(|v| v.partition == 1).map(|v| v.vcpu).collect();
+        if !wide.is_empty() {
+            assert_eq!(wide.len(), 4, "t={t}: the group must run on all 4 pCPUs together");
+            let mut d = wide.clone();
+            d.sort_unstable();
+            d.dedup();
+            assert_eq!(d.len(), 4, "t={t}: a vCPU on two pCPUs at once: {wide:?}");
+            for v in wide {
+                per_vcpu[v as usize] += 1;
+            }
+        }
+    }
+    assert!(per_vcpu.iter().all(|&t| t == per_vcpu[0]), "unequal vCPU time over the frame: {per_vcpu:?}");
+}
