@@ -31,6 +31,8 @@ pub struct Platform {
     /// Host-physical memory the hypervisor can hand to partitions (already without the
     /// hypervisor image, boot modules and firmware areas).
     pub usable_memory: Vec<core::ops::Range<u64>>,
+    /// Names of the boot modules the guests' payloads can come from.
+    pub modules: Vec<alloc::string::String>,
 }
 
 /// Parses and validates `text` (named `file_name` in errors). With `platform = None` (a host
@@ -38,7 +40,11 @@ pub struct Platform {
 /// skipped; everything else is checked.
 pub fn load(file_name: &str, text: &str, platform: Option<&Platform>) -> Result<Validated, ConfigError> {
     let machine = match platform {
-        Some(p) => Machine { pcpus: Some(p.pcpus), usable_memory: Some(p.usable_memory.clone()) },
+        Some(p) => Machine {
+            pcpus: Some(p.pcpus),
+            usable_memory: Some(p.usable_memory.clone()),
+            modules: Some(p.modules.clone()),
+        },
         None => Machine::default(),
     };
     load_for(file_name, text, &machine)

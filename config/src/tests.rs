@@ -31,7 +31,11 @@ guest = { module = "bzImage" }
 "#;
 
 fn platform(pcpus: u32, memory_mb: u64) -> Platform {
-    Platform { pcpus, usable_memory: core::iter::once(16 * MIB..memory_mb * MIB).collect() }
+    Platform {
+        pcpus,
+        usable_memory: core::iter::once(16 * MIB..memory_mb * MIB).collect(),
+        modules: vec!["bzImage".into(), "initrd.cpio".into(), "testguest".into()],
+    }
 }
 
 fn ok(text: &str, platform: Option<&Platform>) -> Validated {
@@ -163,7 +167,7 @@ fn first_fit_skips_explicit_regions_and_aligns_to_2_mib() {
         "memory = { base = 0x2000000, size_mb = 16 }\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", cmdline");
     // Usable: [17 MiB, 56 MiB) and [64 MiB, 256 MiB). web is fixed at 32..48 MiB; db (64 MiB)
     // fits neither the aligned 18..32 MiB gap nor 48..56 MiB, so it lands at 64 MiB.
-    let machine = Platform { pcpus: 2, usable_memory: vec![64 * MIB..256 * MIB, 17 * MIB..56 * MIB] };
+    let machine = Platform { pcpus: 2, usable_memory: vec![64 * MIB..256 * MIB, 17 * MIB..56 * MIB], modules: vec!["bzImage".into()] };
     let v = ok(&text, Some(&machine));
     assert_eq!(v.memory, vec![Placement::At(32 * MIB..48 * MIB), Placement::At(64 * MIB..128 * MIB)]);
     // A small one goes into the aligned gap below the explicit region.
@@ -470,4 +474,14 @@ fn names_must_be_printable_identifiers_and_a_partition_must_exist() {
     assert_error(&e, ErrorKind::InvalidValue, Some("partition \"d b\""), "name", position(&text, "\"d b\"", 0), "A-Z");
     let e = bad("[hypervisor]\nrun_ms = 100\n", None);
     assert_eq!((e.kind, e.field.as_deref(), e.line), (ErrorKind::InvalidValue, Some("partition"), 1));
+}
+
+#[test]
+fn a_guest_module_missing_from_the_boot_modules_is_rejected_at_boot_only() {
+    let text = edit(BASE, "guest = { module = \"bzImage\" }", "guest = { module = \"vmlinuz-typo\" }");
+    let e = bad(&text, Some(&platform(4, 512)));
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "guest.module", position(&text, "\"vmlinuz-typo\"", 0), "no boot module named \"vmlinuz-typo\"");
+    assert!(e.to_string().contains("modules present: bzImage, initrd.cpio, testguest"), "{e}");
+    // The host check without a machine description cannot know the modules.
+    ok(&text, None);
 }

@@ -22,6 +22,8 @@ pub struct Machine {
     pub pcpus: Option<u32>,
     /// Host-physical ranges the hypervisor can give to partitions; `None` skips placement.
     pub usable_memory: Option<Vec<Range<u64>>>,
+    /// Boot module names available as guest payloads; `None` skips the check.
+    pub modules: Option<Vec<String>>,
 }
 
 /// A config that passed every check: nothing in it can fail at start.
@@ -293,6 +295,19 @@ impl Checker<'_> {
         }
         if let Some(initrd) = guest.initrd.as_ref().filter(|i| i.get_ref().is_empty()) {
             return Err(invalid(initrd.span(), "guest.initrd", "the module name is empty".into()));
+        }
+        if let Some(modules) = &self.machine.modules {
+            let named = core::iter::once((&guest.module, "guest.module")).chain(guest.initrd.iter().map(|i| (i, "guest.initrd")));
+            for (module, field) in named {
+                if !modules.iter().any(|m| m == module.get_ref()) {
+                    let present = if modules.is_empty() { String::from("none") } else { modules.join(", ") };
+                    return Err(invalid(
+                        module.span(),
+                        field,
+                        format!("no boot module named \"{}\" (modules present: {present})", module.get_ref()),
+                    ));
+                }
+            }
         }
         Ok(PartitionConfig {
             name: p.name.get_ref().clone(),

@@ -21,7 +21,11 @@ pub fn load(boot: &BootInfo, pcpus: u32) -> Result<Validated, String> {
         .find(|m| m.name == CONFIG_MODULE)
         .ok_or_else(|| format!("no `{CONFIG_MODULE}` boot module: add `module2 /boot/{CONFIG_MODULE} {CONFIG_MODULE}` to the GRUB entry"))?;
     let text = core::str::from_utf8(module.bytes()).map_err(|e| format!("{CONFIG_MODULE}: not UTF-8 text ({e})"))?;
-    let platform = config::Platform { pcpus, usable_memory: boot.partition_memory.as_slice().to_vec() };
+    let platform = config::Platform {
+        pcpus,
+        usable_memory: boot.partition_memory.as_slice().to_vec(),
+        modules: boot.modules.iter().map(|m| m.name.clone()).filter(|n| n != CONFIG_MODULE).collect(),
+    };
     config::load(CONFIG_MODULE, text, Some(&platform)).map_err(|e| format!("{e}"))
 }
 
