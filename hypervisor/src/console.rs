@@ -75,12 +75,6 @@ impl Record {
         self
     }
 
-    pub fn i64(mut self, key: &str, value: i64) -> Self {
-        self.key(key);
-        let _ = write!(self.uart, "{value}");
-        self
-    }
-
     pub fn bool(mut self, key: &str, value: bool) -> Self {
         self.key(key);
         let _ = write!(self.uart, "{value}");

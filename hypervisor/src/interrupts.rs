@@ -192,5 +192,9 @@ fn exception(frame: &InterruptFrame) -> ! {
         .fmt("cr2", format_args!("{cr2:#x}"))
         .emit();
     crate::console::flush();
+    if cpu == 0 {
+        // The BSP drives the run: without it the machine can only hang, so end it.
+        crate::power::end_run(true)
+    }
     crate::cpu::halt_forever()
 }

@@ -132,12 +132,13 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .u64("worst_skew_cycles", worst)
         .u64_list("round_trip_cycles", syncs.iter().map(|s| s.round_trip))
         .emit();
-    if !in_sync {
-        log::warn!("TSC offsets between pCPUs exceed the measurement's uncertainty (worst {worst} cycles)");
+    for s in syncs.iter().filter(|s| s.offset.unsigned_abs() > s.round_trip / 2 + 1) {
+        log::warn!("cpu{}: TSC offset {} cycles exceeds the measurement's uncertainty ({} cycles round trip)", s.cpu, s.offset, s.round_trip);
     }
 
     let period = tsc::us_to_cycles(PHASE_PERIOD_US);
-    let phase = phase::measure(cpus, period, tsc::us_to_cycles(PHASE_LEAD_US));
+    let force_one_shot = boot_option(&boot.cmdline, "phalanx.timer") == Some("one-shot");
+    let phase = phase::measure(cpus, period, tsc::us_to_cycles(PHASE_LEAD_US), force_one_shot);
     log::info!(
         "phase-locked timers ({}): {} ticks of {} cycles on {} pCPUs, skew min/median/max {}/{}/{} cycles",
         phase.mode.name(),
@@ -161,8 +162,23 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .u64("latency_max_cycles", phase.latency_max)
         .emit();
 
+    // A deliberate fault, to show (and test) that an exception is reported and stops only
+    // the CPU it happened on.
+    if let Some(cpu) = boot_option(&boot.cmdline, "phalanx.fault_on_cpu").and_then(|c| c.parse::<usize>().ok()) {
+        log::warn!("phalanx.fault_on_cpu={cpu}: raising #UD on cpu{cpu} on purpose");
+        if cpu == 0 {
+            raise_invalid_opcode(0);
+        } else if cpu < cpus {
+            smp::post(cpu, raise_invalid_opcode);
+            tsc::delay_us(1_000);
+        }
+    }
+
     // VMX root on every pCPU.
-    smp::run_on_all(cpus, vmx_root::enable_on_this_cpu);
+    let stopped = smp::run_on_all(cpus, vmx_root::enable_on_this_cpu);
+    if !stopped.is_empty() {
+        fatal("vmx", &alloc::format!("pCPUs {stopped:?} stopped answering during VMX bring-up (see their exception records)"));
+    }
     report_vmx(cpus);
 
     let boot_cycles = tsc::now() - entry_tsc;
@@ -175,6 +191,16 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .emit();
     log::info!("all {cpus} pCPUs in VMX root; boot took {} us", tsc::cycles_to_us(boot_cycles));
     power::end_run(false)
+}
+
+/// `key=value` from the hypervisor's command line.
+fn boot_option<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline.split_whitespace().find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn raise_invalid_opcode(_cpu: usize) {
+    // SAFETY: ud2 raises #UD, which the exception handler reports before halting this CPU.
+    unsafe { core::arch::asm!("ud2") };
 }
 
 /// Prints one record per pCPU and the capability record; ends the run if a pCPU lacks VMX.

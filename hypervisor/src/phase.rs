@@ -64,15 +64,16 @@ pub struct PhaseLockReport {
 }
 
 /// Runs the phase-locked tick test on the first `cpus` pCPUs (all online).
-pub fn measure(cpus: usize, period: u64, lead: u64) -> PhaseLockReport {
-    let mode = if apic::has_tsc_deadline() { TimerMode::TscDeadline } else { TimerMode::OneShot };
+/// `force_one_shot` exercises the fallback on CPUs that do have TSC-deadline mode.
+pub fn measure(cpus: usize, period: u64, lead: u64, force_one_shot: bool) -> PhaseLockReport {
+    let mode = if apic::has_tsc_deadline() && !force_one_shot { TimerMode::TscDeadline } else { TimerMode::OneShot };
     if mode == TimerMode::OneShot {
-        crate::smp::run_on_all(cpus, |_| apic::calibrate_timer());
+        let _ = crate::smp::run_on_all(cpus, |_| apic::calibrate_timer());
     }
     MODE_IS_DEADLINE.store((mode == TimerMode::TscDeadline) as usize, Ordering::Relaxed);
     PERIOD.store(period, Ordering::Relaxed);
     T0.store(crate::tsc::now() + lead, Ordering::Release);
-    crate::smp::run_on_all(cpus, run_ticks);
+    let _ = crate::smp::run_on_all(cpus, run_ticks);
 
     let t0 = T0.load(Ordering::Relaxed);
     let mut skews = Vec::with_capacity(TICKS);

@@ -129,19 +129,32 @@ pub fn wait(cpu: usize) {
     }
 }
 
-/// Runs `work` on every online CPU, the BSP included, and waits for all of them.
-pub fn run_on_all(cpus: usize, work: fn(usize)) {
+/// Waits up to `us` microseconds for the AP to finish its posted work.
+pub fn wait_timeout(cpu: usize, us: u64) -> bool {
+    let mailbox = &MAILBOXES[cpu];
+    let deadline = crate::tsc::now() + crate::tsc::us_to_cycles(us);
+    while mailbox.done.load(Ordering::Acquire) != mailbox.posted.load(Ordering::Acquire) {
+        if crate::tsc::now() > deadline {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// How long a bring-up step may take on an AP before that AP is declared stopped.
+const STEP_TIMEOUT_US: u64 = 2_000_000;
+
+/// Runs `work` on every online CPU, the BSP included, and waits for all of them; returns
+/// the APs that did not finish in time (an AP stopped by an exception never answers).
+pub fn run_on_all(cpus: usize, work: fn(usize)) -> Vec<usize> {
     for cpu in 1..cpus {
         if is_online(cpu) {
             post(cpu, work);
         }
     }
     work(0);
-    for cpu in 1..cpus {
-        if is_online(cpu) {
-            wait(cpu);
-        }
-    }
+    (1..cpus).filter(|&cpu| is_online(cpu) && !wait_timeout(cpu, STEP_TIMEOUT_US)).collect()
 }
 
 /// TSC synchronisation between the BSP and one AP, by ping-pong on a shared line.

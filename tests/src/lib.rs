@@ -36,9 +36,19 @@ pub struct Boot<'a> {
     /// Path relative to the repo root.
     pub config: &'a str,
     pub timeout_s: u32,
+    /// Extra words for the hypervisor's command line.
+    pub cmdline: &'a str,
 }
 
-impl Boot<'_> {
+impl<'a> Boot<'a> {
+    pub fn new(name: &'a str, emulator: &'a str, cpus: u32, config: &'a str) -> Self {
+        Boot { name, emulator, cpus, config, timeout_s: 300, cmdline: "" }
+    }
+
+    pub fn cmdline(self, cmdline: &'a str) -> Self {
+        Boot { cmdline, ..self }
+    }
+
     pub fn run(&self) -> Run {
         ensure_image();
         let root = repo_root();
@@ -50,6 +60,7 @@ impl Boot<'_> {
             .arg(&dir)
             .arg("--config")
             .arg(root.join(self.config))
+            .args(["--cmdline", self.cmdline])
             .status()
             .expect("run scripts/phalanx boot");
         let timed_out = dir.join("timed_out").exists();

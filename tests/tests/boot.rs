@@ -4,7 +4,7 @@
 use e2e::{Boot, Run};
 
 fn boot_bochs(name: &str, cpus: u32) -> Run {
-    Boot { name, emulator: "bochs", cpus, config: "guests/configs/default.toml", timeout_s: 300 }.run()
+    Boot::new(name, "bochs", cpus, "guests/configs/default.toml").run()
 }
 
 fn assert_vmx_root_with_phase_lock(run: &Run, cpus: u64) {
@@ -63,7 +63,7 @@ fn assert_clear_no_vtx_error(run: &Run) {
 
 #[test]
 fn qemu_tcg_without_vtx_gets_one_clear_error_and_a_clean_end() {
-    let run = Boot { name: "qemu-iso", emulator: "qemu", cpus: 2, config: "guests/configs/default.toml", timeout_s: 120 }.run();
+    let run = Boot::new("qemu-iso", "qemu", 2, "guests/configs/default.toml").run();
     assert_eq!(run.one("boot")["loader"], "multiboot2");
     assert_eq!(run.one("boot")["cpus"], 2);
     assert_clear_no_vtx_error(&run);
@@ -71,7 +71,7 @@ fn qemu_tcg_without_vtx_gets_one_clear_error_and_a_clean_end() {
 
 #[test]
 fn qemu_kernel_multiboot1_boot_reaches_the_same_clear_error() {
-    let run = Boot { name: "qemu-kernel", emulator: "qemu-kernel", cpus: 2, config: "guests/configs/default.toml", timeout_s: 120 }.run();
+    let run = Boot::new("qemu-kernel", "qemu-kernel", 2, "guests/configs/default.toml").run();
     assert_eq!(run.one("boot")["loader"], "multiboot1");
     assert_clear_no_vtx_error(&run);
 }
@@ -111,7 +111,7 @@ fn assert_rejected_before_anything_started(run: &Run, expected: &[&str]) {
 
 #[test]
 fn bochs_rejects_an_over_admitted_config_with_its_line_and_field() {
-    let run = Boot { name: "bochs-config-overcommit", emulator: "bochs", cpus: 2, config: "guests/configs/invalid-overcommit.toml", timeout_s: 300 }.run();
+    let run = Boot::new("bochs-config-overcommit", "bochs", 2, "guests/configs/invalid-overcommit.toml").run();
     assert_rejected_before_anything_started(&run, &["partitions.toml:21:", "partition \"second\"", "`reservation`", "over-admitted"]);
 }
 
@@ -119,6 +119,30 @@ fn bochs_rejects_an_over_admitted_config_with_its_line_and_field() {
 fn bochs_rejects_a_config_naming_pcpus_the_madt_does_not_list() {
     // Valid on a 4-pCPU machine (phalanx-check accepts it without --pcpus): only the boot-time
     // check against the MADT can reject it.
-    let run = Boot { name: "bochs-config-pcpus", emulator: "bochs", cpus: 2, config: "tests/configs/needs-4-pcpus.toml", timeout_s: 300 }.run();
+    let run = Boot::new("bochs-config-pcpus", "bochs", 2, "tests/configs/needs-4-pcpus.toml").run();
     assert_rejected_before_anything_started(&run, &["partitions.toml:", "`pcpus`", "does not exist"]);
+}
+
+#[test]
+fn bochs_one_shot_timer_fallback_stays_phase_locked() {
+    let run = Boot::new("bochs-one-shot", "bochs", 2, "guests/configs/default.toml").cmdline("phalanx.timer=one-shot").run();
+    assert_eq!(run.one("phase_lock")["timer_mode"], "one-shot");
+    assert_vmx_root_with_phase_lock(&run, 2);
+}
+
+#[test]
+fn an_exception_on_one_pcpu_is_reported_and_the_run_ends_instead_of_hanging() {
+    let run = Boot::new("bochs-fault", "bochs", 2, "guests/configs/default.toml").cmdline("phalanx.fault_on_cpu=1").run();
+    assert!(!run.timed_out, "the run hung:\n{}", run.log);
+    let exception = run.one("exception");
+    assert_eq!(exception["cpu"], 1);
+    assert_eq!(exception["vector"], 6);
+    assert_eq!(exception["name"], "invalid opcode");
+    assert!(exception["rip"].as_str().unwrap().starts_with("0x10"), "RIP inside the image: {exception}");
+    for field in ["error_code", "cr2"] {
+        assert!(exception.get(field).is_some(), "the report names {field}: {exception}");
+    }
+    let error = run.one("error");
+    assert!(error["message"].as_str().unwrap().contains("pCPUs [1] stopped"), "{error}");
+    assert!(run.all("summary").is_empty());
 }
