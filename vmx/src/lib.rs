@@ -6,6 +6,9 @@
 
 pub mod caps;
 pub mod controls;
+pub mod cpuid;
+pub mod exit;
 
 pub use caps::{Features, VmxCapabilities};
 pub use controls::{negotiate, ControlError, ControlKind};
+pub use exit::{ExitReason, Handler, IoAccess};

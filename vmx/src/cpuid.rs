@@ -1,0 +1,94 @@
+//! What a partition sees through CPUID: the host's answers, minus what Phalanx does not give
+//! guests (VMX, MONITOR/MWAIT, XSAVE/AVX state it does not switch, TSC-deadline it does not
+//! virtualize), plus the hypervisor bit, a leaf naming Phalanx, and the vCPU's own APIC ID.
+
+/// CPUID.1:ECX bits.
+const ECX_MONITOR: u32 = 1 << 3;
+const ECX_VMX: u32 = 1 << 5;
+const ECX_SMX: u32 = 1 << 6;
+const ECX_EST: u32 = 1 << 7;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+const ECX_XSAVE: u32 = 1 << 26;
+const ECX_OSXSAVE: u32 = 1 << 27;
+const ECX_AVX: u32 = 1 << 28;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.7.0:EBX bits needing XSAVE state: AVX2, AVX-512F.
+const EBX7_AVX2: u32 = 1 << 5;
+const EBX7_AVX512F: u32 = 1 << 16;
+
+/// Leaf 0x4000_0000: max hypervisor leaf and the 12-byte vendor signature.
+pub const HYPERVISOR_LEAF: u32 = 0x4000_0000;
+pub const SIGNATURE: &[u8; 12] = b"PhalanxHVisr";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuidResult {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// The guest's view of `leaf`/`subleaf` for vCPU `apic_id`, given the host's answer.
+pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, apic_id: u8) -> CpuidResult {
+    let _ = subleaf;
+    let mut r = host;
+    match leaf {
+        1 => {
+            r.ecx &= !(ECX_VMX | ECX_SMX | ECX_MONITOR | ECX_EST | ECX_TSC_DEADLINE | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
+            r.ecx |= ECX_HYPERVISOR;
+            r.ebx = (r.ebx & 0x00FF_FFFF) | ((apic_id as u32) << 24);
+        }
+        5 | 6 => r = CpuidResult::default(), // MONITOR/MWAIT and power management: absent
+        7 if subleaf == 0 => r.ebx &= !(EBX7_AVX2 | EBX7_AVX512F),
+        0xB | 0x1F => r.edx = apic_id as u32,
+        0xD => r = CpuidResult::default(), // no XSAVE state components
+        HYPERVISOR_LEAF => {
+            r = CpuidResult {
+                eax: HYPERVISOR_LEAF,
+                ebx: u32::from_le_bytes([SIGNATURE[0], SIGNATURE[1], SIGNATURE[2], SIGNATURE[3]]),
+                ecx: u32::from_le_bytes([SIGNATURE[4], SIGNATURE[5], SIGNATURE[6], SIGNATURE[7]]),
+                edx: u32::from_le_bytes([SIGNATURE[8], SIGNATURE[9], SIGNATURE[10], SIGNATURE[11]]),
+            }
+        }
+        0x4000_0001..=0x4000_00FF => r = CpuidResult::default(),
+        _ => {}
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST_LEAF1: CpuidResult = CpuidResult { eax: 0x50654, ebx: 0x0102_0800, ecx: 0xFFFB_FFFF, edx: 0xBFEB_FBFF };
+
+    #[test]
+    fn guests_never_see_vmx_and_always_see_the_hypervisor_bit() {
+        let r = filter(1, 0, HOST_LEAF1, 3);
+        assert_eq!(r.ecx & ECX_VMX, 0);
+        assert_ne!(r.ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(r.ecx & (ECX_MONITOR | ECX_XSAVE | ECX_AVX | ECX_TSC_DEADLINE), 0);
+        assert_eq!(r.ebx >> 24, 3, "initial APIC ID is the vCPU's");
+        assert_eq!(r.ebx & 0xFF_FFFF, HOST_LEAF1.ebx & 0xFF_FFFF);
+        assert_eq!(r.edx, HOST_LEAF1.edx);
+    }
+
+    #[test]
+    fn the_hypervisor_leaf_names_phalanx() {
+        let r = filter(HYPERVISOR_LEAF, 0, CpuidResult::default(), 0);
+        let mut sig = [0u8; 12];
+        sig[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
+        sig[8..].copy_from_slice(&r.edx.to_le_bytes());
+        assert_eq!(&sig, SIGNATURE);
+        assert!(r.eax >= HYPERVISOR_LEAF);
+    }
+
+    #[test]
+    fn unlisted_leaves_pass_through_and_xsave_leaves_are_empty() {
+        let host = CpuidResult { eax: 1, ebx: 2, ecx: 3, edx: 4 };
+        assert_eq!(filter(0, 0, host, 0), host);
+        assert_eq!(filter(0xD, 0, host, 0), CpuidResult::default());
+        assert_eq!(filter(0xB, 1, host, 7).edx, 7);
+    }
+}
