@@ -7,5 +7,6 @@
 
 extern crate alloc;
 
+pub mod longmode;
 pub mod madt;
 pub mod platform;
