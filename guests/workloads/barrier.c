@@ -1,7 +1,9 @@
 /* barrier: N threads, one pinned per CPU, each doing a compute step and then meeting at a
  * sense-reversing barrier where waiters spin with PAUSE. Reports iterations per second of
  * guest time and, per thread, the TSC cycles spent spinning: the guest-side measure of
- * spin-wait waste when a sibling is descheduled. */
+ * spin-wait waste when a sibling is descheduled. Time in the barrier is split into spinning
+ * (the thread ran and burned its CPU) and descheduled (the waiting thread was itself
+ * preempted: gaps longer than DESCHEDULED_GAP_SECONDS between two reads of the TSC). */
 #include "common.h"
 
 struct spin_barrier {
@@ -11,20 +13,27 @@ struct spin_barrier {
     unsigned threads;
 };
 
+struct spin_account {
+    uint64_t spin_cycles;        /* waiting while running */
+    uint64_t descheduled_cycles; /* waiting while preempted */
+};
+
 struct worker {
     _Alignas(64) unsigned index, cpu;
-    uint64_t iterations, spin_cycles, tsc_start, tsc_end, checksum;
-    double t_start, t_end;
+    uint64_t iterations, tsc_start, tsc_end, checksum;
+    struct spin_account wait;
+    double t_start, t_end, cpu_start, cpu_end;
 };
 
 static struct options opt;
 static struct spin_barrier bar;
 static struct run_timer timer;
 static struct worker workers[MAX_THREADS];
+static uint64_t gap_cycles; /* DESCHEDULED_GAP_SECONDS in TSC cycles */
 
 /* Returns the stop decision of this episode. `decide` runs on the last arriver only, before
  * the release, so every thread sees the same decision and leaves after the same iteration. */
-static int barrier_wait(int *local_sense, uint64_t *spin_cycles, uint64_t episode)
+static int barrier_wait(int *local_sense, struct spin_account *acct, uint64_t episode)
 {
     int s = !*local_sense;
     *local_sense = s;
@@ -34,9 +43,16 @@ static int barrier_wait(int *local_sense, uint64_t *spin_cycles, uint64_t episod
         atomic_store_explicit(&bar.stop, stop, memory_order_relaxed);
         atomic_store_explicit(&bar.sense, s, memory_order_release);
     } else {
-        uint64_t t0 = tsc();
-        while (atomic_load_explicit(&bar.sense, memory_order_acquire) != s) _mm_pause();
-        *spin_cycles += tsc() - t0;
+        uint64_t prev = tsc();
+        for (;;) {
+            int released = atomic_load_explicit(&bar.sense, memory_order_acquire) == s;
+            uint64_t now = tsc(), gap = now - prev;
+            if (gap > gap_cycles) acct->descheduled_cycles += gap;
+            else acct->spin_cycles += gap;
+            prev = now;
+            if (released) break;
+            _mm_pause();
+        }
     }
     return atomic_load_explicit(&bar.stop, memory_order_relaxed);
 }
@@ -46,17 +62,20 @@ static void *worker_main(void *arg)
     struct worker *w = arg;
     w->cpu = pin_self(opt.name, w->index);
     int local_sense = 0;
-    uint64_t unused = 0, x = 0x9E3779B97F4A7C15ull + w->index;
+    struct spin_account unused = {0, 0};
+    uint64_t x = 0x9E3779B97F4A7C15ull + w->index;
     barrier_wait(&local_sense, &unused, 0); /* start together; episode 0 is not counted */
     if (w->index == 0) atomic_store(&timer.started, 1);
     w->t_start = monotonic_seconds();
+    w->cpu_start = thread_cpu_seconds();
     w->tsc_start = tsc();
     for (;;) {
         x = compute_step(x, opt.work);
         w->iterations++;
-        if (barrier_wait(&local_sense, &w->spin_cycles, w->iterations)) break;
+        if (barrier_wait(&local_sense, &w->wait, w->iterations)) break;
     }
     w->tsc_end = tsc();
+    w->cpu_end = thread_cpu_seconds();
     w->t_end = monotonic_seconds();
     w->checksum = x;
     w->cpu = (unsigned)sched_getcpu();
@@ -68,6 +87,8 @@ int main(int argc, char **argv)
     opt = parse_options("barrier", argc, argv);
     bar.threads = opt.threads;
     atomic_store(&bar.remaining, opt.threads);
+    double tsc_hz = calibrate_tsc_hz();
+    gap_cycles = (uint64_t)(tsc_hz * DESCHEDULED_GAP_SECONDS);
     pthread_t tids[MAX_THREADS];
     run_timer_start(opt.name, &timer, opt.seconds);
     for (unsigned i = 0; i < opt.threads; i++) {
@@ -79,24 +100,30 @@ int main(int argc, char **argv)
     run_timer_join(&timer);
 
     double elapsed = workers[0].t_end - workers[0].t_start;
-    double tsc_hz = (double)(workers[0].tsc_end - workers[0].tsc_start) / elapsed;
-    double spin_sum = 0, frac_sum = 0;
+    double spin_sum = 0, desched_sum = 0, frac_sum = 0, cpu_sum = 0;
     for (unsigned i = 0; i < opt.threads; i++) {
         struct worker *w = &workers[i];
         double span = (double)(w->tsc_end - w->tsc_start);
-        double frac = span > 0 ? (double)w->spin_cycles / span : 0;
-        spin_sum += (double)w->spin_cycles;
+        double frac = span > 0 ? (double)w->wait.spin_cycles / span : 0;
+        double cpu_s = w->cpu_end - w->cpu_start;
+        spin_sum += (double)w->wait.spin_cycles;
+        desched_sum += (double)w->wait.descheduled_cycles;
         frac_sum += frac;
+        cpu_sum += cpu_s;
         emit("{\"type\":\"thread\",\"workload\":\"barrier\",\"thread\":%u,\"cpu\":%u,\"iterations\":%llu,"
-             "\"spin_cycles\":%llu,\"spin_seconds\":%.6f,\"spin_fraction\":%.4f,\"checksum\":\"%016llx\"}",
-             i, w->cpu, (unsigned long long)w->iterations, (unsigned long long)w->spin_cycles,
-             (double)w->spin_cycles / tsc_hz, frac, (unsigned long long)w->checksum);
+             "\"spin_cycles\":%llu,\"spin_seconds\":%.6f,\"spin_fraction\":%.4f,"
+             "\"descheduled_in_barrier_cycles\":%llu,\"cpu_seconds\":%.6f,\"checksum\":\"%016llx\"}",
+             i, w->cpu, (unsigned long long)w->iterations, (unsigned long long)w->wait.spin_cycles,
+             (double)w->wait.spin_cycles / tsc_hz, frac, (unsigned long long)w->wait.descheduled_cycles,
+             cpu_s, (unsigned long long)w->checksum);
     }
     emit("{\"type\":\"workload\",\"name\":\"barrier\",\"threads\":%u,\"cpus\":%u,\"work\":%u,"
          "\"seconds\":%.6f,\"iterations\":%llu,\"iterations_per_sec\":%.1f,\"tsc_hz\":%.0f,"
-         "\"spin_cycles_per_thread\":%.0f,\"spin_seconds_per_thread\":%.6f,\"spin_fraction\":%.4f}",
+         "\"spin_cycles_per_thread\":%.0f,\"spin_seconds_per_thread\":%.6f,\"spin_fraction\":%.4f,"
+         "\"descheduled_in_barrier_seconds_per_thread\":%.6f,\"cpu_seconds_per_thread\":%.6f}",
          opt.threads, online_cpus(), opt.work, elapsed, (unsigned long long)workers[0].iterations,
          (double)workers[0].iterations / elapsed, tsc_hz, spin_sum / opt.threads,
-         spin_sum / opt.threads / tsc_hz, frac_sum / opt.threads);
+         spin_sum / opt.threads / tsc_hz, frac_sum / opt.threads, desched_sum / opt.threads / tsc_hz,
+         cpu_sum / opt.threads);
     return 0;
 }

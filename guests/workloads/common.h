@@ -135,6 +135,31 @@ static double monotonic_seconds(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* CPU time the calling thread has had (the scheduler's accounting, ns precision). */
+static double thread_cpu_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* TSC ticks per second of guest time, measured over a 50 ms sleep before the run (Bochs:
+ * exactly its ips; the TSC is the clock every cycle figure is given in). */
+static __attribute__((unused)) double calibrate_tsc_hz(void)
+{
+    double t0 = monotonic_seconds();
+    uint64_t c0 = tsc();
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = 50 * 1000 * 1000};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+    uint64_t c1 = tsc();
+    double t1 = monotonic_seconds();
+    return (double)(c1 - c0) / (t1 - t0);
+}
+
+/* A gap longer than this between two consecutive TSC reads of a spin loop means the spinning
+ * thread itself was not running (preempted): far above interrupt handling, below a time slice. */
+#define DESCHEDULED_GAP_SECONDS 0.001
+
 /* Pins the calling thread to CPU (index mod online CPUs): one thread per CPU. */
 static unsigned pin_self(const char *name, unsigned index)
 {

@@ -212,10 +212,16 @@ fn check_workload(run: &GuestRun, name: &str, cpus: u64) -> Value {
             "barrier-omp" => ("wait_cycles", "wait_fraction"),
             _ => continue,
         };
-        u64_field(run, t, cycles);
+        let waited = u64_field(run, t, cycles) as f64 / f64_field(run, total, "tsc_hz");
         let f = f64_field(run, t, fraction);
         if !(0.0..=1.0).contains(&f) {
             run.fail(&format!("'{name}': {fraction} {f} outside [0, 1]: {t}"));
+        }
+        // Spinning on the CPU is CPU time: it cannot exceed what the scheduler gave the thread
+        // (waits while the thread itself was preempted are counted apart).
+        let cpu = f64_field(run, t, "cpu_seconds");
+        if name == "barrier" && waited > cpu * 1.02 + 0.01 {
+            run.fail(&format!("'{name}': {waited:.3} s spinning on the CPU but only {cpu:.3} s of CPU time: {t}"));
         }
     }
     total.clone()
