@@ -997,6 +997,73 @@ mod tests {
         initial_vcpu_state(MAX_VCPUS);
     }
 
+    /// The guest's C header (guests/testguest/abi.h) must agree with this module.
+    #[test]
+    fn guest_abi_header_matches() {
+        let header = include_str!("../../guests/testguest/abi.h");
+        let define = |name: &str| -> u64 {
+            let line = header
+                .lines()
+                .find(|l| l.split_whitespace().nth(1) == Some(name) && l.starts_with("#define"))
+                .unwrap_or_else(|| panic!("abi.h does not define {name}"));
+            let value = line
+                .split_whitespace()
+                .nth(2)
+                .unwrap()
+                .trim_end_matches("ULL");
+            match value.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
+                None => value.parse().unwrap(),
+            }
+        };
+        assert_eq!(define("BOOT_INFO_MAGIC"), BOOT_INFO_MAGIC);
+        assert_eq!(define("STATS_RECORD_SIZE"), STATS_RECORD_SIZE);
+        assert_eq!(define("GUEST_IMAGE_GPA"), GUEST_IMAGE_GPA);
+        assert_eq!(define("BOOT_INFO_GPA"), BOOT_INFO_GPA);
+        assert_eq!(define("CMDLINE_GPA"), CMDLINE_GPA);
+        assert_eq!(define("STATS_GPA"), STATS_GPA);
+        assert_eq!(define("STACKS_TOP_GPA"), STACKS_TOP_GPA);
+        assert_eq!(define("STACK_SIZE"), STACK_SIZE);
+        assert_eq!(define("IDENTITY_MAP_SIZE"), IDENTITY_MAP_SIZE);
+        assert_eq!(define("STATE_RUNNING"), GUEST_STATE_RUNNING);
+        assert_eq!(define("STATE_DONE"), GUEST_STATE_DONE);
+        assert_eq!(define("HYPERCALL_REPORT"), HYPERCALL_REPORT);
+        assert_eq!(define("HYPERCALL_DONE"), HYPERCALL_DONE);
+        assert_eq!(define("HYPERCALL_ERROR"), HYPERCALL_ERROR);
+        // The struct fields, in order.
+        let fields = |name: &str| -> Vec<&str> {
+            let body = &header[header.find(&alloc::format!("struct {name} {{")).unwrap()..];
+            body[..body.find("};").unwrap()]
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.trim().split(';').next().filter(|f| !f.is_empty()))
+                .collect()
+        };
+        assert_eq!(
+            fields("boot_info"),
+            [
+                "uint64_t magic",
+                "uint32_t vcpus",
+                "uint32_t cmdline_len",
+                "uint64_t cmdline_gpa",
+                "uint64_t tsc_hz",
+                "uint64_t stats_gpa",
+                "uint64_t memory_size"
+            ]
+        );
+        assert_eq!(
+            fields("stats_record"),
+            [
+                "uint64_t iterations",
+                "uint64_t spin_cycles",
+                "uint64_t busy_cycles",
+                "uint64_t last_tsc",
+                "uint64_t state",
+                "uint64_t reserved[3]"
+            ]
+        );
+    }
+
     #[test]
     fn vcpu_state_obeys_vm_entry_rules() {
         for v in [0, 1, MAX_VCPUS - 1] {

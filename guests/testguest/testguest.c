@@ -1,0 +1,323 @@
+/* A tiny bare-metal multi-vCPU guest for Phalanx: every vCPU runs the same loop
+ * (barrier, cpubound, oob or idle, from the command line), keeps its counters in its
+ * stats record for the hypervisor, and vCPU 0 reports on COM1. See docs/testguest.md. */
+#include "abi.h"
+#include "cmdline.h"
+
+#define COM1 0x3F8
+#define COM1_LSR (COM1 + 5)
+#define LSR_THR_EMPTY 0x20
+
+#define PROGRESS_EVERY_BARRIER 1000
+#define PROGRESS_EVERY_CPUBOUND 10000
+#define REPORT_EVERY 10000
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static inline void outb(uint16_t port, uint8_t v)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static inline void cpu_pause(void)
+{
+    __asm__ volatile("pause" : : : "memory");
+}
+
+static inline void hypercall(uint64_t nr, uint64_t vcpu)
+{
+    __asm__ volatile("vmcall" : "+a"(nr) : "b"(vcpu) : "memory");
+}
+
+static void __attribute__((noreturn)) halt_forever(void)
+{
+    for (;;)
+        __asm__ volatile("hlt" : : : "memory");
+}
+
+/* gcc may emit calls to these even when freestanding. rep movsb/stosb, because a plain
+ * loop can be turned back into a call to the function itself. */
+void *memcpy(void *dst, const void *src, size_t n)
+{
+    void *d = dst;
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+    return dst;
+}
+
+void *memset(void *dst, int c, size_t n)
+{
+    void *d = dst;
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+    return dst;
+}
+
+/* ---- console: one line at a time, built first so the port writes are back to back ---- */
+
+struct line {
+    char buf[160];
+    size_t len;
+};
+
+static void put_str(struct line *l, const char *s)
+{
+    while (*s && l->len < sizeof l->buf - 1)
+        l->buf[l->len++] = *s++;
+}
+
+static void put_u64(struct line *l, uint64_t v)
+{
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n && l->len < sizeof l->buf - 1)
+        l->buf[l->len++] = digits[--n];
+}
+
+static void put_hex(struct line *l, uint64_t v)
+{
+    put_str(l, "0x");
+    int shift = 60;
+    while (shift > 0 && !(v >> shift))
+        shift -= 4;
+    for (; shift >= 0 && l->len < sizeof l->buf - 1; shift -= 4)
+        l->buf[l->len++] = "0123456789abcdef"[(v >> shift) & 0xF];
+}
+
+static void line_start(struct line *l, uint64_t vcpu)
+{
+    l->len = 0;
+    put_str(l, "testguest: vcpu");
+    put_u64(l, vcpu);
+    put_str(l, " ");
+}
+
+/* Polls LSR before each byte; every port access is a VM exit, so callers print rarely. */
+static void line_send(struct line *l)
+{
+    l->buf[l->len++] = '\n';
+    for (size_t i = 0; i < l->len; i++) {
+        while (!(inb(COM1_LSR) & LSR_THR_EMPTY))
+            cpu_pause();
+        outb(COM1, (uint8_t)l->buf[i]);
+    }
+}
+
+/* Prints "testguest: error: <what>" (only if `print`: vCPUs that all hit the same error
+ * leave it to vCPU 0), tells the hypervisor, and stops this vCPU. */
+static void __attribute__((noreturn)) fail(uint64_t vcpu, int print, const char *what)
+{
+    if (print) {
+        struct line l = { .len = 0 };
+        put_str(&l, "testguest: error: ");
+        put_str(&l, what);
+        line_send(&l);
+    }
+    hypercall(HYPERCALL_ERROR, vcpu);
+    halt_forever();
+}
+
+/* ---- the workload ---- */
+
+/* N steps of a 64-bit LCG; the empty asm keeps the compiler from folding the loop. */
+static uint64_t compute_step(uint64_t work, uint64_t x)
+{
+    for (uint64_t i = 0; i < work; i++) {
+        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+        __asm__ volatile("" : "+r"(x));
+    }
+    return x;
+}
+
+/* Sense-reversing barrier; the counter and the release flag live on separate cache lines
+ * so arrivals do not disturb the spinners. In the image (zeroed .bss), shared by all vCPUs. */
+static struct {
+    volatile uint32_t arrived;
+} barrier_count __attribute__((aligned(64)));
+static struct {
+    volatile uint32_t sense;
+} barrier_release __attribute__((aligned(64)));
+
+static void barrier_wait(uint32_t vcpus, uint32_t *local_sense)
+{
+    uint32_t sense = !*local_sense;
+    *local_sense = sense;
+    if (__atomic_add_fetch(&barrier_count.arrived, 1, __ATOMIC_ACQ_REL) == vcpus) {
+        /* Last to arrive: nobody can re-arrive before the release below. */
+        __atomic_store_n(&barrier_count.arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&barrier_release.sense, sense, __ATOMIC_RELEASE);
+    } else {
+        /* The PAUSE loop is what PAUSE-loop exiting is meant to see. */
+        while (__atomic_load_n(&barrier_release.sense, __ATOMIC_ACQUIRE) != sense)
+            cpu_pause();
+    }
+}
+
+struct vcpu_ctx {
+    uint64_t vcpu;
+    const volatile struct boot_info *info;
+    struct testguest_options opt;
+    volatile struct stats_record *rec;
+    uint64_t iterations, spin_cycles, busy_cycles;
+};
+
+static void publish(struct vcpu_ctx *c, uint64_t now)
+{
+    c->rec->iterations = c->iterations;
+    c->rec->spin_cycles = c->spin_cycles;
+    c->rec->busy_cycles = c->busy_cycles;
+    c->rec->last_tsc = now;
+}
+
+static void progress_line(struct vcpu_ctx *c, const char *what)
+{
+    struct line l;
+    line_start(&l, c->vcpu);
+    put_str(&l, what);
+    put_str(&l, " iterations=");
+    put_u64(&l, c->iterations);
+    put_str(&l, " spin_cycles=");
+    put_u64(&l, c->spin_cycles);
+    put_str(&l, " busy_cycles=");
+    put_u64(&l, c->busy_cycles);
+    line_send(&l);
+}
+
+/* After each iteration: vCPU 0's progress line, the periodic report, the end. */
+static void after_iteration(struct vcpu_ctx *c, uint64_t progress_every)
+{
+    if (c->vcpu == 0 && c->iterations % progress_every == 0)
+        progress_line(c, "progress");
+    if (c->iterations % REPORT_EVERY == 0)
+        hypercall(HYPERCALL_REPORT, c->vcpu);
+    if (c->opt.iters && c->iterations == c->opt.iters) {
+        c->rec->state = STATE_DONE;
+        if (c->vcpu == 0)
+            progress_line(c, "done");
+        hypercall(HYPERCALL_DONE, c->vcpu);
+        halt_forever();
+    }
+}
+
+static void __attribute__((noreturn)) run_barrier(struct vcpu_ctx *c)
+{
+    uint32_t local_sense = 0;
+    uint64_t x = c->vcpu;
+    for (;;) {
+        uint64_t t0 = rdtsc();
+        x = compute_step(c->opt.work, x);
+        uint64_t t1 = rdtsc();
+        barrier_wait(c->info->vcpus, &local_sense);
+        uint64_t t2 = rdtsc();
+        c->busy_cycles += t1 - t0;
+        c->spin_cycles += t2 - t1;
+        c->iterations++;
+        publish(c, t2);
+        after_iteration(c, PROGRESS_EVERY_BARRIER);
+    }
+}
+
+static void __attribute__((noreturn)) oob_write(struct vcpu_ctx *c)
+{
+    uint64_t target = c->info->memory_size + OOB_OFFSET;
+    if (target >= IDENTITY_MAP_SIZE)
+        fail(c->vcpu, 1, "mode=oob: memory_size + 0x10000 is beyond the 1 GiB identity map");
+    struct line l;
+    line_start(&l, c->vcpu);
+    put_str(&l, "oob: writing GPA ");
+    put_hex(&l, target);
+    put_str(&l, " beyond memory_size ");
+    put_hex(&l, c->info->memory_size);
+    line_send(&l);
+    *(volatile uint64_t *)target = 0x0BADC0DE0BADC0DEULL;
+    fail(c->vcpu, 1, "mode=oob: the out-of-bounds write did not fault");
+}
+
+/* cpubound and oob: the compute step only. In oob mode vCPU 0 writes beyond its memory
+ * after oob_after iterations; the others keep computing until the partition is stopped. */
+static void __attribute__((noreturn)) run_cpubound(struct vcpu_ctx *c)
+{
+    uint64_t x = c->vcpu;
+    int oob = c->opt.mode == MODE_OOB && c->vcpu == 0;
+    for (;;) {
+        if (oob && c->iterations == c->opt.oob_after)
+            oob_write(c);
+        uint64_t t0 = rdtsc();
+        x = compute_step(c->opt.work, x);
+        uint64_t t1 = rdtsc();
+        c->busy_cycles += t1 - t0;
+        c->iterations++;
+        publish(c, t1);
+        after_iteration(c, PROGRESS_EVERY_CPUBOUND);
+    }
+}
+
+/* Interrupts are off: each HLT returns only when the hypervisor resumes the vCPU. */
+static void __attribute__((noreturn)) run_idle(struct vcpu_ctx *c)
+{
+    for (;;) {
+        __asm__ volatile("hlt" : : : "memory");
+        c->iterations++;
+        publish(c, rdtsc());
+    }
+}
+
+void __attribute__((noreturn)) testguest_main(uint64_t vcpu, const volatile struct boot_info *info)
+{
+    char err[CMDLINE_ERROR_MAX];
+    struct vcpu_ctx c = { .vcpu = vcpu, .info = info };
+
+    if (info->magic != BOOT_INFO_MAGIC)
+        fail(vcpu, vcpu == 0, "bad boot info magic at GPA 0x1000");
+    if (vcpu >= info->vcpus)
+        fail(vcpu, 1, "vCPU index is not below boot_info.vcpus");
+    if (testguest_parse_cmdline((const char *)info->cmdline_gpa, info->cmdline_len, &c.opt, err) != 0)
+        fail(vcpu, vcpu == 0, err);
+
+    c.rec = (volatile struct stats_record *)(info->stats_gpa + vcpu * STATS_RECORD_SIZE);
+    c.rec->state = STATE_RUNNING;
+    c.rec->last_tsc = rdtsc();
+
+    if (vcpu == 0) {
+        struct line l;
+        line_start(&l, vcpu);
+        put_str(&l, "mode=");
+        put_str(&l, testguest_mode_name(c.opt.mode));
+        put_str(&l, " vcpus=");
+        put_u64(&l, info->vcpus);
+        put_str(&l, " iters=");
+        put_u64(&l, c.opt.iters);
+        put_str(&l, " work=");
+        put_u64(&l, c.opt.work);
+        if (c.opt.mode == MODE_OOB) {
+            put_str(&l, " oob_after=");
+            put_u64(&l, c.opt.oob_after);
+        }
+        line_send(&l);
+    }
+
+    switch (c.opt.mode) {
+    case MODE_BARRIER:
+        run_barrier(&c);
+    case MODE_CPUBOUND:
+    case MODE_OOB:
+        run_cpubound(&c);
+    case MODE_IDLE:
+        run_idle(&c);
+    }
+    fail(vcpu, 1, "internal: unhandled mode");
+}
