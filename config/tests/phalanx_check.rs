@@ -17,7 +17,7 @@ fn a_valid_config_prints_ok_and_a_summary() {
     let (code, out) = check(&["guests/configs/default.toml"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("guests/configs/default.toml: ok (2 partitions, 0 groups, pCPUs [0, 1]"), "{out}");
-    assert!(out.contains("barrier      2 vCPUs on pCPUs [0, 1] (gang), hard 5000/10000 us = 50.0% per pCPU, 64 MiB (placed at boot)"), "{out}");
+    assert!(out.contains("barrier      2 vCPUs on pCPUs [0, 1] (gang), hard 5000/10000 us = 50.0% per pCPU, 16 MiB (placed at boot)"), "{out}");
     assert!(out.contains("planned load per pCPU: 0: 100.0%, 1: 100.0%"), "{out}");
 }
 
@@ -33,9 +33,9 @@ fn machine_options_place_memory_and_check_pcpus() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("group \"rt\": field `pcpus`: pCPU 2 does not exist (the machine has 2 pCPUs)"), "{out}");
 
-    let (code, out) = check(&["guests/configs/default.toml", "--memory-mb", "100"]);
+    let (code, out) = check(&["guests/configs/default.toml", "--memory-mb", "40"]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("partition \"hog\": field `memory_mb`: 64 MiB does not fit"), "{out}");
+    assert!(out.contains("partition \"hog\": field `memory_mb`: 16 MiB does not fit"), "{out}");
 }
 
 #[test]

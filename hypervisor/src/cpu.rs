@@ -93,3 +93,20 @@ pub fn halt_forever() -> ! {
         x86_64::instructions::hlt();
     }
 }
+
+/// Selectors every CPU's GDT has at the same slots (`init_this_cpu` appends in this order).
+pub const KERNEL_CODE_SELECTOR: u16 = 0x08;
+pub const KERNEL_DATA_SELECTOR: u16 = 0x10;
+
+/// Base address of the TSS that `selector` names in the GDT at `gdt_base` (64-bit TSS
+/// descriptors split the base over three fields and a second slot).
+pub fn tss_base(gdt_base: u64, selector: u16) -> u64 {
+    let index = (selector >> 3) as u64;
+    // SAFETY: reading this CPU's own live GDT, which holds a 16-byte TSS descriptor at the
+    // selector `ltr` loaded.
+    let (low, high) = unsafe {
+        let entry = (gdt_base + index * 8) as *const u64;
+        (entry.read_volatile(), entry.add(1).read_volatile())
+    };
+    ((low >> 16) & 0xFF_FFFF) | (((low >> 56) & 0xFF) << 24) | ((high & 0xFFFF_FFFF) << 32)
+}

@@ -10,16 +10,22 @@ mod apic;
 mod boot;
 mod console;
 mod cpu;
+mod dispatch;
+mod guest_entry;
 mod interrupts;
 mod memory;
 mod partitions;
 mod phase;
 mod platform;
 mod power;
+mod report;
 mod rt;
+mod runtime;
 mod serial;
 mod smp;
 mod tsc;
+mod vcpu;
+mod vmcs;
 mod vmx_root;
 
 use alloc::vec::Vec;
@@ -190,7 +196,46 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .u64("phase_skew_median_cycles", phase.skew_median)
         .emit();
     log::info!("all {cpus} pCPUs in VMX root; boot took {} us", tsc::cycles_to_us(boot_cycles));
+
+    run_partitions(&validated, &boot, cpus);
     power::end_run(false)
+}
+
+/// How far ahead of "now" the BSP publishes the dispatch release time.
+const DISPATCH_LEAD_US: u64 = 20_000;
+/// A run without `run_ms` in the config lasts this long.
+const DEFAULT_RUN_MS: u64 = 2_000;
+
+/// Loads the partitions, plans the tables, releases every pCPU into gang dispatch at a
+/// common `t0`, and prints the results when the run ends.
+fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: usize) {
+    if validated.config.partitions.is_empty() {
+        log::info!("the config has no partitions: nothing to run");
+        return;
+    }
+    let caps = vmx_root::capabilities(0).expect("BSP capabilities read at VMXON");
+    let controls = vcpu::Controls::negotiate(&caps).unwrap_or_else(|e| fatal("vmx", &alloc::format!("{e}")));
+    let machine = runtime::build(validated, boot, controls, cpus).unwrap_or_else(|e| fatal("partitions", &e));
+    let hv = &validated.config.hypervisor;
+    let run_ms = hv.run_ms.unwrap_or(DEFAULT_RUN_MS);
+    let t0 = tsc::now() + tsc::us_to_cycles(DISPATCH_LEAD_US);
+    let end = t0 + tsc::us_to_cycles(run_ms * 1000);
+    dispatch::set_schedule(t0, end, tsc::us_to_cycles(hv.stats_interval_ms * 1000));
+    for p in &machine.partitions {
+        Record::new("partition_start").str("partition", &p.name).u64("vcpus", p.vcpus as u64).emit();
+    }
+    log::info!(
+        "dispatching {} partitions ({} policy, {} us frame) on {cpus} pCPUs for {run_ms} ms",
+        machine.partitions.len(),
+        machine.policy.as_str(),
+        tsc::cycles_to_us(machine.frame_cycles)
+    );
+    let stuck = smp::run_on_all_within(cpus, dispatch::run_pcpu, DISPATCH_LEAD_US + run_ms * 1000 + 2_000_000);
+    if !stuck.is_empty() {
+        fatal("dispatch", &alloc::format!("pCPUs {stuck:?} did not finish the run"));
+    }
+    report::final_records(cpus, end - t0);
+    Record::new("run_end").u64("run_ms", run_ms).str("policy", machine.policy.as_str()).emit();
 }
 
 /// `key=value` from the hypervisor's command line.

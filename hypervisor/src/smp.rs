@@ -148,13 +148,18 @@ const STEP_TIMEOUT_US: u64 = 2_000_000;
 /// Runs `work` on every online CPU, the BSP included, and waits for all of them; returns
 /// the APs that did not finish in time (an AP stopped by an exception never answers).
 pub fn run_on_all(cpus: usize, work: fn(usize)) -> Vec<usize> {
+    run_on_all_within(cpus, work, STEP_TIMEOUT_US)
+}
+
+/// As `run_on_all`, for work that takes up to `timeout_us` (measured after the BSP's part).
+pub fn run_on_all_within(cpus: usize, work: fn(usize), timeout_us: u64) -> Vec<usize> {
     for cpu in 1..cpus {
         if is_online(cpu) {
             post(cpu, work);
         }
     }
     work(0);
-    (1..cpus).filter(|&cpu| is_online(cpu) && !wait_timeout(cpu, STEP_TIMEOUT_US)).collect()
+    (1..cpus).filter(|&cpu| is_online(cpu) && !wait_timeout(cpu, timeout_us)).collect()
 }
 
 /// TSC synchronisation between the BSP and one AP, by ping-pong on a shared line.

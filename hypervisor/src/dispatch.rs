@@ -1,0 +1,418 @@
+//! Phase-locked gang dispatch: every pCPU executes its own table from the planner against
+//! the common release time `t0`. At each boundary its LAPIC timer (armed for the absolute
+//! TSC deadline) makes the running guest exit; the pCPU enters whatever its table says next.
+//! No IPI and no lock is on this path: pCPUs agree only through `t0` and the tables.
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+use spin::Mutex;
+
+use config::DispatchPolicy;
+use reservations::{Account, Ledger, Work};
+use sched::VcpuRef;
+use vmx::{ExitReason, Handler, IoAccess};
+
+use crate::apic::{self, TimerMode};
+use crate::cpu::MAX_CPUS;
+use crate::runtime::{machine, Fault, Partition};
+use crate::vcpu::Vcpu;
+use crate::vmcs::{self, guest, ro};
+
+/// Vector of the dispatch timer (the phase-lock test uses its own).
+pub const DISPATCH_VECTOR: u8 = 0x41;
+/// The VMX-preemption timer fires this long after a boundary whose timer interrupt did not
+/// stop the guest: the guard that a guest cannot overrun its slot.
+const PREEMPTION_GUARD_CYCLES: u64 = 2_000;
+/// Most slot entries each pCPU remembers for the skew statistics.
+const MAX_SLOT_ENTRIES: usize = 8192;
+const EXIT_REASONS: usize = 80;
+
+static T0: AtomicU64 = AtomicU64::new(0);
+static END: AtomicU64 = AtomicU64::new(0);
+static NEXT_PROGRESS: AtomicU64 = AtomicU64::new(u64::MAX);
+static PROGRESS_INTERVAL: AtomicU64 = AtomicU64::new(0);
+
+/// Why a vCPU's turn on the pCPU ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TurnEnd {
+    Deadline,
+    Halted,
+    Stopped,
+    /// PAUSE-loop exit under the `independent-yield` policy: the rest of the slot is given away.
+    Yielded,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExitStat {
+    pub count: u64,
+    /// Cycles from VM exit to the next VM entry (or the end of the turn).
+    pub cycles: u64,
+}
+
+/// The first VM entry of a partition's vCPU in one slot on one pCPU.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotEntry {
+    pub slot_start: u64,
+    pub partition: u32,
+    pub entry_tsc: u64,
+}
+
+/// What a pCPU hands to the BSP at the end of the run.
+pub struct PcpuResult {
+    pub ledger: Ledger,
+    pub exits: [ExitStat; EXIT_REASONS],
+    pub slot_entries: Vec<SlotEntry>,
+    pub guard_exits: u64,
+    pub yields: u64,
+}
+
+pub static RESULTS: [Mutex<Option<PcpuResult>>; MAX_CPUS] = [const { Mutex::new(None) }; MAX_CPUS];
+
+pub fn set_schedule(t0: u64, end: u64, progress_interval: u64) {
+    T0.store(t0, Ordering::Release);
+    END.store(end, Ordering::Release);
+    PROGRESS_INTERVAL.store(progress_interval, Ordering::Release);
+    NEXT_PROGRESS.store(t0 + progress_interval, Ordering::Release);
+}
+
+pub fn t0() -> u64 {
+    T0.load(Ordering::Acquire)
+}
+
+pub fn end() -> u64 {
+    END.load(Ordering::Acquire)
+}
+
+fn timer_mode() -> TimerMode {
+    if apic::has_tsc_deadline() { TimerMode::TscDeadline } else { TimerMode::OneShot }
+}
+
+struct Pcpu {
+    cpu: usize,
+    vcpus: Vec<Vcpu>,
+    loaded: Option<usize>,
+    ledger: Ledger,
+    /// The ledger is charged up to here.
+    cursor: u64,
+    exits: [ExitStat; EXIT_REASONS],
+    slot_entries: Vec<SlotEntry>,
+    guard_exits: u64,
+    yields: u64,
+    preemption_shift: u8,
+}
+
+impl Pcpu {
+    fn charge(&mut self, account: Account, to: u64) {
+        self.ledger.charge(account, self.cursor, to);
+        self.cursor = to;
+    }
+
+    fn find(&self, v: VcpuRef) -> Option<usize> {
+        self.vcpus.iter().position(|x| x.partition == v.partition as usize && x.index == v.vcpu)
+    }
+
+    fn runnable(&self, v: VcpuRef) -> bool {
+        self.find(v).is_some_and(|i| !self.vcpus[i].halted && !machine().partitions[v.partition as usize].is_stopped())
+    }
+}
+
+/// The dispatch loop of one pCPU, from `t0` to the end of the run.
+pub fn run_pcpu(cpu: usize) {
+    let m = machine();
+    let mut vcpus = Vec::new();
+    let mut vpid = 1u16;
+    for (p, homes) in m.homes.iter().enumerate() {
+        for (i, &home) in homes.iter().enumerate() {
+            if home == cpu {
+                let mut v = Vcpu::new(p, i as u32, vpid, &m.controls.caps);
+                v.setup(&m.controls, &m.partitions[p].context, &firmware::longmode::initial_vcpu_state(i as u32));
+                vcpus.push(v);
+            }
+            vpid += 1;
+        }
+    }
+    let t0 = t0();
+    let end = end();
+    let mode = timer_mode();
+    apic::setup_timer(mode, DISPATCH_VECTOR);
+    let mut pcpu = Pcpu {
+        cpu,
+        loaded: None,
+        vcpus,
+        ledger: Ledger::new(cpu as u32, m.partitions.len(), t0),
+        cursor: t0,
+        exits: [ExitStat::default(); EXIT_REASONS],
+        slot_entries: Vec::with_capacity(MAX_SLOT_ENTRIES),
+        guard_exits: 0,
+        yields: 0,
+        preemption_shift: m.controls.caps.features().preemption_timer_shift,
+    };
+    let mut dispatcher = m.tables.dispatcher(cpu, t0);
+    crate::tsc::spin_until(t0);
+    let mut decision = dispatcher.on_boundary(crate::tsc::now());
+    let mut slot_start = t0;
+    loop {
+        let now = crate::tsc::now();
+        if now >= end {
+            pcpu.charge(Account::Overhead, now);
+            break;
+        }
+        if cpu == 0 {
+            maybe_report_progress(now);
+        }
+        let deadline = decision.next_deadline.min(end);
+        apic::arm_deadline(mode, deadline);
+        let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
+        let ended = match turn {
+            Some(index) => {
+                pcpu.charge(Account::Overhead, crate::tsc::now());
+                Some(run_turn(&mut pcpu, index, deadline, slot_start))
+            }
+            None => {
+                idle_until(&mut pcpu, deadline);
+                None
+            }
+        };
+        let now = crate::tsc::now();
+        if now >= decision.next_deadline {
+            slot_start = decision.next_deadline;
+            decision = dispatcher.on_boundary(now);
+        } else {
+            // The vCPU halted, stopped or yielded (or nothing could run): lend the rest of
+            // the slot, decided locally.
+            if ended == Some(TurnEnd::Yielded) {
+                pcpu.yields += 1;
+            }
+            let yielder = decision.run;
+            decision = dispatcher.on_halt(now, |v| Some(v) != yielder && pcpu.runnable(v));
+        }
+    }
+    apic::mask_timer();
+    *RESULTS[cpu].lock() = Some(PcpuResult {
+        ledger: pcpu.ledger,
+        exits: pcpu.exits,
+        slot_entries: pcpu.slot_entries,
+        guard_exits: pcpu.guard_exits,
+        yields: pcpu.yields,
+    });
+}
+
+/// Nothing to run: halt the pCPU until the deadline's timer interrupt.
+fn idle_until(pcpu: &mut Pcpu, deadline: u64) {
+    pcpu.charge(Account::Overhead, crate::tsc::now());
+    while crate::tsc::now() < deadline {
+        // `sti; hlt` cannot lose the wake-up; the interrupt handler only acknowledges it.
+        x86_64::instructions::interrupts::enable_and_hlt();
+        x86_64::instructions::interrupts::disable();
+    }
+    pcpu.charge(Account::Idle, crate::tsc::now());
+}
+
+fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, slot_start: u64) -> TurnEnd {
+    let m = machine();
+    let partition_id = pcpu.vcpus[index].partition;
+    let partition = &m.partitions[partition_id];
+    let account_id = partition_id as reservations::PartitionId;
+    if pcpu.loaded != Some(index) {
+        pcpu.vcpus[index].load();
+        pcpu.loaded = Some(index);
+    }
+    pcpu.ledger.note_slot(account_id);
+    let mut first_entry = true;
+    let mut last_reason: Option<usize> = None;
+    let end = loop {
+        if partition.is_stopped() {
+            break TurnEnd::Stopped;
+        }
+        let now = crate::tsc::now();
+        if now >= deadline {
+            break TurnEnd::Deadline;
+        }
+        let guard = (deadline - now + PREEMPTION_GUARD_CYCLES) >> pcpu.preemption_shift;
+        vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, guard.min(u32::MAX as u64));
+        let entry = crate::tsc::now();
+        let handling = entry - pcpu.cursor;
+        if let Some(reason) = last_reason.take() {
+            pcpu.exits[reason].cycles += handling;
+        }
+        pcpu.charge(Account::OnBehalf(account_id, Work::ExitHandling), entry);
+        if first_entry {
+            first_entry = false;
+            if pcpu.slot_entries.len() < MAX_SLOT_ENTRIES {
+                pcpu.slot_entries.push(SlotEntry { slot_start, partition: partition_id as u32, entry_tsc: entry });
+            }
+        }
+        let result = pcpu.vcpus[index].enter();
+        let exit = crate::tsc::now();
+        pcpu.charge(Account::Guest(account_id), exit);
+        if let Err(error) = result {
+            partition.stop(Fault {
+                vcpu: pcpu.vcpus[index].index,
+                reason: "vm-entry-failed",
+                detail: alloc::format!("VM-instruction error {error}"),
+                rip: vmcs::read(guest::RIP),
+            });
+            break TurnEnd::Stopped;
+        }
+        pcpu.ledger.note_exit(account_id);
+        let raw = vmcs::read(ro::EXIT_REASON) as u32;
+        let reason = ExitReason::from_raw(raw);
+        let slot = (reason.number() as usize).min(EXIT_REASONS - 1);
+        pcpu.exits[slot].count += 1;
+        last_reason = Some(slot);
+        match handle_exit(pcpu, index, partition, reason, raw) {
+            None => continue,
+            Some(end) => break end,
+        }
+    };
+    let now = crate::tsc::now();
+    if let Some(reason) = last_reason {
+        pcpu.exits[reason].cycles += now - pcpu.cursor;
+    }
+    pcpu.charge(Account::OnBehalf(account_id, Work::ExitHandling), now);
+    end
+}
+
+/// Handles one VM exit; `None` resumes the guest.
+fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: ExitReason, raw: u32) -> Option<TurnEnd> {
+    let account_id = partition.id as reservations::PartitionId;
+    let vcpu = &mut pcpu.vcpus[index];
+    let rip = vmcs::read(guest::RIP);
+    let vcpu_index = vcpu.index;
+    let stop = |reason: &'static str, detail: alloc::string::String| {
+        partition.stop(Fault { vcpu: vcpu_index, reason, detail, rip });
+        Some(TurnEnd::Stopped)
+    };
+    match reason.handler() {
+        Handler::HostInterrupt => {
+            let info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32;
+            if let Some(vector) = vmx::exit::interrupt_vector(info) {
+                if vector != DISPATCH_VECTOR {
+                    log::warn!("cpu{}: unexpected interrupt vector {vector:#x} while a guest ran", pcpu.cpu);
+                }
+                apic::eoi();
+            }
+            None
+        }
+        Handler::SlotGuard => {
+            pcpu.guard_exits += 1;
+            None
+        }
+        Handler::Halt => {
+            vcpu.skip_instruction();
+            vcpu.halted = true;
+            Some(TurnEnd::Halted)
+        }
+        Handler::PauseLoop => {
+            pcpu.ledger.note_pause_loop_exit(account_id);
+            vcpu.skip_instruction();
+            (machine().policy == DispatchPolicy::IndependentYield).then_some(TurnEnd::Yielded)
+        }
+        Handler::Hypercall => {
+            partition.hypercalls.fetch_add(1, Ordering::Relaxed);
+            let call = vcpu.regs.rax;
+            vcpu.skip_instruction();
+            vcpu.regs.rax = 0;
+            match call {
+                firmware::longmode::HYPERCALL_REPORT => None,
+                firmware::longmode::HYPERCALL_DONE => {
+                    partition.done_vcpus.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                firmware::longmode::HYPERCALL_ERROR => stop("guest-error", "the guest reported an error on its console".into()),
+                other => {
+                    vcpu.regs.rax = u64::MAX;
+                    log::warn!("[{}] unknown hypercall {other}", partition.name);
+                    None
+                }
+            }
+        }
+        Handler::PortIo => {
+            let access = IoAccess::decode(vmcs::read(ro::EXIT_QUALIFICATION));
+            if access.string || access.rep {
+                return stop("refused", alloc::format!("string I/O on port {:#x} is not emulated", access.port));
+            }
+            emulate_port(partition, vcpu, access);
+            vcpu.skip_instruction();
+            None
+        }
+        Handler::Cpuid => {
+            let (leaf, subleaf) = (vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
+            let native = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+            let host = vmx::cpuid::CpuidResult { eax: native.eax, ebx: native.ebx, ecx: native.ecx, edx: native.edx };
+            let r = vmx::cpuid::filter(leaf, subleaf, host, vcpu.index as u8);
+            vcpu.regs.rax = r.eax as u64;
+            vcpu.regs.rbx = r.ebx as u64;
+            vcpu.regs.rcx = r.ecx as u64;
+            vcpu.regs.rdx = r.edx as u64;
+            vcpu.skip_instruction();
+            None
+        }
+        Handler::Msr => {
+            // No MSR is given to partitions yet: #GP, as for an MSR the CPU lacks.
+            vcpu.inject_exception(13, Some(0));
+            None
+        }
+        Handler::SkipInstruction => {
+            vcpu.skip_instruction();
+            None
+        }
+        Handler::InjectUndefined => {
+            vcpu.inject_exception(6, None);
+            None
+        }
+        Handler::MemoryFault => {
+            let violation = ept::EptViolation::decode(
+                vmcs::read(ro::EXIT_QUALIFICATION),
+                vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL),
+                vmcs::read(ro::GUEST_LINEAR_ADDR),
+            );
+            stop(reason.name(), alloc::format!("{}", violation.describe()))
+        }
+        Handler::GuestFault => stop(reason.name(), "the guest shut itself down (triple fault)".into()),
+        Handler::EntryFailure => stop(reason.name(), alloc::format!("VM entry failed (exit reason {raw:#x})")),
+        Handler::Refused => stop("refused", alloc::format!("exit reason {} ({}) is not allowed to partitions", reason.number(), reason.name())),
+    }
+}
+
+/// The partition's virtual COM1 (transmit only); any other port reads as absent hardware.
+fn emulate_port(partition: &Partition, vcpu: &mut Vcpu, access: IoAccess) {
+    const COM1: u16 = 0x3F8;
+    const LSR_TRANSMITTER_IDLE: u64 = 0x60;
+    let mask = match access.size {
+        1 => 0xFF,
+        2 => 0xFFFF,
+        _ => 0xFFFF_FFFF,
+    };
+    if access.input {
+        let value = match access.port {
+            p if p == COM1 + 5 => LSR_TRANSMITTER_IDLE,
+            p if (COM1..COM1 + 8).contains(&p) => 0,
+            _ => mask,
+        };
+        vcpu.regs.rax = (vcpu.regs.rax & !mask) | value;
+    } else if access.port == COM1 {
+        partition.console_byte(vcpu.regs.rax as u8);
+    }
+}
+
+/// Periodic progress records (pCPU 0 only, between turns).
+fn maybe_report_progress(now: u64) {
+    let next = NEXT_PROGRESS.load(Ordering::Relaxed);
+    if now < next {
+        return;
+    }
+    NEXT_PROGRESS.store(next + PROGRESS_INTERVAL.load(Ordering::Relaxed), Ordering::Relaxed);
+    let ms = crate::tsc::cycles_to_us(now - t0()) / 1000;
+    for p in &machine().partitions {
+        let iterations: u64 = (0..p.vcpus).map(|v| p.guest_stats(v).iterations).max().unwrap_or(0);
+        crate::console::Record::new("progress")
+            .u64("t_ms", ms)
+            .str("partition", &p.name)
+            .u64("iterations", iterations)
+            .bool("stopped", p.is_stopped())
+            .emit();
+    }
+}

@@ -1,0 +1,145 @@
+//! The VM entry/exit stub: loads the guest's general registers and FPU/SSE state, enters the
+//! guest, and on the next VM exit saves them back and restores the host's. Hand-written
+//! assembly because nothing else can run between VMLAUNCH/VMRESUME and the exit.
+
+use core::arch::global_asm;
+
+/// Guest general-purpose registers not kept in the VMCS, plus the FXSAVE areas the stub
+/// switches. Field offsets are used by the assembly below.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct GuestRegs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    /// 512-byte, 16-aligned FXSAVE area holding the guest's x87/SSE state while it is out.
+    pub guest_fx: u64,
+    /// Scratch FXSAVE area for the host's state while the guest runs.
+    pub host_fx: u64,
+}
+
+global_asm!(
+    r#"
+.section .text
+.global vmx_run
+/* u64 vmx_run(GuestRegs *regs, u64 launched): 0 after a VM exit, 1 if the entry failed. */
+vmx_run:
+    push rbp
+    push rbx
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdi
+    mov rax, 0x6C14
+    vmwrite rax, rsp
+    mov rax, [rdi + 128]
+    fxsave [rax]
+    mov rax, [rdi + 120]
+    fxrstor [rax]
+    test rsi, rsi
+    mov rax, [rdi + 0]
+    mov rbx, [rdi + 8]
+    mov rcx, [rdi + 16]
+    mov rdx, [rdi + 24]
+    mov rsi, [rdi + 32]
+    mov rbp, [rdi + 48]
+    mov r8, [rdi + 56]
+    mov r9, [rdi + 64]
+    mov r10, [rdi + 72]
+    mov r11, [rdi + 80]
+    mov r12, [rdi + 88]
+    mov r13, [rdi + 96]
+    mov r14, [rdi + 104]
+    mov r15, [rdi + 112]
+    mov rdi, [rdi + 40]
+    jz 2f
+    vmresume
+    jmp 3f
+2:
+    vmlaunch
+3:
+    /* Entry failed: the guest registers are in the host's; recover ours. */
+    pop rdi
+    mov rax, [rdi + 120]
+    fxsave [rax]
+    mov rax, [rdi + 128]
+    fxrstor [rax]
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    mov eax, 1
+    ret
+
+.global vmx_exit_entry
+vmx_exit_entry:
+    push rdi
+    mov rdi, [rsp + 8]
+    mov [rdi + 0], rax
+    mov [rdi + 8], rbx
+    mov [rdi + 16], rcx
+    mov [rdi + 24], rdx
+    mov [rdi + 32], rsi
+    mov [rdi + 48], rbp
+    mov [rdi + 56], r8
+    mov [rdi + 64], r9
+    mov [rdi + 72], r10
+    mov [rdi + 80], r11
+    mov [rdi + 88], r12
+    mov [rdi + 96], r13
+    mov [rdi + 104], r14
+    mov [rdi + 112], r15
+    pop rax
+    mov [rdi + 40], rax
+    mov rax, [rdi + 120]
+    fxsave [rax]
+    mov rax, [rdi + 128]
+    fxrstor [rax]
+    pop rdi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    xor eax, eax
+    ret
+"#
+);
+
+extern "C" {
+    fn vmx_run(regs: *mut GuestRegs, launched: u64) -> u64;
+    fn vmx_exit_entry();
+}
+
+/// Address for the VMCS host-RIP field.
+pub fn exit_entry_address() -> u64 {
+    vmx_exit_entry as *const () as u64
+}
+
+/// Enters the guest whose VMCS is current; returns after its next VM exit, or `Err` with
+/// the VM-instruction error when the entry itself failed.
+pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), u64> {
+    // SAFETY: the current VMCS is fully set up for this vCPU (host state points back at
+    // `vmx_exit_entry` on this CPU, host RSP is written by the stub itself), and `regs`
+    // holds valid FXSAVE area pointers.
+    match unsafe { vmx_run(regs, launched as u64) } {
+        0 => Ok(()),
+        _ => Err(crate::vmcs::instruction_error()),
+    }
+}

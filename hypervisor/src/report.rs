@@ -1,0 +1,107 @@
+//! End-of-run records: per-partition progress, spin-wait waste (hypervisor- and
+//! guest-measured), CPU share against the reservation, gang skew, exit costs per reason, and
+//! the accounting of every cycle.
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use reservations::{Ledger, MachineStats};
+
+use crate::console::Record;
+use crate::dispatch::{PcpuResult, RESULTS};
+use crate::runtime::machine;
+use crate::vcpu::PLE_WINDOW;
+
+fn median(values: &mut [u64]) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
+}
+
+/// Prints the final records; `cpus` pCPUs took part.
+pub fn final_records(cpus: usize, run_cycles: u64) {
+    let m = machine();
+    let results: Vec<PcpuResult> = (0..cpus).filter_map(|c| RESULTS[c].lock().take()).collect();
+    let ledgers: Vec<Ledger> = results.iter().map(|r| r.ledger.clone()).collect();
+    let stats = MachineStats::from_ledgers(&ledgers);
+    let hz = crate::tsc::hz().max(1);
+    let seconds_x1000 = run_cycles * 1000 / hz;
+
+    for p in &m.partitions {
+        let id = p.id as reservations::PartitionId;
+        let totals = stats.partitions.get(p.id).copied().unwrap_or_default();
+        let guest_stats: Vec<_> = (0..p.vcpus).map(|v| p.guest_stats(v)).collect();
+        let iterations = guest_stats.iter().map(|s| s.iterations).max().unwrap_or(0);
+        let guest_spin: u64 = guest_stats.iter().map(|s| s.spin_cycles).sum();
+        let guest_busy: u64 = guest_stats.iter().map(|s| s.busy_cycles).sum();
+        let ple_spin = totals.pause_loop_exits * PLE_WINDOW;
+        let pcpus_held = m.homes[p.id].iter().collect::<alloc::collections::BTreeSet<_>>().len() as u64;
+        let capacity = run_cycles * pcpus_held;
+        let used = totals.charged_cycles();
+        // Gang skew: per slot, the spread of the first VM entry across the pCPUs.
+        let mut by_slot: alloc::collections::BTreeMap<u64, (u64, u64, u32)> = alloc::collections::BTreeMap::new();
+        for e in results.iter().flat_map(|r| r.slot_entries.iter()).filter(|e| e.partition == p.id as u32) {
+            let s = by_slot.entry(e.slot_start).or_insert((u64::MAX, 0, 0));
+            s.0 = s.0.min(e.entry_tsc);
+            s.1 = s.1.max(e.entry_tsc);
+            s.2 += 1;
+        }
+        let mut skews: Vec<u64> =
+            by_slot.values().filter(|s| s.2 as u64 == pcpus_held && pcpus_held > 1).map(|s| s.1 - s.0).collect();
+        let skew_max = skews.iter().copied().max().unwrap_or(0);
+        let skew_median = median(&mut skews);
+        let fault = p.fault.lock().clone();
+        Record::new("partition_stats")
+            .str("partition", &p.name)
+            .u64("vcpus", p.vcpus as u64)
+            .u64("iterations", iterations)
+            .u64("iterations_per_s", iterations * 1000 / seconds_x1000.max(1))
+            .u64("guest_cycles", totals.guest_cycles)
+            .u64("on_behalf_cycles", totals.on_behalf_cycles())
+            .fmt("cpu_share_pct", format_args!("{:.2}", used as f64 * 100.0 / capacity.max(1) as f64))
+            .u64("exits", totals.exits)
+            .u64("pause_loop_exits", totals.pause_loop_exits)
+            .fmt("spin_waste_hv_pct", format_args!("{:.2}", ple_spin as f64 * 100.0 / totals.guest_cycles.max(1) as f64))
+            .fmt("spin_waste_guest_pct", format_args!("{:.2}", guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64))
+            .u64("slots", totals.slots)
+            .u64("gang_slots_measured", skews.len() as u64)
+            .u64("skew_median_cycles", skew_median)
+            .u64("skew_max_cycles", skew_max)
+            .u64("hypercalls", p.hypercalls.load(core::sync::atomic::Ordering::Relaxed))
+            .str("state", if fault.is_some() { "stopped" } else { "running" })
+            .emit();
+        let _ = id;
+    }
+
+    let mut exits = [crate::dispatch::ExitStat::default(); 80];
+    for r in &results {
+        for (total, e) in exits.iter_mut().zip(r.exits.iter()) {
+            total.count += e.count;
+            total.cycles += e.cycles;
+        }
+    }
+    for (reason, e) in exits.iter().enumerate().filter(|(_, e)| e.count > 0) {
+        Record::new("exit_stats")
+            .u64("reason", reason as u64)
+            .str("name", vmx::ExitReason::from_raw(reason as u32).name())
+            .u64("count", e.count)
+            .u64("mean_cycles", e.cycles / e.count)
+            .emit();
+    }
+
+    let elapsed: u64 = ledgers.iter().map(|l| l.elapsed()).sum();
+    let guest: u64 = stats.partitions.iter().map(|p| p.guest_cycles).sum();
+    let on_behalf: u64 = stats.partitions.iter().map(|p| p.on_behalf_cycles()).sum();
+    Record::new("accounting")
+        .u64("pcpus", cpus as u64)
+        .u64("elapsed_cycles", elapsed)
+        .u64("guest_cycles", guest)
+        .u64("on_behalf_cycles", on_behalf)
+        .u64("idle_cycles", ledgers.iter().map(|l| l.idle_cycles()).sum())
+        .u64("overhead_cycles", ledgers.iter().map(|l| l.overhead_cycles()).sum())
+        .u64("unaccounted_cycles", ledgers.iter().map(|l| l.unaccounted()).sum())
+        .u64("unaccounted_ppb", stats.unaccounted_ppb())
+        .fmt("hypervisor_pct", format_args!("{:.3}", (elapsed - guest) as f64 * 100.0 / elapsed.max(1) as f64))
+        .u64("guard_exits", results.iter().map(|r| r.guard_exits).sum())
+        .u64("yields", results.iter().map(|r| r.yields).sum())
+        .emit();
+}

@@ -1,0 +1,292 @@
+//! Partitions at run time: each partition's memory loaded with its guest, its EPT, I/O and
+//! MSR bitmaps, its console, its fault state; and the dispatch tables every pCPU executes.
+//! Built once on the BSP from the validated config, before any pCPU enters a guest.
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use spin::{Mutex, Once};
+
+use config::{DispatchPolicy, OnFault, Placement, Validated};
+use ept::{Access, Ept, FrameAllocator, MemoryType, PageSizes, PhysMemory};
+use firmware::longmode::{BootParams, GuestMemory, GuestMemoryError, GuestStats, STATS_RECORD_SIZE};
+use sched::{DispatchTables, PartitionSpec, PlanConfig, VcpuRef};
+
+use crate::memory::BootInfo;
+use crate::vcpu::{Controls, PartitionContext};
+
+/// Why a partition was stopped.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub vcpu: u32,
+    pub reason: &'static str,
+    pub detail: String,
+    pub rip: u64,
+}
+
+pub struct Partition {
+    pub id: usize,
+    pub name: String,
+    /// Host-physical memory; guest-physical 0 maps to its start.
+    pub memory: Range<u64>,
+    pub vcpus: u32,
+    pub on_fault: OnFault,
+    pub context: PartitionContext,
+    pub stopped: AtomicBool,
+    pub fault: Mutex<Option<Fault>>,
+    console: Mutex<String>,
+    pub done_vcpus: AtomicU64,
+    pub hypercalls: AtomicU64,
+}
+
+impl Partition {
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Stops every vCPU of this partition (each leaves the guest at its next exit or slot);
+    /// the first fault is the one reported.
+    pub fn stop(&self, fault: Fault) {
+        let mut slot = self.fault.lock();
+        if slot.is_none() {
+            log::error!(
+                "partition {} stopped: vCPU {} {} ({}) at RIP {:#x}; other partitions keep their reservations",
+                self.name,
+                fault.vcpu,
+                fault.reason,
+                fault.detail,
+                fault.rip
+            );
+            crate::console::Record::new("partition_fault")
+                .str("partition", &self.name)
+                .u64("vcpu", fault.vcpu as u64)
+                .str("reason", fault.reason)
+                .str("detail", &fault.detail)
+                .fmt("rip", format_args!("{:#x}", fault.rip))
+                .str("action", match self.on_fault {
+                    OnFault::Stop => "stopped",
+                    OnFault::Reset => "stopped (reset is not implemented yet)",
+                })
+                .emit();
+            *slot = Some(fault);
+        }
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// A byte the guest wrote to its virtual UART; whole lines go to the console.
+    pub fn console_byte(&self, byte: u8) {
+        let mut line = self.console.lock();
+        match byte {
+            b'\n' => {
+                log::info!("[{}] {}", self.name, line.as_str());
+                line.clear();
+            }
+            b'\r' => {}
+            b if line.len() < 200 => line.push(if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' }),
+            _ => {}
+        }
+    }
+
+    /// The guest's own statistics record for one vCPU (read from its memory).
+    pub fn guest_stats(&self, vcpu: u32) -> GuestStats {
+        let mut bytes = [0u8; STATS_RECORD_SIZE as usize];
+        let at = self.memory.start + GuestStats::gpa(vcpu);
+        // SAFETY: the stats record lies inside the partition's own memory (checked when the
+        // guest was loaded), identity-mapped; the guest may be writing it concurrently, and a
+        // torn value only makes one sample stale.
+        unsafe { core::ptr::copy_nonoverlapping(at as *const u8, bytes.as_mut_ptr(), bytes.len()) };
+        GuestStats::from_bytes(&bytes)
+    }
+}
+
+/// The guest's memory seen from the hypervisor: guest-physical `gpa` is host `base + gpa`.
+struct HostWindow {
+    base: u64,
+    size: u64,
+}
+
+impl GuestMemory for HostWindow {
+    fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
+        let len = bytes.len() as u64;
+        if gpa.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(GuestMemoryError { gpa, len, size: self.size });
+        }
+        // SAFETY: bounds checked against the partition's own memory, identity-mapped and
+        // owned by no one else; no vCPU of the partition runs yet.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.base + gpa) as *mut u8, bytes.len()) };
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// Table pages come from the hypervisor heap (identity-mapped: address = physical).
+struct HeapFrames;
+
+impl FrameAllocator for HeapFrames {
+    fn allocate_zeroed_frame(&mut self) -> Option<u64> {
+        Some(crate::memory::alloc_zeroed_pages(1).as_ptr() as u64)
+    }
+}
+
+struct IdentityPhys;
+
+impl PhysMemory for IdentityPhys {
+    fn read_u64(&self, phys: u64) -> u64 {
+        // SAFETY: EPT table pages handed out by `HeapFrames`, 8-aligned entries.
+        unsafe { core::ptr::read_volatile(phys as *const u64) }
+    }
+
+    fn write_u64(&mut self, phys: u64, value: u64) {
+        // SAFETY: as in `read_u64`; no CPU uses the tables before they are complete.
+        unsafe { core::ptr::write_volatile(phys as *mut u64, value) }
+    }
+}
+
+/// I/O bitmaps: every port exits (emulated or refused) except those the partition owns.
+fn io_bitmaps(owned: &[core::ops::RangeInclusive<u16>]) -> (u64, u64) {
+    let pages = crate::memory::alloc_zeroed_pages(2);
+    pages.fill(0xFF);
+    for range in owned {
+        for port in range.clone() {
+            pages[port as usize / 8] &= !(1 << (port % 8));
+        }
+    }
+    (pages.as_ptr() as u64, pages.as_ptr() as u64 + 4096)
+}
+
+fn msr_bitmap() -> u64 {
+    let page = crate::memory::alloc_zeroed_pages(1);
+    page.fill(0xFF);
+    page.as_ptr() as u64
+}
+
+pub struct Machine {
+    pub partitions: Vec<Partition>,
+    pub tables: DispatchTables,
+    pub policy: DispatchPolicy,
+    pub controls: Controls,
+    /// Per partition, per vCPU: the one pCPU it runs on.
+    pub homes: Vec<Vec<usize>>,
+    pub frame_cycles: u64,
+}
+
+static MACHINE: Once<Machine> = Once::new();
+
+pub fn machine() -> &'static Machine {
+    MACHINE.get().expect("machine built before dispatch")
+}
+
+/// Loads every partition and plans the dispatch tables. `Err` names the partition.
+pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: usize) -> Result<&'static Machine, String> {
+    let config = &validated.config;
+    let features = controls.caps.features();
+    let sizes = PageSizes { huge_1g: features.ept_1g_pages, large_2m: features.ept_2m_pages };
+    let tsc_per_us = crate::tsc::hz() / 1_000_000;
+    let mut partitions = Vec::new();
+    for (id, (p, placement)) in config.partitions.iter().zip(&validated.memory).enumerate() {
+        let memory = match placement {
+            Placement::At(range) => range.clone(),
+            Placement::Deferred { .. } => return Err(format!("partition {}: memory was not placed", p.name)),
+        };
+        let module = boot
+            .modules
+            .iter()
+            .find(|m| m.name == p.guest.module)
+            .ok_or_else(|| format!("partition {}: no boot module {}", p.name, p.guest.module))?;
+        let image = module.bytes();
+        if image.len() > 0x206 && &image[0x202..0x206] == b"HdrS" {
+            return Err(format!(
+                "partition {}: module {} is a Linux bzImage; the partition loader runs the Phalanx test guest so far (Linux boot protocol support comes next)",
+                p.name, p.guest.module
+            ));
+        }
+        let size = memory.end - memory.start;
+        // SAFETY: the partition's memory range, placed by validation inside usable RAM that
+        // nothing else owns; cleared so no data of an earlier occupant leaks into the guest.
+        unsafe { core::ptr::write_bytes(memory.start as *mut u8, 0, size as usize) };
+        let mut window = HostWindow { base: memory.start, size };
+        let params = BootParams { image, cmdline: &p.guest.cmdline, vcpus: p.vcpus, tsc_hz: crate::tsc::hz() };
+        firmware::longmode::load_test_guest(&mut window, &params).map_err(|e| format!("partition {}: {e:?}", p.name))?;
+        let mut ept = Ept::new(&mut HeapFrames).map_err(|e| format!("partition {}: {e}", p.name))?;
+        ept.map(&mut IdentityPhys, &mut HeapFrames, 0, memory.start, size, Access::all(), MemoryType::WriteBack, sizes)
+            .map_err(|e| format!("partition {}: EPT: {e}", p.name))?;
+        let (io_bitmap_a, io_bitmap_b) = io_bitmaps(&p.devices.ioports);
+        let context = PartitionContext { eptp: ept.eptp(false), io_bitmap_a, io_bitmap_b, msr_bitmap: msr_bitmap() };
+        Box::leak(Box::new(ept));
+        partitions.push(Partition {
+            id,
+            name: p.name.clone(),
+            memory,
+            vcpus: p.vcpus,
+            on_fault: p.on_fault,
+            context,
+            stopped: AtomicBool::new(false),
+            fault: Mutex::new(None),
+            console: Mutex::new(String::new()),
+            done_vcpus: AtomicU64::new(0),
+            hypercalls: AtomicU64::new(0),
+        });
+    }
+
+    // Reservations in microseconds -> TSC cycles, then the planner.
+    let specs: Vec<PartitionSpec> = validated
+        .tree
+        .flatten()
+        .iter()
+        .map(|flat| {
+            let mut spec = PartitionSpec::from(flat);
+            spec.gang = config.hypervisor.policy.aligned();
+            if let sched::Reservation::Hard { budget, period } = spec.reservation {
+                spec.reservation = sched::Reservation::Hard { budget: budget * tsc_per_us, period: period * tsc_per_us };
+            }
+            spec
+        })
+        .collect();
+    let frame_cycles = config.hypervisor.major_frame_us * tsc_per_us;
+    let plan_config = PlanConfig { frame: Some(frame_cycles), ..PlanConfig::new(pcpus as u32, frame_cycles) };
+    let plan = if config.hypervisor.policy.aligned() {
+        sched::plan_gang(&specs, &plan_config)
+    } else {
+        // The baseline: each pCPU round-robins its vCPUs over one frame, pCPUs staggered.
+        sched::plan_independent(&specs, &plan_config, &sched::IndependentConfig { cycle: frame_cycles, seed: 1, shuffle: false })
+    }
+    .map_err(|e| format!("planner: {e}"))?;
+    let tables = DispatchTables::compile(&plan, &specs).map_err(|e| format!("planner: {e}"))?;
+
+    // Each vCPU must have one home pCPU (its VMCS stays loaded there).
+    let mut homes: Vec<Vec<Option<usize>>> = partitions.iter().map(|p| alloc::vec![None; p.vcpus as usize]).collect();
+    for (pcpu, table) in tables.pcpus.iter().enumerate() {
+        for VcpuRef { partition, vcpu } in table.entries.iter().filter_map(|e| e.run).chain(table.slack_ring.iter().map(|s| s.0)) {
+            let home = &mut homes[partition as usize][vcpu as usize];
+            match *home {
+                None => *home = Some(pcpu),
+                Some(h) if h == pcpu => {}
+                Some(h) => {
+                    return Err(format!(
+                        "partition {}: vCPU {vcpu} would run on pCPUs {h} and {pcpu}; vCPU migration between pCPUs is not supported yet (give it as many pCPUs as vCPUs)",
+                        partitions[partition as usize].name
+                    ))
+                }
+            }
+        }
+    }
+    let homes = homes
+        .into_iter()
+        .enumerate()
+        .map(|(p, v)| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, h)| h.ok_or_else(|| format!("partition {}: vCPU {i} is never scheduled", partitions[p].name)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MACHINE.call_once(|| Machine { partitions, tables, policy: config.hypervisor.policy, controls, homes, frame_cycles }))
+}

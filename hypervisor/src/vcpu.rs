@@ -1,0 +1,250 @@
+//! A vCPU: its VMCS, general registers and FPU/SSE state, set up from the initial state
+//! `firmware` computes and the controls negotiated once for the machine.
+
+extern crate alloc;
+
+use vmx::{negotiate, ControlError, ControlKind, VmxCapabilities};
+use x86::vmx::vmcs::control::{EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls};
+
+use crate::guest_entry::{self, GuestRegs};
+use crate::vmcs::{self, control, guest, host};
+
+/// The control values every vCPU on this machine uses (negotiated once at boot).
+#[derive(Debug, Clone, Copy)]
+pub struct Controls {
+    pub pinbased: u32,
+    pub primary: u32,
+    pub secondary: u32,
+    pub exit: u32,
+    pub entry: u32,
+    pub caps: VmxCapabilities,
+}
+
+/// PAUSE-loop exiting: a PAUSE less than `PLE_GAP` cycles after the previous one belongs to
+/// the same spin loop; a loop longer than `PLE_WINDOW` cycles exits. 4096 cycles is long
+/// enough that ordinary lock hand-offs never exit and short enough to see real spinning.
+pub const PLE_GAP: u64 = 128;
+pub const PLE_WINDOW: u64 = 4096;
+
+impl Controls {
+    pub fn negotiate(caps: &VmxCapabilities) -> Result<Controls, ControlError> {
+        let pinbased = negotiate(
+            ControlKind::PinBased,
+            caps.pinbased,
+            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER).bits(),
+            0,
+        )?;
+        let primary = negotiate(
+            ControlKind::PrimaryProcessorBased,
+            caps.procbased,
+            (PrimaryControls::HLT_EXITING
+                | PrimaryControls::USE_IO_BITMAPS
+                | PrimaryControls::USE_MSR_BITMAPS
+                | PrimaryControls::MWAIT_EXITING
+                | PrimaryControls::MONITOR_EXITING
+                | PrimaryControls::RDPMC_EXITING
+                | PrimaryControls::SECONDARY_CONTROLS)
+                .bits(),
+            0,
+        )?;
+        let secondary = negotiate(
+            ControlKind::SecondaryProcessorBased,
+            caps.procbased2,
+            (SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID | SecondaryControls::PAUSE_LOOP_EXITING).bits(),
+            (SecondaryControls::UNRESTRICTED_GUEST | SecondaryControls::ENABLE_RDTSCP | SecondaryControls::ENABLE_INVPCID).bits(),
+        )?;
+        let exit = negotiate(
+            ControlKind::VmExit,
+            caps.exit,
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE
+                | ExitControls::ACK_INTERRUPT_ON_EXIT
+                | ExitControls::SAVE_IA32_EFER
+                | ExitControls::LOAD_IA32_EFER)
+                .bits(),
+            0,
+        )?;
+        let entry = negotiate(ControlKind::VmEntry, caps.entry, (EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER).bits(), 0)?;
+        Ok(Controls { pinbased, primary, secondary, exit, entry, caps: *caps })
+    }
+}
+
+/// Where a vCPU's partition-wide structures are (host-physical).
+#[derive(Debug, Clone, Copy)]
+pub struct PartitionContext {
+    pub eptp: u64,
+    pub io_bitmap_a: u64,
+    pub io_bitmap_b: u64,
+    pub msr_bitmap: u64,
+}
+
+pub struct Vcpu {
+    pub partition: usize,
+    pub index: u32,
+    pub vpid: u16,
+    vmcs: u64,
+    launched: bool,
+    pub regs: GuestRegs,
+    pub halted: bool,
+}
+
+const FXSAVE_SIZE: usize = 512;
+const FCW_DEFAULT: u16 = 0x37F;
+const MXCSR_DEFAULT: u32 = 0x1F80;
+
+impl Vcpu {
+    pub fn new(partition: usize, index: u32, vpid: u16, caps: &VmxCapabilities) -> Vcpu {
+        let region = crate::memory::alloc_zeroed_pages(1);
+        region[..4].copy_from_slice(&caps.revision_id().to_le_bytes());
+        // Both FXSAVE areas in one page: guest at 0, host scratch at 512.
+        let fx = crate::memory::alloc_zeroed_pages(1);
+        fx[0..2].copy_from_slice(&FCW_DEFAULT.to_le_bytes());
+        fx[24..28].copy_from_slice(&MXCSR_DEFAULT.to_le_bytes());
+        let regs = GuestRegs { guest_fx: fx.as_ptr() as u64, host_fx: fx.as_ptr() as u64 + FXSAVE_SIZE as u64, ..Default::default() };
+        Vcpu { partition, index, vpid, vmcs: region.as_ptr() as u64, launched: false, regs, halted: false }
+    }
+
+    /// Makes this vCPU's VMCS current on the executing pCPU.
+    pub fn load(&self) {
+        vmcs::load(self.vmcs, false);
+    }
+
+    /// Writes the whole VMCS on the pCPU the vCPU will run on.
+    pub fn setup(&mut self, controls: &Controls, context: &PartitionContext, state: &firmware::longmode::VcpuState) {
+        vmcs::load(self.vmcs, true);
+        self.launched = false;
+        let caps = &controls.caps;
+
+        vmcs::write(control::PINBASED_EXEC_CONTROLS, controls.pinbased as u64);
+        vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, controls.primary as u64);
+        vmcs::write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, controls.secondary as u64);
+        vmcs::write(control::VMEXIT_CONTROLS, controls.exit as u64);
+        vmcs::write(control::VMENTRY_CONTROLS, controls.entry as u64);
+        vmcs::write(control::EXCEPTION_BITMAP, 0);
+        vmcs::write(control::IO_BITMAP_A_ADDR_FULL, context.io_bitmap_a);
+        vmcs::write(control::IO_BITMAP_B_ADDR_FULL, context.io_bitmap_b);
+        vmcs::write(control::MSR_BITMAPS_ADDR_FULL, context.msr_bitmap);
+        vmcs::write(control::EPTP_FULL, context.eptp);
+        vmcs::write(control::VPID, self.vpid as u64);
+        vmcs::write(control::PLE_GAP, PLE_GAP);
+        vmcs::write(control::PLE_WINDOW, PLE_WINDOW);
+        vmcs::write(control::CR3_TARGET_COUNT, 0);
+        vmcs::write(control::VMEXIT_MSR_STORE_COUNT, 0);
+        vmcs::write(control::VMEXIT_MSR_LOAD_COUNT, 0);
+        vmcs::write(control::VMENTRY_MSR_LOAD_COUNT, 0);
+        vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+        // The guest owns CR0/CR4 except the bits VMX operation fixes: those read back as the
+        // guest wrote them (shadow) and a write changing them exits.
+        let cr0_fixed = caps.cr0_fixed0 & !(1 | (1 << 31)) | !caps.cr0_fixed1;
+        let cr4_fixed = caps.cr4_fixed0 | !caps.cr4_fixed1;
+        vmcs::write(control::CR0_GUEST_HOST_MASK, cr0_fixed);
+        vmcs::write(control::CR0_READ_SHADOW, state.cr0);
+        vmcs::write(control::CR4_GUEST_HOST_MASK, cr4_fixed);
+        vmcs::write(control::CR4_READ_SHADOW, state.cr4);
+
+        write_host_state();
+
+        vmcs::write(guest::CR0, caps.adjust_cr0(state.cr0));
+        vmcs::write(guest::CR3, state.cr3);
+        vmcs::write(guest::CR4, caps.adjust_cr4(state.cr4));
+        vmcs::write(guest::IA32_EFER_FULL, state.efer);
+        vmcs::write(guest::RIP, state.rip);
+        vmcs::write(guest::RSP, state.rsp);
+        vmcs::write(guest::RFLAGS, state.rflags | 0x200);
+        vmcs::write(guest::DR7, 0x400);
+        vmcs::write(guest::LINK_PTR_FULL, u64::MAX);
+        vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
+        vmcs::write(guest::ACTIVITY_STATE, 0);
+        vmcs::write(guest::PENDING_DBG_EXCEPTIONS, 0);
+        vmcs::write(guest::IA32_SYSENTER_CS, 0);
+        vmcs::write(guest::IA32_SYSENTER_ESP, 0);
+        vmcs::write(guest::IA32_SYSENTER_EIP, 0);
+        vmcs::write(guest::IA32_DEBUGCTL_FULL, 0);
+        let segments = [
+            (&state.es, guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
+            (&state.cs, guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS),
+            (&state.ss, guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
+            (&state.ds, guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
+            (&state.fs, guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
+            (&state.gs, guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
+            (&state.tr, guest::TR_SELECTOR, guest::TR_BASE, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS),
+            (&state.ldtr, guest::LDTR_SELECTOR, guest::LDTR_BASE, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS),
+        ];
+        for (seg, selector, base, limit, rights) in segments {
+            vmcs::write(selector, seg.selector as u64);
+            vmcs::write(base, seg.base);
+            vmcs::write(limit, seg.limit as u64);
+            vmcs::write(rights, seg.access_rights as u64);
+        }
+        vmcs::write(guest::GDTR_BASE, state.gdtr_base);
+        vmcs::write(guest::GDTR_LIMIT, state.gdtr_limit as u64);
+        vmcs::write(guest::IDTR_BASE, state.idtr_base);
+        vmcs::write(guest::IDTR_LIMIT, state.idtr_limit as u64);
+
+        // The EPT may have been used with other mappings on this CPU: drop stale translations.
+        vmcs::invept_single_context(context.eptp);
+        self.regs.rdi = state.rdi;
+        self.regs.rsi = state.rsi;
+        self.halted = false;
+    }
+
+    /// Runs the guest until its next VM exit (the VMCS must be current).
+    pub fn enter(&mut self) -> Result<(), u64> {
+        let result = guest_entry::enter(&mut self.regs, self.launched);
+        if result.is_ok() {
+            self.launched = true;
+        }
+        result
+    }
+
+    /// Advances the guest past the instruction that exited.
+    pub fn skip_instruction(&self) {
+        let rip = vmcs::read(guest::RIP);
+        let len = vmcs::read(vmcs::ro::VMEXIT_INSTRUCTION_LEN);
+        vmcs::write(guest::RIP, rip + len);
+    }
+
+    /// Injects a hardware exception at the next entry.
+    pub fn inject_exception(&self, vector: u8, error_code: Option<u32>) {
+        const VALID: u64 = 1 << 31;
+        const HARDWARE_EXCEPTION: u64 = 3 << 8;
+        let mut info = VALID | HARDWARE_EXCEPTION | vector as u64;
+        if let Some(code) = error_code {
+            info |= 1 << 11;
+            vmcs::write(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64);
+        }
+        vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+    }
+}
+
+/// Host state: the executing CPU's own control registers, segments and tables, so a VM exit
+/// lands in `vmx_exit_entry` on this CPU's current stack.
+fn write_host_state() {
+    use x86_64::instructions::tables::{sgdt, sidt};
+    use x86_64::registers::control::{Cr0, Cr3, Cr4};
+    let gdt = sgdt();
+    let idt = sidt();
+    let tr: u16;
+    // SAFETY: STR only reads the task register.
+    unsafe { core::arch::asm!("str {0:x}", out(reg) tr, options(nomem, nostack, preserves_flags)) };
+    vmcs::write(host::CR0, Cr0::read_raw());
+    vmcs::write(host::CR3, Cr3::read_raw().0.start_address().as_u64());
+    vmcs::write(host::CR4, Cr4::read_raw());
+    vmcs::write(host::CS_SELECTOR, crate::cpu::KERNEL_CODE_SELECTOR as u64);
+    for field in [host::SS_SELECTOR, host::DS_SELECTOR, host::ES_SELECTOR] {
+        vmcs::write(field, crate::cpu::KERNEL_DATA_SELECTOR as u64);
+    }
+    vmcs::write(host::FS_SELECTOR, 0);
+    vmcs::write(host::GS_SELECTOR, 0);
+    vmcs::write(host::TR_SELECTOR, tr as u64);
+    vmcs::write(host::FS_BASE, 0);
+    vmcs::write(host::GS_BASE, 0);
+    vmcs::write(host::TR_BASE, crate::cpu::tss_base(gdt.base.as_u64(), tr));
+    vmcs::write(host::GDTR_BASE, gdt.base.as_u64());
+    vmcs::write(host::IDTR_BASE, idt.base.as_u64());
+    vmcs::write(host::IA32_SYSENTER_CS, 0);
+    vmcs::write(host::IA32_SYSENTER_ESP, 0);
+    vmcs::write(host::IA32_SYSENTER_EIP, 0);
+    // SAFETY: IA32_EFER exists on every x86_64 CPU.
+    vmcs::write(host::IA32_EFER_FULL, unsafe { x86_64::registers::model_specific::Msr::new(0xC000_0080).read() });
+    vmcs::write(host::RIP, guest_entry::exit_entry_address());
+}
