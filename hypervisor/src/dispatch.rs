@@ -187,6 +187,15 @@ pub fn run_pcpu(cpu: usize) {
             }
             let yielder = decision.run;
             decision = dispatcher.on_halt(now, |v| Some(v) != yielder && pcpu.runnable(v));
+            if decision.run.is_none() && ended == Some(TurnEnd::Yielded) {
+                // Directed yield as a KVM host does it: the spinning vCPU gives its pCPU to
+                // another runnable vCPU there for the rest of the slot.
+                decision.run = pcpu
+                    .vcpus
+                    .iter()
+                    .map(|v| VcpuRef { partition: v.partition as reservations::PartitionId, vcpu: v.index })
+                    .find(|&v| Some(v) != yielder && pcpu.runnable(v));
+            }
         }
     }
     apic::mask_timer();

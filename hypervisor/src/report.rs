@@ -45,8 +45,12 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             s.1 = s.1.max(e.entry_tsc);
             s.2 += 1;
         }
-        let mut skews: Vec<u64> =
-            by_slot.values().filter(|s| s.2 as u64 == pcpus_held && pcpus_held > 1).map(|s| s.1 - s.0).collect();
+        // Only aligned policies start a partition's slots together; elsewhere there is no gang.
+        let mut skews: Vec<u64> = if m.policy.aligned() {
+            by_slot.values().filter(|s| s.2 as u64 == pcpus_held && pcpus_held > 1).map(|s| s.1 - s.0).collect()
+        } else {
+            Vec::new()
+        };
         let skew_max = skews.iter().copied().max().unwrap_or(0);
         let skew_median = median(&mut skews);
         let fault = p.fault.lock().clone();

@@ -88,6 +88,7 @@ pub struct Vcpu {
 }
 
 const FXSAVE_SIZE: usize = 512;
+const RFLAGS_IF: u64 = 1 << 9;
 const FCW_DEFAULT: u16 = 0x37F;
 const MXCSR_DEFAULT: u32 = 0x1F80;
 
@@ -149,7 +150,11 @@ impl Vcpu {
         vmcs::write(guest::IA32_EFER_FULL, state.efer);
         vmcs::write(guest::RIP, state.rip);
         vmcs::write(guest::RSP, state.rsp);
-        vmcs::write(guest::RFLAGS, state.rflags | 0x200);
+        // IF set: Bochs 2.7 takes external-interrupt exits only while the guest has IF=1
+        // (hardware takes them regardless). Interrupts are never injected into the test
+        // guest, so IF=1 changes nothing for it; a guest that clears IF is still stopped at
+        // its slot end by the preemption-timer guard.
+        vmcs::write(guest::RFLAGS, state.rflags | RFLAGS_IF);
         vmcs::write(guest::DR7, 0x400);
         vmcs::write(guest::LINK_PTR_FULL, u64::MAX);
         vmcs::write(guest::INTERRUPTIBILITY_STATE, 0);
