@@ -2,22 +2,95 @@
 //!
 //! Every record is one line, a JSON object whose `"type"` names it (docs/records.md lists
 //! them). A line is written under one lock, so lines from different CPUs never interleave.
+//!
+//! While partitions run, output goes to a memory buffer that pCPUs drain into the UART only
+//! when its FIFO has room (`pump`): a UART at 115200 baud takes ~87 us per byte, and waiting
+//! for it would steal that time from whichever partition's slot it fell into.
+
+extern crate alloc;
 
 use crate::serial::{Uart, COM1};
+use alloc::collections::VecDeque;
 use core::fmt::Write;
 use spin::{Mutex, MutexGuard};
 
-static CONSOLE: Mutex<Uart> = Mutex::new(Uart::new(COM1));
+/// Most bytes held while buffered; beyond it bytes are dropped and counted.
+const BUFFER_LIMIT: usize = 256 * 1024;
+/// Bytes the 16550's transmit FIFO takes when it reports empty.
+const UART_FIFO: usize = 16;
+
+pub struct Console {
+    uart: Uart,
+    buffer: Option<VecDeque<u8>>,
+    dropped: u64,
+}
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        match &mut self.buffer {
+            None => self.uart.write_str(s),
+            Some(buffer) => {
+                for b in s.bytes() {
+                    if buffer.len() >= BUFFER_LIMIT {
+                        self.dropped += 1;
+                    } else {
+                        if b == b'\n' {
+                            buffer.push_back(b'\r');
+                        }
+                        buffer.push_back(b);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+static CONSOLE: Mutex<Console> = Mutex::new(Console { uart: Uart::new(COM1), buffer: None, dropped: 0 });
 
 pub fn init() {
-    CONSOLE.lock().init();
+    CONSOLE.lock().uart.init();
     log::set_logger(&LOGGER).ok();
     log::set_max_level(log::LevelFilter::Info);
 }
 
+/// From now on output is buffered and drained by `pump` (needs the heap).
+pub fn start_buffering() {
+    lock().buffer = Some(VecDeque::with_capacity(16 * 1024));
+}
+
+/// Writes what the UART can take without waiting; never blocks (another CPU pumping or
+/// printing just means this call does nothing). True while buffered bytes remain.
+pub fn pump() -> bool {
+    let Some(mut console) = CONSOLE.try_lock() else { return true };
+    let Console { uart, buffer, .. } = &mut *console;
+    let Some(buffer) = buffer else { return false };
+    if !buffer.is_empty() && uart.transmitter_ready() {
+        for _ in 0..UART_FIFO.min(buffer.len()) {
+            uart.write_byte_now(buffer.pop_front().unwrap_or(b'?'));
+        }
+    }
+    !buffer.is_empty()
+}
+
+/// Drains the buffer synchronously and returns to direct output (end of a run).
+pub fn stop_buffering() {
+    let mut console = lock();
+    if let Some(buffer) = console.buffer.take() {
+        for b in buffer {
+            console.uart.write_byte(b);
+        }
+    }
+    let dropped = console.dropped;
+    drop(console);
+    if dropped > 0 {
+        log::warn!("{dropped} console bytes were dropped while the output buffer was full");
+    }
+}
+
 /// Takes the console; a CPU that faulted while holding it must still be able to report, so
 /// after a bounded wait the lock is broken.
-fn lock() -> MutexGuard<'static, Uart> {
+fn lock() -> MutexGuard<'static, Console> {
     for _ in 0..10_000_000 {
         if let Some(guard) = CONSOLE.try_lock() {
             return guard;
@@ -31,7 +104,8 @@ fn lock() -> MutexGuard<'static, Uart> {
 }
 
 pub fn flush() {
-    lock().flush();
+    stop_buffering();
+    lock().uart.flush();
 }
 
 struct Logger;
@@ -52,7 +126,7 @@ impl log::Log for Logger {
 
 /// One JSON record line under construction; emitted by [`Record::emit`].
 pub struct Record {
-    uart: MutexGuard<'static, Uart>,
+    uart: MutexGuard<'static, Console>,
 }
 
 impl Record {
@@ -122,17 +196,17 @@ impl Record {
     }
 
     pub fn emit(mut self) {
-        let _ = write!(self.uart, "}}\r\n");
+        let _ = write!(self.uart, "}}\n");
     }
 }
 
-fn write_json_str(out: &mut Uart, s: &str) {
+fn write_json_str(out: &mut Console, s: &str) {
     let _ = out.write_str("\"");
     let _ = JsonEscaper(out).write_str(s);
     let _ = out.write_str("\"");
 }
 
-struct JsonEscaper<'a>(&'a mut Uart);
+struct JsonEscaper<'a>(&'a mut Console);
 
 impl Write for JsonEscaper<'_> {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {

@@ -162,14 +162,15 @@ pub fn run_pcpu(cpu: usize) {
         if cpu == 0 {
             maybe_report_progress(now);
         }
+        let _ = crate::console::pump();
+        pcpu.charge(Account::Overhead, crate::tsc::now());
         let deadline = decision.next_deadline.min(end);
         apic::arm_deadline(mode, deadline);
         let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
         let ended = match turn {
-            Some(index) => {
-                pcpu.charge(Account::Overhead, crate::tsc::now());
-                Some(run_turn(&mut pcpu, index, deadline, slot_start))
-            }
+            // From the end of the last turn to this vCPU's first entry is the switch into its
+            // slot: charged to it (run_turn), as it comes out of its slot.
+            Some(index) => Some(run_turn(&mut pcpu, index, deadline, slot_start)),
             None => {
                 idle_until(&mut pcpu, deadline);
                 None
@@ -212,6 +213,11 @@ pub fn run_pcpu(cpu: usize) {
 fn idle_until(pcpu: &mut Pcpu, deadline: u64) {
     pcpu.charge(Account::Overhead, crate::tsc::now());
     while crate::tsc::now() < deadline {
+        // Idle time drains the console; with nothing to print, halt until the timer.
+        if crate::console::pump() {
+            core::hint::spin_loop();
+            continue;
+        }
         // `sti; hlt` cannot lose the wake-up; the interrupt handler only acknowledges it.
         x86_64::instructions::interrupts::enable_and_hlt();
         x86_64::instructions::interrupts::disable();
@@ -246,7 +252,8 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, slot_start: u64) -> Tu
         if let Some(reason) = last_reason.take() {
             pcpu.exits[reason].cycles += handling;
         }
-        pcpu.charge(Account::OnBehalf(account_id, Work::ExitHandling), entry);
+        let work = if first_entry { Work::SlotSwitch } else { Work::ExitHandling };
+        pcpu.charge(Account::OnBehalf(account_id, work), entry);
         if first_entry {
             first_entry = false;
             if pcpu.slot_entries.len() < MAX_SLOT_ENTRIES {

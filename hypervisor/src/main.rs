@@ -230,10 +230,12 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         machine.policy.as_str(),
         tsc::cycles_to_us(machine.frame_cycles)
     );
+    console::start_buffering();
     let stuck = smp::run_on_all_within(cpus, dispatch::run_pcpu, DISPATCH_LEAD_US + run_ms * 1000 + 2_000_000);
     if !stuck.is_empty() {
         fatal("dispatch", &alloc::format!("pCPUs {stuck:?} did not finish the run"));
     }
+    console::stop_buffering();
     report::final_records(cpus, end - t0);
     Record::new("run_end").u64("run_ms", run_ms).str("policy", machine.policy.as_str()).emit();
 }

@@ -44,6 +44,16 @@ impl Uart {
         self.out(0, byte);
     }
 
+    /// The transmit FIFO is empty (it takes 16 bytes now without waiting).
+    pub fn transmitter_ready(&self) -> bool {
+        self.inb(5) & LSR_THR_EMPTY != 0
+    }
+
+    /// Writes a byte without checking for room (after `transmitter_ready`).
+    pub fn write_byte_now(&self, byte: u8) {
+        self.out(0, byte);
+    }
+
     /// Waits until the last byte has left the shift register (before ending the machine,
     /// or the tail of the log is lost).
     pub fn flush(&self) {

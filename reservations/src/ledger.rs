@@ -17,6 +17,9 @@ pub enum Work {
     ExitHandling,
     /// Taking a device interrupt the partition owns and routing it to its virtual APIC.
     IrqDemux,
+    /// Switching the pCPU to the partition at the start of its slot (loading its vCPU):
+    /// taken out of the partition's own slot, so charged to it.
+    SlotSwitch,
 }
 
 /// Who a stretch of cycles belongs to.
@@ -54,6 +57,7 @@ pub struct PartitionStats {
     pub guest_cycles: u64,
     pub exit_handling_cycles: u64,
     pub irq_demux_cycles: u64,
+    pub slot_switch_cycles: u64,
     pub exits: u64,
     pub irqs: u64,
     pub pause_loop_exits: u64,
@@ -63,7 +67,7 @@ pub struct PartitionStats {
 impl PartitionStats {
     /// Hypervisor cycles spent on the partition's behalf.
     pub fn on_behalf_cycles(&self) -> u64 {
-        self.exit_handling_cycles + self.irq_demux_cycles
+        self.exit_handling_cycles + self.irq_demux_cycles + self.slot_switch_cycles
     }
 
     /// Everything charged to the partition: its guest time plus work done for it.
@@ -75,6 +79,7 @@ impl PartitionStats {
         self.guest_cycles += other.guest_cycles;
         self.exit_handling_cycles += other.exit_handling_cycles;
         self.irq_demux_cycles += other.irq_demux_cycles;
+        self.slot_switch_cycles += other.slot_switch_cycles;
         self.exits += other.exits;
         self.irqs += other.irqs;
         self.pause_loop_exits += other.pause_loop_exits;
@@ -158,6 +163,7 @@ impl Ledger {
                 Some(stats) => match account {
                     Account::OnBehalf(_, Work::ExitHandling) => &mut stats.exit_handling_cycles,
                     Account::OnBehalf(_, Work::IrqDemux) => &mut stats.irq_demux_cycles,
+                    Account::OnBehalf(_, Work::SlotSwitch) => &mut stats.slot_switch_cycles,
                     _ => &mut stats.guest_cycles,
                 },
             },

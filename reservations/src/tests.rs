@@ -420,3 +420,14 @@ fn machine_stats_merge_pcpus_and_count_events() {
     assert_eq!(stats.unaccounted_ppb(), 500_000);
     assert_eq!(stats.share_ppm(0), 750_000);
 }
+
+#[test]
+fn slot_switch_is_work_on_the_partitions_behalf() {
+    let mut ledger = Ledger::new(0, 1, 1_000);
+    assert_eq!(ledger.charge(Account::OnBehalf(0, Work::SlotSwitch), 1_000, 1_300), Tiling::Exact);
+    assert_eq!(ledger.charge(Account::Guest(0), 1_300, 6_000), Tiling::Exact);
+    let stats = *ledger.partition(0).unwrap();
+    assert_eq!(stats.slot_switch_cycles, 300);
+    assert_eq!(stats.on_behalf_cycles(), 300);
+    assert_eq!(stats.charged_cycles(), ledger.elapsed());
+}

@@ -1,0 +1,87 @@
+//! Partitions under VMX with phase-locked gang dispatch, end to end under Bochs.
+
+use e2e::{Boot, Run};
+use serde_json::Value;
+
+fn stats<'a>(run: &'a Run, partition: &str) -> &'a Value {
+    run.all("partition_stats")
+        .into_iter()
+        .find(|r| r["partition"] == partition)
+        .unwrap_or_else(|| panic!("no partition_stats for {partition}:\n{}", run.log))
+}
+
+fn pct(v: &Value) -> f64 {
+    v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a percentage: {v}"))
+}
+
+fn assert_share(run: &Run, partition: &str, reserved_pct: f64) {
+    let share = pct(&stats(run, partition)["cpu_share_pct"]);
+    assert!(
+        (share - reserved_pct).abs() <= reserved_pct * 0.02,
+        "{partition}: measured CPU share {share}% is not within 2% of its {reserved_pct}% reservation"
+    );
+}
+
+#[test]
+fn gang_runs_two_partitions_with_low_waste_aligned_slots_and_exact_accounting() {
+    let run = Boot::new("dispatch-gang", "bochs", 2, "guests/configs/default.toml").run();
+    run.assert_clean_end();
+    assert!(run.all("partition_fault").is_empty(), "{}", run.log);
+    let barrier = stats(&run, "barrier");
+    let hog = stats(&run, "hog");
+    assert!(barrier["iterations"].as_u64().unwrap() > 100, "{barrier}");
+    assert!(hog["iterations"].as_u64().unwrap() > 100, "{hog}");
+    // Both vCPUs of the barrier run together: spinning on a sibling is rare.
+    assert!(pct(&barrier["spin_waste_hv_pct"]) <= 2.0, "{barrier}");
+    assert!(pct(&barrier["spin_waste_guest_pct"]) <= 2.0, "{barrier}");
+    // Slots start together on both pCPUs: median skew far below 1% of a 5 ms slot.
+    let slot_cycles = run.one("boot")["tsc_hz"].as_u64().unwrap() / 200;
+    assert!(barrier["gang_slots_measured"].as_u64().unwrap() > 100, "{barrier}");
+    assert!(barrier["skew_median_cycles"].as_u64().unwrap() * 100 < slot_cycles, "{barrier}");
+    // Never-halting guests are preempted at every boundary and get their reservation.
+    assert_share(&run, "barrier", 50.0);
+    assert_share(&run, "hog", 50.0);
+    // Every cycle is charged to exactly one account.
+    let accounting = run.one("accounting");
+    assert!(accounting["unaccounted_ppb"].as_u64().unwrap() <= 100, "{accounting}");
+    assert!(run.all("progress").len() >= 2, "periodic progress records");
+    assert!(run.log.contains("[barrier] testguest: vcpu0 mode=barrier"), "the guest's console reaches the log");
+}
+
+#[test]
+fn independent_baseline_shows_the_spin_wait_collapse() {
+    let gang = Boot::new("dispatch-collapse-gang", "bochs", 2, "guests/configs/default.toml").run();
+    let independent = Boot::new("dispatch-collapse-independent", "bochs", 2, "tests/configs/independent.toml").run();
+    independent.assert_clean_end();
+    let g = stats(&gang, "barrier");
+    let i = stats(&independent, "barrier");
+    let (g_rate, i_rate) = (g["iterations_per_s"].as_u64().unwrap(), i["iterations_per_s"].as_u64().unwrap());
+    assert!(i_rate * 3 < g_rate * 2, "independent ({i_rate}/s) should lose at least a third of gang's progress ({g_rate}/s)");
+    assert!(pct(&i["spin_waste_hv_pct"]) > 20.0, "independent wastes time spinning on descheduled siblings: {i}");
+    // The CPU-bound partition does not care how it is scheduled.
+    assert_share(&independent, "hog", 50.0);
+}
+
+#[test]
+fn an_out_of_bounds_access_stops_only_that_partition() {
+    let run = Boot::new("dispatch-oob", "bochs", 2, "tests/configs/oob-beside-cpubound.toml").run();
+    run.assert_clean_end();
+    let fault = run.one("partition_fault");
+    assert_eq!(fault["partition"], "rogue");
+    assert_eq!(fault["reason"], "ept-violation");
+    assert_eq!(fault["vcpu"], 0, "the testguest's vCPU 0 does the bad write");
+    let detail = fault["detail"].as_str().unwrap();
+    assert!(detail.contains("write") && detail.contains("0x1010000"), "names the access and the GPA (16 MiB + 0x10000): {detail}");
+    assert!(fault["rip"].as_str().unwrap().starts_with("0x10"), "guest RIP inside the image: {fault}");
+    assert_eq!(stats(&run, "rogue")["state"], "stopped");
+    // The other partition keeps progressing after the fault and keeps its 30%.
+    let steady: Vec<u64> = run
+        .all("progress")
+        .iter()
+        .filter(|r| r["partition"] == "steady")
+        .map(|r| r["iterations"].as_u64().unwrap())
+        .collect();
+    assert!(steady.len() >= 3 && steady.windows(2).all(|w| w[1] > w[0]), "steady keeps progressing: {steady:?}");
+    assert_eq!(stats(&run, "steady")["state"], "running");
+    assert_share(&run, "steady", 30.0);
+}
