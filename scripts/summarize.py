@@ -56,6 +56,12 @@ def main():
             rows.append(("config", f'REJECTED: {c.get("error")}'))
     for p in by.get("partition_plan", []):
         rows.append((f'  partition {p["name"]}', f'{p["vcpus"]} vCPUs on pCPUs {p["pcpus"]}, {p["memory_mib"]} MiB at {p["memory_base"]}, {p["reservation"]}'))
+    for f in by.get("partition_fault", []):
+        rows.append((f'FAULT {f["partition"]}', f'vCPU {f["vcpu"]} {f["reason"]}: {f["detail"]} at RIP {f["rip"]} ({f["action"]})'))
+    acct = one("accounting")
+    if acct:
+        unacc = 100.0 * acct["unaccounted_cycles"] / max(acct["elapsed_cycles"], 1)
+        rows.append(("accounting", f'{acct["elapsed_cycles"]} cycles on {acct["pcpus"]} pCPUs: hypervisor {acct["hypervisor_pct"]}%, unaccounted {unacc:.4f}%'))
     summ = one("summary")
     if summ:
         rows.append(("boot time (guest clock)", f'{summ["boot_us"] / 1000:.1f} ms from entry to the end of bring-up'))
@@ -75,6 +81,22 @@ def main():
     print("-" * (width + 50))
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+    stats = by.get("partition_stats", [])
+    if stats:
+        end = one("run_end") or {}
+        print(f'\nPartitions after {end.get("run_ms", "?")} ms of {end.get("policy", "?")} dispatch')
+        head = ("partition", "state", "iterations/s", "CPU share", "spin waste (hv)", "spin waste (guest)", "gang skew med/max", "exits", "PLE exits")
+        table = [head] + [(s["partition"], s["state"], str(s["iterations_per_s"]), s["cpu_share_pct"] + "%",
+                           s["spin_waste_hv_pct"] + "%", s["spin_waste_guest_pct"] + "%",
+                           f'{s["skew_median_cycles"]}/{s["skew_max_cycles"]} cycles' if s["gang_slots_measured"] else "-",
+                           str(s["exits"]), str(s["pause_loop_exits"])) for s in stats]
+        w = [max(len(r[i]) for r in table) for i in range(len(head))]
+        for r in table:
+            print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+        exits = by.get("exit_stats", [])
+        if exits:
+            print("\nVM exits: " + ", ".join(f'{e["name"]} {e["count"]} x {e["mean_cycles"]} cycles' for e in exits))
     return 1 if by.get("error") or by.get("exception") or by.get("panic") or not recs else 0
 
 

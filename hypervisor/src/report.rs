@@ -95,16 +95,21 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
     let elapsed: u64 = ledgers.iter().map(|l| l.elapsed()).sum();
     let guest: u64 = stats.partitions.iter().map(|p| p.guest_cycles).sum();
     let on_behalf: u64 = stats.partitions.iter().map(|p| p.on_behalf_cycles()).sum();
+    let idle: u64 = ledgers.iter().map(|l| l.idle_cycles()).sum();
+    let overhead: u64 = ledgers.iter().map(|l| l.overhead_cycles()).sum();
+    let percent = |cycles: u64| cycles as f64 * 100.0 / elapsed.max(1) as f64;
     Record::new("accounting")
         .u64("pcpus", cpus as u64)
         .u64("elapsed_cycles", elapsed)
         .u64("guest_cycles", guest)
         .u64("on_behalf_cycles", on_behalf)
-        .u64("idle_cycles", ledgers.iter().map(|l| l.idle_cycles()).sum())
-        .u64("overhead_cycles", ledgers.iter().map(|l| l.overhead_cycles()).sum())
+        .u64("idle_cycles", idle)
+        .u64("overhead_cycles", overhead)
         .u64("unaccounted_cycles", ledgers.iter().map(|l| l.unaccounted()).sum())
         .u64("unaccounted_ppb", stats.unaccounted_ppb())
-        .fmt("hypervisor_pct", format_args!("{:.3}", (elapsed - guest) as f64 * 100.0 / elapsed.max(1) as f64))
+        // Hypervisor time: work on partitions' behalf plus its own overhead (not idle time).
+        .fmt("hypervisor_pct", format_args!("{:.3}", percent(on_behalf + overhead)))
+        .fmt("idle_pct", format_args!("{:.3}", percent(idle)))
         .u64("guard_exits", results.iter().map(|r| r.guard_exits).sum())
         .u64("yields", results.iter().map(|r| r.yields).sum())
         .emit();
