@@ -168,8 +168,8 @@ pub fn run_pcpu(cpu: usize) {
         apic::arm_deadline(mode, deadline);
         let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
         let ended = match turn {
-            // From the end of the last turn to this vCPU's first entry is the switch into its
-            // slot: charged to it (run_turn), as it comes out of its slot.
+            // From here to the vCPU's first entry (loading its VMCS) is the switch into its
+            // slot: run_turn charges it to the partition, whose slot it comes out of.
             Some(index) => Some(run_turn(&mut pcpu, index, deadline, slot_start)),
             None => {
                 idle_until(&mut pcpu, deadline);
