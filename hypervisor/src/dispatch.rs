@@ -164,6 +164,10 @@ pub fn run_pcpu(cpu: usize) {
         }
         let _ = crate::console::pump();
         pcpu.charge(Account::Overhead, crate::tsc::now());
+        if !decision.run.is_some_and(|v| pcpu.runnable(v)) && !decision.lent {
+            // The slot's owner is halted or stopped, or the slot is empty: lend it.
+            decision = dispatcher.on_halt(now, |v| pcpu.runnable(v));
+        }
         let deadline = decision.next_deadline.min(end);
         apic::arm_deadline(mode, deadline);
         let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));

@@ -85,3 +85,14 @@ fn an_out_of_bounds_access_stops_only_that_partition() {
     assert_eq!(stats(&run, "steady")["state"], "running");
     assert_share(&run, "steady", 30.0);
 }
+
+#[test]
+fn a_halted_partitions_slots_go_to_the_soft_share() {
+    let run = Boot::new("dispatch-slack", "bochs", 2, "tests/configs/halt-gives-slack.toml").run();
+    run.assert_clean_end();
+    assert_eq!(stats(&run, "sleeper")["iterations"], 0);
+    // The soft partition gets its half plus the halted partition's half.
+    let soaker = pct(&stats(&run, "soaker")["cpu_share_pct"]);
+    assert!(soaker > 97.0, "soaker got {soaker}% of the pCPUs");
+    assert!(pct(&run.one("accounting")["idle_pct"]) < 1.0, "{}", run.one("accounting"));
+}
