@@ -1,15 +1,16 @@
 //! Compiled dispatch tables and the per-pCPU runtime state machine.
 //!
 //! `DispatchTables::compile` resolves, once, every slot of a `Plan` into what runs (partition,
-//! vCPU) through the partition's nested policy, and the account to charge. `PcpuDispatcher` is
-//! the pure state machine the bare-metal dispatcher calls: at a boundary it steps a cursor to
+//! vCPU) through the partition's nested policy, and the `reservations::Account` to charge.
+//! `PcpuDispatcher` is the pure state machine the bare-metal dispatcher calls: at a boundary it steps a cursor to
 //! the next precomputed entry (O(1): no tree, no partition list is looked at), on a halt it
 //! lends the rest of the slot to a soft partition of this pCPU from a precomputed weighted ring.
 
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::account::{AccountId, AccountMap};
+use reservations::Account;
+
 use crate::nested::{default_policy, NestedPolicy, PerPcpuRoundRobin, SubSlice};
 use crate::plan::{Owner, Plan};
 use crate::spec::{PartitionId, PartitionSpec, PlanError, Reservation, Tick};
@@ -26,22 +27,22 @@ pub struct DispatchEntry {
     pub offset: Tick,
     pub end: Tick,
     pub run: Option<VcpuRef>,
-    pub account: AccountId,
+    pub account: Account,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct PcpuTable {
     /// Sorted, tiling `[0, frame)`.
     pub entries: Vec<DispatchEntry>,
-    /// Weighted ring of soft-partition vCPUs homed on this pCPU that may receive slack.
-    pub slack_ring: Vec<(VcpuRef, AccountId)>,
+    /// Weighted ring of soft-partition vCPUs homed on this pCPU that may receive slack, with
+    /// the account lent time is charged to (the vCPU's partition's guest account).
+    pub slack_ring: Vec<(VcpuRef, Account)>,
 }
 
 #[derive(Debug, Clone)]
 pub struct DispatchTables {
     pub frame: Tick,
     pub pcpus: Vec<PcpuTable>,
-    pub accounts: AccountMap,
 }
 
 /// Length of a slack ring when a pCPU has few soft vCPUs (resolution of the proportions).
@@ -58,7 +59,6 @@ impl DispatchTables {
         parts: &[PartitionSpec],
         choose: &dyn Fn(&PartitionSpec) -> &'static dyn NestedPolicy,
     ) -> Result<Self, PlanError> {
-        let accounts = AccountMap::new(parts);
         let mut by_id: Vec<(PartitionId, usize)> = parts.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
         by_id.sort_unstable();
         let find = |pid: PartitionId| by_id.binary_search_by_key(&pid, |e| e.0).ok().map(|i| by_id[i].1);
@@ -118,8 +118,8 @@ impl DispatchTables {
                         _ => None,
                     };
                     let account = match run {
-                        Some(r) => accounts.guest(r.partition).unwrap(),
-                        None => AccountMap::HYPERVISOR,
+                        Some(r) => Account::Guest(r.partition),
+                        None => Account::Idle,
                     };
                     let (offset, end) = (slot.offset + s.start, slot.offset + s.start + s.length);
                     if s.length == 0 {
@@ -131,10 +131,10 @@ impl DispatchTables {
                     }
                 }
             }
-            let slack_ring = build_slack_ring(c as u32, parts, &accounts);
+            let slack_ring = build_slack_ring(c as u32, parts);
             pcpus.push(PcpuTable { entries, slack_ring });
         }
-        Ok(DispatchTables { frame: plan.frame, pcpus, accounts })
+        Ok(DispatchTables { frame: plan.frame, pcpus })
     }
 
     /// A state machine for `pcpu`, phase-locked to the shared release time `t0`.
@@ -145,14 +145,14 @@ impl DispatchTables {
 
 /// Smooth weighted round-robin over the soft vCPUs homed on `pcpu` (vCPU i lives on its
 /// partition's (i mod n)-th pCPU), weighted by the partition's share split among them.
-fn build_slack_ring(pcpu: u32, parts: &[PartitionSpec], accounts: &AccountMap) -> Vec<(VcpuRef, AccountId)> {
-    let mut cands: Vec<(VcpuRef, AccountId, i64)> = Vec::new();
+fn build_slack_ring(pcpu: u32, parts: &[PartitionSpec]) -> Vec<(VcpuRef, Account)> {
+    let mut cands: Vec<(VcpuRef, Account, i64)> = Vec::new();
     for p in parts {
         let Reservation::Soft { share_ppm } = p.reservation else { continue };
         let Some(pos) = p.position_of(pcpu) else { continue };
         let n = p.pcpus.len() as u32;
         let homed: Vec<u32> = (0..p.vcpus).filter(|i| i % n == pos as u32).collect();
-        let acct = accounts.guest(p.id).unwrap();
+        let acct = Account::Guest(p.id);
         for &v in &homed {
             let w = (share_ppm as i64 / homed.len() as i64).max(1);
             cands.push((VcpuRef { partition: p.id, vcpu: v }, acct, w));
@@ -183,8 +183,9 @@ fn build_slack_ring(pcpu: u32, parts: &[PartitionSpec], accounts: &AccountMap) -
 pub struct Decision {
     /// The vCPU to run, or `None` (idle: halt the pCPU until the deadline).
     pub run: Option<VcpuRef>,
-    /// Account to charge for the time until the next decision.
-    pub account: AccountId,
+    /// Account to charge for the time until the next decision: `Guest(p)` when a vCPU of `p`
+    /// runs (own slot or lent slack), `Idle` when nothing does.
+    pub account: Account,
     /// Absolute time of the next slot boundary (arm the timer for it).
     pub next_deadline: Tick,
     /// The time is slack lent from the slot's owner.
@@ -237,7 +238,7 @@ impl<'t> PcpuDispatcher<'t> {
     /// halted vCPU, the caller follows up with `on_halt` to lend the slot.
     pub fn on_boundary(&mut self, now: Tick) -> Decision {
         if now < self.t0 || self.table.entries.is_empty() {
-            return Decision { run: None, account: AccountMap::HYPERVISOR, next_deadline: self.t0, lent: false };
+            return Decision { run: None, account: Account::Idle, next_deadline: self.t0, lent: false };
         }
         if !self.started {
             self.started = true;
@@ -270,8 +271,7 @@ impl<'t> PcpuDispatcher<'t> {
     pub fn current(&self) -> Decision {
         match self.lent {
             Some(v) => {
-                let account = self.table.slack_ring.iter().find(|e| e.0 == v).map(|e| e.1).unwrap_or(AccountMap::HYPERVISOR);
-                Decision { run: Some(v), account, next_deadline: self.deadline(), lent: true }
+                Decision { run: Some(v), account: Account::Guest(v.partition), next_deadline: self.deadline(), lent: true }
             }
             None => self.owner_decision(),
         }
@@ -295,7 +295,7 @@ impl<'t> PcpuDispatcher<'t> {
             }
         }
         self.lent = None;
-        Decision { run: None, account: AccountMap::HYPERVISOR, next_deadline: self.deadline(), lent: false }
+        Decision { run: None, account: Account::Idle, next_deadline: self.deadline(), lent: false }
     }
 
     /// `vcpu` became runnable: if it owns the current slot, the owner takes the slot back from

@@ -1,6 +1,8 @@
 //! Phalanx scheduling: the planner that builds phase-locked per-pCPU dispatch tables, the nested
 //! per-partition policies, the pure per-pCPU runtime state machine the bare-metal dispatcher
-//! calls, an accounting ledger, and a discrete-event simulator that runs all of them.
+//! calls, and a discrete-event simulator that runs all of them. Accounting is
+//! `reservations::Ledger` / `reservations::Account` (the one ledger the hypervisor also uses):
+//! dispatch decisions name the `Account` to charge, the simulator keeps one `Ledger` per pCPU.
 //!
 //! Time is an abstract `Tick` (u64); the hypervisor uses TSC cycles, the simulator nanoseconds.
 //! See `docs/scheduling.md`.
@@ -9,7 +11,6 @@
 
 extern crate alloc;
 
-pub mod account;
 pub mod dispatch;
 pub mod nested;
 pub mod plan;
@@ -17,7 +18,6 @@ pub mod rng;
 pub mod sim;
 pub mod spec;
 
-pub use account::{AccountId, AccountMap, ChargeError, Ledger};
 pub use dispatch::{Decision, DispatchEntry, DispatchTables, PcpuDispatcher, PcpuTable, VcpuRef};
 pub use nested::{Gang, NestedPolicy, PerPcpuRoundRobin, RoundRobinGang, SubSlice};
 pub use plan::{plan_gang, plan_independent, IndependentConfig, Owner, Plan, PlanConfig, Slot};

@@ -1,6 +1,7 @@
 //! Discrete-event simulator: P pCPUs running partitions whose vCPUs execute a BARRIER workload
 //! (compute, then a PAUSE spin barrier, optionally spin-then-block) or a CPU-bound one. It
-//! drives the real planner, compiled tables, `PcpuDispatcher` and `Ledger`; the four policies
+//! drives the real planner, compiled tables, `PcpuDispatcher` and `reservations::Ledger` (one
+//! per pCPU, as in the hypervisor); the four policies
 //! differ only in which plan is used and what the host does on top of the table:
 //!
 //! - `Gang`: the phase-locked plan, nothing else (Phalanx).
@@ -21,7 +22,8 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::account::{AccountId, AccountMap, Ledger};
+use reservations::{Account, Ledger, MachineStats, Tiling, Work};
+
 use crate::dispatch::{Decision, DispatchTables, PcpuDispatcher, VcpuRef};
 use crate::plan::{plan_gang, plan_independent, IndependentConfig, PlanConfig};
 use crate::rng::SplitMix64;
@@ -68,8 +70,8 @@ pub struct SimPartition {
 pub struct SimConfig {
     pub pcpu_count: u32,
     pub duration: Tick,
-    /// Cost of switching a pCPU to another vCPU (charged to the incoming partition's
-    /// hypervisor account; the vCPU makes no progress meanwhile).
+    /// Cost of switching a pCPU to another vCPU (charged to the incoming partition as
+    /// `Account::OnBehalf(p, Work::SlotSwitch)`; the vCPU makes no progress meanwhile).
     pub switch_cost: Tick,
     pub soft_period: Tick,
     pub frame: Option<Tick>,
@@ -133,9 +135,13 @@ pub struct SimResult {
     pub duration: Tick,
     pub partitions: Vec<PartitionResult>,
     pub trace: Vec<TraceSlice>,
-    /// Ledger check: sum over accounts and the elapsed time over all pCPUs.
+    /// Ledger check: ticks charged to some account and the elapsed time, summed over all pCPUs'
+    /// ledgers (`MachineStats::charged` / `elapsed_cycles`); equal when every tick was charged.
     pub charged: Tick,
     pub elapsed: Tick,
+    /// All pCPUs' `reservations::Ledger`s summed (per-partition guest / on-behalf ticks, idle,
+    /// overhead, unaccounted, tiling faults), indexed by partition id.
+    pub stats: MachineStats,
     /// Owner changes per frame forced by the table.
     pub table_switches: usize,
     pub frame: Tick,
@@ -168,15 +174,15 @@ struct Part {
     spread_sum: u128,
     yield_cursor: usize,
     res: PartitionResult,
-    guest: AccountId,
-    hyp: AccountId,
 }
 
 struct Cpu {
     running: Option<VcpuRef>,
     busy_until: Tick,
     deadline: Tick,
-    account: AccountId,
+    account: Account,
+    /// What the overhead until `busy_until` is charged as (to the running partition).
+    overhead: Work,
     /// A sibling boosted here by a directed yield / co-start (runs until it reaches the barrier
     /// or this pCPU's next boundary).
     boost: Option<VcpuRef>,
@@ -193,7 +199,8 @@ struct Sim<'t> {
     cpus: Vec<Cpu>,
     parts: Vec<Part>,
     ids: Vec<(u32, usize)>,
-    ledger: Ledger,
+    /// One per pCPU, sized for partition ids `0..=max id`.
+    ledgers: Vec<Ledger>,
     rng: SplitMix64,
     trace: Vec<TraceSlice>,
 }
@@ -221,8 +228,6 @@ impl<'t> Sim<'t> {
         let mut rng = SplitMix64::new(cfg.seed ^ 0x5EED);
         let mut sim_parts = Vec::new();
         for p in parts {
-            let guest = tables.accounts.guest(p.spec.id).unwrap();
-            let hyp = tables.accounts.hypervisor_for(p.spec.id).unwrap();
             let vcpus = (0..p.spec.vcpus)
                 .map(|_| Vcpu {
                     state: VState::Compute { left: first_work(&p.workload, &mut rng) },
@@ -243,23 +248,31 @@ impl<'t> Sim<'t> {
                 spread_sum: 0,
                 yield_cursor: 0,
                 res: PartitionResult { id: p.spec.id, name: p.spec.name.clone(), ..Default::default() },
-                guest,
-                hyp,
             });
         }
         let mut ids: Vec<(u32, usize)> = sim_parts.iter().enumerate().map(|(i, p)| (p.spec.id, i)).collect();
         ids.sort_unstable();
         let p = cfg.pcpu_count as usize;
+        let accounts = parts.iter().map(|x| x.spec.id as usize + 1).max().unwrap_or(0);
         Sim {
             cfg: cfg.clone(),
             policy,
             disps: (0..p).map(|c| tables.dispatcher(c, 0)).collect(),
             cpus: (0..p)
-                .map(|_| Cpu { running: None, busy_until: 0, deadline: 0, account: AccountMap::HYPERVISOR, boost: None, boost_partner: None, swapped_to: None })
+                .map(|_| Cpu {
+                    running: None,
+                    busy_until: 0,
+                    deadline: 0,
+                    account: Account::Idle,
+                    overhead: Work::SlotSwitch,
+                    boost: None,
+                    boost_partner: None,
+                    swapped_to: None,
+                })
                 .collect(),
             parts: sim_parts,
             ids,
-            ledger: Ledger::new(tables.accounts.len(), p, 0),
+            ledgers: (0..p).map(|c| Ledger::new(c as u32, accounts, 0)).collect(),
             rng,
             trace: Vec::new(),
         }
@@ -356,18 +369,20 @@ impl<'t> Sim<'t> {
             let cpu = &self.cpus[c];
             let ovh_end = cpu.busy_until.clamp(now, next);
             let run = cpu.running;
-            let account = cpu.account;
+            let (account, overhead) = (cpu.account, cpu.overhead);
             let mut kind = SliceKind::Idle;
             if ovh_end > now {
-                let hyp = run.map(|v| self.parts[self.pidx(v.partition)].hyp).unwrap_or(AccountMap::HYPERVISOR);
-                self.ledger.charge(c, now, ovh_end, hyp).expect("contiguous charge");
+                let hyp = run.map_or(Account::Overhead, |v| Account::OnBehalf(v.partition, overhead));
+                let tiling = self.ledgers[c].charge(hyp, now, ovh_end);
+                assert_eq!(tiling, Tiling::Exact, "pCPU {c}: overhead charge [{now}, {ovh_end})");
                 if let Some(v) = run {
                     let i = self.pidx(v.partition);
                     self.parts[i].res.overhead_time += ovh_end - now;
                 }
                 self.record(c, now, ovh_end, run, SliceKind::Overhead);
             }
-            self.ledger.charge(c, ovh_end, next, account).expect("contiguous charge");
+            let tiling = self.ledgers[c].charge(account, ovh_end, next);
+            assert_eq!(tiling, Tiling::Exact, "pCPU {c}: charge [{ovh_end}, {next}) to {account:?}");
             let dt = next - ovh_end;
             if let Some(v) = run {
                 let i = self.pidx(v.partition);
@@ -470,7 +485,7 @@ impl<'t> Sim<'t> {
     }
 
     fn halt(&mut self, c: usize, now: Tick) {
-        let d = Decision { run: None, account: AccountMap::HYPERVISOR, next_deadline: self.cpus[c].deadline, lent: false };
+        let d = Decision { run: None, account: Account::Idle, next_deadline: self.cpus[c].deadline, lent: false };
         self.take(c, d, now);
     }
 
@@ -496,6 +511,7 @@ impl<'t> Sim<'t> {
         }
         self.cpus[c].running = Some(v);
         self.cpus[c].busy_until = now + self.cfg.switch_cost;
+        self.cpus[c].overhead = Work::SlotSwitch;
         let i = self.pidx(v.partition);
         self.parts[i].res.switches += 1;
         if let Some(e) = elsewhere {
@@ -586,8 +602,13 @@ impl<'t> Sim<'t> {
 
     fn ple_exit(&mut self, c: usize, i: usize, v: VcpuRef, now: Tick, exit_cost: Tick) {
         self.parts[i].res.ple_exits += 1;
+        self.ledgers[c].note_exit(v.partition);
+        self.ledgers[c].note_pause_loop_exit(v.partition);
         self.vcpu_mut(v).ple_spin = 0;
         self.cpus[c].busy_until = now + exit_cost;
+        // Charged as exit handling unless the swap below switches `c` to another vCPU (then
+        // the exit and the switch are one stretch charged as a switch to the incoming one).
+        self.cpus[c].overhead = Work::ExitHandling;
         let p = &self.parts[i];
         let n = p.vcpus.len();
         let target = (0..n)
@@ -606,7 +627,7 @@ impl<'t> Sim<'t> {
     fn swap_boost(&mut self, from: usize, i: usize, y: VcpuRef, now: Tick) {
         let n = self.parts[i].spec.pcpus.len();
         let home = self.parts[i].spec.pcpus[y.vcpu as usize % n] as usize;
-        let guest = self.parts[i].guest;
+        let guest = Account::Guest(y.partition);
         let mut partner = None;
         if home != from {
             let d = self.lend(from, now, Some(y.partition));
@@ -679,6 +700,8 @@ impl<'t> Sim<'t> {
     }
 
     fn finish(mut self) -> SimResult {
+        let stats = MachineStats::from_ledgers(&self.ledgers);
+        let charged = self.ledgers.iter().map(Ledger::charged).sum();
         let secs = self.cfg.duration as f64 / NS_PER_S;
         for p in &mut self.parts {
             let r = &mut p.res;
@@ -692,8 +715,9 @@ impl<'t> Sim<'t> {
             duration: self.cfg.duration,
             partitions: self.parts.into_iter().map(|p| p.res).collect(),
             trace: self.trace,
-            charged: self.ledger.sum(),
-            elapsed: self.ledger.elapsed(),
+            charged,
+            elapsed: stats.elapsed_cycles,
+            stats,
             table_switches: 0,
             frame: 0,
         }
@@ -821,6 +845,7 @@ mod tests {
             s.partitions[1].compute_time
         );
         assert_eq!(b.charged, b.elapsed);
+        check_ledger(&b);
     }
 
     #[test]
@@ -836,8 +861,25 @@ mod tests {
         // The directed-yield swap keeps the two partitions' CPU shares close to 50/50.
         let (a, b) = (ple.partitions[0].cpu_time as f64, ple.partitions[1].cpu_time as f64);
         assert!((a / b - 1.0).abs() < 0.1, "PLE shares {a} vs {b}");
-        for r in [&ple, &rc] {
+        for r in [&i, &ple, &rc] {
             assert_eq!(r.charged, r.elapsed, "{}", r.policy);
+            check_ledger(r);
+        }
+        assert_eq!(ple.stats.partitions[1].pause_loop_exits, ple.partitions[0].ple_exits);
+        assert!(ple.stats.partitions[1].exit_handling_cycles > 0, "PLE exits are charged as exit handling");
+    }
+
+    /// The pCPUs' `reservations::Ledger`s agree with the simulator's own per-partition counts.
+    fn check_ledger(r: &SimResult) {
+        let s = &r.stats;
+        assert_eq!((s.unaccounted_cycles, s.overlap_cycles, s.tiling_faults), (0, 0, 0), "{}", r.policy);
+        let charged: Tick = s.partitions.iter().map(|p| p.charged_cycles()).sum::<Tick>() + s.idle_cycles + s.overhead_cycles;
+        assert_eq!((charged, s.elapsed_cycles), (r.charged, r.elapsed), "{}", r.policy);
+        for p in &r.partitions {
+            let st = &s.partitions[p.id as usize];
+            assert_eq!(st.guest_cycles, p.cpu_time, "{} {}: guest ticks", r.policy, p.name);
+            assert_eq!(st.on_behalf_cycles(), p.overhead_time, "{} {}: switch/exit ticks", r.policy, p.name);
+            assert_eq!(st.pause_loop_exits, p.ple_exits, "{} {}", r.policy, p.name);
         }
     }
 
@@ -857,6 +899,7 @@ mod tests {
         assert!(b > 0.9 * s, "blocking costs little progress: {b} vs {s}");
         assert!(block.partitions[1].compute_time > spin.partitions[1].compute_time, "batch gets the lent time");
         assert_eq!(block.charged, block.elapsed);
+        check_ledger(&block);
     }
 
     #[test]
@@ -876,5 +919,8 @@ mod tests {
         assert!(r.trace.iter().any(|s| s.kind == SliceKind::Overhead));
         // Switch cost: 2 switches per 10 ms per pCPU, each costing 2 us of the incoming partition.
         assert_eq!(r.partitions[0].overhead_time + r.partitions[1].overhead_time, 2 * 2 * 5 * 2 * US);
+        check_ledger(&r);
+        assert_eq!(r.stats.partitions[1].slot_switch_cycles + r.stats.partitions[2].slot_switch_cycles, 2 * 2 * 5 * 2 * US);
+        assert_eq!(r.stats.partitions[1].exit_handling_cycles, 0, "no PLE: no exit handling");
     }
 }
