@@ -5,12 +5,17 @@
 //!       policies, plus BARRIER alone on 4 dedicated pCPUs. Prints the table, writes
 //!       DIR/results.json and DIR/trace.json (Perfetto / chrome://tracing).
 //!   sched-sim scale
-//!       Planning time at 256 pCPUs / 1,000 partitions / 4,096 vCPUs, and dispatch decision cost.
+//!       256 pCPUs / 1,000 partitions / 4,096 vCPUs built as real `reservations` trees of depth 1
+//!       and 8: admission, flattening and planning time, and dispatch decision cost on each.
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use sched::sim::{simulate, Policy, SimConfig, SimPartition, SimResult, SliceKind, Workload};
+use reservations::{
+    ChildPolicy, FlatPartition, GroupSpec, NestedPolicy, PartitionSpec as TreePartition, Reservation as TreeReservation, Tree,
+    TreeSpec,
+};
 use sched::{plan_gang, DispatchTables, PartitionSpec, PlanConfig, Reservation, Tick};
 use serde_json::{json, Value};
 
@@ -205,34 +210,91 @@ fn trace_json(rows: &[Row]) -> Value {
     json!({"traceEvents": events, "displayTimeUnit": "ns"})
 }
 
-/// 1,000 partitions, 4,096 vCPUs on 256 pCPUs: 64 groups of 4 pCPUs, ~16 partitions each, half
-/// hard (periods 1, 2 or 4 ms), half soft, about 80% reserved per pCPU; 96 partitions have 5
-/// vCPUs (round-robin gang on 4 pCPUs), the rest 4.
-fn scale_set(partitions: u32, pcpus: u32, depth: u32) -> Vec<PartitionSpec> {
-    let groups = pcpus / 4;
-    let per_group = partitions.div_ceil(groups);
-    let share_ppm = 800_000 / per_group;
+/// 1,000 partitions, 4,096 vCPUs on 256 pCPUs as a real partition tree: 64 blocks of 4 pCPUs,
+/// ~16 partitions per block; even-numbered ones hard (5% of each of their pCPUs, 1/2/4 ms
+/// periods), odd-numbered ones weighted (equal weights: they share what the hard ones leave,
+/// ~60% of each pCPU); 96 partitions have 5 vCPUs (round-robin gang on 4 pCPUs), the rest 4.
+/// At `depth` 1 the partitions are children of the machine; at depth d > 1 each block is a
+/// chain of d - 1 nested groups (each a 100% fixed share of its parent) with the block's
+/// partitions under the innermost, so every leaf is at depth d.
+fn scale_tree(partitions: u32, pcpus: u32, depth: u32) -> TreeSpec {
+    let blocks = pcpus / 4;
+    let per_block = partitions.div_ceil(blocks) as u64;
     let extra_vcpus = 4096u32.saturating_sub(4 * partitions).min(partitions);
-    (0..partitions)
+    let mut groups = Vec::new();
+    let mut innermost = Vec::new();
+    for b in 0..blocks {
+        let mut parent = None;
+        for level in 1..depth {
+            groups.push(GroupSpec {
+                name: format!("block{b}-level{level}"),
+                parent,
+                reservation: TreeReservation::FixedShare { percent: 100 },
+                pcpus: None,
+                children: ChildPolicy::Any,
+            });
+            parent = Some(groups.len() - 1);
+        }
+        innermost.push(parent);
+    }
+    let partitions = (0..partitions)
         .map(|i| {
-            let g = i % groups;
-            let period = MS << (i % 3);
+            let b = i % blocks;
+            let period_us = 1_000 << (i % 3);
             let reservation = if i % 2 == 0 {
-                Reservation::Hard { budget: period * share_ppm as u64 / 1_000_000, period }
+                TreeReservation::Hard { budget_us: period_us * 4 / (5 * per_block), period_us }
             } else {
-                Reservation::Soft { share_ppm }
+                TreeReservation::Weight(1)
             };
-            PartitionSpec {
-                id: i,
+            let vcpus = if i < extra_vcpus { 5 } else { 4 };
+            TreePartition {
                 name: format!("p{i}"),
-                pcpus: (4 * g..4 * g + 4).collect(),
-                vcpus: if i < extra_vcpus { 5 } else { 4 },
-                gang: true,
+                group: innermost[b as usize],
+                vcpus,
+                pcpus: (4 * b..4 * b + 4).collect(),
                 reservation,
-                depth,
+                nested: if vcpus > 4 { NestedPolicy::RoundRobinGang } else { NestedPolicy::Gang },
             }
         })
-        .collect()
+        .collect();
+    TreeSpec { major_frame_us: 4_000, pcpu_count: Some(pcpus), gang: true, groups, partitions }
+}
+
+struct Built {
+    leaves: Vec<PartitionSpec>,
+    tables: DispatchTables,
+    frame: Tick,
+    /// Best of 3, in seconds: `Tree::build` (admission), `Tree::flatten`, plan + compile.
+    admit_s: f64,
+    flatten_s: f64,
+    plan_s: f64,
+}
+
+/// Tree spec -> admission -> flatten (us -> ns) -> `plan_gang` -> `DispatchTables::compile`,
+/// each phase timed (best of 3).
+fn build(spec: &TreeSpec, pcpus: u32) -> Result<Built, String> {
+    let mut best = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let mut out = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let tree = Tree::build(black_box(spec)).map_err(|e| e.to_string())?;
+        let admit = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let flat = black_box(&tree).flatten();
+        let flatten = t.elapsed().as_secs_f64();
+        let leaves: Vec<PartitionSpec> = flat
+            .iter()
+            .map(|f| PartitionSpec::from(&FlatPartition { reservation: f.reservation.in_ticks(US), ..f.clone() }))
+            .collect();
+        let t = Instant::now();
+        let plan = plan_gang(&leaves, &PlanConfig::new(pcpus, MS)).map_err(|e| e.to_string())?;
+        let tables = DispatchTables::compile(&plan, &leaves).map_err(|e| e.to_string())?;
+        let plan_s = t.elapsed().as_secs_f64();
+        best = (best.0.min(admit), best.1.min(flatten), best.2.min(plan_s));
+        out = Some((leaves, tables, plan.frame));
+    }
+    let (leaves, tables, frame) = out.unwrap();
+    Ok(Built { leaves, tables, frame, admit_s: best.0, flatten_s: best.1, plan_s: best.2 })
 }
 
 /// Best of 5 runs (the machine is shared; the minimum is the least disturbed).
@@ -253,41 +315,50 @@ fn time_decisions_once(tables: &DispatchTables, iters: u64) -> f64 {
 }
 
 fn scale() -> Result<(), String> {
-    let mut cfg = PlanConfig::new(256, MS);
-    let set = scale_set(1000, 256, 1);
-    let vcpus: u32 = set.iter().map(|p| p.vcpus).sum();
-    let t = Instant::now();
-    let plan = plan_gang(&set, &cfg).map_err(|e| e.to_string())?;
-    let tables = DispatchTables::compile(&plan, &set).map_err(|e| e.to_string())?;
-    let plan_s = t.elapsed().as_secs_f64();
-    let entries: usize = tables.pcpus.iter().map(|p| p.entries.len()).sum();
-    println!(
-        "plan: 256 pCPUs, {} partitions, {vcpus} vCPUs, frame {} ms: planned + compiled in {:.1} ms ({} table entries) -> target < 1 s: {}",
-        set.len(),
-        plan.frame / MS,
-        plan_s * 1e3,
-        entries,
-        if plan_s < 1.0 { "PASS" } else { "FAIL" }
-    );
-    if vcpus != 4096 {
-        return Err(format!("scale set has {vcpus} vCPUs, expected 4096"));
+    let mut built = Vec::new();
+    for depth in [1, 8] {
+        let spec = scale_tree(1000, 256, depth);
+        let b = build(&spec, 256)?;
+        let vcpus: u32 = b.leaves.iter().map(|p| p.vcpus).sum();
+        if vcpus != 4096 || b.leaves.iter().any(|p| p.depth != depth) {
+            return Err(format!("depth-{depth} scale tree: {vcpus} vCPUs (expected 4096) or a leaf not at depth {depth}"));
+        }
+        let entries: usize = b.tables.pcpus.iter().map(|p| p.entries.len()).sum();
+        let total = b.admit_s + b.flatten_s + b.plan_s;
+        println!(
+            "depth {depth}: 256 pCPUs, {} groups, {} partitions, {vcpus} vCPUs, frame {} ms, {entries} table entries: \
+             admission {:.2} ms + flatten {:.2} ms + plan/compile {:.1} ms = {:.1} ms -> target < 1 s: {}",
+            spec.groups.len(),
+            b.leaves.len(),
+            b.frame / MS,
+            b.admit_s * 1e3,
+            b.flatten_s * 1e3,
+            b.plan_s * 1e3,
+            total * 1e3,
+            if total < 1.0 { "PASS" } else { "FAIL" }
+        );
+        built.push(b);
     }
+    let (d1, d8) = (&built[0], &built[1]);
+    let same = d1.tables.frame == d8.tables.frame
+        && d1.tables.pcpus.iter().zip(&d8.tables.pcpus).all(|(a, b)| a.entries == b.entries && a.slack_ring == b.slack_ring);
+    println!(
+        "depth 1 vs depth 8: flattened reservations {}, dispatch tables {}",
+        if d1.leaves.iter().zip(&d8.leaves).all(|(a, b)| a.reservation == b.reservation) { "identical" } else { "DIFFER" },
+        if same { "identical" } else { "DIFFER" }
+    );
 
     const ITERS: u64 = 20_000_000;
-    let deep = scale_set(1000, 256, 8);
-    let deep_tables = DispatchTables::compile(&plan_gang(&deep, &cfg).map_err(|e| e.to_string())?, &deep).map_err(|e| e.to_string())?;
-    cfg.pcpu_count = 4;
-    let small = scale_set(10, 4, 1);
-    let small_tables = DispatchTables::compile(&plan_gang(&small, &cfg).map_err(|e| e.to_string())?, &small).map_err(|e| e.to_string())?;
-    let _warm = time_decisions(&tables, ITERS / 4);
-    let d1 = time_decisions(&tables, ITERS);
-    let d8 = time_decisions(&deep_tables, ITERS);
-    let p10 = time_decisions(&small_tables, ITERS);
-    let p1000 = time_decisions(&tables, ITERS);
+    let small = build(&scale_tree(10, 4, 1), 4)?;
+    let _warm = time_decisions(&d1.tables, ITERS / 4);
+    let t1 = time_decisions(&d1.tables, ITERS);
+    let t8 = time_decisions(&d8.tables, ITERS);
+    let p10 = time_decisions(&small.tables, ITERS);
+    let t1_again = time_decisions(&d1.tables, ITERS);
     println!("dispatch decision (on_boundary, cycling over all pCPUs' dispatchers; best of 5 x 4M):");
-    println!("  depth 1, 1,000 partitions / 256 pCPUs: {d1:.2} ns/decision");
-    println!("  depth 8, 1,000 partitions / 256 pCPUs: {d8:.2} ns/decision");
-    println!("  10 partitions / 4 pCPUs:               {p10:.2} ns/decision");
-    println!("  1,000 partitions / 256 pCPUs:          {p1000:.2} ns/decision");
+    println!("  depth 1 tree, 1,000 partitions / 256 pCPUs: {t1:.2} ns/decision");
+    println!("  depth 8 tree, 1,000 partitions / 256 pCPUs: {t8:.2} ns/decision");
+    println!("  depth 1 tree, 10 partitions / 4 pCPUs:      {p10:.2} ns/decision");
+    println!("  depth 1 tree, 1,000 / 256 again (noise):    {t1_again:.2} ns/decision");
     Ok(())
 }
