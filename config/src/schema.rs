@@ -160,9 +160,10 @@ impl DispatchPolicy {
         }
     }
 
-    /// Whether the planner aligns each partition's slots across its pCPUs.
+    /// Whether the planner aligns each partition's slots across its pCPUs. Relaxed
+    /// co-scheduling runs on the independent tables and only stops leading vCPUs at run time.
     pub fn aligned(self) -> bool {
-        matches!(self, DispatchPolicy::Gang | DispatchPolicy::RelaxedCo)
+        matches!(self, DispatchPolicy::Gang)
     }
 }
 

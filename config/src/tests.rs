@@ -185,7 +185,7 @@ fn independent_dispatch_flattens_without_gang_alignment() {
     let relaxed = edit(BASE, "policy = \"gang\"", "policy = \"relaxed-co\"\nskew_bound_us = 500");
     let v = ok(&relaxed, None);
     assert_eq!(v.config.hypervisor.skew_bound_us, Some(500));
-    assert!(v.tree.flatten().iter().all(|p| p.gang));
+    assert!(v.tree.flatten().iter().all(|p| !p.gang), "relaxed co-scheduling starts from the independent tables");
 }
 
 #[test]

@@ -114,7 +114,34 @@ impl Pcpu {
     }
 
     fn runnable(&self, v: VcpuRef) -> bool {
-        self.find(v).is_some_and(|i| !self.vcpus[i].halted && !machine().partitions[v.partition as usize].is_stopped())
+        let m = machine();
+        let partition = &m.partitions[v.partition as usize];
+        self.find(v).is_some_and(|i| !self.vcpus[i].halted && !partition.is_stopped())
+            && !m.skew_bound.is_some_and(|bound| partition.co_stopped(v.vcpu, bound))
+    }
+
+    /// In a slot of `partition`: parks this pCPU's vCPUs of it if it waits for a reset, and
+    /// sets them up again (on this pCPU) once it was reset. Done only in the partition's own
+    /// slots and charged to it, so a reset takes no time from anyone else.
+    fn follow_resets(&mut self, partition_id: usize) {
+        let m = machine();
+        let start = crate::tsc::now();
+        for index in 0..self.vcpus.len() {
+            let v = &mut self.vcpus[index];
+            if v.partition != partition_id {
+                continue;
+            }
+            let partition = &m.partitions[v.partition];
+            partition.park_for_reset(&mut v.parked_generation);
+            let generation = partition.generation.load(Ordering::Acquire);
+            if v.generation != generation && !partition.is_stopped() {
+                v.setup(&m.controls, &partition.context, &firmware::longmode::initial_vcpu_state(v.index));
+                v.generation = generation;
+                self.loaded = Some(index);
+            }
+        }
+        self.charge(Account::Overhead, start);
+        self.charge(Account::OnBehalf(partition_id as reservations::PartitionId, Work::ExitHandling), crate::tsc::now());
     }
 }
 
@@ -164,6 +191,9 @@ pub fn run_pcpu(cpu: usize) {
         }
         let _ = crate::console::pump();
         pcpu.charge(Account::Overhead, crate::tsc::now());
+        if let Some(owner) = decision.run.filter(|_| !decision.lent) {
+            pcpu.follow_resets(owner.partition as usize);
+        }
         if !decision.run.is_some_and(|v| pcpu.runnable(v)) && !decision.lent {
             // The slot's owner is halted or stopped, or the slot is empty: lend it.
             decision = dispatcher.on_halt(now, |v| pcpu.runnable(v));
@@ -266,6 +296,7 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, slot_start: u64) -> Tu
         }
         let result = pcpu.vcpus[index].enter();
         let exit = crate::tsc::now();
+        partition.vcpu_run_cycles[pcpu.vcpus[index].index as usize].fetch_add(exit - entry, Ordering::Relaxed);
         pcpu.charge(Account::Guest(account_id), exit);
         if let Err(error) = result {
             partition.stop(Fault {

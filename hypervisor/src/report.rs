@@ -71,6 +71,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("skew_median_cycles", skew_median)
             .u64("skew_max_cycles", skew_max)
             .u64("hypercalls", p.hypercalls.load(core::sync::atomic::Ordering::Relaxed))
+            .u64("resets", p.resets.load(core::sync::atomic::Ordering::Relaxed))
             .str("state", if fault.is_some() { "stopped" } else { "running" })
             .emit();
         let _ = id;

@@ -9,7 +9,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use spin::{Mutex, Once};
 
 use config::{DispatchPolicy, OnFault, Placement, Validated};
@@ -42,11 +42,31 @@ pub struct Partition {
     console: Mutex<String>,
     pub done_vcpus: AtomicU64,
     pub hypercalls: AtomicU64,
+    /// The payload and its boot parameters, kept to reload the partition on a reset.
+    image: &'static [u8],
+    cmdline: String,
+    /// Bumped by each reset: a vCPU whose VMCS was set up for an older generation is set up
+    /// again before it runs.
+    pub generation: AtomicU64,
+    /// A reset waits until every vCPU is parked (out of the guest, on its own pCPU).
+    reset_pending: AtomicBool,
+    parked: AtomicU32,
+    pub resets: AtomicU64,
+    /// Guest cycles per vCPU (relaxed co-scheduling compares siblings' progress).
+    pub vcpu_run_cycles: Vec<AtomicU64>,
 }
 
 impl Partition {
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Relaxed co-scheduling: whether `vcpu` ran more than `bound` guest cycles ahead of its
+    /// slowest sibling, and must wait for it (shared counters, read without locks or IPIs).
+    pub fn co_stopped(&self, vcpu: u32, bound: u64) -> bool {
+        let mine = self.vcpu_run_cycles[vcpu as usize].load(Ordering::Relaxed);
+        let slowest = self.vcpu_run_cycles.iter().map(|c| c.load(Ordering::Relaxed)).min().unwrap_or(mine);
+        mine > slowest + bound
     }
 
     /// Stops every vCPU of this partition (each leaves the guest at its next exit or slot);
@@ -70,12 +90,47 @@ impl Partition {
                 .fmt("rip", format_args!("{:#x}", fault.rip))
                 .str("action", match self.on_fault {
                     OnFault::Stop => "stopped",
-                    OnFault::Reset => "stopped (reset is not implemented yet)",
+                    OnFault::Reset => "reset",
                 })
                 .emit();
             *slot = Some(fault);
         }
+        if self.on_fault == OnFault::Reset {
+            self.reset_pending.store(true, Ordering::Release);
+        }
         self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Called by the home pCPU of vCPU `vcpu` (outside the guest) once per generation while a
+    /// reset is pending. The last vCPU to park reloads the partition's memory and releases it
+    /// under a new generation; returns true on that pCPU.
+    pub fn park_for_reset(&self, parked_generation: &mut u64) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        if !self.reset_pending.load(Ordering::Acquire) || *parked_generation == generation + 1 {
+            return false;
+        }
+        *parked_generation = generation + 1;
+        if self.parked.fetch_add(1, Ordering::AcqRel) + 1 < self.vcpus {
+            return false;
+        }
+        // Every vCPU is out of the guest: reload what the guest starts from (image, boot
+        // information, page tables, statistics). The rest of its memory is its own and is
+        // left as it was.
+        let mut window = HostWindow { base: self.memory.start, size: self.memory.end - self.memory.start };
+        let params = BootParams { image: self.image, cmdline: &self.cmdline, vcpus: self.vcpus, tsc_hz: crate::tsc::hz() };
+        if let Err(e) = firmware::longmode::load_test_guest(&mut window, &params) {
+            log::error!("partition {}: reset failed, it stays stopped: {e:?}", self.name);
+            return true;
+        }
+        self.parked.store(0, Ordering::Release);
+        *self.fault.lock() = None;
+        self.done_vcpus.store(0, Ordering::Relaxed);
+        let resets = self.resets.fetch_add(1, Ordering::AcqRel) + 1;
+        self.reset_pending.store(false, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.stopped.store(false, Ordering::Release);
+        crate::console::Record::new("partition_reset").str("partition", &self.name).u64("resets", resets).emit();
+        true
     }
 
     /// A byte the guest wrote to its virtual UART; whole lines go to the console.
@@ -176,6 +231,8 @@ pub struct Machine {
     /// Per partition, per vCPU: the one pCPU it runs on.
     pub homes: Vec<Vec<usize>>,
     pub frame_cycles: u64,
+    /// `relaxed-co`: a vCPU this many guest cycles ahead of its slowest sibling is co-stopped.
+    pub skew_bound: Option<u64>,
 }
 
 static MACHINE: Once<Machine> = Once::new();
@@ -233,6 +290,13 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
             console: Mutex::new(String::new()),
             done_vcpus: AtomicU64::new(0),
             hypercalls: AtomicU64::new(0),
+            image,
+            cmdline: p.guest.cmdline.clone(),
+            generation: AtomicU64::new(0),
+            reset_pending: AtomicBool::new(false),
+            parked: AtomicU32::new(0),
+            resets: AtomicU64::new(0),
+            vcpu_run_cycles: (0..p.vcpus).map(|_| AtomicU64::new(0)).collect(),
         });
     }
 
@@ -288,5 +352,7 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
                 .collect::<Result<Vec<_>, _>>()
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(MACHINE.call_once(|| Machine { partitions, tables, policy: config.hypervisor.policy, controls, homes, frame_cycles }))
+    let skew_bound = (config.hypervisor.policy == DispatchPolicy::RelaxedCo)
+        .then(|| config.hypervisor.skew_bound_us.unwrap_or(config.hypervisor.major_frame_us / 10) * tsc_per_us);
+    Ok(MACHINE.call_once(|| Machine { partitions, tables, policy: config.hypervisor.policy, controls, homes, frame_cycles, skew_bound }))
 }

@@ -85,6 +85,10 @@ pub struct Vcpu {
     launched: bool,
     pub regs: GuestRegs,
     pub halted: bool,
+    /// The partition generation this vCPU's VMCS was set up for (see `Partition::generation`).
+    pub generation: u64,
+    /// The generation + 1 in which this vCPU parked for a pending reset (0: never).
+    pub parked_generation: u64,
 }
 
 const FXSAVE_SIZE: usize = 512;
@@ -96,12 +100,10 @@ impl Vcpu {
     pub fn new(partition: usize, index: u32, vpid: u16, caps: &VmxCapabilities) -> Vcpu {
         let region = crate::memory::alloc_zeroed_pages(1);
         region[..4].copy_from_slice(&caps.revision_id().to_le_bytes());
-        // Both FXSAVE areas in one page: guest at 0, host scratch at 512.
+        // Both FXSAVE areas in one page: guest at 0, host scratch at 512 (set up in `setup`).
         let fx = crate::memory::alloc_zeroed_pages(1);
-        fx[0..2].copy_from_slice(&FCW_DEFAULT.to_le_bytes());
-        fx[24..28].copy_from_slice(&MXCSR_DEFAULT.to_le_bytes());
         let regs = GuestRegs { guest_fx: fx.as_ptr() as u64, host_fx: fx.as_ptr() as u64 + FXSAVE_SIZE as u64, ..Default::default() };
-        Vcpu { partition, index, vpid, vmcs: region.as_ptr() as u64, launched: false, regs, halted: false }
+        Vcpu { partition, index, vpid, vmcs: region.as_ptr() as u64, launched: false, regs, halted: false, generation: 0, parked_generation: 0 }
     }
 
     /// Makes this vCPU's VMCS current on the executing pCPU.
@@ -187,8 +189,13 @@ impl Vcpu {
 
         // The EPT may have been used with other mappings on this CPU: drop stale translations.
         vmcs::invept_single_context(context.eptp);
-        self.regs.rdi = state.rdi;
-        self.regs.rsi = state.rsi;
+        let fx = (self.regs.guest_fx, self.regs.host_fx);
+        self.regs = GuestRegs { guest_fx: fx.0, host_fx: fx.1, rdi: state.rdi, rsi: state.rsi, ..Default::default() };
+        // SAFETY: the vCPU's own FXSAVE page; reset to the power-on x87/SSE state.
+        let area = unsafe { core::slice::from_raw_parts_mut(fx.0 as *mut u8, FXSAVE_SIZE) };
+        area.fill(0);
+        area[0..2].copy_from_slice(&FCW_DEFAULT.to_le_bytes());
+        area[24..28].copy_from_slice(&MXCSR_DEFAULT.to_le_bytes());
         self.halted = false;
     }
 

@@ -96,3 +96,19 @@ fn a_halted_partitions_slots_go_to_the_soft_share() {
     assert!(soaker > 97.0, "soaker got {soaker}% of the pCPUs");
     assert!(pct(&run.one("accounting")["idle_pct"]) < 1.0, "{}", run.one("accounting"));
 }
+
+#[test]
+fn a_partition_configured_to_reset_is_reloaded_after_each_fault() {
+    let run = Boot::new("dispatch-reset", "bochs", 2, "tests/configs/oob-reset.toml").run();
+    run.assert_clean_end();
+    let resets = run.all("partition_reset");
+    assert!(resets.len() >= 2, "the rogue faults again after every reset:\n{}", run.log);
+    assert!(resets.iter().all(|r| r["partition"] == "rogue"));
+    assert!(run.all("partition_fault").iter().all(|f| f["action"] == "reset" && f["partition"] == "rogue"));
+    let rogue = stats(&run, "rogue");
+    assert_eq!(rogue["resets"].as_u64().unwrap(), resets.len() as u64, "{rogue}");
+    // After a reset the guest starts from scratch (its iteration count restarts) and runs again.
+    assert!(rogue["guest_cycles"].as_u64().unwrap() > 0);
+    assert_eq!(stats(&run, "steady")["state"], "running");
+    assert_share(&run, "steady", 30.0);
+}
