@@ -125,6 +125,12 @@ impl Pcpu {
     /// slots and charged to it, so a reset takes no time from anyone else.
     fn follow_resets(&mut self, partition_id: usize) {
         let m = machine();
+        let partition = &m.partitions[partition_id];
+        let generation = partition.generation.load(Ordering::Acquire);
+        let current = self.vcpus.iter().all(|v| v.partition != partition_id || v.generation == generation);
+        if current && !partition.reset_pending() {
+            return;
+        }
         let start = crate::tsc::now();
         for index in 0..self.vcpus.len() {
             let v = &mut self.vcpus[index];

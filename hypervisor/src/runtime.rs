@@ -101,6 +101,10 @@ impl Partition {
         self.stopped.store(true, Ordering::Release);
     }
 
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending.load(Ordering::Acquire)
+    }
+
     /// Called by the home pCPU of vCPU `vcpu` (outside the guest) once per generation while a
     /// reset is pending. The last vCPU to park reloads the partition's memory and releases it
     /// under a new generation; returns true on that pCPU.
