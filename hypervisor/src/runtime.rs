@@ -123,7 +123,7 @@ impl Partition {
         let mut window = HostWindow { base: self.memory.start, size: self.memory.end - self.memory.start };
         let params = BootParams { image: self.image, cmdline: &self.cmdline, vcpus: self.vcpus, tsc_hz: crate::tsc::hz() };
         if let Err(e) = firmware::longmode::load_test_guest(&mut window, &params) {
-            log::error!("partition {}: reset failed, it stays stopped: {e:?}", self.name);
+            log::error!("partition {}: reset failed, it stays stopped: {e}", self.name);
             return true;
         }
         self.parked.store(0, Ordering::Release);
@@ -275,7 +275,7 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
         unsafe { core::ptr::write_bytes(memory.start as *mut u8, 0, size as usize) };
         let mut window = HostWindow { base: memory.start, size };
         let params = BootParams { image, cmdline: &p.guest.cmdline, vcpus: p.vcpus, tsc_hz: crate::tsc::hz() };
-        firmware::longmode::load_test_guest(&mut window, &params).map_err(|e| format!("partition {}: {e:?}", p.name))?;
+        firmware::longmode::load_test_guest(&mut window, &params).map_err(|e| format!("partition {}: {e}", p.name))?;
         let mut ept = Ept::new(&mut HeapFrames).map_err(|e| format!("partition {}: {e}", p.name))?;
         ept.map(&mut IdentityPhys, &mut HeapFrames, 0, memory.start, size, Access::all(), MemoryType::WriteBack, sizes)
             .map_err(|e| format!("partition {}: EPT: {e}", p.name))?;
