@@ -111,7 +111,7 @@ fn the_four_pcpu_example_builds_its_hierarchy() {
     let c = &v.config;
     assert_eq!(c.groups.len(), 2);
     assert_eq!(c.groups[0].policy, ChildPolicy::BudgetPeriod);
-    assert_eq!(c.hypervisor.run_ms, Some(30_000));
+    assert_eq!(c.hypervisor.run_ms, Some(2_000));
     let control = c.partitions.iter().position(|p| p.name == "control").unwrap();
     assert_eq!(v.memory[control], Placement::At(0x1000_0000..0x1000_0000 + 32 * MIB));
     let barrier = &c.partitions[0];

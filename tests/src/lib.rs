@@ -38,15 +38,21 @@ pub struct Boot<'a> {
     pub timeout_s: u32,
     /// Extra words for the hypervisor's command line.
     pub cmdline: &'a str,
+    /// Emulated RAM in MiB.
+    pub megs: u32,
 }
 
 impl<'a> Boot<'a> {
     pub fn new(name: &'a str, emulator: &'a str, cpus: u32, config: &'a str) -> Self {
-        Boot { name, emulator, cpus, config, timeout_s: 300, cmdline: "" }
+        Boot { name, emulator, cpus, config, timeout_s: 300, cmdline: "", megs: 256 }
     }
 
     pub fn cmdline(self, cmdline: &'a str) -> Self {
         Boot { cmdline, ..self }
+    }
+
+    pub fn megs(self, megs: u32) -> Self {
+        Boot { megs, ..self }
     }
 
     pub fn run(&self) -> Run {
@@ -61,6 +67,7 @@ impl<'a> Boot<'a> {
             .arg("--config")
             .arg(root.join(self.config))
             .args(["--cmdline", self.cmdline])
+            .args(["--megs", &self.megs.to_string()])
             .status()
             .expect("run scripts/phalanx boot");
         let timed_out = dir.join("timed_out").exists();

@@ -112,3 +112,23 @@ fn a_partition_configured_to_reset_is_reloaded_after_each_fault() {
     assert_eq!(stats(&run, "steady")["state"], "running");
     assert_share(&run, "steady", 30.0);
 }
+
+#[test]
+fn the_four_pcpu_example_runs_its_hierarchy_of_hard_and_weighted_partitions() {
+    // 512 MiB: the example places "control" at a fixed 256 MiB.
+    let run = Boot::new("dispatch-four", "bochs", 4, "guests/configs/four-pcpus.toml").megs(512).run();
+    run.assert_clean_end();
+    assert!(run.all("partition_fault").is_empty(), "{}", run.log);
+    assert_eq!(run.all("partition_stats").len(), 4);
+    // Hard reservations hold exactly; the weighted batch group shares what is left.
+    assert_share(&run, "barrier", 50.0);
+    assert_share(&run, "control", 20.0);
+    for soft in ["crunch", "logger"] {
+        let s = stats(&run, soft);
+        assert!(s["iterations"].as_u64().unwrap() > 0, "{s}");
+        assert!(pct(&s["cpu_share_pct"]) > 5.0, "{s}");
+    }
+    let barrier = stats(&run, "barrier");
+    assert!(pct(&barrier["spin_waste_hv_pct"]) <= 2.0, "gang on 4 pCPUs: {barrier}");
+    assert!(run.one("accounting")["unaccounted_ppb"].as_u64().unwrap() <= 100);
+}
