@@ -96,6 +96,10 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .u64("partition_mib", boot.partition_memory.total() >> 20)
         .str_list("modules", boot.modules.iter().map(|m| m.name.as_str()))
         .u64("tsc_hz", tsc_hz)
+        // What partitions must never receive: [start, end) pairs, flattened.
+        .u64_list("image", [boot::image_range().start, boot::image_range().end])
+        .u64_list("heap", [boot.heap.start, boot.heap.end])
+        .u64_list("module_ranges", boot.modules.iter().flat_map(|m| [m.range.start, m.range.end]))
         .emit();
 
     // The config is validated against this machine before anything else starts: a rejected

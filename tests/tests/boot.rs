@@ -94,6 +94,19 @@ fn bochs_accepts_the_default_config_and_places_partition_memory() {
     ranges.sort();
     assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "partition memory overlaps: {ranges:?}");
     assert!(ranges.iter().all(|r| r.0 >= 0x10_0000 && r.0 % (2 << 20) == 0), "placed above 1 MiB, 2 MiB aligned: {ranges:?}");
+    // Never the hypervisor's image, heap or the boot modules.
+    let boot = run.one("boot");
+    let pairs = |key: &str| -> Vec<(u64, u64)> {
+        let flat: Vec<u64> = boot[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        flat.chunks(2).map(|c| (c[0], c[1])).collect()
+    };
+    let reserved: Vec<(u64, u64)> = ["image", "heap", "module_ranges"].iter().flat_map(|k| pairs(k)).collect();
+    assert!(reserved.len() >= 4, "image, heap and at least two modules: {reserved:?}");
+    for (start, end) in &ranges {
+        for (r_start, r_end) in &reserved {
+            assert!(end <= r_start || start >= r_end, "partition memory {start:#x}..{end:#x} overlaps reserved {r_start:#x}..{r_end:#x}");
+        }
+    }
 }
 
 fn assert_rejected_before_anything_started(run: &Run, expected: &[&str]) {
