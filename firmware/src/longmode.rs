@@ -318,6 +318,16 @@ pub fn load_test_guest(mem: &mut impl GuestMemory, p: &BootParams) -> Result<(),
         mem.write(GuestStats::gpa(vcpu), &zero_record)?;
     }
 
+    write_identity_map(mem)?;
+    mem.write(GDT_GPA, &gdt_bytes())?;
+    mem.write(TSS_GPA, &[0u8; TSS_SIZE as usize])?;
+    Ok(())
+}
+
+/// Page tables at [`PAGE_TABLES_GPA`] (PML4, one PDPT, one PD) identity-mapping the first
+/// [`IDENTITY_MAP_SIZE`] of guest-physical memory with 2 MiB pages: what a 64-bit entry point
+/// (the test guest's, Linux's) needs to find.
+pub fn write_identity_map(mem: &mut impl GuestMemory) -> Result<(), GuestMemoryError> {
     let mut table = [0u8; 4096];
     table[0..8].copy_from_slice(&(PDPT_GPA | PTE_PRESENT | PTE_WRITABLE).to_le_bytes());
     mem.write(PML4_GPA, &table)?;
@@ -327,11 +337,7 @@ pub fn load_test_guest(mem: &mut impl GuestMemory, p: &BootParams) -> Result<(),
         let pde = (i as u64 * LARGE_PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE | PTE_LARGE;
         entry.copy_from_slice(&pde.to_le_bytes());
     }
-    mem.write(PD_GPA, &table)?;
-
-    mem.write(GDT_GPA, &gdt_bytes())?;
-    mem.write(TSS_GPA, &[0u8; TSS_SIZE as usize])?;
-    Ok(())
+    mem.write(PD_GPA, &table)
 }
 
 /// A segment register as the VMCS guest-state area holds it.
@@ -353,7 +359,7 @@ impl Segment {
             access_rights: AR_UNUSABLE,
         }
     }
-    const fn code64() -> Self {
+    pub const fn code64() -> Self {
         Segment {
             selector: CODE_SELECTOR,
             base: 0,
@@ -361,7 +367,7 @@ impl Segment {
             access_rights: AR_CODE64,
         }
     }
-    const fn data() -> Self {
+    pub const fn data() -> Self {
         Segment {
             selector: DATA_SELECTOR,
             base: 0,
@@ -369,7 +375,7 @@ impl Segment {
             access_rights: AR_DATA,
         }
     }
-    const fn tss() -> Self {
+    pub const fn tss() -> Self {
         Segment {
             selector: TSS_SELECTOR,
             base: TSS_GPA,
@@ -378,9 +384,14 @@ impl Segment {
         }
     }
 
+    /// The same segment under another selector (another GDT layout).
+    pub const fn at(self, selector: u16) -> Self {
+        Segment { selector, ..self }
+    }
+
     /// The 8-byte GDT descriptor (for a system segment, the low half of the 16-byte one).
     /// The VMX limit is in bytes; the descriptor holds it in 4 KiB units when G is set.
-    fn descriptor_low(&self) -> u64 {
+    pub fn descriptor_low(&self) -> u64 {
         let g = self.access_rights & (1 << 15) != 0;
         let limit = if g {
             (self.limit >> 12) as u64
