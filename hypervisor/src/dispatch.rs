@@ -117,6 +117,7 @@ impl Pcpu {
         let m = machine();
         let partition = &m.partitions[v.partition as usize];
         self.find(v).is_some_and(|i| !self.vcpus[i].halted && !partition.is_stopped())
+            && partition.started[v.vcpu as usize].load(Ordering::Acquire)
             && !m.skew_bound.is_some_and(|bound| partition.co_stopped(v.vcpu, bound))
     }
 
@@ -141,7 +142,7 @@ impl Pcpu {
             partition.park_for_reset(&mut v.parked_generation);
             let generation = partition.generation.load(Ordering::Acquire);
             if v.generation != generation && !partition.is_stopped() {
-                v.setup(&m.controls, &partition.context, &firmware::longmode::initial_vcpu_state(v.index));
+                v.setup(&m.controls, &partition.context, &partition.initial_states[v.index as usize]);
                 v.generation = generation;
                 self.loaded = Some(index);
             }
@@ -160,7 +161,7 @@ pub fn run_pcpu(cpu: usize) {
         for (i, &home) in homes.iter().enumerate() {
             if home == cpu {
                 let mut v = Vcpu::new(p, i as u32, vpid, &m.controls.caps);
-                v.setup(&m.controls, &m.partitions[p].context, &firmware::longmode::initial_vcpu_state(i as u32));
+                v.setup(&m.controls, &m.partitions[p].context, &m.partitions[p].initial_states[i]);
                 vcpus.push(v);
             }
             vpid += 1;
@@ -399,7 +400,8 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
             let (leaf, subleaf) = (vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
             let native = core::arch::x86_64::__cpuid_count(leaf, subleaf);
             let host = vmx::cpuid::CpuidResult { eax: native.eax, ebx: native.ebx, ecx: native.ecx, edx: native.edx };
-            let r = vmx::cpuid::filter(leaf, subleaf, host, vcpu.index as u8);
+            let cpu = vmx::cpuid::GuestCpu { apic_id: vcpu.index as u8, tsc_hz: crate::tsc::hz() };
+            let r = vmx::cpuid::filter(leaf, subleaf, host, &cpu);
             vcpu.regs.rax = r.eax as u64;
             vcpu.regs.rbx = r.ebx as u64;
             vcpu.regs.rcx = r.ecx as u64;
@@ -408,8 +410,7 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
             None
         }
         Handler::Msr => {
-            // No MSR is given to partitions yet: #GP, as for an MSR the CPU lacks.
-            vcpu.inject_exception(13, Some(0));
+            emulate_msr(vcpu, reason == ExitReason::Wrmsr);
             None
         }
         Handler::SkipInstruction => {
@@ -432,6 +433,35 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
         Handler::EntryFailure => stop(reason.name(), alloc::format!("VM entry failed (exit reason {raw:#x})")),
         Handler::Refused => stop("refused", alloc::format!("exit reason {} ({}) is not allowed to partitions", reason.number(), reason.name())),
     }
+}
+
+/// RDMSR/WRMSR of an MSR the bitmap does not pass through (`vmx::msr` decides which).
+fn emulate_msr(vcpu: &mut Vcpu, write: bool) {
+    use vmx::msr::{access, MsrAccess, IA32_EFER};
+    const EFER_LMA: u64 = 1 << 10;
+    let msr = vcpu.regs.rcx as u32;
+    let value = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xFFFF_FFFF);
+    let read = match (access(msr, vcpu.index), write) {
+        (MsrAccess::Refused, _) | (MsrAccess::TimeStampCounter, true) => {
+            vcpu.inject_exception(13, Some(0));
+            return;
+        }
+        (MsrAccess::Constant(v), false) => v,
+        (MsrAccess::Constant(_), true) => 0,
+        (MsrAccess::TimeStampCounter, false) => crate::tsc::now(),
+        (MsrAccess::VmcsField(field), false) => vmcs::read(field),
+        (MsrAccess::VmcsField(field), true) => {
+            // EFER.LMA is the CPU's to set (it must match the "IA-32e mode guest" control).
+            let value = if msr == IA32_EFER { (value & !EFER_LMA) | (vmcs::read(field) & EFER_LMA) } else { value };
+            vmcs::write(field, value);
+            0
+        }
+    };
+    if !write {
+        vcpu.regs.rax = read & 0xFFFF_FFFF;
+        vcpu.regs.rdx = read >> 32;
+    }
+    vcpu.skip_instruction();
 }
 
 /// The partition's virtual COM1 (transmit only); any other port reads as absent hardware.

@@ -226,7 +226,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
     let end = t0 + tsc::us_to_cycles(run_ms * 1000);
     dispatch::set_schedule(t0, end, tsc::us_to_cycles(hv.stats_interval_ms * 1000));
     for p in &machine.partitions {
-        Record::new("partition_start").str("partition", &p.name).u64("vcpus", p.vcpus as u64).emit();
+        Record::new("partition_start").str("partition", &p.name).str("payload", p.payload.name()).u64("vcpus", p.vcpus as u64).emit();
     }
     log::info!(
         "dispatching {} partitions ({} policy, {} us frame) on {cpus} pCPUs for {run_ms} ms",

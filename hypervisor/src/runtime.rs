@@ -14,7 +14,7 @@ use spin::{Mutex, Once};
 
 use config::{DispatchPolicy, OnFault, Placement, Validated};
 use ept::{Access, Ept, FrameAllocator, MemoryType, PageSizes, PhysMemory};
-use firmware::longmode::{BootParams, GuestMemory, GuestMemoryError, GuestStats, STATS_RECORD_SIZE};
+use firmware::longmode::{BootParams, GuestMemory, GuestMemoryError, GuestStats, VcpuState, STATS_RECORD_SIZE};
 use sched::{DispatchTables, PartitionSpec, PlanConfig, VcpuRef};
 
 use crate::memory::BootInfo;
@@ -44,6 +44,12 @@ pub struct Partition {
     pub hypercalls: AtomicU64,
     /// The payload and its boot parameters, kept to reload the partition on a reset.
     image: &'static [u8],
+    pub payload: Payload,
+    /// Each vCPU's power-on register state.
+    pub initial_states: Vec<VcpuState>,
+    /// Whether each vCPU was started (a Linux partition's application processors wait for
+    /// their start-up IPI; the test guest starts on every vCPU at once).
+    pub started: Vec<AtomicBool>,
     cmdline: String,
     /// Bumped by each reset: a vCPU whose VMCS was set up for an older generation is set up
     /// again before it runs.
@@ -121,10 +127,12 @@ impl Partition {
         // information, page tables, statistics). The rest of its memory is its own and is
         // left as it was.
         let mut window = HostWindow { base: self.memory.start, size: self.memory.end - self.memory.start };
-        let params = BootParams { image: self.image, cmdline: &self.cmdline, vcpus: self.vcpus, tsc_hz: crate::tsc::hz() };
-        if let Err(e) = firmware::longmode::load_test_guest(&mut window, &params) {
+        if let Err(e) = load_payload(&mut window, self.image, &self.cmdline, self.vcpus) {
             log::error!("partition {}: reset failed, it stays stopped: {e}", self.name);
             return true;
+        }
+        for (v, started) in self.started.iter().enumerate() {
+            started.store(self.payload == Payload::TestGuest || v == 0, Ordering::Release);
         }
         self.parked.store(0, Ordering::Release);
         *self.fault.lock() = None;
@@ -160,6 +168,46 @@ impl Partition {
         // torn value only makes one sample stale.
         unsafe { core::ptr::copy_nonoverlapping(at as *const u8, bytes.as_mut_ptr(), bytes.len()) };
         GuestStats::from_bytes(&bytes)
+    }
+}
+
+/// What a partition runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// The Phalanx test guest (guests/testguest): every vCPU enters it at once.
+    TestGuest,
+    /// A Linux bzImage, entered at `startup_64` on vCPU 0 through the boot protocol.
+    Linux,
+}
+
+impl Payload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Payload::TestGuest => "testguest",
+            Payload::Linux => "linux",
+        }
+    }
+}
+
+/// Loads `image` into the partition's memory as the kind of payload it is (a bzImage goes
+/// through the Linux boot protocol, anything else is the flat test guest) and returns each
+/// vCPU's initial state.
+fn load_payload(window: &mut HostWindow, image: &[u8], cmdline: &str, vcpus: u32) -> Result<(Payload, Vec<VcpuState>), String> {
+    match firmware::linux::BzImage::parse(image) {
+        Ok(kernel) => {
+            let params = firmware::linux::LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None };
+            let layout = firmware::linux::load_linux(window, &params).map_err(|e| format!("{e}"))?;
+            let boot = firmware::linux::boot_vcpu_state(&layout);
+            Ok((Payload::Linux, (0..vcpus).map(|_| boot).collect()))
+        }
+        // A bzImage this loader cannot boot is an error; anything without the header is
+        // taken as the flat test guest.
+        Err(e @ (firmware::linux::LinuxError::ProtocolTooOld { .. } | firmware::linux::LinuxError::No64BitEntry)) => Err(format!("{e}")),
+        Err(_) => {
+            let params = BootParams { image, cmdline, vcpus, tsc_hz: crate::tsc::hz() };
+            firmware::longmode::load_test_guest(window, &params).map_err(|e| format!("{e}"))?;
+            Ok((Payload::TestGuest, (0..vcpus).map(firmware::longmode::initial_vcpu_state).collect()))
+        }
     }
 }
 
@@ -221,9 +269,16 @@ fn io_bitmaps(owned: &[core::ops::RangeInclusive<u16>]) -> (u64, u64) {
     (pages.as_ptr() as u64, pages.as_ptr() as u64 + 4096)
 }
 
+/// MSR bitmap: every MSR exits (emulated or #GP) except the ones switched through the
+/// VM-entry/exit MSR areas, which the guest uses directly.
 fn msr_bitmap() -> u64 {
     let page = crate::memory::alloc_zeroed_pages(1);
     page.fill(0xFF);
+    for msr in vmx::msr::SWITCHED {
+        let (byte, bit) = vmx::msr::bitmap_position(msr).expect("switched MSRs are in the bitmap's ranges");
+        page[byte] &= !(1 << bit);
+        page[byte + 2048] &= !(1 << bit);
+    }
     page.as_ptr() as u64
 }
 
@@ -263,19 +318,13 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
             .find(|m| m.name == p.guest.module)
             .ok_or_else(|| format!("partition {}: no boot module {}", p.name, p.guest.module))?;
         let image = module.bytes();
-        if image.len() > 0x206 && &image[0x202..0x206] == b"HdrS" {
-            return Err(format!(
-                "partition {}: module {} is a Linux bzImage; the partition loader runs the Phalanx test guest so far (Linux boot protocol support comes next)",
-                p.name, p.guest.module
-            ));
-        }
         let size = memory.end - memory.start;
         // SAFETY: the partition's memory range, placed by validation inside usable RAM that
         // nothing else owns; cleared so no data of an earlier occupant leaks into the guest.
         unsafe { core::ptr::write_bytes(memory.start as *mut u8, 0, size as usize) };
         let mut window = HostWindow { base: memory.start, size };
-        let params = BootParams { image, cmdline: &p.guest.cmdline, vcpus: p.vcpus, tsc_hz: crate::tsc::hz() };
-        firmware::longmode::load_test_guest(&mut window, &params).map_err(|e| format!("partition {}: {e}", p.name))?;
+        let (payload, initial_states) = load_payload(&mut window, image, &p.guest.cmdline, p.vcpus)
+            .map_err(|e| format!("partition {} ({}): {e}", p.name, p.guest.module))?;
         let mut ept = Ept::new(&mut HeapFrames).map_err(|e| format!("partition {}: {e}", p.name))?;
         ept.map(&mut IdentityPhys, &mut HeapFrames, 0, memory.start, size, Access::all(), MemoryType::WriteBack, sizes)
             .map_err(|e| format!("partition {}: EPT: {e}", p.name))?;
@@ -295,6 +344,9 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
             done_vcpus: AtomicU64::new(0),
             hypercalls: AtomicU64::new(0),
             image,
+            payload,
+            initial_states,
+            started: (0..p.vcpus).map(|v| AtomicBool::new(payload == Payload::TestGuest || v == 0)).collect(),
             cmdline: p.guest.cmdline.clone(),
             generation: AtomicU64::new(0),
             reset_pending: AtomicBool::new(false),

@@ -59,11 +59,18 @@ impl Controls {
             (ExitControls::HOST_ADDRESS_SPACE_SIZE
                 | ExitControls::ACK_INTERRUPT_ON_EXIT
                 | ExitControls::SAVE_IA32_EFER
-                | ExitControls::LOAD_IA32_EFER)
+                | ExitControls::LOAD_IA32_EFER
+                | ExitControls::SAVE_IA32_PAT
+                | ExitControls::LOAD_IA32_PAT)
                 .bits(),
             0,
         )?;
-        let entry = negotiate(ControlKind::VmEntry, caps.entry, (EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER).bits(), 0)?;
+        let entry = negotiate(
+            ControlKind::VmEntry,
+            caps.entry,
+            (EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_IA32_PAT).bits(),
+            0,
+        )?;
         Ok(Controls { pinbased, primary, secondary, exit, entry, caps: *caps })
     }
 }
@@ -82,6 +89,9 @@ pub struct Vcpu {
     pub index: u32,
     pub vpid: u16,
     vmcs: u64,
+    /// VM-entry MSR-load and VM-exit MSR-store area for `vmx::msr::SWITCHED` (one list:
+    /// the values the guest last had).
+    switched_msrs: u64,
     launched: bool,
     pub regs: GuestRegs,
     pub halted: bool,
@@ -93,6 +103,8 @@ pub struct Vcpu {
 
 const FXSAVE_SIZE: usize = 512;
 const RFLAGS_IF: u64 = 1 << 9;
+/// IA32_PAT after reset: WB, WT, UC-, UC, repeated.
+const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
 const FCW_DEFAULT: u16 = 0x37F;
 const MXCSR_DEFAULT: u32 = 0x1F80;
 
@@ -103,7 +115,19 @@ impl Vcpu {
         // Both FXSAVE areas in one page: guest at 0, host scratch at 512 (set up in `setup`).
         let fx = crate::memory::alloc_zeroed_pages(1);
         let regs = GuestRegs { guest_fx: fx.as_ptr() as u64, host_fx: fx.as_ptr() as u64 + FXSAVE_SIZE as u64, ..Default::default() };
-        Vcpu { partition, index, vpid, vmcs: region.as_ptr() as u64, launched: false, regs, halted: false, generation: 0, parked_generation: 0 }
+        let switched_msrs = crate::memory::alloc_zeroed_pages(1).as_ptr() as u64;
+        Vcpu {
+            partition,
+            index,
+            vpid,
+            vmcs: region.as_ptr() as u64,
+            switched_msrs,
+            launched: false,
+            regs,
+            halted: false,
+            generation: 0,
+            parked_generation: 0,
+        }
     }
 
     /// Makes this vCPU's VMCS current on the executing pCPU.
@@ -131,9 +155,20 @@ impl Vcpu {
         vmcs::write(control::PLE_GAP, PLE_GAP);
         vmcs::write(control::PLE_WINDOW, PLE_WINDOW);
         vmcs::write(control::CR3_TARGET_COUNT, 0);
-        vmcs::write(control::VMEXIT_MSR_STORE_COUNT, 0);
+        // The syscall MSRs and KERNEL_GS_BASE: loaded at entry, stored at exit, so each
+        // vCPU keeps its own while sharing the pCPU (the hypervisor never uses them).
+        // SAFETY: the vCPU's own page, 16 bytes per entry (index, reserved, value).
+        let area = unsafe { core::slice::from_raw_parts_mut(self.switched_msrs as *mut u64, vmx::msr::SWITCHED.len() * 2) };
+        for (entry, msr) in area.chunks_exact_mut(2).zip(vmx::msr::SWITCHED) {
+            entry[0] = msr as u64;
+            entry[1] = 0;
+        }
+        let count = vmx::msr::SWITCHED.len() as u64;
+        vmcs::write(control::VMEXIT_MSR_STORE_ADDR_FULL, self.switched_msrs);
+        vmcs::write(control::VMEXIT_MSR_STORE_COUNT, count);
+        vmcs::write(control::VMENTRY_MSR_LOAD_ADDR_FULL, self.switched_msrs);
+        vmcs::write(control::VMENTRY_MSR_LOAD_COUNT, count);
         vmcs::write(control::VMEXIT_MSR_LOAD_COUNT, 0);
-        vmcs::write(control::VMENTRY_MSR_LOAD_COUNT, 0);
         vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
         // The guest owns CR0/CR4 except the bits VMX operation fixes: those read back as the
         // guest wrote them (shadow) and a write changing them exits.
@@ -166,6 +201,7 @@ impl Vcpu {
         vmcs::write(guest::IA32_SYSENTER_ESP, 0);
         vmcs::write(guest::IA32_SYSENTER_EIP, 0);
         vmcs::write(guest::IA32_DEBUGCTL_FULL, 0);
+        vmcs::write(guest::IA32_PAT_FULL, PAT_POWER_ON);
         let segments = [
             (&state.es, guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
             (&state.cs, guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS),
@@ -256,7 +292,11 @@ fn write_host_state() {
     vmcs::write(host::IA32_SYSENTER_CS, 0);
     vmcs::write(host::IA32_SYSENTER_ESP, 0);
     vmcs::write(host::IA32_SYSENTER_EIP, 0);
-    // SAFETY: IA32_EFER exists on every x86_64 CPU.
-    vmcs::write(host::IA32_EFER_FULL, unsafe { x86_64::registers::model_specific::Msr::new(0xC000_0080).read() });
+    // SAFETY: IA32_EFER and IA32_PAT exist on every x86_64 CPU.
+    let (efer, pat) = unsafe {
+        (x86_64::registers::model_specific::Msr::new(0xC000_0080).read(), x86_64::registers::model_specific::Msr::new(0x277).read())
+    };
+    vmcs::write(host::IA32_EFER_FULL, efer);
+    vmcs::write(host::IA32_PAT_FULL, pat);
     vmcs::write(host::RIP, guest_entry::exit_entry_address());
 }

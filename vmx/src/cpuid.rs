@@ -1,18 +1,22 @@
 //! What a partition sees through CPUID: the host's answers, minus what Phalanx does not give
-//! guests (VMX, MONITOR/MWAIT, XSAVE/AVX state it does not switch, TSC-deadline it does not
-//! virtualize), plus the hypervisor bit, a leaf naming Phalanx, and the vCPU's own APIC ID.
+//! guests (VMX, MONITOR/MWAIT, XSAVE/AVX state it does not switch, TSC-deadline and x2APIC it
+//! does not virtualize), plus the hypervisor bit, a leaf naming Phalanx, the vCPU's own APIC
+//! ID, and the true TSC rate (leaves 0x15/0x16: emulators report a model's nominal rate, and a
+//! guest that believes it keeps the wrong time).
 
 /// CPUID.1:ECX bits.
 const ECX_MONITOR: u32 = 1 << 3;
 const ECX_VMX: u32 = 1 << 5;
 const ECX_SMX: u32 = 1 << 6;
 const ECX_EST: u32 = 1 << 7;
+const ECX_X2APIC: u32 = 1 << 21;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_XSAVE: u32 = 1 << 26;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_AVX: u32 = 1 << 28;
 const ECX_HYPERVISOR: u32 = 1 << 31;
-/// CPUID.7.0:EBX bits needing XSAVE state: AVX2, AVX-512F.
+/// CPUID.7.0:EBX: IA32_TSC_ADJUST (not emulated), and bits needing XSAVE state: AVX2, AVX-512F.
+const EBX7_TSC_ADJUST: u32 = 1 << 1;
 const EBX7_AVX2: u32 = 1 << 5;
 const EBX7_AVX512F: u32 = 1 << 16;
 
@@ -28,19 +32,35 @@ pub struct CpuidResult {
     pub edx: u32,
 }
 
-/// The guest's view of `leaf`/`subleaf` for vCPU `apic_id`, given the host's answer.
-pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, apic_id: u8) -> CpuidResult {
-    let _ = subleaf;
+/// The vCPU asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestCpu {
+    pub apic_id: u8,
+    /// The TSC rate the hypervisor measured (the guest runs on the host TSC, not offset).
+    pub tsc_hz: u64,
+}
+
+/// The guest's view of `leaf`/`subleaf` for `cpu`, given the host's answer.
+pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, cpu: &GuestCpu) -> CpuidResult {
+    let apic_id = cpu.apic_id;
     let mut r = host;
     match leaf {
+        // Max basic leaf: at least 0x16, so the TSC leaves below are looked at.
+        0 => r.eax = r.eax.max(0x16),
         1 => {
-            r.ecx &= !(ECX_VMX | ECX_SMX | ECX_MONITOR | ECX_EST | ECX_TSC_DEADLINE | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
+            r.ecx &= !(ECX_VMX | ECX_SMX | ECX_MONITOR | ECX_EST | ECX_X2APIC | ECX_TSC_DEADLINE | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
             r.ecx |= ECX_HYPERVISOR;
             r.ebx = (r.ebx & 0x00FF_FFFF) | ((apic_id as u32) << 24);
         }
         5 | 6 => r = CpuidResult::default(), // MONITOR/MWAIT and power management: absent
-        7 if subleaf == 0 => r.ebx &= !(EBX7_AVX2 | EBX7_AVX512F),
+        7 if subleaf == 0 => r.ebx &= !(EBX7_TSC_ADJUST | EBX7_AVX2 | EBX7_AVX512F),
         0xB | 0x1F => r.edx = apic_id as u32,
+        // TSC = crystal x 1/1 with the crystal at the measured TSC rate.
+        0x15 => r = CpuidResult { eax: 1, ebx: 1, ecx: cpu.tsc_hz.min(u32::MAX as u64) as u32, edx: 0 },
+        0x16 => {
+            let mhz = (cpu.tsc_hz / 1_000_000) as u32;
+            r = CpuidResult { eax: mhz, ebx: mhz, ecx: 100, edx: 0 }
+        }
         0xD => r = CpuidResult::default(), // no XSAVE state components
         HYPERVISOR_LEAF => {
             r = CpuidResult {
@@ -60,14 +80,18 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, apic_id: u8) -> CpuidR
 mod tests {
     use super::*;
 
+    fn cpu(apic_id: u8) -> GuestCpu {
+        GuestCpu { apic_id, tsc_hz: 10_000_000 }
+    }
+
     const HOST_LEAF1: CpuidResult = CpuidResult { eax: 0x50654, ebx: 0x0102_0800, ecx: 0xFFFB_FFFF, edx: 0xBFEB_FBFF };
 
     #[test]
     fn guests_never_see_vmx_and_always_see_the_hypervisor_bit() {
-        let r = filter(1, 0, HOST_LEAF1, 3);
+        let r = filter(1, 0, HOST_LEAF1, &cpu(3));
         assert_eq!(r.ecx & ECX_VMX, 0);
         assert_ne!(r.ecx & ECX_HYPERVISOR, 0);
-        assert_eq!(r.ecx & (ECX_MONITOR | ECX_XSAVE | ECX_AVX | ECX_TSC_DEADLINE), 0);
+        assert_eq!(r.ecx & (ECX_MONITOR | ECX_XSAVE | ECX_AVX | ECX_TSC_DEADLINE | ECX_X2APIC), 0);
         assert_eq!(r.ebx >> 24, 3, "initial APIC ID is the vCPU's");
         assert_eq!(r.ebx & 0xFF_FFFF, HOST_LEAF1.ebx & 0xFF_FFFF);
         assert_eq!(r.edx, HOST_LEAF1.edx);
@@ -75,7 +99,7 @@ mod tests {
 
     #[test]
     fn the_hypervisor_leaf_names_phalanx() {
-        let r = filter(HYPERVISOR_LEAF, 0, CpuidResult::default(), 0);
+        let r = filter(HYPERVISOR_LEAF, 0, CpuidResult::default(), &cpu(0));
         let mut sig = [0u8; 12];
         sig[..4].copy_from_slice(&r.ebx.to_le_bytes());
         sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
@@ -85,10 +109,20 @@ mod tests {
     }
 
     #[test]
+    fn the_tsc_leaves_give_the_measured_rate() {
+        let r = filter(0x15, 0, CpuidResult { eax: 2, ebx: 200, ecx: 25_000_000, edx: 0 }, &cpu(0));
+        assert_eq!((r.eax, r.ebx, r.ecx), (1, 1, 10_000_000), "TSC Hz = ecx * ebx / eax");
+        assert_eq!(filter(0x16, 0, CpuidResult::default(), &cpu(0)).eax, 10);
+        assert!(filter(0, 0, CpuidResult { eax: 0xD, ..Default::default() }, &cpu(0)).eax >= 0x16);
+        let leaf7 = filter(7, 0, CpuidResult { ebx: u32::MAX, ..Default::default() }, &cpu(0));
+        assert_eq!(leaf7.ebx & (EBX7_TSC_ADJUST | EBX7_AVX2 | EBX7_AVX512F), 0);
+    }
+
+    #[test]
     fn unlisted_leaves_pass_through_and_xsave_leaves_are_empty() {
         let host = CpuidResult { eax: 1, ebx: 2, ecx: 3, edx: 4 };
-        assert_eq!(filter(0, 0, host, 0), host);
-        assert_eq!(filter(0xD, 0, host, 0), CpuidResult::default());
-        assert_eq!(filter(0xB, 1, host, 7).edx, 7);
+        assert_eq!(filter(0x8000_0001, 0, host, &cpu(0)), host);
+        assert_eq!(filter(0xD, 0, host, &cpu(0)), CpuidResult::default());
+        assert_eq!(filter(0xB, 1, host, &cpu(7)).edx, 7);
     }
 }

@@ -8,6 +8,7 @@ pub mod caps;
 pub mod controls;
 pub mod cpuid;
 pub mod exit;
+pub mod msr;
 
 pub use caps::{Features, VmxCapabilities};
 pub use controls::{negotiate, ControlError, ControlKind};

@@ -1,0 +1,119 @@
+//! Which MSRs a partition may use, and how Phalanx answers the ones it emulates. Everything
+//! not listed here gets #GP, as on a CPU that lacks the MSR.
+
+/// MSRs the hardware switches for the guest through the VM-entry MSR-load / VM-exit
+/// MSR-store area: the guest reads and writes them directly (the MSR bitmap lets them
+/// through) and the hypervisor never uses them itself.
+pub const SWITCHED: [u32; 5] = [
+    0xC000_0081, // STAR
+    0xC000_0082, // LSTAR
+    0xC000_0083, // CSTAR
+    0xC000_0084, // SFMASK
+    0xC000_0102, // KERNEL_GS_BASE
+];
+
+pub const IA32_TSC: u32 = 0x10;
+pub const IA32_APIC_BASE: u32 = 0x1B;
+/// Microcode signature: written with 0 before CPUID, then read back.
+pub const IA32_BIOS_SIGN_ID: u32 = 0x8B;
+pub const IA32_MTRRCAP: u32 = 0xFE;
+pub const IA32_SYSENTER_CS: u32 = 0x174;
+pub const IA32_SYSENTER_ESP: u32 = 0x175;
+pub const IA32_SYSENTER_EIP: u32 = 0x176;
+pub const IA32_MISC_ENABLE: u32 = 0x1A0;
+pub const IA32_PAT: u32 = 0x277;
+pub const IA32_MTRR_DEF_TYPE: u32 = 0x2FF;
+pub const IA32_EFER: u32 = 0xC000_0080;
+pub const IA32_FS_BASE: u32 = 0xC000_0100;
+pub const IA32_GS_BASE: u32 = 0xC000_0101;
+
+/// The xAPIC base every partition's vCPUs see.
+pub const APIC_BASE_ADDRESS: u64 = 0xFEE0_0000;
+const APIC_BASE_BSP: u64 = 1 << 8;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+/// MISC_ENABLE: fast-strings enabled, nothing else (no thermal control, no MWAIT, no turbo).
+const MISC_ENABLE_FAST_STRINGS: u64 = 1;
+
+/// Where an emulated MSR's value lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsrAccess {
+    /// A constant Phalanx reports; writes of that same value are accepted, others ignored.
+    Constant(u64),
+    /// A VMCS guest-state field (the VMCS encoding), read and written there.
+    VmcsField(u32),
+    /// The time stamp counter (reads return RDTSC; writes are refused: no TSC offsetting).
+    TimeStampCounter,
+    /// Not available to partitions: #GP.
+    Refused,
+}
+
+/// How `msr` behaves for vCPU `vcpu` (vCPU 0 is the partition's boot processor).
+pub fn access(msr: u32, vcpu: u32) -> MsrAccess {
+    use x86::vmx::vmcs::guest;
+    match msr {
+        IA32_EFER => MsrAccess::VmcsField(guest::IA32_EFER_FULL),
+        IA32_PAT => MsrAccess::VmcsField(guest::IA32_PAT_FULL),
+        IA32_FS_BASE => MsrAccess::VmcsField(guest::FS_BASE),
+        IA32_GS_BASE => MsrAccess::VmcsField(guest::GS_BASE),
+        IA32_SYSENTER_CS => MsrAccess::VmcsField(guest::IA32_SYSENTER_CS),
+        IA32_SYSENTER_ESP => MsrAccess::VmcsField(guest::IA32_SYSENTER_ESP),
+        IA32_SYSENTER_EIP => MsrAccess::VmcsField(guest::IA32_SYSENTER_EIP),
+        IA32_TSC => MsrAccess::TimeStampCounter,
+        IA32_APIC_BASE => {
+            MsrAccess::Constant(APIC_BASE_ADDRESS | APIC_BASE_ENABLE | if vcpu == 0 { APIC_BASE_BSP } else { 0 })
+        }
+        IA32_MISC_ENABLE => MsrAccess::Constant(MISC_ENABLE_FAST_STRINGS),
+        // No MTRRs: guests see memory as write-back through EPT and the PAT.
+        IA32_MTRRCAP | IA32_MTRR_DEF_TYPE => MsrAccess::Constant(0),
+        // No microcode revision to report.
+        IA32_BIOS_SIGN_ID => MsrAccess::Constant(0),
+        _ => MsrAccess::Refused,
+    }
+}
+
+/// Byte offset and bit of `msr` in a 4 KiB VMX MSR bitmap (SDM 25.6.9), for reads; the write
+/// bit is 2048 bytes further. `None` for MSRs outside the two ranges the bitmap covers
+/// (those always exit).
+pub fn bitmap_position(msr: u32) -> Option<(usize, u8)> {
+    let (base, offset) = match msr {
+        0..=0x1FFF => (0usize, msr),
+        0xC000_0000..=0xC000_1FFF => (1024, msr - 0xC000_0000),
+        _ => return None,
+    };
+    Some((base + offset as usize / 8, (offset % 8) as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linux_early_boot_msrs_have_answers() {
+        assert_eq!(access(IA32_APIC_BASE, 0), MsrAccess::Constant(0xFEE0_0900));
+        assert_eq!(access(IA32_APIC_BASE, 1), MsrAccess::Constant(0xFEE0_0800), "only vCPU 0 is the BSP");
+        assert_eq!(access(IA32_EFER, 3), MsrAccess::VmcsField(x86::vmx::vmcs::guest::IA32_EFER_FULL));
+        assert_eq!(access(IA32_PAT, 0), MsrAccess::VmcsField(x86::vmx::vmcs::guest::IA32_PAT_FULL));
+        assert_eq!(access(IA32_MTRRCAP, 0), MsrAccess::Constant(0));
+        assert_eq!(access(IA32_TSC, 0), MsrAccess::TimeStampCounter);
+        assert_eq!(access(IA32_BIOS_SIGN_ID, 0), MsrAccess::Constant(0));
+    }
+
+    #[test]
+    fn everything_else_is_refused_including_vmx_and_the_hosts_own() {
+        for msr in [0x3A, 0x480, 0x48D, 0x6E0, 0x199, 0xE7, 0xE8] {
+            assert_eq!(access(msr, 0), MsrAccess::Refused, "MSR {msr:#x}");
+        }
+    }
+
+    #[test]
+    fn bitmap_positions_follow_the_sdm_layout() {
+        assert_eq!(bitmap_position(0x10), Some((2, 0)));
+        assert_eq!(bitmap_position(0x277), Some((0x4E, 7)));
+        assert_eq!(bitmap_position(0xC000_0082), Some((1024 + 16, 2)));
+        assert_eq!(bitmap_position(0xC000_0102), Some((1024 + 32, 2)));
+        assert_eq!(bitmap_position(0x4000_0000), None);
+        for msr in SWITCHED {
+            assert!(bitmap_position(msr).is_some(), "switched MSR {msr:#x} must be in the bitmap");
+        }
+    }
+}
