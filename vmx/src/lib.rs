@@ -9,6 +9,7 @@ pub mod controls;
 pub mod cpuid;
 pub mod exit;
 pub mod msr;
+pub mod vlapic;
 
 pub use caps::{Features, VmxCapabilities};
 pub use controls::{negotiate, ControlError, ControlKind};

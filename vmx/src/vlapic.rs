@@ -1,0 +1,388 @@
+//! A partition vCPU's local APIC in xAPIC (MMIO) mode: the register file, the timer (counting
+//! at the TSC rate CPUID 0x15 reports as the crystal, divided), interrupt acceptance by
+//! priority, EOI, and the interrupt-command register turned into commands for the hypervisor.
+//! Pure: time is a TSC value the caller passes in.
+
+/// Register offsets in the 4 KiB xAPIC page.
+pub mod reg {
+    pub const ID: u32 = 0x020;
+    pub const VERSION: u32 = 0x030;
+    pub const TPR: u32 = 0x080;
+    pub const APR: u32 = 0x090;
+    pub const PPR: u32 = 0x0A0;
+    pub const EOI: u32 = 0x0B0;
+    pub const RRD: u32 = 0x0C0;
+    pub const LDR: u32 = 0x0D0;
+    pub const DFR: u32 = 0x0E0;
+    pub const SVR: u32 = 0x0F0;
+    pub const ISR: u32 = 0x100;
+    pub const TMR: u32 = 0x180;
+    pub const IRR: u32 = 0x200;
+    pub const ESR: u32 = 0x280;
+    pub const LVT_CMCI: u32 = 0x2F0;
+    pub const ICR_LOW: u32 = 0x300;
+    pub const ICR_HIGH: u32 = 0x310;
+    pub const LVT_TIMER: u32 = 0x320;
+    pub const LVT_THERMAL: u32 = 0x330;
+    pub const LVT_PERF: u32 = 0x340;
+    pub const LVT_LINT0: u32 = 0x350;
+    pub const LVT_LINT1: u32 = 0x360;
+    pub const LVT_ERROR: u32 = 0x370;
+    pub const TIMER_INITIAL: u32 = 0x380;
+    pub const TIMER_CURRENT: u32 = 0x390;
+    pub const TIMER_DIVIDE: u32 = 0x3E0;
+}
+
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+const SVR_ENABLED: u32 = 1 << 8;
+/// Version 0x14 (integrated APIC), 6 LVT entries (max LVT index 5).
+const VERSION_VALUE: u32 = 0x0005_0014;
+const LVT_REGISTERS: [u32; 7] =
+    [reg::LVT_CMCI, reg::LVT_TIMER, reg::LVT_THERMAL, reg::LVT_PERF, reg::LVT_LINT0, reg::LVT_LINT1, reg::LVT_ERROR];
+
+/// Where an IPI goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// Physical destination mode: one APIC ID (0xFF: broadcast).
+    Physical(u8),
+    /// Logical destination mode, flat model: a bitmask of logical IDs.
+    Logical(u8),
+    SelfOnly,
+    AllIncludingSelf,
+    AllExcludingSelf,
+}
+
+/// What a write to ICR asks the hypervisor to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IcrCommand {
+    Fixed { vector: u8, destination: Destination },
+    Nmi { destination: Destination },
+    Init { destination: Destination },
+    Startup { vector: u8, destination: Destination },
+    /// A delivery mode Phalanx does not support (SMI, lowest-priority with no target, ...).
+    Unsupported { icr: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualLapic {
+    id: u8,
+    tpr: u32,
+    ldr: u32,
+    dfr: u32,
+    svr: u32,
+    isr: [u32; 8],
+    irr: [u32; 8],
+    tmr: [u32; 8],
+    esr: u32,
+    icr_low: u32,
+    icr_high: u32,
+    lvt: [u32; 7],
+    timer_initial: u32,
+    timer_divide_config: u32,
+    /// TSC at which the current count started, and when it reaches zero.
+    timer_start: u64,
+    timer_deadline: Option<u64>,
+}
+
+fn lvt_index(offset: u32) -> Option<usize> {
+    LVT_REGISTERS.iter().position(|&r| r == offset)
+}
+
+fn highest(bits: &[u32; 8]) -> Option<u8> {
+    (0..8).rev().find(|&i| bits[i] != 0).map(|i| (i as u32 * 32 + 31 - bits[i].leading_zeros()) as u8)
+}
+
+fn set(bits: &mut [u32; 8], vector: u8) {
+    bits[vector as usize / 32] |= 1 << (vector % 32);
+}
+
+fn clear(bits: &mut [u32; 8], vector: u8) {
+    bits[vector as usize / 32] &= !(1 << (vector % 32));
+}
+
+impl VirtualLapic {
+    /// The power-on state (SDM 11.4.7.1): everything masked, software-disabled.
+    pub fn new(apic_id: u8) -> Self {
+        VirtualLapic {
+            id: apic_id,
+            tpr: 0,
+            ldr: 0,
+            dfr: 0xFFFF_FFFF,
+            svr: 0xFF,
+            isr: [0; 8],
+            irr: [0; 8],
+            tmr: [0; 8],
+            esr: 0,
+            icr_low: 0,
+            icr_high: 0,
+            lvt: [LVT_MASKED; 7],
+            timer_initial: 0,
+            timer_divide_config: 0,
+            timer_start: 0,
+            timer_deadline: None,
+        }
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Logical ID (flat model) for logical-destination IPIs.
+    pub fn logical_id(&self) -> u8 {
+        (self.ldr >> 24) as u8
+    }
+
+    pub fn software_enabled(&self) -> bool {
+        self.svr & SVR_ENABLED != 0
+    }
+
+    /// TSC cycles per timer tick: the divide configuration (bits 0,1,3) selects 1..128.
+    fn divisor(&self) -> u64 {
+        let code = (self.timer_divide_config & 0b11) | ((self.timer_divide_config >> 1) & 0b100);
+        if code == 0b111 { 1 } else { 2u64 << code }
+    }
+
+    fn ppr(&self) -> u32 {
+        let isrv = highest(&self.isr).map_or(0, |v| v as u32);
+        if (self.tpr & 0xF0) >= (isrv & 0xF0) { self.tpr & 0xFF } else { isrv & 0xF0 }
+    }
+
+    pub fn read(&self, offset: u32, now: u64) -> u32 {
+        match offset {
+            reg::ID => (self.id as u32) << 24,
+            reg::VERSION => VERSION_VALUE,
+            reg::TPR => self.tpr,
+            reg::APR | reg::RRD | reg::EOI => 0,
+            reg::PPR => self.ppr(),
+            reg::LDR => self.ldr,
+            reg::DFR => self.dfr,
+            reg::SVR => self.svr,
+            o @ reg::ISR..=0x170 => self.isr[((o - reg::ISR) / 16) as usize],
+            o @ reg::TMR..=0x1F0 => self.tmr[((o - reg::TMR) / 16) as usize],
+            o @ reg::IRR..=0x270 => self.irr[((o - reg::IRR) / 16) as usize],
+            reg::ESR => self.esr,
+            reg::ICR_LOW => self.icr_low & !(1 << 12), // delivery status: always idle
+            reg::ICR_HIGH => self.icr_high,
+            reg::TIMER_INITIAL => self.timer_initial,
+            reg::TIMER_CURRENT => match self.timer_deadline {
+                Some(deadline) if deadline > now => ((deadline - now) / self.divisor()).min(u32::MAX as u64) as u32,
+                _ => 0,
+            },
+            reg::TIMER_DIVIDE => self.timer_divide_config,
+            o => lvt_index(o).map_or(0, |i| self.lvt[i]),
+        }
+    }
+
+    /// A guest write; returns what an ICR write asks for.
+    pub fn write(&mut self, offset: u32, value: u32, now: u64) -> Option<IcrCommand> {
+        match offset {
+            reg::TPR => self.tpr = value & 0xFF,
+            reg::EOI => {
+                if let Some(v) = highest(&self.isr) {
+                    clear(&mut self.isr, v);
+                }
+            }
+            reg::LDR => self.ldr = value & 0xFF00_0000,
+            reg::DFR => self.dfr = value | 0x0FFF_FFFF,
+            reg::SVR => {
+                self.svr = value & 0x13FF;
+                if !self.software_enabled() {
+                    // Disabling masks every LVT entry (SDM 11.4.7.2).
+                    for l in &mut self.lvt {
+                        *l |= LVT_MASKED;
+                    }
+                }
+            }
+            reg::ESR => self.esr = 0,
+            reg::ICR_HIGH => self.icr_high = value & 0xFF00_0000,
+            reg::ICR_LOW => {
+                self.icr_low = value;
+                return Some(self.icr_command());
+            }
+            reg::TIMER_INITIAL => {
+                self.timer_initial = value;
+                self.timer_start = now;
+                self.timer_deadline = (value != 0).then(|| now + value as u64 * self.divisor());
+            }
+            reg::TIMER_DIVIDE => self.timer_divide_config = value & 0b1011,
+            o => {
+                if let Some(i) = lvt_index(o) {
+                    let masked = if self.software_enabled() { 0 } else { LVT_MASKED };
+                    self.lvt[i] = (value & 0x0007_17FF) | masked;
+                }
+            }
+        }
+        None
+    }
+
+    fn icr_command(&self) -> IcrCommand {
+        let low = self.icr_low;
+        let vector = low as u8;
+        let destination = match (low >> 18) & 0b11 {
+            1 => Destination::SelfOnly,
+            2 => Destination::AllIncludingSelf,
+            3 => Destination::AllExcludingSelf,
+            _ if low & (1 << 11) != 0 => Destination::Logical((self.icr_high >> 24) as u8),
+            _ => Destination::Physical((self.icr_high >> 24) as u8),
+        };
+        match (low >> 8) & 0b111 {
+            0 | 1 => IcrCommand::Fixed { vector, destination },
+            4 => IcrCommand::Nmi { destination },
+            // INIT level de-assert (level=0, trigger=level) is a no-op on modern CPUs.
+            5 if low & (1 << 14) == 0 && low & (1 << 15) != 0 => IcrCommand::Unsupported { icr: 0 },
+            5 => IcrCommand::Init { destination },
+            6 => IcrCommand::Startup { vector, destination },
+            _ => IcrCommand::Unsupported { icr: ((self.icr_high as u64) << 32) | low as u64 },
+        }
+    }
+
+    /// Whether an IPI with `destination` (sent by `sender`) is for this APIC.
+    pub fn is_destination(&self, destination: Destination, sender: u8) -> bool {
+        match destination {
+            Destination::Physical(id) => id == 0xFF || id == self.id,
+            Destination::Logical(mask) => self.logical_id() & mask != 0,
+            Destination::SelfOnly => self.id == sender,
+            Destination::AllIncludingSelf => true,
+            Destination::AllExcludingSelf => self.id != sender,
+        }
+    }
+
+    /// When the timer next fires (absolute TSC), if it runs.
+    pub fn timer_deadline(&self) -> Option<u64> {
+        self.timer_deadline
+    }
+
+    /// Advances the timer to `now`: an expired count raises its vector (unless masked) and a
+    /// periodic timer starts again.
+    pub fn advance(&mut self, now: u64) {
+        let Some(deadline) = self.timer_deadline else { return };
+        if now < deadline {
+            return;
+        }
+        let lvt = self.lvt[1];
+        if lvt & LVT_MASKED == 0 {
+            set(&mut self.irr, lvt as u8);
+        }
+        self.timer_deadline = if lvt & LVT_TIMER_PERIODIC != 0 && self.timer_initial != 0 {
+            let period = self.timer_initial as u64 * self.divisor();
+            let missed = (now - deadline) / period;
+            Some(deadline + (missed + 1) * period)
+        } else {
+            None
+        };
+    }
+
+    /// An interrupt arrives (IPI or routed device interrupt).
+    pub fn accept(&mut self, vector: u8) {
+        if vector >= 16 {
+            set(&mut self.irr, vector);
+        }
+    }
+
+    /// The vector that would be delivered now, if any (its priority class above the PPR).
+    pub fn deliverable(&self) -> Option<u8> {
+        let v = highest(&self.irr)?;
+        (self.software_enabled() && (v as u32 & 0xF0) > (self.ppr() & 0xF0)).then_some(v)
+    }
+
+    /// The guest takes the deliverable interrupt: IRR -> ISR.
+    pub fn acknowledge(&mut self) -> Option<u8> {
+        let v = self.deliverable()?;
+        clear(&mut self.irr, v);
+        set(&mut self.isr, v);
+        Some(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enabled(id: u8) -> VirtualLapic {
+        let mut l = VirtualLapic::new(id);
+        l.write(reg::SVR, 0x1FF, 0);
+        l
+    }
+
+    #[test]
+    fn power_on_state_is_disabled_and_masked() {
+        let l = VirtualLapic::new(2);
+        assert_eq!(l.read(reg::ID, 0), 2 << 24);
+        assert_eq!(l.read(reg::VERSION, 0) & 0xFF, 0x14);
+        assert_eq!(l.read(reg::LVT_TIMER, 0), LVT_MASKED);
+        assert_eq!(l.read(reg::DFR, 0), 0xFFFF_FFFF);
+        assert!(!l.software_enabled());
+    }
+
+    #[test]
+    fn one_shot_timer_counts_down_at_the_divided_tsc_rate_and_fires_once() {
+        let mut l = enabled(0);
+        l.write(reg::TIMER_DIVIDE, 0b0011, 0); // divide by 16
+        l.write(reg::LVT_TIMER, 0xEC, 0);
+        l.write(reg::TIMER_INITIAL, 1000, 100);
+        assert_eq!(l.timer_deadline(), Some(100 + 16_000));
+        assert_eq!(l.read(reg::TIMER_CURRENT, 100 + 1600), 900);
+        l.advance(16_099);
+        assert_eq!(l.deliverable(), None, "not yet");
+        l.advance(16_100);
+        assert_eq!(l.deliverable(), Some(0xEC));
+        assert_eq!(l.timer_deadline(), None, "one-shot");
+        assert_eq!(l.read(reg::TIMER_CURRENT, 20_000), 0);
+    }
+
+    #[test]
+    fn periodic_timer_rearms_and_masked_timer_raises_nothing() {
+        let mut l = enabled(0);
+        l.write(reg::TIMER_DIVIDE, 0b1011, 0); // divide by 1
+        l.write(reg::LVT_TIMER, LVT_TIMER_PERIODIC | 0x30, 0);
+        l.write(reg::TIMER_INITIAL, 500, 0);
+        l.advance(1_250);
+        assert_eq!(l.timer_deadline(), Some(1_500), "skips missed periods");
+        assert_eq!(l.acknowledge(), Some(0x30));
+        let mut m = enabled(0);
+        m.write(reg::LVT_TIMER, LVT_MASKED | 0x30, 0);
+        m.write(reg::TIMER_INITIAL, 10, 0);
+        m.advance(1_000);
+        assert_eq!(m.deliverable(), None);
+    }
+
+    #[test]
+    fn priority_tpr_isr_and_eoi_order_delivery() {
+        let mut l = enabled(0);
+        l.accept(0x41);
+        l.accept(0x61);
+        assert_eq!(l.acknowledge(), Some(0x61), "highest first");
+        assert_eq!(l.deliverable(), None, "0x41 is below the in-service class 0x60");
+        l.write(reg::EOI, 0, 0);
+        assert_eq!(l.deliverable(), Some(0x41));
+        l.write(reg::TPR, 0x50, 0);
+        assert_eq!(l.deliverable(), None, "masked by TPR");
+        assert_eq!(l.read(reg::PPR, 0), 0x50);
+        l.write(reg::TPR, 0, 0);
+        assert_eq!(l.read(reg::IRR + 0x20, 0), 1 << 1, "IRR word 2 holds vector 0x41");
+    }
+
+    #[test]
+    fn a_software_disabled_apic_delivers_nothing() {
+        let mut l = VirtualLapic::new(0);
+        l.accept(0x80);
+        assert_eq!(l.deliverable(), None);
+    }
+
+    #[test]
+    fn icr_writes_become_commands() {
+        let mut l = enabled(0);
+        l.write(reg::ICR_HIGH, 1 << 24, 0);
+        assert_eq!(l.write(reg::ICR_LOW, 0x0000_4500, 0), Some(IcrCommand::Init { destination: Destination::Physical(1) }));
+        assert_eq!(l.write(reg::ICR_LOW, 0x0000_4608, 0), Some(IcrCommand::Startup { vector: 8, destination: Destination::Physical(1) }));
+        assert_eq!(
+            l.write(reg::ICR_LOW, 0x000C_00FD, 0),
+            Some(IcrCommand::Fixed { vector: 0xFD, destination: Destination::AllExcludingSelf })
+        );
+        assert_eq!(l.write(reg::ICR_LOW, 0x0000_8500, 0), Some(IcrCommand::Unsupported { icr: 0 }), "INIT de-assert");
+        let b = VirtualLapic::new(1);
+        assert!(b.is_destination(Destination::Physical(1), 0));
+        assert!(!b.is_destination(Destination::AllExcludingSelf, 1));
+    }
+}
