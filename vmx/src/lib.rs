@@ -8,6 +8,7 @@ pub mod caps;
 pub mod controls;
 pub mod cpuid;
 pub mod exit;
+pub mod mmio;
 pub mod msr;
 pub mod vlapic;
 
