@@ -121,6 +121,20 @@ impl Pcpu {
             && !m.skew_bound.is_some_and(|bound| partition.co_stopped(v.vcpu, bound))
     }
 
+    /// A halted vCPU becomes runnable again when its virtual LAPIC has something to deliver
+    /// (its timer came due, or a sibling sent an IPI).
+    fn wake_halted(&mut self, now: u64) {
+        let m = machine();
+        for v in self.vcpus.iter_mut().filter(|v| v.halted) {
+            let partition = &m.partitions[v.partition];
+            partition.take_ipis(v.index, &mut v.lapic);
+            v.lapic.advance(now);
+            if v.lapic.deliverable().is_some() {
+                v.halted = false;
+            }
+        }
+    }
+
     /// In a slot of `partition`: parks this pCPU's vCPUs of it if it waits for a reset, and
     /// sets them up again (on this pCPU) once it was reset. Done only in the partition's own
     /// slots and charged to it, so a reset takes no time from anyone else.
@@ -197,6 +211,7 @@ pub fn run_pcpu(cpu: usize) {
             maybe_report_progress(now);
         }
         let _ = crate::console::pump();
+        pcpu.wake_halted(now);
         pcpu.charge(Account::Overhead, crate::tsc::now());
         if let Some(owner) = decision.run.filter(|_| !decision.lent) {
             pcpu.follow_resets(owner.partition as usize);
@@ -286,7 +301,14 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, slot_start: u64) -> Tu
         if now >= deadline {
             break TurnEnd::Deadline;
         }
-        let guard = (deadline - now + PREEMPTION_GUARD_CYCLES) >> pcpu.preemption_shift;
+        // The vCPU's virtual LAPIC: take siblings' IPIs, run its timer, inject what is due.
+        let vcpu = &mut pcpu.vcpus[index];
+        partition.take_ipis(vcpu.index, &mut vcpu.lapic);
+        vcpu.lapic.advance(now);
+        vcpu.deliver_interrupts(&m.controls);
+        // Exit by the slot boundary (guard) or when the guest's own timer is due.
+        let wake = vcpu.lapic.timer_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));
+        let guard = ((deadline - now + PREEMPTION_GUARD_CYCLES).min(wake.max(1))) >> pcpu.preemption_shift;
         vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, guard.min(u32::MAX as u64));
         let entry = crate::tsc::now();
         let handling = entry - pcpu.cursor;
@@ -320,7 +342,7 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, slot_start: u64) -> Tu
         let slot = (reason.number() as usize).min(EXIT_REASONS - 1);
         pcpu.exits[slot].count += 1;
         last_reason = Some(slot);
-        match handle_exit(pcpu, index, partition, reason, raw) {
+        match handle_exit(pcpu, index, partition, reason, raw, deadline) {
             None => continue,
             Some(end) => break end,
         }
@@ -334,7 +356,7 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, slot_start: u64) -> Tu
 }
 
 /// Handles one VM exit; `None` resumes the guest.
-fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: ExitReason, raw: u32) -> Option<TurnEnd> {
+fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: ExitReason, raw: u32, deadline: u64) -> Option<TurnEnd> {
     let account_id = partition.id as reservations::PartitionId;
     let vcpu = &mut pcpu.vcpus[index];
     let rip = vmcs::read(guest::RIP);
@@ -355,13 +377,32 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
             None
         }
         Handler::SlotGuard => {
-            pcpu.guard_exits += 1;
+            // Either the boundary passed without the timer interrupt stopping the guest (the
+            // guard), or the guest's own LAPIC timer came due (handled before the next entry).
+            if crate::tsc::now() >= deadline {
+                pcpu.guard_exits += 1;
+            }
             None
         }
+        Handler::InterruptWindow => None,
         Handler::Halt => {
             vcpu.skip_instruction();
-            vcpu.halted = true;
-            Some(TurnEnd::Halted)
+            partition.take_ipis(vcpu.index, &mut vcpu.lapic);
+            vcpu.lapic.advance(crate::tsc::now());
+            if vcpu.lapic.deliverable().is_some() {
+                return None;
+            }
+            // Halted until its timer (within this slot: the pCPU waits for it) or an IPI.
+            match vcpu.lapic.timer_deadline() {
+                Some(wake) if wake < deadline => {
+                    crate::tsc::spin_until(wake);
+                    None
+                }
+                _ => {
+                    vcpu.halted = true;
+                    Some(TurnEnd::Halted)
+                }
+            }
         }
         Handler::PauseLoop => {
             pcpu.ledger.note_pause_loop_exit(account_id);
@@ -422,17 +463,80 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
             None
         }
         Handler::MemoryFault => {
-            let violation = ept::EptViolation::decode(
-                vmcs::read(ro::EXIT_QUALIFICATION),
-                vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL),
-                vmcs::read(ro::GUEST_LINEAR_ADDR),
-            );
+            let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL);
+            if reason == ExitReason::EptViolation && (LAPIC_PAGE..LAPIC_PAGE + 0x1000).contains(&gpa) {
+                return match emulate_lapic_access(partition, vcpu, gpa) {
+                    Ok(()) => None,
+                    Err(detail) => stop("refused", detail),
+                };
+            }
+            let violation = ept::EptViolation::decode(vmcs::read(ro::EXIT_QUALIFICATION), gpa, vmcs::read(ro::GUEST_LINEAR_ADDR));
             stop(reason.name(), alloc::format!("{}", violation.describe()))
         }
         Handler::GuestFault => stop(reason.name(), "the guest shut itself down (triple fault)".into()),
         Handler::EntryFailure => stop(reason.name(), alloc::format!("VM entry failed (exit reason {raw:#x})")),
         Handler::Refused => stop("refused", alloc::format!("exit reason {} ({}) is not allowed to partitions", reason.number(), reason.name())),
     }
+}
+
+/// Guest-physical page of every vCPU's xAPIC (not mapped in the EPT: accesses exit).
+const LAPIC_PAGE: u64 = vmx::msr::APIC_BASE_ADDRESS;
+
+/// A guest instruction touched its xAPIC page: decode it and apply it to the vCPU's virtual
+/// LAPIC; IPIs go to the siblings' pending sets.
+fn emulate_lapic_access(partition: &Partition, vcpu: &mut Vcpu, gpa: u64) -> Result<(), alloc::string::String> {
+    use vmx::mmio::{decode, translate, MmioOperation};
+    use vmx::vlapic::IcrCommand;
+    let rip = vmcs::read(guest::RIP);
+    let cr3 = vmcs::read(guest::CR3);
+    let read = |a: u64| partition.read_guest_u64(a);
+    let mut bytes = [0u8; 16];
+    for (i, chunk) in bytes.chunks_exact_mut(8).enumerate() {
+        let linear = rip + i as u64 * 8;
+        let word = translate(cr3, linear, read).and_then(read).ok_or_else(|| alloc::format!("cannot read the instruction at {rip:#x}"))?;
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    let access = decode(&bytes, rip).map_err(|e| alloc::format!("xAPIC access at {gpa:#x} by an instruction Phalanx does not emulate ({e:?})"))?;
+    let offset = (gpa & 0xFFF) as u32 & !0xF;
+    let now = crate::tsc::now();
+    let mask = if access.size >= 8 { u64::MAX } else { (1u64 << (access.size * 8)) - 1 };
+    match access.operation {
+        MmioOperation::Read { register } => {
+            let value = vcpu.lapic.read(offset, now) as u64 & mask;
+            // 32-bit loads zero-extend; narrower ones keep the upper bits (mov r8/r16).
+            let merged = if access.size >= 4 { value } else { (vcpu.gpr(register) & !mask) | value };
+            vcpu.set_gpr(register, merged);
+        }
+        MmioOperation::Write { .. } | MmioOperation::WriteImmediate { .. } => {
+            let value = match access.operation {
+                MmioOperation::Write { register } => vcpu.gpr(register) & mask,
+                MmioOperation::WriteImmediate { value } => value & mask,
+                MmioOperation::Read { .. } => 0,
+            };
+            if let Some(command) = vcpu.lapic.write(offset, value as u32, now) {
+                let sender = vcpu.lapic.id();
+                match command {
+                    IcrCommand::Fixed { vector, destination } => {
+                        for target in 0..partition.vcpus {
+                            // Destination matching needs only the target's IDs (APIC ID = vCPU index).
+                            let target_lapic = vmx::vlapic::VirtualLapic::new(target as u8);
+                            if target_lapic.is_destination(destination, sender) {
+                                if target == vcpu.index {
+                                    vcpu.lapic.accept(vector);
+                                } else {
+                                    partition.post_ipi(target, vector);
+                                }
+                            }
+                        }
+                    }
+                    IcrCommand::Unsupported { icr: 0 } => {}
+                    other => log::warn!("[{}] vCPU {}: IPI {other:?} is not supported yet", partition.name, vcpu.index),
+                }
+            }
+        }
+    }
+    vmcs::write(guest::RIP, rip + access.length as u64);
+    Ok(())
 }
 
 /// RDMSR/WRMSR of an MSR the bitmap does not pass through (`vmx::msr` decides which).

@@ -60,11 +60,47 @@ pub struct Partition {
     pub resets: AtomicU64,
     /// Guest cycles per vCPU (relaxed co-scheduling compares siblings' progress).
     pub vcpu_run_cycles: Vec<AtomicU64>,
+    /// IPIs sent to each vCPU by its siblings (256-bit vector sets), taken into the target's
+    /// virtual LAPIC by its own pCPU before it next enters the guest.
+    pending_ipis: Vec<[AtomicU64; 4]>,
 }
 
 impl Partition {
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Posts `vector` to vCPU `vcpu` (from a sibling's ICR write).
+    pub fn post_ipi(&self, vcpu: u32, vector: u8) {
+        if let Some(bits) = self.pending_ipis.get(vcpu as usize) {
+            bits[vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::AcqRel);
+        }
+    }
+
+    /// Takes the IPIs posted to `vcpu` into its virtual LAPIC.
+    pub fn take_ipis(&self, vcpu: u32, lapic: &mut vmx::vlapic::VirtualLapic) -> bool {
+        let mut any = false;
+        for (word, bits) in self.pending_ipis[vcpu as usize].iter().enumerate() {
+            let mut set = bits.swap(0, Ordering::AcqRel);
+            while set != 0 {
+                let bit = set.trailing_zeros();
+                lapic.accept((word as u32 * 64 + bit) as u8);
+                set &= set - 1;
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Reads guest-physical memory (8 bytes), `None` outside the partition.
+    pub fn read_guest_u64(&self, gpa: u64) -> Option<u64> {
+        let size = self.memory.end - self.memory.start;
+        if gpa.checked_add(8)? > size {
+            return None;
+        }
+        // SAFETY: bounds-checked inside the partition's own identity-mapped memory; a value
+        // the guest changes concurrently is just the guest's current value.
+        Some(unsafe { core::ptr::read_unaligned((self.memory.start + gpa) as *const u64) })
     }
 
     /// Relaxed co-scheduling: whether `vcpu` ran more than `bound` guest cycles ahead of its
@@ -353,6 +389,7 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
             parked: AtomicU32::new(0),
             resets: AtomicU64::new(0),
             vcpu_run_cycles: (0..p.vcpus).map(|_| AtomicU64::new(0)).collect(),
+            pending_ipis: (0..p.vcpus).map(|_| [const { AtomicU64::new(0) }; 4]).collect(),
         });
     }
 

@@ -95,6 +95,7 @@ pub struct Vcpu {
     launched: bool,
     pub regs: GuestRegs,
     pub halted: bool,
+    pub lapic: vmx::vlapic::VirtualLapic,
     /// The partition generation this vCPU's VMCS was set up for (see `Partition::generation`).
     pub generation: u64,
     /// The generation + 1 in which this vCPU parked for a pending reset (0: never).
@@ -125,6 +126,7 @@ impl Vcpu {
             launched: false,
             regs,
             halted: false,
+            lapic: vmx::vlapic::VirtualLapic::new(index as u8),
             generation: 0,
             parked_generation: 0,
         }
@@ -225,6 +227,7 @@ impl Vcpu {
 
         // The EPT may have been used with other mappings on this CPU: drop stale translations.
         vmcs::invept_single_context(context.eptp);
+        self.lapic = vmx::vlapic::VirtualLapic::new(self.index as u8);
         let fx = (self.regs.guest_fx, self.regs.host_fx);
         self.regs = GuestRegs { guest_fx: fx.0, host_fx: fx.1, rdi: state.rdi, rsi: state.rsi, ..Default::default() };
         // SAFETY: the vCPU's own FXSAVE page; reset to the power-on x87/SSE state.
@@ -249,6 +252,86 @@ impl Vcpu {
         let rip = vmcs::read(guest::RIP);
         let len = vmcs::read(vmcs::ro::VMEXIT_INSTRUCTION_LEN);
         vmcs::write(guest::RIP, rip + len);
+    }
+
+    /// A general-purpose register by its x86 encoding number (`vmx::mmio::GprIndex`); RSP
+    /// lives in the VMCS.
+    pub fn gpr(&self, index: u8) -> u64 {
+        match index {
+            4 => vmcs::read(guest::RSP),
+            i => *self.gpr_slot(i),
+        }
+    }
+
+    /// Writes a register as a 64-bit mov does (the caller zero-extends narrower values).
+    pub fn set_gpr(&mut self, index: u8, value: u64) {
+        match index {
+            4 => vmcs::write(guest::RSP, value),
+            i => *self.gpr_slot_mut(i) = value,
+        }
+    }
+
+    fn gpr_slot(&self, index: u8) -> &u64 {
+        let r = &self.regs;
+        match index {
+            0 => &r.rax,
+            1 => &r.rcx,
+            2 => &r.rdx,
+            3 => &r.rbx,
+            5 => &r.rbp,
+            6 => &r.rsi,
+            7 => &r.rdi,
+            8 => &r.r8,
+            9 => &r.r9,
+            10 => &r.r10,
+            11 => &r.r11,
+            12 => &r.r12,
+            13 => &r.r13,
+            14 => &r.r14,
+            _ => &r.r15,
+        }
+    }
+
+    fn gpr_slot_mut(&mut self, index: u8) -> &mut u64 {
+        let r = &mut self.regs;
+        match index {
+            0 => &mut r.rax,
+            1 => &mut r.rcx,
+            2 => &mut r.rdx,
+            3 => &mut r.rbx,
+            5 => &mut r.rbp,
+            6 => &mut r.rsi,
+            7 => &mut r.rdi,
+            8 => &mut r.r8,
+            9 => &mut r.r9,
+            10 => &mut r.r10,
+            11 => &mut r.r11,
+            12 => &mut r.r12,
+            13 => &mut r.r13,
+            14 => &mut r.r14,
+            _ => &mut r.r15,
+        }
+    }
+
+    /// Before an entry: if the virtual LAPIC has a deliverable interrupt, inject it when the
+    /// guest can take it, else ask for an exit as soon as it can (interrupt-window exiting).
+    pub fn deliver_interrupts(&mut self, controls: &Controls) {
+        const VALID: u64 = 1 << 31;
+        const WINDOW: u64 = 1 << 2;
+        let primary = controls.primary as u64;
+        if self.lapic.deliverable().is_none() || vmcs::read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & VALID != 0 {
+            vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
+            return;
+        }
+        let interruptible = vmcs::read(guest::RFLAGS) & RFLAGS_IF != 0 && vmcs::read(guest::INTERRUPTIBILITY_STATE) & 0b11 == 0;
+        if interruptible {
+            if let Some(vector) = self.lapic.acknowledge() {
+                vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, VALID | vector as u64);
+            }
+            vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
+        } else {
+            vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary | WINDOW);
+        }
     }
 
     /// Injects a hardware exception at the next entry.

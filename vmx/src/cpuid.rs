@@ -9,12 +9,18 @@ const ECX_MONITOR: u32 = 1 << 3;
 const ECX_VMX: u32 = 1 << 5;
 const ECX_SMX: u32 = 1 << 6;
 const ECX_EST: u32 = 1 << 7;
+/// Perfmon and debug capability MSR (IA32_PERF_CAPABILITIES): no PMU is given to partitions.
+const ECX_PDCM: u32 = 1 << 15;
 const ECX_X2APIC: u32 = 1 << 21;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_XSAVE: u32 = 1 << 26;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_AVX: u32 = 1 << 28;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:EDX: debug store, thermal-monitor MSRs (ACPI), TM: hardware Phalanx does not give.
+const EDX_DS: u32 = 1 << 21;
+const EDX_ACPI_THERMAL: u32 = 1 << 22;
+const EDX_TM: u32 = 1 << 29;
 /// CPUID.7.0:EBX: IA32_TSC_ADJUST (not emulated), and bits needing XSAVE state: AVX2, AVX-512F.
 const EBX7_TSC_ADJUST: u32 = 1 << 1;
 const EBX7_AVX2: u32 = 1 << 5;
@@ -48,11 +54,13 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, cpu: &GuestCpu) -> Cpu
         // Max basic leaf: at least 0x16, so the TSC leaves below are looked at.
         0 => r.eax = r.eax.max(0x16),
         1 => {
-            r.ecx &= !(ECX_VMX | ECX_SMX | ECX_MONITOR | ECX_EST | ECX_X2APIC | ECX_TSC_DEADLINE | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
+            r.ecx &= !(ECX_VMX | ECX_SMX | ECX_MONITOR | ECX_EST | ECX_PDCM | ECX_X2APIC | ECX_TSC_DEADLINE | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
             r.ecx |= ECX_HYPERVISOR;
+            r.edx &= !(EDX_DS | EDX_ACPI_THERMAL | EDX_TM);
             r.ebx = (r.ebx & 0x00FF_FFFF) | ((apic_id as u32) << 24);
         }
-        5 | 6 => r = CpuidResult::default(), // MONITOR/MWAIT and power management: absent
+        // MONITOR/MWAIT, power management and the architectural PMU: absent.
+        5 | 6 | 0xA => r = CpuidResult::default(),
         7 if subleaf == 0 => r.ebx &= !(EBX7_TSC_ADJUST | EBX7_AVX2 | EBX7_AVX512F),
         0xB | 0x1F => r.edx = apic_id as u32,
         // TSC = crystal x 1/1 with the crystal at the measured TSC rate.
@@ -94,7 +102,7 @@ mod tests {
         assert_eq!(r.ecx & (ECX_MONITOR | ECX_XSAVE | ECX_AVX | ECX_TSC_DEADLINE | ECX_X2APIC), 0);
         assert_eq!(r.ebx >> 24, 3, "initial APIC ID is the vCPU's");
         assert_eq!(r.ebx & 0xFF_FFFF, HOST_LEAF1.ebx & 0xFF_FFFF);
-        assert_eq!(r.edx, HOST_LEAF1.edx);
+        assert_eq!(r.edx, HOST_LEAF1.edx & !(EDX_DS | EDX_ACPI_THERMAL | EDX_TM), "no thermal or debug-store MSRs");
     }
 
     #[test]

@@ -155,10 +155,10 @@ impl ExitReason {
             ExitReason::EptViolation | ExitReason::EptMisconfiguration => Handler::MemoryFault,
             ExitReason::TripleFault => Handler::GuestFault,
             ExitReason::InvalidGuestState | ExitReason::MsrLoading | ExitReason::MachineCheck => Handler::EntryFailure,
+            ExitReason::InterruptWindow => Handler::InterruptWindow,
             ExitReason::ExceptionOrNmi
             | ExitReason::InitSignal
             | ExitReason::StartupIpi
-            | ExitReason::InterruptWindow
             | ExitReason::CrAccess
             | ExitReason::MonitorTrapFlag
             | ExitReason::ApicAccess
@@ -172,8 +172,11 @@ impl ExitReason {
 pub enum Handler {
     /// An interrupt for the host (the slot timer, a device IRQ): acknowledged on exit.
     HostInterrupt,
-    /// The VMX-preemption timer: a guest overran its slot boundary.
+    /// The VMX-preemption timer: a guest overran its slot boundary (or its virtual LAPIC
+    /// timer is due).
     SlotGuard,
+    /// The guest can take an interrupt now: the pending one is injected at the next entry.
+    InterruptWindow,
     Halt,
     /// PAUSE-loop exiting: a vCPU is spinning.
     PauseLoop,
@@ -248,6 +251,7 @@ mod tests {
         assert_eq!(ExitReason::from_raw(30).handler(), Handler::PortIo);
         assert_eq!(ExitReason::from_raw(10).handler(), Handler::Cpuid);
         assert_eq!(ExitReason::from_raw(33).handler(), Handler::EntryFailure);
+        assert_eq!(ExitReason::from_raw(7).handler(), Handler::InterruptWindow);
         // A guest trying VMX itself gets #UD, not access to the hypervisor's VMX.
         for vmx in [19, 20, 24, 27, 50, 53] {
             assert_eq!(ExitReason::from_raw(vmx).handler(), Handler::InjectUndefined, "reason {vmx}");

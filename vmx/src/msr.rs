@@ -4,12 +4,13 @@
 /// MSRs the hardware switches for the guest through the VM-entry MSR-load / VM-exit
 /// MSR-store area: the guest reads and writes them directly (the MSR bitmap lets them
 /// through) and the hypervisor never uses them itself.
-pub const SWITCHED: [u32; 5] = [
+pub const SWITCHED: [u32; 6] = [
     0xC000_0081, // STAR
     0xC000_0082, // LSTAR
     0xC000_0083, // CSTAR
     0xC000_0084, // SFMASK
     0xC000_0102, // KERNEL_GS_BASE
+    0xC000_0103, // TSC_AUX (RDTSCP/RDPID)
 ];
 
 pub const IA32_TSC: u32 = 0x10;
