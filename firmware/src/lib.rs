@@ -10,4 +10,5 @@ extern crate alloc;
 pub mod linux;
 pub mod longmode;
 pub mod madt;
+pub mod mptable;
 pub mod platform;

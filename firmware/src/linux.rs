@@ -330,6 +330,37 @@ pub fn boot_vcpu_state(layout: &LinuxLayout) -> VcpuState {
     }
 }
 
+/// An application processor after INIT and a start-up IPI with `vector` (SDM 9.4.4, 10.6.1):
+/// real mode at `vector * 4096`, everything else in its reset state. Needs "unrestricted
+/// guest" to enter.
+pub fn startup_ipi_state(vector: u8) -> VcpuState {
+    let real = |selector: u16, base: u64, access_rights: u32| Segment { selector, base, limit: 0xFFFF, access_rights };
+    let data = real(0, 0, 0x93);
+    VcpuState {
+        rip: 0,
+        rsp: 0,
+        rflags: 0x2,
+        rdi: 0,
+        rsi: 0,
+        cr0: CR0_ET | CR0_NE,
+        cr3: 0,
+        cr4: 0,
+        efer: 0,
+        cs: real((vector as u16) << 8, (vector as u64) << 12, 0x9B),
+        ds: data,
+        es: data,
+        ss: data,
+        fs: data,
+        gs: data,
+        tr: real(0, 0, 0x8B),
+        ldtr: real(0, 0, 0x82),
+        gdtr_base: 0,
+        gdtr_limit: 0xFFFF,
+        idtr_base: 0,
+        idtr_limit: 0xFFFF,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,6 +478,14 @@ mod tests {
         let mut mem = Memory(vec![0; 64 << 20]);
         let e = load_linux(&mut mem, &LinuxParams { kernel: &k, cmdline: &long, initrd: None, acpi_rsdp: None }).unwrap_err();
         assert_eq!(e, LinuxError::CmdlineTooLong { len: 3000, max: 2047 });
+    }
+
+    #[test]
+    fn a_started_ap_is_in_real_mode_at_the_vector_page() {
+        let s = startup_ipi_state(0x9A);
+        assert_eq!((s.cs.selector, s.cs.base, s.rip), (0x9A00, 0x9A000, 0));
+        assert_eq!(s.cr0 & CR0_PE, 0, "real mode");
+        assert_eq!(s.efer, 0);
     }
 
     #[test]
