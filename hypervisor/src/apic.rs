@@ -84,6 +84,11 @@ fn send_ipi(apic_id: u32, command: u32) {
     }
 }
 
+/// A fixed interrupt with `vector` to one CPU.
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, 0x0000_4000 | vector as u32);
+}
+
 /// INIT (assert, level) to one CPU.
 pub fn send_init(apic_id: u32) {
     send_ipi(apic_id, 0x0000_4500);

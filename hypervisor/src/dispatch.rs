@@ -22,6 +22,9 @@ use crate::vmcs::{self, guest, ro};
 
 /// Vector of the dispatch timer (the phase-lock test uses its own).
 pub const DISPATCH_VECTOR: u8 = 0x41;
+/// Sent to a pCPU to make its guest exit (or its idle loop wake) at once: a sibling vCPU
+/// posted it an IPI or started it.
+pub const KICK_VECTOR: u8 = 0x42;
 /// The VMX-preemption timer fires this long after a boundary whose timer interrupt did not
 /// stop the guest: the guard that a guest cannot overrun its slot.
 const PREEMPTION_GUARD_CYCLES: u64 = 2_000;
@@ -121,6 +124,20 @@ impl Pcpu {
             && !m.skew_bound.is_some_and(|bound| partition.co_stopped(v.vcpu, bound))
     }
 
+    /// Starts vCPUs a sibling sent a start-up IPI: their VMCS is set up again, on this pCPU,
+    /// in real mode at the vector's page.
+    fn follow_starts(&mut self) {
+        let m = machine();
+        for index in 0..self.vcpus.len() {
+            let v = &mut self.vcpus[index];
+            let partition = &m.partitions[v.partition];
+            if let Some(vector) = partition.take_startup(v.index) {
+                v.setup(&m.controls, &partition.context, &firmware::linux::startup_ipi_state(vector));
+                self.loaded = Some(index);
+            }
+        }
+    }
+
     /// A halted vCPU becomes runnable again when its virtual LAPIC has something to deliver
     /// (its timer came due, or a sibling sent an IPI).
     fn wake_halted(&mut self, now: u64) {
@@ -211,6 +228,7 @@ pub fn run_pcpu(cpu: usize) {
             maybe_report_progress(now);
         }
         let _ = crate::console::pump();
+        pcpu.follow_starts();
         pcpu.wake_halted(now);
         pcpu.charge(Account::Overhead, crate::tsc::now());
         if let Some(owner) = decision.run.filter(|_| !decision.lent) {
@@ -369,7 +387,7 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
         Handler::HostInterrupt => {
             let info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32;
             if let Some(vector) = vmx::exit::interrupt_vector(info) {
-                if vector != DISPATCH_VECTOR {
+                if vector != DISPATCH_VECTOR && vector != KICK_VECTOR {
                     log::warn!("cpu{}: unexpected interrupt vector {vector:#x} while a guest ran", pcpu.cpu);
                 }
                 apic::eoi();
@@ -479,6 +497,15 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
     }
 }
 
+/// Makes the pCPU that runs `vcpu` of `partition` look at it now (a host IPI: its guest exits
+/// or its idle loop wakes).
+fn kick(partition: usize, vcpu: u32) {
+    let home = machine().homes[partition][vcpu as usize];
+    if home != crate::cpu::current_index() {
+        apic::send_fixed(crate::cpu::apic_id_of(home), KICK_VECTOR);
+    }
+}
+
 /// Guest-physical page of every vCPU's xAPIC (not mapped in the EPT: accesses exit).
 const LAPIC_PAGE: u64 = vmx::msr::APIC_BASE_ADDRESS;
 
@@ -513,23 +540,33 @@ fn emulate_lapic_access(partition: &Partition, vcpu: &mut Vcpu, gpa: u64) -> Res
                 MmioOperation::WriteImmediate { value } => value & mask,
                 MmioOperation::Read { .. } => 0,
             };
-            if let Some(command) = vcpu.lapic.write(offset, value as u32, now) {
-                let sender = vcpu.lapic.id();
+            let command = vcpu.lapic.write(offset, value as u32, now);
+            if offset == vmx::vlapic::reg::LDR {
+                partition.set_logical_id(vcpu.index, vcpu.lapic.logical_id());
+            }
+            if let Some(command) = command {
+                let sender = vcpu.index;
+                let targets = (0..partition.vcpus).filter(|&t| partition.is_ipi_target(t, sender, command));
                 match command {
-                    IcrCommand::Fixed { vector, destination } => {
-                        for target in 0..partition.vcpus {
-                            // Destination matching needs only the target's IDs (APIC ID = vCPU index).
-                            let target_lapic = vmx::vlapic::VirtualLapic::new(target as u8);
-                            if target_lapic.is_destination(destination, sender) {
-                                if target == vcpu.index {
-                                    vcpu.lapic.accept(vector);
-                                } else {
-                                    partition.post_ipi(target, vector);
-                                }
+                    IcrCommand::Fixed { vector, .. } => {
+                        for target in targets {
+                            if target == sender {
+                                vcpu.lapic.accept(vector);
+                            } else {
+                                partition.post_ipi(target, vector);
+                                kick(partition.id, target);
                             }
                         }
                     }
-                    IcrCommand::Unsupported { icr: 0 } => {}
+                    // The vCPUs wait for their start-up IPI from power-on: INIT changes nothing.
+                    IcrCommand::Init { .. } | IcrCommand::Unsupported { icr: 0 } => {}
+                    IcrCommand::Startup { vector, .. } => {
+                        for target in targets.filter(|&t| t != sender) {
+                            if partition.start(target, vector) {
+                                kick(partition.id, target);
+                            }
+                        }
+                    }
                     other => log::warn!("[{}] vCPU {}: IPI {other:?} is not supported yet", partition.name, vcpu.index),
                 }
             }

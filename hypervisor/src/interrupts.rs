@@ -166,7 +166,7 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
             crate::phase::on_timer_interrupt();
             crate::apic::eoi();
         }
-        crate::dispatch::DISPATCH_VECTOR => crate::apic::eoi(),
+        crate::dispatch::DISPATCH_VECTOR | crate::dispatch::KICK_VECTOR => crate::apic::eoi(),
         SPURIOUS_VECTOR => {}
         _ => {
             log::warn!("unexpected interrupt vector {vector:#x}");

@@ -63,11 +63,59 @@ pub struct Partition {
     /// IPIs sent to each vCPU by its siblings (256-bit vector sets), taken into the target's
     /// virtual LAPIC by its own pCPU before it next enters the guest.
     pending_ipis: Vec<[AtomicU64; 4]>,
+    /// Each vCPU's logical APIC ID (its LDR), for logical-destination IPIs.
+    logical_ids: Vec<core::sync::atomic::AtomicU8>,
+    /// A start-up IPI's vector for each vCPU (0x100 | vector), until its pCPU takes it.
+    startup_vectors: Vec<AtomicU32>,
 }
 
 impl Partition {
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    pub fn set_logical_id(&self, vcpu: u32, id: u8) {
+        self.logical_ids[vcpu as usize].store(id, Ordering::Release);
+    }
+
+    /// Whether vCPU `target` is a destination of `command` sent by vCPU `sender` (APIC ID =
+    /// vCPU index; logical IDs as each vCPU last wrote its LDR, flat model).
+    pub fn is_ipi_target(&self, target: u32, sender: u32, command: vmx::vlapic::IcrCommand) -> bool {
+        use vmx::vlapic::{Destination, IcrCommand};
+        let destination = match command {
+            IcrCommand::Fixed { destination, .. }
+            | IcrCommand::Nmi { destination }
+            | IcrCommand::Init { destination }
+            | IcrCommand::Startup { destination, .. } => destination,
+            IcrCommand::Unsupported { .. } => return false,
+        };
+        match destination {
+            Destination::Physical(id) => id == 0xFF || id as u32 == target,
+            Destination::Logical(mask) => self.logical_ids[target as usize].load(Ordering::Acquire) & mask != 0,
+            Destination::SelfOnly => target == sender,
+            Destination::AllIncludingSelf => true,
+            Destination::AllExcludingSelf => target != sender,
+        }
+    }
+
+    /// A start-up IPI for `vcpu`: true if it was waiting for one (it then starts in real mode
+    /// at `vector * 4096`, set up by its own pCPU).
+    pub fn start(&self, vcpu: u32, vector: u8) -> bool {
+        let started = &self.started[vcpu as usize];
+        if started.load(Ordering::Acquire) {
+            return false;
+        }
+        self.startup_vectors[vcpu as usize].store(0x100 | vector as u32, Ordering::Release);
+        started.store(true, Ordering::Release);
+        true
+    }
+
+    /// The start-up vector posted for `vcpu`, once.
+    pub fn take_startup(&self, vcpu: u32) -> Option<u8> {
+        match self.startup_vectors[vcpu as usize].swap(0, Ordering::AcqRel) {
+            0 => None,
+            v => Some(v as u8),
+        }
     }
 
     /// Posts `vector` to vCPU `vcpu` (from a sibling's ICR write).
@@ -233,8 +281,11 @@ fn load_payload(window: &mut HostWindow, image: &[u8], cmdline: &str, vcpus: u32
         Ok(kernel) => {
             let params = firmware::linux::LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None };
             let layout = firmware::linux::load_linux(window, &params).map_err(|e| format!("{e}"))?;
+            firmware::mptable::write_mp_table(window, vcpus).map_err(|e| format!("{e}"))?;
             let boot = firmware::linux::boot_vcpu_state(&layout);
-            Ok((Payload::Linux, (0..vcpus).map(|_| boot).collect()))
+            // Application processors wait for a start-up IPI; this state is replaced then.
+            let waiting = firmware::linux::startup_ipi_state(0);
+            Ok((Payload::Linux, (0..vcpus).map(|v| if v == 0 { boot } else { waiting }).collect()))
         }
         // A bzImage this loader cannot boot is an error; anything without the header is
         // taken as the flat test guest.
@@ -390,6 +441,8 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
             resets: AtomicU64::new(0),
             vcpu_run_cycles: (0..p.vcpus).map(|_| AtomicU64::new(0)).collect(),
             pending_ipis: (0..p.vcpus).map(|_| [const { AtomicU64::new(0) }; 4]).collect(),
+            logical_ids: (0..p.vcpus).map(|_| core::sync::atomic::AtomicU8::new(0)).collect(),
+            startup_vectors: (0..p.vcpus).map(|_| AtomicU32::new(0)).collect(),
         });
     }
 

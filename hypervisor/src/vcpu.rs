@@ -147,7 +147,11 @@ impl Vcpu {
         vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, controls.primary as u64);
         vmcs::write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, controls.secondary as u64);
         vmcs::write(control::VMEXIT_CONTROLS, controls.exit as u64);
-        vmcs::write(control::VMENTRY_CONTROLS, controls.entry as u64);
+        // A vCPU that starts outside long mode (an AP in real mode) enters without "IA-32e
+        // mode guest"; VM exits keep that control in step with EFER.LMA from then on.
+        let long_mode = state.efer & (1 << 10) != 0;
+        let entry = if long_mode { controls.entry } else { controls.entry & !EntryControls::IA32E_MODE_GUEST.bits() };
+        vmcs::write(control::VMENTRY_CONTROLS, entry as u64);
         vmcs::write(control::EXCEPTION_BITMAP, 0);
         vmcs::write(control::IO_BITMAP_A_ADDR_FULL, context.io_bitmap_a);
         vmcs::write(control::IO_BITMAP_B_ADDR_FULL, context.io_bitmap_b);
@@ -183,7 +187,10 @@ impl Vcpu {
 
         write_host_state();
 
-        vmcs::write(guest::CR0, caps.adjust_cr0(state.cr0));
+        // With "unrestricted guest" a vCPU may run with paging or protection off.
+        let unrestricted = controls.secondary & SecondaryControls::UNRESTRICTED_GUEST.bits() != 0;
+        let cr0 = if unrestricted { (state.cr0 | (caps.cr0_fixed0 & !(1 | (1 << 31)))) & caps.cr0_fixed1 } else { caps.adjust_cr0(state.cr0) };
+        vmcs::write(guest::CR0, cr0);
         vmcs::write(guest::CR3, state.cr3);
         vmcs::write(guest::CR4, caps.adjust_cr4(state.cr4));
         vmcs::write(guest::IA32_EFER_FULL, state.efer);

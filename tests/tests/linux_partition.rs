@@ -1,12 +1,12 @@
 //! The project's Linux guest in a Phalanx partition under Bochs: loaded through the Linux
 //! boot protocol, entered at startup_64, it boots with the hypervisor's CPUID (true TSC rate),
-//! MSR emulation, e820 map and emulated xAPIC (its timer drives the kernel's clock) up to
-//! starting /init, uniprocessor (no MP/ACPI tables yet).
+//! MSR emulation, e820 map, MP table and emulated xAPICs (timer, IPIs, INIT/SIPI start-up of
+//! the second vCPU in real mode) up to starting /init on 2 vCPUs.
 
 use e2e::Boot;
 
 #[test]
-fn linux_boots_in_a_partition_up_to_init() {
+fn smp_linux_boots_in_a_partition_up_to_init() {
     let run = Boot::new("linux-early-boot", "bochs", 2, "tests/configs/linux-early-boot.toml").run();
     run.assert_clean_end();
     let start = run.one("partition_start");
@@ -16,10 +16,20 @@ fn linux_boots_in_a_partition_up_to_init() {
     assert!(has("Linux version 6.1"), "the kernel banner on the partition's console:\n{}", run.log);
     assert!(has("Command line: console=ttyS0,115200"), "the config's command line reached the kernel");
     assert!(has("BIOS-e820: [mem 0x0000000000100000-0x0000000003ffffff] usable"), "the e820 map of a 64 MiB partition");
-    assert!(has("tsc: Detected 10.000 MHz processor"), "the true TSC rate from CPUID 0x15, not the CPU model's");
+    // The true TSC rate (CPUID 0x15/0x16 as the hypervisor measured it), not the CPU model's.
+    let tsc_mhz = run.one("boot")["tsc_hz"].as_f64().unwrap() / 1e6;
+    let detected: Vec<f64> = console
+        .iter()
+        .filter_map(|l| l.split("tsc: Detected ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(!detected.is_empty(), "Linux reports the TSC rate it found");
+    assert!(detected.iter().all(|mhz| (mhz - tsc_mhz).abs() < 0.01 * tsc_mhz), "{detected:?} vs {tsc_mhz} MHz");
     assert!(!has("unchecked MSR access"), "every MSR Linux touches this far is emulated or absent by CPUID");
     assert!(has("Using NULL legacy PIC"), "no 8259 is emulated");
     assert!(has("clocksource: Switched to clocksource tsc"), "time keeps running on the emulated LAPIC timer");
+    assert!(has("found SMP MP-table"), "the partition's MP table");
+    assert!(has("smp: Brought up 1 node, 2 CPUs"), "vCPU 1 started by INIT/SIPI through the emulated ICR:\n{}", run.log);
     assert!(has("Run /init as init process"), "the kernel reaches user space:\n{}", run.log);
     assert!(run.all("partition_fault").is_empty(), "no access the partition is refused: {:?}", run.all("partition_fault"));
 }

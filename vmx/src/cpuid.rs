@@ -66,7 +66,8 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, cpu: &GuestCpu) -> Cpu
         // TSC = crystal x 1/1 with the crystal at the measured TSC rate.
         0x15 => r = CpuidResult { eax: 1, ebx: 1, ecx: cpu.tsc_hz.min(u32::MAX as u64) as u32, edx: 0 },
         0x16 => {
-            let mhz = (cpu.tsc_hz / 1_000_000) as u32;
+            // Rounded: a calibration a few ppm under 10 MHz is still 10 MHz.
+            let mhz = ((cpu.tsc_hz + 500_000) / 1_000_000).max(1) as u32;
             r = CpuidResult { eax: mhz, ebx: mhz, ecx: 100, edx: 0 }
         }
         0xD => r = CpuidResult::default(), // no XSAVE state components
@@ -121,6 +122,8 @@ mod tests {
         let r = filter(0x15, 0, CpuidResult { eax: 2, ebx: 200, ecx: 25_000_000, edx: 0 }, &cpu(0));
         assert_eq!((r.eax, r.ebx, r.ecx), (1, 1, 10_000_000), "TSC Hz = ecx * ebx / eax");
         assert_eq!(filter(0x16, 0, CpuidResult::default(), &cpu(0)).eax, 10);
+        let calibrated = GuestCpu { apic_id: 0, tsc_hz: 9_999_512 };
+        assert_eq!(filter(0x16, 0, CpuidResult::default(), &calibrated).eax, 10, "rounded, not truncated");
         assert!(filter(0, 0, CpuidResult { eax: 0xD, ..Default::default() }, &cpu(0)).eax >= 0x16);
         let leaf7 = filter(7, 0, CpuidResult { ebx: u32::MAX, ..Default::default() }, &cpu(0));
         assert_eq!(leaf7.ebx & (EBX7_TSC_ADJUST | EBX7_AVX2 | EBX7_AVX512F), 0);
