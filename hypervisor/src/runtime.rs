@@ -112,7 +112,11 @@ impl Partition {
 
     /// The start-up vector posted for `vcpu`, once.
     pub fn take_startup(&self, vcpu: u32) -> Option<u8> {
-        match self.startup_vectors[vcpu as usize].swap(0, Ordering::AcqRel) {
+        let slot = &self.startup_vectors[vcpu as usize];
+        if slot.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        match slot.swap(0, Ordering::AcqRel) {
             0 => None,
             v => Some(v as u8),
         }
@@ -129,6 +133,9 @@ impl Partition {
     pub fn take_ipis(&self, vcpu: u32, lapic: &mut vmx::vlapic::VirtualLapic) -> bool {
         let mut any = false;
         for (word, bits) in self.pending_ipis[vcpu as usize].iter().enumerate() {
+            if bits.load(Ordering::Acquire) == 0 {
+                continue;
+            }
             let mut set = bits.swap(0, Ordering::AcqRel);
             while set != 0 {
                 let bit = set.trailing_zeros();

@@ -96,6 +96,8 @@ pub struct Vcpu {
     pub regs: GuestRegs,
     pub halted: bool,
     pub lapic: vmx::vlapic::VirtualLapic,
+    /// Interrupt-window exiting is on in the VMCS.
+    interrupt_window: bool,
     /// The partition generation this vCPU's VMCS was set up for (see `Partition::generation`).
     pub generation: u64,
     /// The generation + 1 in which this vCPU parked for a pending reset (0: never).
@@ -127,6 +129,7 @@ impl Vcpu {
             regs,
             halted: false,
             lapic: vmx::vlapic::VirtualLapic::new(index as u8),
+            interrupt_window: false,
             generation: 0,
             parked_generation: 0,
         }
@@ -235,6 +238,7 @@ impl Vcpu {
         // The EPT may have been used with other mappings on this CPU: drop stale translations.
         vmcs::invept_single_context(context.eptp);
         self.lapic = vmx::vlapic::VirtualLapic::new(self.index as u8);
+        self.interrupt_window = false;
         let fx = (self.regs.guest_fx, self.regs.host_fx);
         self.regs = GuestRegs { guest_fx: fx.0, host_fx: fx.1, rdi: state.rdi, rsi: state.rsi, ..Default::default() };
         // SAFETY: the vCPU's own FXSAVE page; reset to the power-on x87/SSE state.
@@ -324,20 +328,26 @@ impl Vcpu {
     /// guest can take it, else ask for an exit as soon as it can (interrupt-window exiting).
     pub fn deliver_interrupts(&mut self, controls: &Controls) {
         const VALID: u64 = 1 << 31;
-        const WINDOW: u64 = 1 << 2;
-        let primary = controls.primary as u64;
-        if self.lapic.deliverable().is_none() || vmcs::read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & VALID != 0 {
-            vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
-            return;
-        }
-        let interruptible = vmcs::read(guest::RFLAGS) & RFLAGS_IF != 0 && vmcs::read(guest::INTERRUPTIBILITY_STATE) & 0b11 == 0;
-        if interruptible {
-            if let Some(vector) = self.lapic.acknowledge() {
-                vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, VALID | vector as u64);
+        // The common case (nothing pending, no window asked for) costs no VMCS access.
+        let want_window = match self.lapic.deliverable() {
+            None => false,
+            Some(_) if vmcs::read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & VALID != 0 => false,
+            Some(_) => {
+                let interruptible =
+                    vmcs::read(guest::RFLAGS) & RFLAGS_IF != 0 && vmcs::read(guest::INTERRUPTIBILITY_STATE) & 0b11 == 0;
+                if interruptible {
+                    if let Some(vector) = self.lapic.acknowledge() {
+                        vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, VALID | vector as u64);
+                    }
+                }
+                !interruptible
             }
+        };
+        if want_window != self.interrupt_window {
+            const WINDOW: u64 = 1 << 2;
+            let primary = controls.primary as u64 | if want_window { WINDOW } else { 0 };
             vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
-        } else {
-            vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary | WINDOW);
+            self.interrupt_window = want_window;
         }
     }
 
