@@ -1,6 +1,7 @@
-//! An Intel MultiProcessor Specification 1.4 table listing a partition's vCPUs, for guests
-//! booted without ACPI (`acpi=off`): Linux finds the floating pointer in the BIOS ROM area and
-//! starts one processor per entry. Byte layouts follow the MP spec, chapter 4.
+//! An Intel MultiProcessor Specification 1.4 table listing a partition's vCPUs, its IO-APIC and
+//! the ISA interrupt wiring, for guests booted without ACPI (`acpi=off`): Linux finds the
+//! floating pointer in the BIOS ROM area and starts one processor per entry. Byte layouts
+//! follow the MP spec, chapter 4.
 
 use crate::longmode::{GuestMemory, GuestMemoryError};
 use alloc::vec::Vec;
@@ -15,6 +16,17 @@ const SPEC_REVISION: u8 = 4;
 /// Processor signature and feature flags in processor entries (family 6; FPU, APIC).
 const CPU_SIGNATURE: u32 = 0x0005_0654;
 const CPU_FEATURES: u32 = (1 << 0) | (1 << 9);
+const IOAPIC_ADDRESS: u32 = 0xFEC0_0000;
+const IOAPIC_VERSION: u8 = 0x11;
+/// ISA IRQs wired to IO-APIC pins: identity, except the timer (IRQ 0 -> pin 2) and the
+/// cascade (IRQ 2), as on PC chipsets.
+const ISA_IRQS: [(u8, u8); 15] =
+    [(0, 2), (1, 1), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8), (9, 9), (10, 10), (11, 11), (12, 12), (13, 13), (14, 14), (15, 15)];
+
+/// The IO-APIC's ID in the table (after the vCPUs' APIC IDs).
+pub fn ioapic_id(vcpus: u32) -> u8 {
+    vcpus as u8
+}
 
 fn checksum_fix(bytes: &mut [u8], at: usize) {
     let sum = bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b));
@@ -22,7 +34,7 @@ fn checksum_fix(bytes: &mut [u8], at: usize) {
 }
 
 /// The configuration table: header, one processor entry per vCPU (APIC ID = vCPU index,
-/// vCPU 0 the boot processor), one ISA bus.
+/// vCPU 0 the boot processor), one ISA bus, one IO-APIC, the ISA interrupt assignments.
 pub fn config_table(vcpus: u32) -> Vec<u8> {
     let mut t = Vec::with_capacity(44 + 20 * vcpus as usize + 8);
     t.extend_from_slice(b"PCMP");
@@ -33,7 +45,7 @@ pub fn config_table(vcpus: u32) -> Vec<u8> {
     t.extend_from_slice(b"PARTITION   ");
     t.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     t.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
-    t.extend_from_slice(&((vcpus + 1) as u16).to_le_bytes()); // entry count
+    t.extend_from_slice(&((vcpus + 2 + ISA_IRQS.len() as u32) as u16).to_le_bytes()); // entry count
     t.extend_from_slice(&LAPIC_ADDRESS.to_le_bytes());
     t.extend_from_slice(&0u16.to_le_bytes()); // extended table length
     t.push(0); // extended table checksum
@@ -47,6 +59,12 @@ pub fn config_table(vcpus: u32) -> Vec<u8> {
     }
     t.extend_from_slice(&[1, 0]);
     t.extend_from_slice(b"ISA   ");
+    t.extend_from_slice(&[2, ioapic_id(vcpus), IOAPIC_VERSION, 1]);
+    t.extend_from_slice(&IOAPIC_ADDRESS.to_le_bytes());
+    for (irq, pin) in ISA_IRQS {
+        // Vectored interrupt, conforming polarity/trigger, from ISA bus 0.
+        t.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id(vcpus), pin]);
+    }
     let len = t.len() as u16;
     t[4..6].copy_from_slice(&len.to_le_bytes());
     checksum_fix(&mut t, 7);
@@ -93,10 +111,13 @@ mod tests {
         assert_eq!(&t[0..4], b"PCMP");
         assert_eq!(u16::from_le_bytes([t[4], t[5]]) as usize, t.len());
         assert!(sums_to_zero(&t));
-        assert_eq!(u16::from_le_bytes([t[34], t[35]]), 5, "4 processors + 1 bus");
+        assert_eq!(u16::from_le_bytes([t[34], t[35]]), 4 + 1 + 1 + 15, "processors, bus, IO-APIC, ISA IRQs");
         assert_eq!(u32::from_le_bytes(t[36..40].try_into().unwrap()), 0xFEE0_0000);
         let cpus: Vec<(u8, u8)> = (0..4).map(|i| (t[44 + i * 20 + 1], t[44 + i * 20 + 3])).collect();
         assert_eq!(cpus, [(0, 3), (1, 1), (2, 1), (3, 1)], "APIC ID and flags (enabled, BSP)");
         assert_eq!(&t[44 + 80..44 + 88], &[1, 0, b'I', b'S', b'A', b' ', b' ', b' ']);
+        assert_eq!(&t[132..140], &[2, 4, 0x11, 1, 0x00, 0x00, 0xC0, 0xFE], "IO-APIC 4 at 0xFEC00000");
+        let com1 = &t[140 + 3 * 8..140 + 4 * 8];
+        assert_eq!(com1, &[3, 0, 0, 0, 0, 4, 4, 4], "IRQ 4 (COM1) to pin 4");
     }
 }

@@ -504,6 +504,12 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
                     Err(detail) => stop("refused", detail),
                 };
             }
+            if reason == ExitReason::EptViolation && (IOAPIC_PAGE..IOAPIC_PAGE + 0x1000).contains(&gpa) {
+                return match emulate_ioapic_access(partition, vcpu, gpa) {
+                    Ok(()) => None,
+                    Err(detail) => stop("refused", detail),
+                };
+            }
             let violation = ept::EptViolation::decode(vmcs::read(ro::EXIT_QUALIFICATION), gpa, vmcs::read(ro::GUEST_LINEAR_ADDR));
             stop(reason.name(), alloc::format!("{}", violation.describe()))
         }
@@ -526,21 +532,48 @@ fn kick(partition: usize, vcpu: u32) {
 /// Guest-physical page of every vCPU's xAPIC (not mapped in the EPT: accesses exit).
 const LAPIC_PAGE: u64 = vmx::msr::APIC_BASE_ADDRESS;
 
-/// A guest instruction touched its xAPIC page: decode it and apply it to the vCPU's virtual
-/// LAPIC; IPIs go to the siblings' pending sets.
-fn emulate_lapic_access(partition: &Partition, vcpu: &mut Vcpu, gpa: u64) -> Result<(), alloc::string::String> {
-    use vmx::mmio::{decode, translate, MmioOperation};
-    use vmx::vlapic::IcrCommand;
+/// Guest-physical page of the partition's IO-APIC (not mapped: accesses exit).
+const IOAPIC_PAGE: u64 = vmx::vioapic::IOAPIC_BASE_ADDRESS;
+
+/// The instruction at the guest's RIP that accessed device memory, decoded.
+fn decode_device_access(partition: &Partition, gpa: u64) -> Result<(u64, vmx::mmio::MmioAccess), alloc::string::String> {
     let rip = vmcs::read(guest::RIP);
     let cr3 = vmcs::read(guest::CR3);
     let read = |a: u64| partition.read_guest_u64(a);
     let mut bytes = [0u8; 16];
     for (i, chunk) in bytes.chunks_exact_mut(8).enumerate() {
         let linear = rip + i as u64 * 8;
-        let word = translate(cr3, linear, read).and_then(read).ok_or_else(|| alloc::format!("cannot read the instruction at {rip:#x}"))?;
+        let word = vmx::mmio::translate(cr3, linear, read)
+            .and_then(read)
+            .ok_or_else(|| alloc::format!("cannot read the instruction at {rip:#x}"))?;
         chunk.copy_from_slice(&word.to_le_bytes());
     }
-    let access = decode(&bytes, rip).map_err(|e| alloc::format!("xAPIC access at {gpa:#x} by an instruction Phalanx does not emulate ({e:?})"))?;
+    let access = vmx::mmio::decode(&bytes, rip)
+        .map_err(|e| alloc::format!("device access at {gpa:#x} by an instruction Phalanx does not emulate ({e:?})"))?;
+    Ok((rip, access))
+}
+
+/// A guest access to its IO-APIC window (IOREGSEL/IOWIN, 32-bit).
+fn emulate_ioapic_access(partition: &Partition, vcpu: &mut Vcpu, gpa: u64) -> Result<(), alloc::string::String> {
+    use vmx::mmio::MmioOperation;
+    let (rip, access) = decode_device_access(partition, gpa)?;
+    let offset = (gpa & 0xFFF) as u32;
+    let mut ioapic = partition.ioapic.lock();
+    match access.operation {
+        MmioOperation::Read { register } => vcpu.set_gpr(register, ioapic.read(offset) as u64),
+        MmioOperation::Write { register } => ioapic.write(offset, vcpu.gpr(register) as u32),
+        MmioOperation::WriteImmediate { value } => ioapic.write(offset, value as u32),
+    }
+    vmcs::write(guest::RIP, rip + access.length as u64);
+    Ok(())
+}
+
+/// A guest instruction touched its xAPIC page: decode it and apply it to the vCPU's virtual
+/// LAPIC; IPIs go to the siblings' pending sets.
+fn emulate_lapic_access(partition: &Partition, vcpu: &mut Vcpu, gpa: u64) -> Result<(), alloc::string::String> {
+    use vmx::mmio::MmioOperation;
+    use vmx::vlapic::IcrCommand;
+    let (rip, access) = decode_device_access(partition, gpa)?;
     let offset = (gpa & 0xFFF) as u32 & !0xF;
     let now = crate::tsc::now();
     let mask = if access.size >= 8 { u64::MAX } else { (1u64 << (access.size * 8)) - 1 };
@@ -563,18 +596,9 @@ fn emulate_lapic_access(partition: &Partition, vcpu: &mut Vcpu, gpa: u64) -> Res
             }
             if let Some(command) = command {
                 let sender = vcpu.index;
-                let targets = (0..partition.vcpus).filter(|&t| partition.is_ipi_target(t, sender, command));
+                let targets = (0..partition.vcpus).filter(move |&t| partition.is_ipi_target(t, sender, command));
                 match command {
-                    IcrCommand::Fixed { vector, .. } => {
-                        for target in targets {
-                            if target == sender {
-                                vcpu.lapic.accept(vector);
-                            } else {
-                                partition.post_ipi(target, vector);
-                                kick(partition.id, target);
-                            }
-                        }
-                    }
+                    IcrCommand::Fixed { vector, .. } => deliver_interrupt(partition, vcpu, vector, command),
                     // The vCPUs wait for their start-up IPI from power-on: INIT changes nothing.
                     IcrCommand::Init { .. } | IcrCommand::Unsupported { icr: 0 } => {}
                     IcrCommand::Startup { vector, .. } => {
@@ -625,21 +649,53 @@ fn emulate_msr(vcpu: &mut Vcpu, write: bool) {
 /// The partition's virtual COM1 (transmit only); any other port reads as absent hardware.
 fn emulate_port(partition: &Partition, vcpu: &mut Vcpu, access: IoAccess) {
     const COM1: u16 = 0x3F8;
-    const LSR_TRANSMITTER_IDLE: u64 = 0x60;
+    const COM1_IRQ: usize = 4;
     let mask = match access.size {
         1 => 0xFF,
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
-    if access.input {
-        let value = match access.port {
-            p if p == COM1 + 5 => LSR_TRANSMITTER_IDLE,
-            p if (COM1..COM1 + 8).contains(&p) => 0,
-            _ => mask,
+    if !(COM1..COM1 + 8).contains(&access.port) {
+        // Absent hardware: reads float high, writes vanish.
+        if access.input {
+            vcpu.regs.rax = (vcpu.regs.rax & !mask) | mask;
+        }
+        return;
+    }
+    let offset = access.port - COM1;
+    let (byte, interrupt) = {
+        let mut uart = partition.uart.lock();
+        let byte = if access.input {
+            vcpu.regs.rax = (vcpu.regs.rax & !mask) | uart.read(offset) as u64;
+            None
+        } else {
+            uart.write(offset, vcpu.regs.rax as u8)
         };
-        vcpu.regs.rax = (vcpu.regs.rax & !mask) | value;
-    } else if access.port == COM1 {
-        partition.console_byte(vcpu.regs.rax as u8);
+        (byte, uart.interrupt())
+    };
+    if let Some(byte) = byte {
+        partition.console_byte(byte);
+    }
+    // The UART's line into IO-APIC pin 4: a rising edge is an interrupt.
+    if partition.set_uart_line(interrupt) {
+        let routed = partition.ioapic.lock().assert_pin(COM1_IRQ);
+        if let Some((vector, destination)) = routed {
+            deliver_interrupt(partition, vcpu, vector, vmx::vlapic::IcrCommand::Fixed { vector, destination });
+        }
+    }
+}
+
+/// Delivers a fixed interrupt to every vCPU of `partition` that `command` addresses: this
+/// vCPU's own LAPIC directly, siblings through their pending sets and a kick.
+fn deliver_interrupt(partition: &Partition, vcpu: &mut Vcpu, vector: u8, command: vmx::vlapic::IcrCommand) {
+    let sender = vcpu.index;
+    for target in (0..partition.vcpus).filter(|&t| partition.is_ipi_target(t, sender, command)) {
+        if target == sender {
+            vcpu.lapic.accept(vector);
+        } else {
+            partition.post_ipi(target, vector);
+            kick(partition.id, target);
+        }
     }
 }
 

@@ -20,6 +20,9 @@ use sched::{DispatchTables, PartitionSpec, PlanConfig, VcpuRef};
 use crate::memory::BootInfo;
 use crate::vcpu::{Controls, PartitionContext};
 
+/// Longest guest console line held before it is printed anyway (JSON records fit).
+const GUEST_LINE_MAX: usize = 4096;
+
 /// Why a partition was stopped.
 #[derive(Debug, Clone)]
 pub struct Fault {
@@ -40,6 +43,10 @@ pub struct Partition {
     pub stopped: AtomicBool,
     pub fault: Mutex<Option<Fault>>,
     console: Mutex<String>,
+    /// The partition's COM1 and IO-APIC, and the UART's interrupt line (for edges).
+    pub uart: Mutex<vmx::vuart::VirtualUart>,
+    pub ioapic: Mutex<vmx::vioapic::VirtualIoApic>,
+    uart_line: AtomicBool,
     pub done_vcpus: AtomicU64,
     pub hypercalls: AtomicU64,
     /// The payload and its boot parameters, kept to reload the partition on a reset.
@@ -72,6 +79,11 @@ pub struct Partition {
 impl Partition {
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Sets the UART's interrupt line; true on a rising edge.
+    pub fn set_uart_line(&self, asserted: bool) -> bool {
+        !self.uart_line.swap(asserted, Ordering::AcqRel) && asserted
     }
 
     pub fn set_logical_id(&self, vcpu: u32, id: u8) {
@@ -245,8 +257,14 @@ impl Partition {
                 line.clear();
             }
             b'\r' => {}
-            b if line.len() < 200 => line.push(if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' }),
-            _ => {}
+            b => {
+                line.push(if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' });
+                // A line longer than this is printed in pieces rather than held or cut.
+                if line.len() >= GUEST_LINE_MAX {
+                    log::info!("[{}] {}", self.name, line.as_str());
+                    line.clear();
+                }
+            }
         }
     }
 
@@ -435,6 +453,9 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
             stopped: AtomicBool::new(false),
             fault: Mutex::new(None),
             console: Mutex::new(String::new()),
+            uart: Mutex::new(vmx::vuart::VirtualUart::new()),
+            ioapic: Mutex::new(vmx::vioapic::VirtualIoApic::new(firmware::mptable::ioapic_id(p.vcpus))),
+            uart_line: AtomicBool::new(false),
             done_vcpus: AtomicU64::new(0),
             hypercalls: AtomicU64::new(0),
             image,

@@ -1,12 +1,13 @@
 //! The project's Linux guest in a Phalanx partition under Bochs: loaded through the Linux
 //! boot protocol, entered at startup_64, it boots with the hypervisor's CPUID (true TSC rate),
-//! MSR emulation, e820 map, MP table and emulated xAPICs (timer, IPIs, INIT/SIPI start-up of
-//! the second vCPU in real mode) up to starting /init on 2 vCPUs.
+//! MSR emulation, e820 map, MP table, emulated xAPICs (timer, IPIs, INIT/SIPI start-up of the
+//! second vCPU in real mode), IO-APIC and COM1 with its interrupt; /init runs the BARRIER
+//! workload on both vCPUs and ends the partition.
 
 use e2e::Boot;
 
 #[test]
-fn smp_linux_boots_in_a_partition_up_to_init() {
+fn smp_linux_runs_the_barrier_workload_in_a_partition() {
     let run = Boot::new("linux-early-boot", "bochs", 2, "tests/configs/linux-early-boot.toml").run();
     run.assert_clean_end();
     let start = run.one("partition_start");
@@ -31,5 +32,18 @@ fn smp_linux_boots_in_a_partition_up_to_init() {
     assert!(has("found SMP MP-table"), "the partition's MP table");
     assert!(has("smp: Brought up 1 node, 2 CPUs"), "vCPU 1 started by INIT/SIPI through the emulated ICR:\n{}", run.log);
     assert!(has("Run /init as init process"), "the kernel reaches user space:\n{}", run.log);
-    assert!(run.all("partition_fault").is_empty(), "no access the partition is refused: {:?}", run.all("partition_fault"));
+    assert!(has("ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A"), "the emulated COM1");
+    // The guest's own records, on its console (prefixed, so never mistaken for Phalanx's).
+    let guest_records: Vec<serde_json::Value> =
+        console.iter().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let workload = guest_records
+        .iter()
+        .find(|r| r["type"] == "workload" && r["name"] == "barrier")
+        .unwrap_or_else(|| panic!("the BARRIER workload's record:\n{}", run.log));
+    assert_eq!(workload["threads"], 2);
+    assert!(workload["iterations"].as_u64().unwrap() > 1000, "{workload}");
+    assert!(guest_records.iter().any(|r| r["type"] == "end" && r["status"] == "ok"));
+    // Then the guest ends itself (reboot -f is a triple fault): only that partition stops.
+    let fault = run.one("partition_fault");
+    assert_eq!((fault["partition"].as_str(), fault["reason"].as_str()), (Some("linux"), Some("triple-fault")), "{fault}");
 }

@@ -10,7 +10,9 @@ pub mod cpuid;
 pub mod exit;
 pub mod mmio;
 pub mod msr;
+pub mod vioapic;
 pub mod vlapic;
+pub mod vuart;
 
 pub use caps::{Features, VmxCapabilities};
 pub use controls::{negotiate, ControlError, ControlKind};
