@@ -165,10 +165,11 @@ impl Pcpu {
         let partition = &m.partitions[partition_id];
         let generation = partition.generation.load(Ordering::Acquire);
         let current = self.vcpus.iter().all(|v| v.partition != partition_id || v.generation == generation);
-        if current && !partition.reset_pending() {
+        if current && !partition.reset_pending() && !partition.fault_unreported() {
             return;
         }
         let start = crate::tsc::now();
+        partition.report_fault();
         for index in 0..self.vcpus.len() {
             let v = &mut self.vcpus[index];
             if v.partition != partition_id {
@@ -182,6 +183,7 @@ impl Pcpu {
                 v.generation = generation;
                 self.loaded = Some(index);
             }
+
         }
         self.charge(Account::OnBehalf(partition_id as reservations::PartitionId, Work::SlotSwitch), start);
         self.charge(Account::OnBehalf(partition_id as reservations::PartitionId, Work::ExitHandling), crate::tsc::now());
@@ -540,13 +542,17 @@ fn decode_device_access(partition: &Partition, gpa: u64) -> Result<(u64, vmx::mm
     let rip = vmcs::read(guest::RIP);
     let cr3 = vmcs::read(guest::CR3);
     let read = |a: u64| partition.read_guest_u64(a);
+    // Up to 16 instruction bytes, which may continue on the next guest page.
     let mut bytes = [0u8; 16];
-    for (i, chunk) in bytes.chunks_exact_mut(8).enumerate() {
-        let linear = rip + i as u64 * 8;
-        let word = vmx::mmio::translate(cr3, linear, read)
-            .and_then(read)
-            .ok_or_else(|| alloc::format!("cannot read the instruction at {rip:#x}"))?;
-        chunk.copy_from_slice(&word.to_le_bytes());
+    let in_first_page = ((0x1000 - (rip & 0xFFF)) as usize).min(bytes.len());
+    let unreadable = || alloc::format!("cannot read the instruction at {rip:#x}");
+    let first = vmx::mmio::translate(cr3, rip, read).ok_or_else(unreadable)?;
+    partition.read_guest_bytes(first, &mut bytes[..in_first_page]).ok_or_else(unreadable)?;
+    if in_first_page < bytes.len() {
+        if let Some(next) = vmx::mmio::translate(cr3, rip + in_first_page as u64, read) {
+            // A missing next page just leaves zeros: the decoder then fails if it needed them.
+            let _ = partition.read_guest_bytes(next, &mut bytes[in_first_page..]);
+        }
     }
     let access = vmx::mmio::decode(&bytes, rip)
         .map_err(|e| alloc::format!("device access at {gpa:#x} by an instruction Phalanx does not emulate ({e:?})"))?;

@@ -27,6 +27,9 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
     let seconds_x1000 = run_cycles * 1000 / hz;
 
     for p in &m.partitions {
+        p.report_fault();
+    }
+    for p in &m.partitions {
         let id = p.id as reservations::PartitionId;
         let totals = stats.partitions.get(p.id).copied().unwrap_or_default();
         let guest_stats: Vec<_> = (0..p.vcpus).map(|v| p.guest_stats(v)).collect();

@@ -42,6 +42,8 @@ pub struct Partition {
     pub context: PartitionContext,
     pub stopped: AtomicBool,
     pub fault: Mutex<Option<Fault>>,
+    /// A fault is recorded but its report not yet written.
+    fault_unreported: AtomicBool,
     console: Mutex<String>,
     /// The partition's COM1 and IO-APIC, and the UART's interrupt line (for edges).
     pub uart: Mutex<vmx::vuart::VirtualUart>,
@@ -159,6 +161,17 @@ impl Partition {
         any
     }
 
+    /// Reads guest-physical memory into `out`, `None` (nothing read) outside the partition.
+    pub fn read_guest_bytes(&self, gpa: u64, out: &mut [u8]) -> Option<()> {
+        let size = self.memory.end - self.memory.start;
+        if gpa.checked_add(out.len() as u64)? > size {
+            return None;
+        }
+        // SAFETY: bounds-checked inside the partition's own identity-mapped memory.
+        unsafe { core::ptr::copy_nonoverlapping((self.memory.start + gpa) as *const u8, out.as_mut_ptr(), out.len()) };
+        Some(())
+    }
+
     /// Reads guest-physical memory (8 bytes), `None` outside the partition.
     pub fn read_guest_u64(&self, gpa: u64) -> Option<u64> {
         let size = self.memory.end - self.memory.start;
@@ -179,31 +192,16 @@ impl Partition {
     }
 
     /// Stops every vCPU of this partition (each leaves the guest at its next exit or slot);
-    /// the first fault is the one reported.
+    /// the first fault is the one reported. Cheap: the report is written later, in one of the
+    /// partition's own slots (`report_fault`), so a fault near the end of its slot does not run
+    /// into the next partition's.
     pub fn stop(&self, fault: Fault) {
         let mut slot = self.fault.lock();
         if slot.is_none() {
-            log::error!(
-                "partition {} stopped: vCPU {} {} ({}) at RIP {:#x}; other partitions keep their reservations",
-                self.name,
-                fault.vcpu,
-                fault.reason,
-                fault.detail,
-                fault.rip
-            );
-            crate::console::Record::new("partition_fault")
-                .str("partition", &self.name)
-                .u64("vcpu", fault.vcpu as u64)
-                .str("reason", fault.reason)
-                .str("detail", &fault.detail)
-                .fmt("rip", format_args!("{:#x}", fault.rip))
-                .str("action", match self.on_fault {
-                    OnFault::Stop => "stopped",
-                    OnFault::Reset => "reset",
-                })
-                .emit();
             *slot = Some(fault);
+            self.fault_unreported.store(true, Ordering::Release);
         }
+        drop(slot);
         if self.on_fault == OnFault::Reset {
             self.reset_pending.store(true, Ordering::Release);
         }
@@ -212,6 +210,38 @@ impl Partition {
 
     pub fn reset_pending(&self) -> bool {
         self.reset_pending.load(Ordering::Acquire)
+    }
+
+    pub fn fault_unreported(&self) -> bool {
+        self.fault_unreported.load(Ordering::Acquire)
+    }
+
+    /// Prints the pending fault's line and record, once.
+    pub fn report_fault(&self) {
+        let fault = self.fault.lock().clone();
+        if !self.fault_unreported.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(fault) = fault else { return };
+        log::error!(
+            "partition {} stopped: vCPU {} {} ({}) at RIP {:#x}; other partitions keep their reservations",
+            self.name,
+            fault.vcpu,
+            fault.reason,
+            fault.detail,
+            fault.rip
+        );
+        crate::console::Record::new("partition_fault")
+            .str("partition", &self.name)
+            .u64("vcpu", fault.vcpu as u64)
+            .str("reason", fault.reason)
+            .str("detail", &fault.detail)
+            .fmt("rip", format_args!("{:#x}", fault.rip))
+            .str("action", match self.on_fault {
+                OnFault::Stop => "stopped",
+                OnFault::Reset => "reset",
+            })
+            .emit();
     }
 
     /// Called by the home pCPU of vCPU `vcpu` (outside the guest) once per generation while a
@@ -452,6 +482,7 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
             context,
             stopped: AtomicBool::new(false),
             fault: Mutex::new(None),
+            fault_unreported: AtomicBool::new(false),
             console: Mutex::new(String::new()),
             uart: Mutex::new(vmx::vuart::VirtualUart::new()),
             ioapic: Mutex::new(vmx::vioapic::VirtualIoApic::new(firmware::mptable::ioapic_id(p.vcpus))),
