@@ -94,6 +94,21 @@ def main():
         w = [max(len(r[i]) for r in table) for i in range(len(head))]
         for r in table:
             print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+        # Records the guests printed on their own consoles ("[cpuN INFO ] [partition] {...}").
+        guest = []
+        with open(args.log, errors="replace") as f:
+            for line in f:
+                head, sep, rest = line.partition("] [")
+                name, sep2, record = rest.partition("] ")
+                if sep and sep2 and record.startswith("{"):
+                    try:
+                        r = json.loads(record)
+                    except json.JSONDecodeError:
+                        continue
+                    if r.get("type") == "workload":
+                        guest.append((name, r))
+        for name, r in guest:
+            print(f'\n[{name}] workload {r.get("name")}: {r.get("threads")} threads, {r.get("iterations_per_sec")} iterations/s over {r.get("seconds")} s of guest time')
         exits = by.get("exit_stats", [])
         if exits:
             print("\nVM exits: " + ", ".join(f'{e["name"]} {e["count"]} x {e["mean_cycles"]} cycles' for e in exits))

@@ -255,7 +255,8 @@ pub fn run_pcpu(cpu: usize) {
         let ended = match turn {
             // From here to the vCPU's first entry (loading its VMCS) is the switch into its
             // slot: run_turn charges it to the partition, whose slot it comes out of.
-            Some(index) => Some(run_turn(&mut pcpu, index, deadline, slot_start)),
+            // Only the slot owner's first entry counts for gang skew (lent slack is not a gang).
+            Some(index) => Some(run_turn(&mut pcpu, index, deadline, (!decision.lent).then_some(slot_start))),
             None => {
                 idle_until(&mut pcpu, deadline);
                 None
@@ -317,7 +318,7 @@ fn idle_until(pcpu: &mut Pcpu, deadline: u64) {
     pcpu.charge(Account::Idle, crate::tsc::now());
 }
 
-fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, slot_start: u64) -> TurnEnd {
+fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Option<u64>) -> TurnEnd {
     let m = machine();
     let partition_id = pcpu.vcpus[index].partition;
     let partition = &m.partitions[partition_id];
@@ -355,7 +356,9 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, slot_start: u64) -> Tu
         pcpu.charge(Account::OnBehalf(account_id, work), entry);
         if first_entry {
             first_entry = false;
-            if pcpu.slot_entries.len() < MAX_SLOT_ENTRIES {
+            // The first entry into the slot only (a vCPU that halted and was woken re-enters).
+            let already = |s: u64| pcpu.slot_entries.last().is_some_and(|e| e.slot_start == s && e.partition == partition_id as u32);
+            if let Some(slot_start) = owned_slot_start.filter(|&s| !already(s) && pcpu.slot_entries.len() < MAX_SLOT_ENTRIES) {
                 pcpu.slot_entries.push(SlotEntry { slot_start, partition: partition_id as u32, entry_tsc: entry });
             }
         }

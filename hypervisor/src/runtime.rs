@@ -298,8 +298,12 @@ impl Partition {
         }
     }
 
-    /// The guest's own statistics record for one vCPU (read from its memory).
+    /// The test guest's own statistics record for one vCPU (read from its memory); zeros for
+    /// other payloads, which report through their own console.
     pub fn guest_stats(&self, vcpu: u32) -> GuestStats {
+        if self.payload != Payload::TestGuest {
+            return GuestStats::default();
+        }
         let mut bytes = [0u8; STATS_RECORD_SIZE as usize];
         let at = self.memory.start + GuestStats::gpa(vcpu);
         // SAFETY: the stats record lies inside the partition's own memory (checked when the
