@@ -225,6 +225,8 @@ pub fn run_pcpu(cpu: usize) {
     crate::tsc::spin_until(t0);
     let mut decision = dispatcher.on_boundary(crate::tsc::now());
     let mut slot_start = t0;
+    // The current decision is the first of its slot (gang skew is measured there only).
+    let mut slot_fresh = true;
     loop {
         let now = crate::tsc::now();
         if now >= end {
@@ -242,6 +244,11 @@ pub fn run_pcpu(cpu: usize) {
             pcpu.follow_starts();
             pcpu.wake_halted(now);
         }
+        // A slot owner that woke up (its timer, an IPI) takes its slot back from slack.
+        let owner = dispatcher.owner_decision();
+        if decision.run != owner.run && owner.run.is_some_and(|v| pcpu.runnable(v)) {
+            decision = dispatcher.reclaim();
+        }
         if let Some(owner) = decision.run.filter(|_| !decision.lent) {
             pcpu.follow_resets(owner.partition as usize);
         }
@@ -255,17 +262,22 @@ pub fn run_pcpu(cpu: usize) {
         let ended = match turn {
             // From here to the vCPU's first entry (loading its VMCS) is the switch into its
             // slot: run_turn charges it to the partition, whose slot it comes out of.
-            // Only the slot owner's first entry counts for gang skew (lent slack is not a gang).
-            Some(index) => Some(run_turn(&mut pcpu, index, deadline, (!decision.lent).then_some(slot_start))),
+            // Only the owner's entry at the start of its slot counts for gang skew (lent slack,
+            // or an owner that woke up mid-slot, is not a gang start).
+            Some(index) => Some(run_turn(&mut pcpu, index, deadline, (slot_fresh && !decision.lent).then_some(slot_start))),
             None => {
-                idle_until(&mut pcpu, deadline);
+                // A halted vCPU here whose timer comes due first ends the idle early.
+                let wake = pcpu.vcpus.iter().filter(|v| v.halted).filter_map(|v| v.lapic.timer_deadline()).min();
+                idle_until(&mut pcpu, wake.map_or(deadline, |w| w.min(deadline)));
                 None
             }
         };
         let now = crate::tsc::now();
+        slot_fresh = false;
         if now >= decision.next_deadline {
             slot_start = decision.next_deadline;
             decision = dispatcher.on_boundary(now);
+            slot_fresh = true;
         } else {
             // The vCPU halted, stopped or yielded (or nothing could run): lend the rest of
             // the slot, decided locally.

@@ -55,6 +55,13 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             Vec::new()
         };
         let skew_max = skews.iter().copied().max().unwrap_or(0);
+        // When the worst slot started (ms after t0), to find what delayed it.
+        let skew_max_at_ms = by_slot
+            .iter()
+            .filter(|(_, s)| s.2 as u64 == pcpus_held && s.1 - s.0 == skew_max && skew_max > 0)
+            .map(|(start, _)| crate::tsc::cycles_to_us(start.saturating_sub(crate::dispatch::t0())) / 1000)
+            .next()
+            .unwrap_or(0);
         let skew_median = median(&mut skews);
         let fault = p.fault.lock().clone();
         Record::new("partition_stats")
@@ -73,6 +80,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("gang_slots_measured", skews.len() as u64)
             .u64("skew_median_cycles", skew_median)
             .u64("skew_max_cycles", skew_max)
+            .u64("skew_max_at_ms", skew_max_at_ms)
             .u64("hypercalls", p.hypercalls.load(core::sync::atomic::Ordering::Relaxed))
             .u64("resets", p.resets.load(core::sync::atomic::Ordering::Relaxed))
             .str("state", if fault.is_some() { "stopped" } else { "running" })

@@ -75,5 +75,9 @@ pub extern "C" fn _Unwind_Resume() -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::console::panic_report(info);
+    if crate::cpu::current_index() == 0 {
+        // The BSP drives the run: without it the machine can only hang, so end it.
+        crate::power::end_run(true)
+    }
     crate::cpu::halt_forever()
 }
