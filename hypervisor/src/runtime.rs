@@ -509,6 +509,12 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
         });
     }
 
+    // The instruction decoder builds its tables on first use (millions of cycles): do that
+    // now, at boot, rather than in the middle of a Linux partition's first device access.
+    if partitions.iter().any(|p| p.payload == Payload::Linux) {
+        let _ = vmx::mmio::decode(&[0x8B, 0x00], 0);
+    }
+
     // Reservations in microseconds -> TSC cycles, then the planner.
     let specs: Vec<PartitionSpec> = validated
         .tree
