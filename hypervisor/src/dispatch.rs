@@ -402,7 +402,14 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
     if let Some(reason) = last_reason {
         pcpu.exits[reason].cycles += now - pcpu.cursor;
     }
-    pcpu.charge(Account::OnBehalf(account_id, Work::ExitHandling), now);
+    // Leaving the slot at its boundary is the scheduler's own switch-out, done in the next
+    // slot's time: the hypervisor's overhead (each partition pays only its switch-in, inside
+    // its own slot). Handling that ends a turn early is work on the partition's behalf.
+    let account = match end {
+        TurnEnd::Deadline => Account::Overhead,
+        _ => Account::OnBehalf(account_id, Work::ExitHandling),
+    };
+    pcpu.charge(account, now);
     end
 }
 
