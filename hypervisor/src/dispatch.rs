@@ -227,6 +227,8 @@ pub fn run_pcpu(cpu: usize) {
     let mut slot_start = t0;
     // The current decision is the first of its slot (gang skew is measured there only).
     let mut slot_fresh = true;
+    // The owner gave the rest of this slot away (directed yield): it does not take it back.
+    let mut yielded_slot = false;
     loop {
         let now = crate::tsc::now();
         if now >= end {
@@ -246,7 +248,7 @@ pub fn run_pcpu(cpu: usize) {
         }
         // A slot owner that woke up (its timer, an IPI) takes its slot back from slack.
         let owner = dispatcher.owner_decision();
-        if decision.run != owner.run && owner.run.is_some_and(|v| pcpu.runnable(v)) {
+        if !yielded_slot && decision.run != owner.run && owner.run.is_some_and(|v| pcpu.runnable(v)) {
             decision = dispatcher.reclaim();
         }
         if let Some(owner) = decision.run.filter(|_| !decision.lent) {
@@ -278,11 +280,13 @@ pub fn run_pcpu(cpu: usize) {
             slot_start = decision.next_deadline;
             decision = dispatcher.on_boundary(now);
             slot_fresh = true;
+            yielded_slot = false;
         } else {
             // The vCPU halted, stopped or yielded (or nothing could run): lend the rest of
             // the slot, decided locally.
             if ended == Some(TurnEnd::Yielded) {
                 pcpu.yields += 1;
+                yielded_slot = true;
             }
             let yielder = decision.run;
             decision = dispatcher.on_halt(now, |v| Some(v) != yielder && pcpu.runnable(v));

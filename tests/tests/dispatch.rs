@@ -132,3 +132,15 @@ fn the_four_pcpu_example_runs_its_hierarchy_of_hard_and_weighted_partitions() {
     assert!(pct(&barrier["spin_waste_hv_pct"]) <= 2.0, "gang on 4 pCPUs: {barrier}");
     assert!(run.one("accounting")["unaccounted_ppb"].as_u64().unwrap() <= 100);
 }
+
+#[test]
+fn directed_yield_gives_the_spinning_vcpus_slot_away() {
+    let run = Boot::new("dispatch-yield", "bochs", 2, "tests/configs/independent-yield.toml").run();
+    run.assert_clean_end();
+    let accounting = run.one("accounting");
+    assert!(accounting["yields"].as_u64().unwrap() > 10, "PAUSE-loop exits yield: {accounting}");
+    // The spinning BARRIER partition hands its time to the CPU-bound one, which gains.
+    let hog = pct(&stats(&run, "hog")["cpu_share_pct"]);
+    assert!(hog > 55.0, "hog got {hog}%");
+    assert!(pct(&stats(&run, "barrier")["cpu_share_pct"]) < 45.0);
+}
