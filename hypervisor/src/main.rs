@@ -201,7 +201,8 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .emit();
     log::info!("all {cpus} pCPUs in VMX root; boot took {} us", tsc::cycles_to_us(boot_cycles));
 
-    run_partitions(&validated, &boot, cpus);
+    let lead_us = boot_option(&boot.cmdline, "phalanx.dispatch_lead_us").and_then(|v| v.parse().ok()).unwrap_or(DISPATCH_LEAD_US);
+    run_partitions(&validated, &boot, cpus, lead_us);
     power::end_run(false)
 }
 
@@ -212,7 +213,7 @@ const DEFAULT_RUN_MS: u64 = 2_000;
 
 /// Loads the partitions, plans the tables, releases every pCPU into gang dispatch at a
 /// common `t0`, and prints the results when the run ends.
-fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: usize) {
+fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: usize, lead_us: u64) {
     if validated.config.partitions.is_empty() {
         log::info!("the config has no partitions: nothing to run");
         return;
@@ -222,7 +223,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
     let machine = runtime::build(validated, boot, controls, cpus).unwrap_or_else(|e| fatal("partitions", &e));
     let hv = &validated.config.hypervisor;
     let run_ms = hv.run_ms.unwrap_or(DEFAULT_RUN_MS);
-    let t0 = tsc::now() + tsc::us_to_cycles(DISPATCH_LEAD_US);
+    let t0 = tsc::now() + tsc::us_to_cycles(lead_us);
     let end = t0 + tsc::us_to_cycles(run_ms * 1000);
     dispatch::set_schedule(t0, end, tsc::us_to_cycles(hv.stats_interval_ms * 1000));
     for p in &machine.partitions {
@@ -235,7 +236,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         tsc::cycles_to_us(machine.frame_cycles)
     );
     console::start_buffering();
-    let stuck = smp::run_on_all_within(cpus, dispatch::run_pcpu, DISPATCH_LEAD_US + run_ms * 1000 + 2_000_000);
+    let stuck = smp::run_on_all_within(cpus, dispatch::run_pcpu, lead_us + run_ms * 1000 + 2_000_000);
     if !stuck.is_empty() {
         fatal("dispatch", &alloc::format!("pCPUs {stuck:?} did not finish the run"));
     }
