@@ -115,10 +115,8 @@ impl Reporter<'_> {
         locate_in_table(document.get_ref(), span.start, &mut path);
         let message = error.message().trim_end().to_string();
         // "missing field `x`" points at the table: name the missing key as the field.
-        let missing = message
-            .strip_prefix("missing field `")
-            .and_then(|rest| rest.split('`').next())
-            .map(str::to_owned);
+        let missing =
+            message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next()).map(str::to_owned);
         let (subject, mut keys) = subject_of(document.get_ref(), &path);
         keys.extend(missing);
         let field = if keys.is_empty() { None } else { Some(keys.join(".")) };

@@ -62,7 +62,10 @@ pub(crate) struct RawPartition {
 /// parsing, with a message that says so, rather than by an untagged enum whose serde error
 /// would only say "did not match any variant").
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a table: { budget_us = B, period_us = P }, { share_percent = S } or { weight = W }")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table: { budget_us = B, period_us = P }, { share_percent = S } or { weight = W }"
+)]
 pub(crate) struct RawReservation {
     pub budget_us: Option<Spanned<u64>>,
     pub period_us: Option<Spanned<u64>>,
@@ -302,7 +305,9 @@ pub struct Config {
 pub enum Placement {
     At(Range<u64>),
     /// Host check without a machine description: the size is known, the place is not.
-    Deferred { size: u64 },
+    Deferred {
+        size: u64,
+    },
 }
 
 impl Placement {

@@ -101,7 +101,9 @@ fn the_default_config_places_memory_and_admits_two_hard_halves() {
     assert!(c.partitions[0].guest.cmdline.contains("mode=barrier"));
     assert_eq!(v.memory, vec![Placement::At(16 * MIB..32 * MIB), Placement::At(32 * MIB..48 * MIB)]);
     let flat = v.tree.flatten();
-    assert!(flat.iter().all(|p| p.gang && p.reservation == EffectiveReservation::Hard { budget: 5_000, period: 10_000 }));
+    assert!(flat
+        .iter()
+        .all(|p| p.gang && p.reservation == EffectiveReservation::Hard { budget: 5_000, period: 10_000 }));
     assert_eq!(v.tree.pcpu_load_us(0), 10_000);
 }
 
@@ -154,7 +156,10 @@ fn defaults_apply_when_keys_are_left_out() {
     let text = edit(BASE, "[hypervisor]\nmajor_frame_us = 10000\npolicy = \"gang\"\n", "");
     let v = ok(&text, None);
     let hv = &v.config.hypervisor;
-    assert_eq!((hv.major_frame_us, hv.policy, hv.stats_interval_ms, hv.skew_bound_us), (10_000, DispatchPolicy::Gang, 1_000, None));
+    assert_eq!(
+        (hv.major_frame_us, hv.policy, hv.stats_interval_ms, hv.skew_bound_us),
+        (10_000, DispatchPolicy::Gang, 1_000, None)
+    );
     let db = &v.config.partitions[1];
     assert_eq!((db.policy, db.on_fault, db.guest.cmdline.as_str()), (NestedPolicy::Gang, OnFault::Stop, ""));
     assert_eq!(db.devices, Devices::default());
@@ -167,12 +172,19 @@ fn first_fit_skips_explicit_regions_and_aligns_to_2_mib() {
         "memory = { base = 0x2000000, size_mb = 16 }\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", cmdline");
     // Usable: [17 MiB, 56 MiB) and [64 MiB, 256 MiB). web is fixed at 32..48 MiB; db (64 MiB)
     // fits neither the aligned 18..32 MiB gap nor 48..56 MiB, so it lands at 64 MiB.
-    let machine = Platform { pcpus: 2, usable_memory: vec![64 * MIB..256 * MIB, 17 * MIB..56 * MIB], modules: vec!["bzImage".into()] };
+    let machine = Platform {
+        pcpus: 2,
+        usable_memory: vec![64 * MIB..256 * MIB, 17 * MIB..56 * MIB],
+        modules: vec!["bzImage".into()],
+    };
     let v = ok(&text, Some(&machine));
     assert_eq!(v.memory, vec![Placement::At(32 * MIB..48 * MIB), Placement::At(64 * MIB..128 * MIB)]);
     // A small one goes into the aligned gap below the explicit region.
-    let small = edit(&text, "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
-        "memory_mb = 8\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let small = edit(
+        &text,
+        "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "memory_mb = 8\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+    );
     assert_eq!(ok(&small, Some(&machine)).memory[1], Placement::At(18 * MIB..26 * MIB));
 }
 
@@ -210,7 +222,14 @@ fn port_ranges_parse_hex_decimal_and_single_ports() {
 #[test]
 fn the_shipped_overcommit_example_is_rejected_at_the_second_reservation() {
     let e = load("partitions.toml", OVERCOMMIT, None).unwrap_err();
-    assert_error(&e, ErrorKind::Admission, Some("partition \"second\""), "reservation", position(OVERCOMMIT, "{ budget_us = 5000", 0), "over-admitted");
+    assert_error(
+        &e,
+        ErrorKind::Admission,
+        Some("partition \"second\""),
+        "reservation",
+        position(OVERCOMMIT, "{ budget_us = 5000", 0),
+        "over-admitted",
+    );
 }
 
 #[test]
@@ -244,7 +263,14 @@ fn unknown_keys_are_rejected_with_their_table() {
     let text = edit(BASE, "vcpus = 2\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
         "vcpus = 2\ncpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "cpus", position(&text, "cpus = [0, 1]", 1), "unknown field `cpus`");
+    assert_error(
+        &e,
+        ErrorKind::Schema,
+        Some("partition \"db\""),
+        "cpus",
+        position(&text, "cpus = [0, 1]", 1),
+        "unknown field `cpus`",
+    );
 
     let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nframe_us = 5");
     let e = bad(&text, None);
@@ -258,10 +284,20 @@ fn unknown_keys_are_rejected_with_their_table() {
 
 #[test]
 fn unknown_keys_inside_inline_tables_name_the_path() {
-    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
-        "reservation = { budget = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let text = edit(
+        BASE,
+        "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+    );
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "reservation.budget", position(&text, "budget =", 0), "unknown field `budget`");
+    assert_error(
+        &e,
+        ErrorKind::Schema,
+        Some("partition \"db\""),
+        "reservation.budget",
+        position(&text, "budget =", 0),
+        "unknown field `budget`",
+    );
 }
 
 #[test]
@@ -269,11 +305,25 @@ fn wrong_types_and_enum_values_are_schema_errors() {
     let text = edit(BASE, "vcpus = 2\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ",
         "vcpus = \"two\"\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Schema, Some("partition \"web\""), "vcpus", position(&text, "\"two\"", 0), "invalid type");
+    assert_error(
+        &e,
+        ErrorKind::Schema,
+        Some("partition \"web\""),
+        "vcpus",
+        position(&text, "\"two\"", 0),
+        "invalid type",
+    );
 
     let text = edit(BASE, "guest = { module = \"bzImage\" }", "guest = \"bzImage\"");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "guest", position(&text, "\"bzImage\"", 1), "expected a table: { module = ");
+    assert_error(
+        &e,
+        ErrorKind::Schema,
+        Some("partition \"db\""),
+        "guest",
+        position(&text, "\"bzImage\"", 1),
+        "expected a table: { module = ",
+    );
 
     let text = edit(BASE, "policy = \"gang\"", "policy = \"gangs\"");
     let e = bad(&text, None);
@@ -289,28 +339,63 @@ fn wrong_types_and_enum_values_are_schema_errors() {
 fn missing_keys_name_the_key_at_the_table_header() {
     let text = edit(BASE, "name = \"db\"\nvcpus = 2\n", "name = \"db\"\n");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Schema, Some("partition \"db\""), "vcpus", position(&text, "[[partition]]", 1), "missing field `vcpus`");
+    assert_error(
+        &e,
+        ErrorKind::Schema,
+        Some("partition \"db\""),
+        "vcpus",
+        position(&text, "[[partition]]", 1),
+        "missing field `vcpus`",
+    );
 }
 
 #[test]
 fn duplicate_names_point_at_the_second_and_cite_the_first() {
     let text = edit(BASE, "name = \"db\"", "name = \"web\"");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::DuplicateName, Some("partition \"web\""), "name", position(&text, "\"web\"", 1), "partition on line 6");
+    assert_error(
+        &e,
+        ErrorKind::DuplicateName,
+        Some("partition \"web\""),
+        "name",
+        position(&text, "\"web\"", 1),
+        "partition on line 6",
+    );
     let text = format!("{BASE}\n[[group]]\nname = \"db\"\nreservation = {{ weight = 1 }}\n");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::DuplicateName, Some("partition \"db\""), "name", position(&text, "\"db\"", 0), "group on line");
+    assert_error(
+        &e,
+        ErrorKind::DuplicateName,
+        Some("partition \"db\""),
+        "name",
+        position(&text, "\"db\"", 0),
+        "group on line",
+    );
 }
 
 #[test]
 fn unknown_groups_and_parents_are_named() {
     let text = edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"batch\"\n");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::UnknownName, Some("partition \"db\""), "group", position(&text, "\"batch\"", 0), "no [[group]] is named \"batch\"");
+    assert_error(
+        &e,
+        ErrorKind::UnknownName,
+        Some("partition \"db\""),
+        "group",
+        position(&text, "\"batch\"", 0),
+        "no [[group]] is named \"batch\"",
+    );
 
     let text = format!("{BASE}\n[[group]]\nname = \"g\"\nparent = \"web\"\nreservation = {{ weight = 1 }}\n");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::UnknownName, Some("group \"g\""), "parent", position(&text, "\"web\"", 1), "is a partition");
+    assert_error(
+        &e,
+        ErrorKind::UnknownName,
+        Some("group \"g\""),
+        "parent",
+        position(&text, "\"web\"", 1),
+        "is a partition",
+    );
 }
 
 #[test]
@@ -348,7 +433,14 @@ fn gang_with_more_vcpus_than_pcpus_suggests_round_robin_gang() {
 #[test]
 fn memory_that_does_not_fit_the_machine_is_rejected() {
     let e = bad(BASE, Some(&platform(2, 128)));
-    assert_error(&e, ErrorKind::Memory, Some("partition \"db\""), "memory_mb", position(BASE, "64", 1), "64 MiB does not fit");
+    assert_error(
+        &e,
+        ErrorKind::Memory,
+        Some("partition \"db\""),
+        "memory_mb",
+        position(BASE, "64", 1),
+        "64 MiB does not fit",
+    );
     assert!(e.message.contains("largest free 2 MiB-aligned block left is 48 MiB"), "{e}");
     ok(BASE, Some(&platform(2, 144)));
 }
@@ -356,61 +448,146 @@ fn memory_that_does_not_fit_the_machine_is_rejected() {
 #[test]
 fn explicit_memory_must_be_aligned_usable_and_unshared() {
     let fixed = |text: &str, nth_from: &str, base: &str| -> String {
-        edit(text, nth_from, &nth_from.replace("memory_mb = 64", &format!("memory = {{ base = {base}, size_mb = 64 }}")))
+        edit(
+            text,
+            nth_from,
+            &nth_from.replace("memory_mb = 64", &format!("memory = {{ base = {base}, size_mb = 64 }}")),
+        )
     };
     let web = "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", ";
     let db = "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }";
 
     let text = fixed(BASE, web, "0x2100000");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"web\""), "memory.base", position(&text, "0x2100000", 0), "not 2 MiB aligned");
+    assert_error(
+        &e,
+        ErrorKind::InvalidValue,
+        Some("partition \"web\""),
+        "memory.base",
+        position(&text, "0x2100000", 0),
+        "not 2 MiB aligned",
+    );
 
     let text = fixed(&fixed(BASE, web, "0x4000000"), db, "0x6000000");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Memory, Some("partition \"db\""), "memory", position(&text, "{ base = 0x6000000", 0), "overlaps partition \"web\"");
+    assert_error(
+        &e,
+        ErrorKind::Memory,
+        Some("partition \"db\""),
+        "memory",
+        position(&text, "{ base = 0x6000000", 0),
+        "overlaps partition \"web\"",
+    );
 
     let text = fixed(BASE, web, "0x40000000");
     let e = bad(&text, Some(&platform(2, 512)));
-    assert_error(&e, ErrorKind::Memory, Some("partition \"web\""), "memory", position(&text, "{ base = 0x40000000", 0), "not inside usable memory");
+    assert_error(
+        &e,
+        ErrorKind::Memory,
+        Some("partition \"web\""),
+        "memory",
+        position(&text, "{ base = 0x40000000", 0),
+        "not inside usable memory",
+    );
 
     let text = edit(BASE, "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
         "memory_mb = 64\nmemory = { base = 0x4000000, size_mb = 64 }\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "memory", position(&text, "{ base", 0), "not both");
+    assert_error(
+        &e,
+        ErrorKind::InvalidValue,
+        Some("partition \"db\""),
+        "memory",
+        position(&text, "{ base", 0),
+        "not both",
+    );
 }
 
 #[test]
 fn devices_owned_twice_are_rejected() {
     let web = "guest = { module = \"bzImage\", cmdline = \"console=ttyS0\" }";
     let db = "guest = { module = \"bzImage\" }";
-    let text = edit(&edit(BASE, web, &format!("{web}\ndevices = {{ ioports = [\"0x2f8-0x2ff\"], irqs = [3] }}")), db, &format!("{db}\ndevices = {{ ioports = [\"0x2fc\"] }}"));
+    let text = edit(
+        &edit(BASE, web, &format!("{web}\ndevices = {{ ioports = [\"0x2f8-0x2ff\"], irqs = [3] }}")),
+        db,
+        &format!("{db}\ndevices = {{ ioports = [\"0x2fc\"] }}"),
+    );
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.ioports", position(&text, "\"0x2fc\"", 0), "already owned by partition \"web\"");
+    assert_error(
+        &e,
+        ErrorKind::DeviceConflict,
+        Some("partition \"db\""),
+        "devices.ioports",
+        position(&text, "\"0x2fc\"", 0),
+        "already owned by partition \"web\"",
+    );
 
     // A serial port brings its IRQ along.
-    let text = edit(&edit(BASE, web, &format!("{web}\ndevices = {{ irqs = [3] }}")), db, &format!("{db}\ndevices = {{ serial = \"com4\" }}"));
+    let text = edit(
+        &edit(BASE, web, &format!("{web}\ndevices = {{ irqs = [3] }}")),
+        db,
+        &format!("{db}\ndevices = {{ serial = \"com4\" }}"),
+    );
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.serial", position(&text, "\"com4\"", 0), "IRQ 3 is already owned");
+    assert_error(
+        &e,
+        ErrorKind::DeviceConflict,
+        Some("partition \"db\""),
+        "devices.serial",
+        position(&text, "\"com4\"", 0),
+        "IRQ 3 is already owned",
+    );
 
     let text = edit(BASE, db, &format!("{db}\ndevices = {{ serial = \"com1\" }}"));
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.serial", position(&text, "\"com1\"", 0), "hypervisor's console");
+    assert_error(
+        &e,
+        ErrorKind::DeviceConflict,
+        Some("partition \"db\""),
+        "devices.serial",
+        position(&text, "\"com1\"", 0),
+        "hypervisor's console",
+    );
 
     let text = edit(BASE, db, &format!("{db}\ndevices = {{ ioports = [\"0x40-0x47\"] }}"));
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.ioports", position(&text, "\"0x40-0x47\"", 0), "belong to the hypervisor");
+    assert_error(
+        &e,
+        ErrorKind::DeviceConflict,
+        Some("partition \"db\""),
+        "devices.ioports",
+        position(&text, "\"0x40-0x47\"", 0),
+        "belong to the hypervisor",
+    );
 
     let text = edit(BASE, db, &format!("{db}\ndevices = {{ irqs = [0] }}"));
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.irqs", position(&text, "0] }", 0), "PIT");
+    assert_error(
+        &e,
+        ErrorKind::DeviceConflict,
+        Some("partition \"db\""),
+        "devices.irqs",
+        position(&text, "0] }", 0),
+        "PIT",
+    );
 }
 
 #[test]
 fn over_admitted_pcpu_points_at_the_reservation_that_tips_it() {
-    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
-        "reservation = { budget_us = 7000, period_us = 10000 }\nguest = { module = \"bzImage\" }");
+    let text = edit(
+        BASE,
+        "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget_us = 7000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+    );
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Admission, Some("partition \"db\""), "reservation", position(&text, "{ budget_us = 7000", 0), "pCPU 0 is over-admitted");
+    assert_error(
+        &e,
+        ErrorKind::Admission,
+        Some("partition \"db\""),
+        "reservation",
+        position(&text, "{ budget_us = 7000", 0),
+        "pCPU 0 is over-admitted",
+    );
     assert!(e.message.contains("110.0%"), "{e}");
 }
 
@@ -418,29 +595,62 @@ fn over_admitted_pcpu_points_at_the_reservation_that_tips_it() {
 fn children_beyond_their_group_are_rejected() {
     let text = format!(
         "{}\n[[group]]\nname = \"g\"\nreservation = {{ share_percent = 50 }}\n",
-        edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"g\"\n")
-            .replacen("reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }", "reservation = { budget_us = 6000, period_us = 10000 }\nguest = { module = \"bzImage\" }", 1)
+        edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"g\"\n").replacen(
+            "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+            "reservation = { budget_us = 6000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+            1
+        )
     );
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Admission, Some("partition \"db\""), "reservation", position(&text, "{ budget_us = 6000", 0), "exceeds group \"g\"");
+    assert_error(
+        &e,
+        ErrorKind::Admission,
+        Some("partition \"db\""),
+        "reservation",
+        position(&text, "{ budget_us = 6000", 0),
+        "exceeds group \"g\"",
+    );
 }
 
 #[test]
 fn periods_must_divide_the_major_frame() {
-    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
-        "reservation = { budget_us = 1000, period_us = 3000 }\nguest = { module = \"bzImage\" }");
+    let text = edit(
+        BASE,
+        "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget_us = 1000, period_us = 3000 }\nguest = { module = \"bzImage\" }",
+    );
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Admission, Some("partition \"db\""), "reservation.period_us", position(&text, "3000", 0), "does not divide the major frame");
+    assert_error(
+        &e,
+        ErrorKind::Admission,
+        Some("partition \"db\""),
+        "reservation.period_us",
+        position(&text, "3000", 0),
+        "does not divide the major frame",
+    );
 }
 
 #[test]
 fn a_reservation_must_be_exactly_one_kind() {
-    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
-        "reservation = { weight = 2, share_percent = 10 }\nguest = { module = \"bzImage\" }");
+    let text = edit(
+        BASE,
+        "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { weight = 2, share_percent = 10 }\nguest = { module = \"bzImage\" }",
+    );
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "reservation", position(&text, "{ weight", 0), "exactly one of");
-    let text = edit(BASE, "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
-        "reservation = { budget_us = 4000 }\nguest = { module = \"bzImage\" }");
+    assert_error(
+        &e,
+        ErrorKind::InvalidValue,
+        Some("partition \"db\""),
+        "reservation",
+        position(&text, "{ weight", 0),
+        "exactly one of",
+    );
+    let text = edit(
+        BASE,
+        "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget_us = 4000 }\nguest = { module = \"bzImage\" }",
+    );
     assert!(bad(&text, None).message.contains("needs a `period_us`"));
 }
 
@@ -451,14 +661,28 @@ fn hard_reservations_cannot_hang_below_a_soft_group() {
         edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"soft\"\n")
     );
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::Admission, Some("partition \"db\""), "reservation", position(&text, "{ budget_us", 1), "weighted (soft) share");
+    assert_error(
+        &e,
+        ErrorKind::Admission,
+        Some("partition \"db\""),
+        "reservation",
+        position(&text, "{ budget_us", 1),
+        "weighted (soft) share",
+    );
 }
 
 #[test]
 fn hypervisor_settings_are_checked() {
     let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nskew_bound_us = 100");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "skew_bound_us", (4, 17), "only policy \"relaxed-co\"");
+    assert_error(
+        &e,
+        ErrorKind::InvalidValue,
+        Some("[hypervisor]"),
+        "skew_bound_us",
+        (4, 17),
+        "only policy \"relaxed-co\"",
+    );
     let text = edit(BASE, "major_frame_us = 10000", "major_frame_us = 10");
     let e = bad(&text, None);
     assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "major_frame_us", (2, 18), "outside 100 us");
@@ -480,7 +704,14 @@ fn names_must_be_printable_identifiers_and_a_partition_must_exist() {
 fn a_guest_module_missing_from_the_boot_modules_is_rejected_at_boot_only() {
     let text = edit(BASE, "guest = { module = \"bzImage\" }", "guest = { module = \"vmlinuz-typo\" }");
     let e = bad(&text, Some(&platform(4, 512)));
-    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "guest.module", position(&text, "\"vmlinuz-typo\"", 0), "no boot module named \"vmlinuz-typo\"");
+    assert_error(
+        &e,
+        ErrorKind::InvalidValue,
+        Some("partition \"db\""),
+        "guest.module",
+        position(&text, "\"vmlinuz-typo\"", 0),
+        "no boot module named \"vmlinuz-typo\"",
+    );
     assert!(e.to_string().contains("modules present: bzImage, initrd.cpio, testguest"), "{e}");
     // The host check without a machine description cannot know the modules.
     ok(&text, None);

@@ -7,9 +7,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::ops::{Range, RangeInclusive};
 
-use reservations::{
-    AdmissionError, Field, GroupSpec, NodeRef, PartitionSpec, Problem, Tree, TreeSpec,
-};
+use reservations::{AdmissionError, Field, GroupSpec, NodeRef, PartitionSpec, Problem, Tree, TreeSpec};
 use toml::Spanned;
 
 use crate::error::{ConfigError, ErrorKind, Reporter};
@@ -87,16 +85,18 @@ impl Checker<'_> {
     fn run(&self) -> Result<Validated, ConfigError> {
         let hypervisor = self.hypervisor()?;
         if self.raw.partition.is_empty() {
-            return Err(self.r.at(0..0, None, Some("partition"), ErrorKind::InvalidValue, "no [[partition]] is defined"));
+            return Err(self.r.at(
+                0..0,
+                None,
+                Some("partition"),
+                ErrorKind::InvalidValue,
+                "no [[partition]] is defined",
+            ));
         }
         self.names()?;
         let group_index = self.group_index();
-        let groups = self
-            .raw
-            .group
-            .iter()
-            .map(|g| self.group(g.get_ref(), &group_index))
-            .collect::<Result<Vec<_>, _>>()?;
+        let groups =
+            self.raw.group.iter().map(|g| self.group(g.get_ref(), &group_index)).collect::<Result<Vec<_>, _>>()?;
         let partitions = self
             .raw
             .partition
@@ -117,14 +117,20 @@ impl Checker<'_> {
         };
         let major_frame_us = match raw.and_then(|h| h.major_frame_us.as_ref()) {
             Some(v) if !(100..=10_000_000).contains(v.get_ref()) => {
-                return Err(invalid(v.span(), "major_frame_us", format!("{} us is outside 100 us ..= 10 s", v.get_ref())));
+                return Err(invalid(
+                    v.span(),
+                    "major_frame_us",
+                    format!("{} us is outside 100 us ..= 10 s", v.get_ref()),
+                ));
             }
             Some(v) => *v.get_ref(),
             None => DEFAULT_MAJOR_FRAME_US,
         };
         let policy = raw.and_then(|h| h.policy.as_ref()).map_or(DispatchPolicy::Gang, |p| *p.get_ref());
         let stats_interval_ms = match raw.and_then(|h| h.stats_interval_ms.as_ref()) {
-            Some(v) if *v.get_ref() == 0 => return Err(invalid(v.span(), "stats_interval_ms", "must be at least 1 ms".into())),
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(invalid(v.span(), "stats_interval_ms", "must be at least 1 ms".into()))
+            }
             Some(v) => *v.get_ref(),
             None => DEFAULT_STATS_INTERVAL_MS,
         };
@@ -137,7 +143,11 @@ impl Checker<'_> {
         let skew_bound_us = match (raw.and_then(|h| h.skew_bound_us.as_ref()), policy) {
             (Some(v), DispatchPolicy::RelaxedCo) => {
                 if *v.get_ref() == 0 || *v.get_ref() >= major_frame_us {
-                    return Err(invalid(v.span(), "skew_bound_us", format!("must be above 0 and below the major frame ({major_frame_us} us)")));
+                    return Err(invalid(
+                        v.span(),
+                        "skew_bound_us",
+                        format!("must be above 0 and below the major frame ({major_frame_us} us)"),
+                    ));
                 }
                 Some(*v.get_ref())
             }
@@ -284,7 +294,11 @@ impl Checker<'_> {
                     return Err(invalid(m.base.span(), "memory.base", format!("base {base:#x} is not 2 MiB aligned")));
                 }
                 if base.checked_add(size).is_none() {
-                    return Err(invalid(m.base.span(), "memory.base", format!("base {base:#x} + size runs past the address space")));
+                    return Err(invalid(
+                        m.base.span(),
+                        "memory.base",
+                        format!("base {base:#x} + size runs past the address space"),
+                    ));
                 }
                 MemoryRequest::Fixed { base, size }
             }
@@ -297,7 +311,8 @@ impl Checker<'_> {
             return Err(invalid(initrd.span(), "guest.initrd", "the module name is empty".into()));
         }
         if let Some(modules) = &self.machine.modules {
-            let named = core::iter::once((&guest.module, "guest.module")).chain(guest.initrd.iter().map(|i| (i, "guest.initrd")));
+            let named = core::iter::once((&guest.module, "guest.module"))
+                .chain(guest.initrd.iter().map(|i| (i, "guest.initrd")));
             for (module, field) in named {
                 if !modules.iter().any(|m| m == module.get_ref()) {
                     let present = if modules.is_empty() { String::from("none") } else { modules.join(", ") };
@@ -329,7 +344,13 @@ impl Checker<'_> {
 
     fn memory_size(&self, mb: &Spanned<u64>, subject: &Option<String>, field: &str) -> Result<u64, ConfigError> {
         match *mb.get_ref() {
-            0 => Err(self.r.at(mb.span(), subject.clone(), Some(field), ErrorKind::InvalidValue, "a partition needs at least 1 MiB")),
+            0 => Err(self.r.at(
+                mb.span(),
+                subject.clone(),
+                Some(field),
+                ErrorKind::InvalidValue,
+                "a partition needs at least 1 MiB",
+            )),
             n if n > MAX_MEMORY_MB => Err(self.r.at(
                 mb.span(),
                 subject.clone(),
@@ -353,7 +374,9 @@ impl Checker<'_> {
             let range = parse_port_range(entry.get_ref()).map_err(|message| {
                 self.r.at(entry.span(), subject.clone(), Some("devices.ioports"), ErrorKind::InvalidValue, message)
             })?;
-            if let Some((lo, hi, what)) = HYPERVISOR_PORTS.iter().find(|(lo, hi, _)| *range.start() <= *hi && *lo <= *range.end()) {
+            if let Some((lo, hi, what)) =
+                HYPERVISOR_PORTS.iter().find(|(lo, hi, _)| *range.start() <= *hi && *lo <= *range.end())
+            {
                 return Err(conflict(
                     entry.span(),
                     "devices.ioports",
@@ -398,7 +421,9 @@ impl Checker<'_> {
             for earlier in &partitions[..later] {
                 let owner = &earlier.name;
                 for range in &p.devices.ioports {
-                    if let Some(theirs) = earlier.devices.ioports.iter().find(|t| t.start() <= range.end() && range.start() <= t.end()) {
+                    if let Some(theirs) =
+                        earlier.devices.ioports.iter().find(|t| t.start() <= range.end() && range.start() <= t.end())
+                    {
                         // Point at the entry that claims the range: a listed one or the serial port.
                         let (span, field) = raw_devices
                             .get_ref()
@@ -457,7 +482,9 @@ impl Checker<'_> {
             let region = base..base + size;
             let raw = self.raw.partition[i].get_ref();
             let span = raw.memory.as_ref().map_or(raw.name.span(), Spanned::span);
-            let err = |message: String| self.r.at(span.clone(), partition_subject(raw), Some("memory"), ErrorKind::Memory, message);
+            let err = |message: String| {
+                self.r.at(span.clone(), partition_subject(raw), Some("memory"), ErrorKind::Memory, message)
+            };
             if let Some(usable) = &usable {
                 if !usable.iter().any(|u| u.start <= region.start && region.end <= u.end) {
                     return Err(err(format!(
@@ -575,16 +602,17 @@ impl Checker<'_> {
         };
         let message = e.problem.to_string();
         let named_pcpu = match e.problem {
-            Problem::DuplicatePcpu { pcpu } | Problem::PcpuDoesNotExist { pcpu, .. } | Problem::PcpuOutsideParent { pcpu, .. } => {
-                Some(pcpu)
-            }
+            Problem::DuplicatePcpu { pcpu }
+            | Problem::PcpuDoesNotExist { pcpu, .. }
+            | Problem::PcpuOutsideParent { pcpu, .. } => Some(pcpu),
             _ => None,
         };
         let pick_pcpu = |list: &Spanned<Vec<Spanned<u32>>>| -> Range<usize> {
             let mut matches = list.get_ref().iter().filter(|p| Some(*p.get_ref()) == named_pcpu);
             let first = matches.next();
             // For a duplicate, the second mention is the wrong one.
-            let chosen = if matches!(e.problem, Problem::DuplicatePcpu { .. }) { matches.next().or(first) } else { first };
+            let chosen =
+                if matches!(e.problem, Problem::DuplicatePcpu { .. }) { matches.next().or(first) } else { first };
             chosen.map_or(list.span(), Spanned::span)
         };
         let reservation_span = |r: &Spanned<RawReservation>| -> (Range<usize>, &'static str) {
@@ -600,7 +628,9 @@ impl Checker<'_> {
                     .share_percent
                     .as_ref()
                     .map_or((r.span(), "reservation"), |s| (s.span(), "reservation.share_percent")),
-                Problem::ZeroWeight => raw.weight.as_ref().map_or((r.span(), "reservation"), |s| (s.span(), "reservation.weight")),
+                Problem::ZeroWeight => {
+                    raw.weight.as_ref().map_or((r.span(), "reservation"), |s| (s.span(), "reservation.weight"))
+                }
                 _ => (r.span(), "reservation"),
             }
         };

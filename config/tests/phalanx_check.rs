@@ -17,7 +17,12 @@ fn a_valid_config_prints_ok_and_a_summary() {
     let (code, out) = check(&["guests/configs/default.toml"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("guests/configs/default.toml: ok (2 partitions, 0 groups, pCPUs [0, 1]"), "{out}");
-    assert!(out.contains("barrier      2 vCPUs on pCPUs [0, 1] (gang), hard 5000/10000 us = 50.0% per pCPU, 16 MiB (placed at boot)"), "{out}");
+    assert!(
+        out.contains(
+            "barrier      2 vCPUs on pCPUs [0, 1] (gang), hard 5000/10000 us = 50.0% per pCPU, 16 MiB (placed at boot)"
+        ),
+        "{out}"
+    );
     assert!(out.contains("planned load per pCPU: 0: 100.0%, 1: 100.0%"), "{out}");
 }
 

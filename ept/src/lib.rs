@@ -8,7 +8,5 @@ pub mod phys;
 pub mod tables;
 pub mod violation;
 
-pub use tables::{
-    Access, Ept, EptError, FrameAllocator, MemoryType, PageSize, PageSizes, PhysMemory, Translation,
-};
+pub use tables::{Access, Ept, EptError, FrameAllocator, MemoryType, PageSize, PageSizes, PhysMemory, Translation};
 pub use violation::EptViolation;

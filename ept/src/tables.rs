@@ -63,14 +63,8 @@ pub struct PageSizes {
 }
 
 impl PageSizes {
-    pub const ALL: Self = Self {
-        huge_1g: true,
-        large_2m: true,
-    };
-    pub const SMALL_ONLY: Self = Self {
-        huge_1g: false,
-        large_2m: false,
-    };
+    pub const ALL: Self = Self { huge_1g: true, large_2m: true };
+    pub const SMALL_ONLY: Self = Self { huge_1g: false, large_2m: false };
 }
 
 /// Size of the page a leaf entry maps.
@@ -132,19 +126,15 @@ pub enum EptError {
 impl fmt::Display for EptError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::Misaligned { gpa, hpa, len } => write!(
-                f,
-                "EPT range not 4 KiB aligned: GPA {gpa:#x} HPA {hpa:#x} length {len:#x}"
-            ),
-            Self::OutOfRange { gpa, hpa, len } => write!(
-                f,
-                "EPT range out of addressable range: GPA {gpa:#x} HPA {hpa:#x} length {len:#x}"
-            ),
-            Self::InvalidAccess { access } => write!(
-                f,
-                "EPT access {} is invalid (needs some access, and read with write)",
-                AccessText(access)
-            ),
+            Self::Misaligned { gpa, hpa, len } => {
+                write!(f, "EPT range not 4 KiB aligned: GPA {gpa:#x} HPA {hpa:#x} length {len:#x}")
+            }
+            Self::OutOfRange { gpa, hpa, len } => {
+                write!(f, "EPT range out of addressable range: GPA {gpa:#x} HPA {hpa:#x} length {len:#x}")
+            }
+            Self::InvalidAccess { access } => {
+                write!(f, "EPT access {} is invalid (needs some access, and read with write)", AccessText(access))
+            }
             Self::Overlap { gpa } => write!(f, "GPA {gpa:#x} is already mapped"),
             Self::OutOfFrames => f.write_str("out of frames for EPT tables"),
             Self::NotMapped { gpa } => write!(f, "GPA {gpa:#x} is not mapped"),
@@ -157,11 +147,7 @@ pub(crate) struct AccessText(pub(crate) Access);
 
 impl fmt::Display for AccessText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (flag, letter) in [
-            (Access::READ, 'r'),
-            (Access::WRITE, 'w'),
-            (Access::EXECUTE, 'x'),
-        ] {
+        for (flag, letter) in [(Access::READ, 'r'), (Access::WRITE, 'w'), (Access::EXECUTE, 'x')] {
             fmt::Write::write_char(f, if self.0.contains(flag) { letter } else { '-' })?;
         }
         Ok(())
@@ -205,11 +191,7 @@ fn is_leaf(entry: u64, level: u8) -> bool {
 fn leaf_entry(hpa: u64, access: Access, memory_type: MemoryType, size: PageSize) -> u64 {
     // Ignore-PAT stays clear: the guest's PAT then combines with the EPT type as it would
     // with the MTRRs on bare metal (SDM 29.3.7.2), so a guest's UC mapping stays UC.
-    let large = if size == PageSize::Size4K {
-        0
-    } else {
-        LARGE_PAGE
-    };
+    let large = if size == PageSize::Size4K { 0 } else { LARGE_PAGE };
     hpa | u64::from(access.bits()) | (memory_type as u64) << MEMORY_TYPE_SHIFT | large
 }
 
@@ -224,11 +206,7 @@ enum Walk {
     /// unmapped.
     Hole { level: u8 },
     /// A leaf entry at `level`, stored at host-physical `entry_phys`.
-    Leaf {
-        level: u8,
-        entry: u64,
-        entry_phys: u64,
-    },
+    Leaf { level: u8, entry: u64, entry_phys: u64 },
 }
 
 /// One partition's extended page tables.
@@ -241,10 +219,7 @@ pub struct Ept {
 impl Ept {
     /// An empty tree: a zeroed PML4 maps nothing.
     pub fn new(alloc: &mut impl FrameAllocator) -> Result<Ept, EptError> {
-        let mut ept = Ept {
-            root: 0,
-            frames: Vec::new(),
-        };
+        let mut ept = Ept { root: 0, frames: Vec::new() };
         ept.root = ept.allocate_table(alloc)?;
         Ok(ept)
     }
@@ -262,11 +237,7 @@ impl Ept {
     /// EPTP for the VMCS (SDM 25.6.11): the structures are write-back, the walk has 4
     /// levels, and accessed/dirty flags are kept by the CPU if requested.
     pub fn eptp(&self, accessed_dirty: bool) -> u64 {
-        let ad = if accessed_dirty {
-            EPTP_ACCESSED_DIRTY
-        } else {
-            0
-        };
+        let ad = if accessed_dirty { EPTP_ACCESSED_DIRTY } else { 0 };
         self.root | MemoryType::WriteBack as u64 | EPTP_FOUR_LEVEL_WALK | ad
     }
 
@@ -307,13 +278,8 @@ impl Ept {
             } else {
                 PageSize::Size4K
             };
-            if let Err(error) = self.install_leaf(
-                mem,
-                alloc,
-                guest,
-                leaf_entry(host, access, memory_type, size),
-                size,
-            ) {
+            if let Err(error) = self.install_leaf(mem, alloc, guest, leaf_entry(host, access, memory_type, size), size)
+            {
                 // Whole pages were mapped up to `guest`, so clearing needs no splits.
                 self.clear_leaves(mem, gpa, guest);
                 return Err(error);
@@ -360,9 +326,7 @@ impl Ept {
                 Some(Translation {
                     hpa: page_base + gpa % page_size.bytes(),
                     access: Access::from_bits_truncate((entry & ACCESS_MASK) as u8),
-                    memory_type: MemoryType::from_bits(
-                        ((entry & MEMORY_TYPE_MASK) >> MEMORY_TYPE_SHIFT) as u8,
-                    )?,
+                    memory_type: MemoryType::from_bits(((entry & MEMORY_TYPE_MASK) >> MEMORY_TYPE_SHIFT) as u8)?,
                     page_size,
                 })
             }
@@ -371,10 +335,7 @@ impl Ept {
 
     fn allocate_table(&mut self, alloc: &mut impl FrameAllocator) -> Result<u64, EptError> {
         let frame = alloc.allocate_zeroed_frame().ok_or(EptError::OutOfFrames)?;
-        debug_assert!(
-            frame.is_multiple_of(FRAME_SIZE) && frame < HPA_LIMIT,
-            "bad table frame {frame:#x}"
-        );
+        debug_assert!(frame.is_multiple_of(FRAME_SIZE) && frame < HPA_LIMIT, "bad table frame {frame:#x}");
         self.frames.push(frame);
         Ok(frame)
     }
@@ -389,11 +350,7 @@ impl Ept {
                 return Walk::Hole { level };
             }
             if is_leaf(entry, level) {
-                return Walk::Leaf {
-                    level,
-                    entry,
-                    entry_phys,
-                };
+                return Walk::Leaf { level, entry, entry_phys };
             }
             table = entry & ADDRESS_MASK;
             level -= 1;
@@ -456,28 +413,19 @@ impl Ept {
     }
 
     fn first_mapped(&self, mem: &impl PhysMemory, start: u64, end: u64) -> Option<u64> {
-        self.scan(mem, start, end, |addr, walk| {
-            matches!(walk, Walk::Leaf { .. }).then_some(addr)
-        })
+        self.scan(mem, start, end, |addr, walk| matches!(walk, Walk::Leaf { .. }).then_some(addr))
     }
 
     fn first_hole(&self, mem: &impl PhysMemory, start: u64, end: u64) -> Option<u64> {
-        self.scan(mem, start, end, |addr, walk| {
-            matches!(walk, Walk::Hole { .. }).then_some(addr)
-        })
+        self.scan(mem, start, end, |addr, walk| matches!(walk, Walk::Hole { .. }).then_some(addr))
     }
 
     /// Clears every leaf in [start, end); no leaf may straddle either end.
     fn clear_leaves(&self, mem: &mut impl PhysMemory, start: u64, end: u64) {
         let mut leaves = Vec::new();
         self.scan(mem, start, end, |addr, walk| {
-            if let Walk::Leaf {
-                level, entry_phys, ..
-            } = *walk
-            {
-                debug_assert!(
-                    addr.is_multiple_of(level_span(level)) && addr + level_span(level) <= end
-                );
+            if let Walk::Leaf { level, entry_phys, .. } = *walk {
+                debug_assert!(addr.is_multiple_of(level_span(level)) && addr + level_span(level) <= end);
                 leaves.push(entry_phys);
             }
             None::<()>
@@ -496,11 +444,7 @@ impl Ept {
     ) -> Result<(), EptError> {
         loop {
             match self.walk(mem, boundary) {
-                Walk::Leaf {
-                    level,
-                    entry,
-                    entry_phys,
-                } if !boundary.is_multiple_of(level_span(level)) => {
+                Walk::Leaf { level, entry, entry_phys } if !boundary.is_multiple_of(level_span(level)) => {
                     self.split_leaf(mem, alloc, level, entry, entry_phys)?;
                 }
                 _ => return Ok(()),
@@ -534,10 +478,7 @@ impl Ept {
 }
 
 fn check_range(gpa: u64, hpa: u64, len: u64) -> Result<(), EptError> {
-    if !gpa.is_multiple_of(FRAME_SIZE)
-        || !hpa.is_multiple_of(FRAME_SIZE)
-        || !len.is_multiple_of(FRAME_SIZE)
-    {
+    if !gpa.is_multiple_of(FRAME_SIZE) || !hpa.is_multiple_of(FRAME_SIZE) || !len.is_multiple_of(FRAME_SIZE) {
         return Err(EptError::Misaligned { gpa, hpa, len });
     }
     let fits = |start: u64, limit: u64| start.checked_add(len).is_some_and(|end| end <= limit);
@@ -579,10 +520,7 @@ pub(crate) mod tests {
 
     impl MockFrames {
         pub(crate) fn new(limit: usize) -> Self {
-            Self {
-                next: 0x7_0000_0000,
-                left: limit,
-            }
+            Self { next: 0x7_0000_0000, left: limit }
         }
     }
 
@@ -605,35 +543,15 @@ pub(crate) mod tests {
         fn new() -> Self {
             let mut frames = MockFrames::new(10_000);
             let ept = Ept::new(&mut frames).unwrap();
-            Self {
-                mem: MockMemory::default(),
-                frames,
-                ept,
-            }
+            Self { mem: MockMemory::default(), frames, ept }
         }
 
         fn map(&mut self, gpa: u64, hpa: u64, len: u64, sizes: PageSizes) -> Result<(), EptError> {
             self.map_with(gpa, hpa, len, Access::all(), sizes)
         }
 
-        fn map_with(
-            &mut self,
-            gpa: u64,
-            hpa: u64,
-            len: u64,
-            access: Access,
-            sizes: PageSizes,
-        ) -> Result<(), EptError> {
-            self.ept.map(
-                &mut self.mem,
-                &mut self.frames,
-                gpa,
-                hpa,
-                len,
-                access,
-                MemoryType::WriteBack,
-                sizes,
-            )
+        fn map_with(&mut self, gpa: u64, hpa: u64, len: u64, access: Access, sizes: PageSizes) -> Result<(), EptError> {
+            self.ept.map(&mut self.mem, &mut self.frames, gpa, hpa, len, access, MemoryType::WriteBack, sizes)
         }
 
         fn unmap(&mut self, gpa: u64, len: u64) -> Result<(), EptError> {
@@ -682,14 +600,7 @@ pub(crate) mod tests {
         f.map(0, base, 64 * MIB, PageSizes::ALL).unwrap();
         assert_eq!(f.leaf_count(2), 32);
         assert_eq!(f.leaves().len(), 32);
-        for gpa in [
-            0,
-            0x1234,
-            2 * MIB,
-            2 * MIB + 0xFFF,
-            33 * MIB + 0x10,
-            64 * MIB - 1,
-        ] {
+        for gpa in [0, 0x1234, 2 * MIB, 2 * MIB + 0xFFF, 33 * MIB + 0x10, 64 * MIB - 1] {
             assert_eq!(f.hpa(gpa), Some(base + gpa), "gpa {gpa:#x}");
         }
         assert_eq!(f.hpa(64 * MIB), None);
@@ -716,61 +627,35 @@ pub(crate) mod tests {
     fn unaligned_start_uses_small_pages_only_up_to_the_first_large_boundary() {
         let mut f = Fixture::new();
         // 1 MiB of 4 KiB pages, then 2 MiB pages, then a 4 KiB tail.
-        f.map(MIB, 0x4010_0000, 5 * MIB + 2 * KIB4, PageSizes::ALL)
-            .unwrap();
+        f.map(MIB, 0x4010_0000, 5 * MIB + 2 * KIB4, PageSizes::ALL).unwrap();
         assert_eq!(f.leaf_count(1), 256 + 2);
         assert_eq!(f.leaf_count(2), 2);
         assert_eq!(f.hpa(MIB), Some(0x4010_0000));
-        assert_eq!(
-            f.hpa(6 * MIB + KIB4 + 1),
-            Some(0x4010_0000 + 5 * MIB + KIB4 + 1)
-        );
+        assert_eq!(f.hpa(6 * MIB + KIB4 + 1), Some(0x4010_0000 + 5 * MIB + KIB4 + 1));
         assert_eq!(f.hpa(6 * MIB + 2 * KIB4), None);
     }
 
     #[test]
     fn one_gib_pages_only_when_allowed_and_aligned() {
         let mut allowed = Fixture::new();
-        allowed
-            .map(GIB, 4 * GIB, 2 * GIB + 2 * MIB, PageSizes::ALL)
-            .unwrap();
+        allowed.map(GIB, 4 * GIB, 2 * GIB + 2 * MIB, PageSizes::ALL).unwrap();
         assert_eq!(allowed.leaf_count(3), 2);
         assert_eq!(allowed.leaf_count(2), 1);
-        assert_eq!(
-            allowed.translate(GIB + 5).unwrap().page_size,
-            PageSize::Size1G
-        );
-        assert_eq!(
-            allowed.hpa(2 * GIB + 0x1234_5678),
-            Some(5 * GIB + 0x1234_5678)
-        );
+        assert_eq!(allowed.translate(GIB + 5).unwrap().page_size, PageSize::Size1G);
+        assert_eq!(allowed.hpa(2 * GIB + 0x1234_5678), Some(5 * GIB + 0x1234_5678));
 
         let mut not_allowed = Fixture::new();
-        not_allowed
-            .map(
-                GIB,
-                4 * GIB,
-                GIB,
-                PageSizes {
-                    huge_1g: false,
-                    large_2m: true,
-                },
-            )
-            .unwrap();
+        not_allowed.map(GIB, 4 * GIB, GIB, PageSizes { huge_1g: false, large_2m: true }).unwrap();
         assert_eq!(not_allowed.leaf_count(3), 0);
         assert_eq!(not_allowed.leaf_count(2), 512);
 
         let mut misaligned = Fixture::new();
-        misaligned
-            .map(GIB, 4 * GIB + 2 * MIB, GIB, PageSizes::ALL)
-            .unwrap();
+        misaligned.map(GIB, 4 * GIB + 2 * MIB, GIB, PageSizes::ALL).unwrap();
         assert_eq!(misaligned.leaf_count(3), 0);
         assert_eq!(misaligned.leaf_count(2), 512);
 
         let mut small_only = Fixture::new();
-        small_only
-            .map(0, 2 * MIB, 2 * MIB, PageSizes::SMALL_ONLY)
-            .unwrap();
+        small_only.map(0, 2 * MIB, 2 * MIB, PageSizes::SMALL_ONLY).unwrap();
         assert_eq!(small_only.leaf_count(1), 512);
     }
 
@@ -778,8 +663,7 @@ pub(crate) mod tests {
     fn nothing_outside_the_mapped_ranges_translates() {
         let mut f = Fixture::new();
         f.map(0, 0x180_0000, 16 * MIB, PageSizes::ALL).unwrap();
-        f.map(0xFEE0_0000 - 64 * MIB, 0x900_0000, 2 * MIB, PageSizes::ALL)
-            .unwrap();
+        f.map(0xFEE0_0000 - 64 * MIB, 0x900_0000, 2 * MIB, PageSizes::ALL).unwrap();
         let probes = [
             16 * MIB,
             16 * MIB + KIB4,
@@ -806,34 +690,11 @@ pub(crate) mod tests {
         let mut a = Ept::new(&mut frames).unwrap();
         let mut b = Ept::new(&mut frames).unwrap();
         let wb = MemoryType::WriteBack;
-        a.map(
-            &mut mem,
-            &mut frames,
-            0,
-            0x100_0000,
-            4 * MIB,
-            Access::all(),
-            wb,
-            PageSizes::ALL,
-        )
-        .unwrap();
-        b.map(
-            &mut mem,
-            &mut frames,
-            0,
-            0x200_0000,
-            4 * MIB,
-            Access::all(),
-            wb,
-            PageSizes::ALL,
-        )
-        .unwrap();
+        a.map(&mut mem, &mut frames, 0, 0x100_0000, 4 * MIB, Access::all(), wb, PageSizes::ALL).unwrap();
+        b.map(&mut mem, &mut frames, 0, 0x200_0000, 4 * MIB, Access::all(), wb, PageSizes::ALL).unwrap();
         assert_eq!(a.translate(&mem, 0x10).unwrap().hpa, 0x100_0010);
         assert_eq!(b.translate(&mem, 0x10).unwrap().hpa, 0x200_0010);
-        assert!(a
-            .table_frames()
-            .iter()
-            .all(|frame| !b.table_frames().contains(frame)));
+        assert!(a.table_frames().iter().all(|frame| !b.table_frames().contains(frame)));
     }
 
     #[test]
@@ -841,16 +702,8 @@ pub(crate) mod tests {
         let mut f = Fixture::new();
         f.map(4 * MIB, 0x100_0000, 4 * MIB, PageSizes::ALL).unwrap();
         let before = f.leaves();
-        assert_eq!(
-            f.map(2 * MIB, 0x200_0000, 4 * MIB, PageSizes::ALL),
-            Err(EptError::Overlap { gpa: 4 * MIB })
-        );
-        assert_eq!(
-            f.map(8 * MIB - KIB4, 0, KIB4, PageSizes::ALL),
-            Err(EptError::Overlap {
-                gpa: 8 * MIB - KIB4
-            })
-        );
+        assert_eq!(f.map(2 * MIB, 0x200_0000, 4 * MIB, PageSizes::ALL), Err(EptError::Overlap { gpa: 4 * MIB }));
+        assert_eq!(f.map(8 * MIB - KIB4, 0, KIB4, PageSizes::ALL), Err(EptError::Overlap { gpa: 8 * MIB - KIB4 }));
         assert_eq!(f.leaves(), before);
         assert_eq!(f.hpa(2 * MIB), None);
         // Adjacent on both sides is fine.
@@ -867,27 +720,13 @@ pub(crate) mod tests {
         f.unmap(hole, KIB4).unwrap();
         assert_eq!(f.hpa(hole), None);
         assert_eq!(f.hpa(hole + KIB4 - 1), None);
-        for gpa in [
-            0,
-            2 * MIB,
-            hole - 1,
-            hole + KIB4,
-            4 * MIB - 1,
-            4 * MIB,
-            8 * MIB - 1,
-        ] {
+        for gpa in [0, 2 * MIB, hole - 1, hole + KIB4, 4 * MIB - 1, 4 * MIB, 8 * MIB - 1] {
             assert_eq!(f.hpa(gpa), Some(base + gpa), "gpa {gpa:#x}");
         }
         assert_eq!(f.leaf_count(2), 3);
         assert_eq!(f.leaf_count(1), 511);
-        assert_eq!(
-            f.translate(hole + KIB4).unwrap().page_size,
-            PageSize::Size4K
-        );
-        assert_eq!(
-            f.translate(hole + KIB4).unwrap().memory_type,
-            MemoryType::WriteBack
-        );
+        assert_eq!(f.translate(hole + KIB4).unwrap().page_size, PageSize::Size4K);
+        assert_eq!(f.translate(hole + KIB4).unwrap().memory_type, MemoryType::WriteBack);
         // Unmapping it again is an error; mapping something else there works.
         assert_eq!(f.unmap(hole, KIB4), Err(EptError::NotMapped { gpa: hole }));
         f.map(hole, 0x9000_0000, KIB4, PageSizes::ALL).unwrap();
@@ -918,10 +757,7 @@ pub(crate) mod tests {
     fn unmap_of_a_partly_unmapped_range_fails_before_changing_anything() {
         let mut f = Fixture::new();
         f.map(0, 0x100_0000, 2 * MIB, PageSizes::ALL).unwrap();
-        assert_eq!(
-            f.unmap(MIB, 2 * MIB),
-            Err(EptError::NotMapped { gpa: 2 * MIB })
-        );
+        assert_eq!(f.unmap(MIB, 2 * MIB), Err(EptError::NotMapped { gpa: 2 * MIB }));
         assert_eq!(f.hpa(MIB), Some(0x110_0000));
         assert_eq!(f.leaf_count(2), 1);
     }
@@ -930,37 +766,19 @@ pub(crate) mod tests {
     fn leaves_carry_write_back_and_the_requested_access() {
         let mut f = Fixture::new();
         let read_execute = Access::READ | Access::EXECUTE;
-        f.map_with(0, 0x20_0000, 2 * MIB, read_execute, PageSizes::ALL)
-            .unwrap();
-        f.map_with(
-            2 * MIB,
-            0x40_0000,
-            KIB4,
-            Access::READ | Access::WRITE,
-            PageSizes::ALL,
-        )
-        .unwrap();
+        f.map_with(0, 0x20_0000, 2 * MIB, read_execute, PageSizes::ALL).unwrap();
+        f.map_with(2 * MIB, 0x40_0000, KIB4, Access::READ | Access::WRITE, PageSizes::ALL).unwrap();
         let leaves = f.leaves();
         assert_eq!(leaves.len(), 2);
         for (level, entry) in leaves {
             assert_eq!((entry >> 3) & 0b111, 6, "WB memory type in {entry:#x}");
             assert_eq!(entry & (1 << 6), 0, "ignore-PAT clear in {entry:#x}");
-            let expected = if level == 2 {
-                0x20_0000 | 0b101 | 1 << 7
-            } else {
-                0x40_0000 | 0b011
-            };
+            let expected = if level == 2 { 0x20_0000 | 0b101 | 1 << 7 } else { 0x40_0000 | 0b011 };
             assert_eq!(entry, expected | 6 << 3);
         }
         let t = f.translate(0x1000).unwrap();
-        assert_eq!(
-            (t.access, t.memory_type),
-            (read_execute, MemoryType::WriteBack)
-        );
-        assert_eq!(
-            f.translate(2 * MIB).unwrap().access,
-            Access::READ | Access::WRITE
-        );
+        assert_eq!((t.access, t.memory_type), (read_execute, MemoryType::WriteBack));
+        assert_eq!(f.translate(2 * MIB).unwrap().access, Access::READ | Access::WRITE);
     }
 
     #[test]
@@ -968,16 +786,7 @@ pub(crate) mod tests {
         let mut f = Fixture::new();
         let uc = MemoryType::Uncacheable;
         f.ept
-            .map(
-                &mut f.mem,
-                &mut f.frames,
-                0,
-                0xFEB0_0000,
-                KIB4,
-                Access::READ | Access::WRITE,
-                uc,
-                PageSizes::ALL,
-            )
+            .map(&mut f.mem, &mut f.frames, 0, 0xFEB0_0000, KIB4, Access::READ | Access::WRITE, uc, PageSizes::ALL)
             .unwrap();
         assert_eq!(f.translate(0).unwrap().memory_type, uc);
         assert_eq!(f.leaves()[0].1 & MEMORY_TYPE_MASK, 0);
@@ -997,40 +806,17 @@ pub(crate) mod tests {
     fn bad_arguments_are_rejected() {
         let mut f = Fixture::new();
         let all = PageSizes::ALL;
-        assert!(matches!(
-            f.map(0x800, 0, KIB4, all),
-            Err(EptError::Misaligned { .. })
-        ));
-        assert!(matches!(
-            f.map(0, 0x10, KIB4, all),
-            Err(EptError::Misaligned { .. })
-        ));
-        assert!(matches!(
-            f.map(0, 0, 100, all),
-            Err(EptError::Misaligned { .. })
-        ));
-        assert!(matches!(
-            f.map(1 << 48, 0, KIB4, all),
-            Err(EptError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            f.map(0, (1 << 52) - KIB4, 2 * KIB4, all),
-            Err(EptError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            f.unmap(u64::MAX - 0xFFF, KIB4),
-            Err(EptError::OutOfRange { .. })
-        ));
+        assert!(matches!(f.map(0x800, 0, KIB4, all), Err(EptError::Misaligned { .. })));
+        assert!(matches!(f.map(0, 0x10, KIB4, all), Err(EptError::Misaligned { .. })));
+        assert!(matches!(f.map(0, 0, 100, all), Err(EptError::Misaligned { .. })));
+        assert!(matches!(f.map(1 << 48, 0, KIB4, all), Err(EptError::OutOfRange { .. })));
+        assert!(matches!(f.map(0, (1 << 52) - KIB4, 2 * KIB4, all), Err(EptError::OutOfRange { .. })));
+        assert!(matches!(f.unmap(u64::MAX - 0xFFF, KIB4), Err(EptError::OutOfRange { .. })));
         assert_eq!(
             f.map_with(0, 0, KIB4, Access::empty(), all),
-            Err(EptError::InvalidAccess {
-                access: Access::empty()
-            })
+            Err(EptError::InvalidAccess { access: Access::empty() })
         );
-        assert!(matches!(
-            f.map_with(0, 0, KIB4, Access::WRITE, all),
-            Err(EptError::InvalidAccess { .. })
-        ));
+        assert!(matches!(f.map_with(0, 0, KIB4, Access::WRITE, all), Err(EptError::InvalidAccess { .. })));
         f.map_with(0, 0, KIB4, Access::EXECUTE, all).unwrap();
         assert!(f.map(KIB4, 0, 0, all).is_ok());
         assert_eq!(f.leaves().len(), 1);
@@ -1042,16 +828,8 @@ pub(crate) mod tests {
         // Root, PDPT, PD, and one page table: not enough for a second page table.
         let mut frames = MockFrames::new(4);
         let mut ept = Ept::new(&mut frames).unwrap();
-        let result = ept.map(
-            &mut mem,
-            &mut frames,
-            0,
-            0x1000,
-            4 * MIB,
-            Access::all(),
-            MemoryType::WriteBack,
-            PageSizes::ALL,
-        );
+        let result =
+            ept.map(&mut mem, &mut frames, 0, 0x1000, 4 * MIB, Access::all(), MemoryType::WriteBack, PageSizes::ALL);
         assert_eq!(result, Err(EptError::OutOfFrames));
         for gpa in [0, 2 * MIB - KIB4, 2 * MIB] {
             assert_eq!(ept.translate(&mem, gpa), None);
@@ -1065,48 +843,20 @@ pub(crate) mod tests {
         let mut mem = MockMemory::default();
         let mut frames = MockFrames::new(3);
         let mut ept = Ept::new(&mut frames).unwrap();
-        ept.map(
-            &mut mem,
-            &mut frames,
-            0,
-            0,
-            2 * MIB,
-            Access::all(),
-            MemoryType::WriteBack,
-            PageSizes::ALL,
-        )
-        .unwrap();
-        assert_eq!(
-            ept.unmap(&mut mem, &mut frames, KIB4, KIB4),
-            Err(EptError::OutOfFrames)
-        );
+        ept.map(&mut mem, &mut frames, 0, 0, 2 * MIB, Access::all(), MemoryType::WriteBack, PageSizes::ALL).unwrap();
+        assert_eq!(ept.unmap(&mut mem, &mut frames, KIB4, KIB4), Err(EptError::OutOfFrames));
         assert_eq!(ept.translate(&mem, KIB4).map(|t| t.hpa), Some(KIB4));
     }
 
     #[test]
     fn errors_display_the_addresses() {
         use alloc::string::ToString;
+        assert_eq!(EptError::Overlap { gpa: 0x40_0000 }.to_string(), "GPA 0x400000 is already mapped");
+        assert_eq!(EptError::NotMapped { gpa: 0x1000 }.to_string(), "GPA 0x1000 is not mapped");
         assert_eq!(
-            EptError::Overlap { gpa: 0x40_0000 }.to_string(),
-            "GPA 0x400000 is already mapped"
-        );
-        assert_eq!(
-            EptError::NotMapped { gpa: 0x1000 }.to_string(),
-            "GPA 0x1000 is not mapped"
-        );
-        assert_eq!(
-            EptError::InvalidAccess {
-                access: Access::WRITE
-            }
-            .to_string(),
+            EptError::InvalidAccess { access: Access::WRITE }.to_string(),
             "EPT access -w- is invalid (needs some access, and read with write)"
         );
-        assert!(EptError::Misaligned {
-            gpa: 0x800,
-            hpa: 0,
-            len: 0x1000
-        }
-        .to_string()
-        .contains("GPA 0x800"));
+        assert!(EptError::Misaligned { gpa: 0x800, hpa: 0, len: 0x1000 }.to_string().contains("GPA 0x800"));
     }
 }

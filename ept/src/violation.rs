@@ -71,11 +71,7 @@ impl EptViolation {
 
 impl fmt::Display for EptViolation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kinds = [
-            (self.read, "read"),
-            (self.write, "write"),
-            (self.execute, "instruction fetch"),
-        ];
+        let kinds = [(self.read, "read"), (self.write, "write"), (self.execute, "instruction fetch")];
         let mut count = 0;
         for (_, name) in kinds.iter().filter(|(happened, _)| *happened) {
             if count > 0 {
@@ -120,10 +116,7 @@ mod tests {
         assert!(!v.readable && !v.writable && !v.executable && !v.is_mapped());
         assert_eq!(v.guest_linear, Some(0xFFFF_8000_0800_0000));
         assert!(!v.nmi_unblocking);
-        assert_eq!(
-            v.describe().to_string(),
-            "read from GPA 0x8000000 (linear 0xffff800008000000) (not mapped)"
-        );
+        assert_eq!(v.describe().to_string(), "read from GPA 0x8000000 (linear 0xffff800008000000) (not mapped)");
     }
 
     #[test]
@@ -131,10 +124,7 @@ mod tests {
         let v = EptViolation::decode(0x2, 0x800_0000, 0xDEAD);
         assert!(v.write && !v.read);
         assert_eq!(v.guest_linear, None);
-        assert_eq!(
-            v.describe().to_string(),
-            "write to GPA 0x8000000 (not mapped)"
-        );
+        assert_eq!(v.describe().to_string(), "write to GPA 0x8000000 (not mapped)");
     }
 
     #[test]
@@ -143,10 +133,7 @@ mod tests {
         let v = EptViolation::decode(0x1AA, 0x10_0000, 0x40_0000);
         assert!(v.write && v.readable && !v.writable && v.executable);
         assert_eq!(v.allowed(), Access::READ | Access::EXECUTE);
-        assert_eq!(
-            v.describe().to_string(),
-            "write to GPA 0x100000 (linear 0x400000) (mapped r-x)"
-        );
+        assert_eq!(v.describe().to_string(), "write to GPA 0x100000 (linear 0x400000) (mapped r-x)");
     }
 
     #[test]
@@ -156,10 +143,7 @@ mod tests {
         assert!(v.execute && !v.read && !v.write);
         assert!(v.readable && v.writable && !v.executable);
         assert!(v.nmi_unblocking);
-        assert_eq!(
-            v.describe().to_string(),
-            "instruction fetch from GPA 0x2000 (mapped rw-)"
-        );
+        assert_eq!(v.describe().to_string(), "instruction fetch from GPA 0x2000 (mapped rw-)");
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! writes it for a hypervisor's loader.
 
 use crate::longmode::{
-    write_identity_map, GuestMemory, GuestMemoryError, Segment, VcpuState, CR0_ET, CR0_MP, CR0_NE, CR0_PE,
-    GDT_GPA, IDENTITY_MAP_SIZE, PAGE_TABLES_GPA, TSS_GPA, TSS_SIZE,
+    write_identity_map, GuestMemory, GuestMemoryError, Segment, VcpuState, CR0_ET, CR0_MP, CR0_NE, CR0_PE, GDT_GPA,
+    IDENTITY_MAP_SIZE, PAGE_TABLES_GPA, TSS_GPA, TSS_SIZE,
 };
 use core::fmt;
 
@@ -95,11 +95,20 @@ impl fmt::Display for LinuxError {
                 write!(f, "boot protocol {}.{:02} is older than 2.12 (no 64-bit entry)", version >> 8, version & 0xFF)
             }
             LinuxError::No64BitEntry => write!(f, "the kernel has no 64-bit entry point (XLF_KERNEL_64 clear)"),
-            LinuxError::CmdlineTooLong { len, max } => write!(f, "the command line is {len} bytes, the kernel takes at most {max}"),
-            LinuxError::MemoryTooSmall { needed, size } => {
-                write!(f, "the kernel needs {} MiB of guest memory, the partition has {} MiB", needed.div_ceil(MIB), size / MIB)
+            LinuxError::CmdlineTooLong { len, max } => {
+                write!(f, "the command line is {len} bytes, the kernel takes at most {max}")
             }
-            LinuxError::InitrdDoesNotFit { len } => write!(f, "an initrd of {len} bytes does not fit below the kernel's limit"),
+            LinuxError::MemoryTooSmall { needed, size } => {
+                write!(
+                    f,
+                    "the kernel needs {} MiB of guest memory, the partition has {} MiB",
+                    needed.div_ceil(MIB),
+                    size / MIB
+                )
+            }
+            LinuxError::InitrdDoesNotFit { len } => {
+                write!(f, "an initrd of {len} bytes does not fit below the kernel's limit")
+            }
             LinuxError::Memory(e) => write!(f, "{e}"),
         }
     }
@@ -266,7 +275,8 @@ pub fn load_linux(mem: &mut impl GuestMemory, p: &LinuxParams) -> Result<LinuxLa
         zero_page[RAMDISK_IMAGE..RAMDISK_IMAGE + 4].copy_from_slice(&(gpa as u32).to_le_bytes());
         zero_page[RAMDISK_SIZE..RAMDISK_SIZE + 4].copy_from_slice(&(initrd.len() as u32).to_le_bytes());
         zero_page[EXT_RAMDISK_IMAGE..EXT_RAMDISK_IMAGE + 4].copy_from_slice(&((gpa >> 32) as u32).to_le_bytes());
-        zero_page[EXT_RAMDISK_SIZE..EXT_RAMDISK_SIZE + 4].copy_from_slice(&((initrd.len() as u64 >> 32) as u32).to_le_bytes());
+        zero_page[EXT_RAMDISK_SIZE..EXT_RAMDISK_SIZE + 4]
+            .copy_from_slice(&((initrd.len() as u64 >> 32) as u32).to_le_bytes());
     }
     if let Some(rsdp) = p.acpi_rsdp {
         zero_page[ACPI_RSDP_ADDR..ACPI_RSDP_ADDR + 8].copy_from_slice(&rsdp.to_le_bytes());
@@ -292,8 +302,14 @@ pub fn load_linux(mem: &mut impl GuestMemory, p: &LinuxParams) -> Result<LinuxLa
 /// 0x18 (data), plus the busy TSS VM entry needs at 0x20.
 pub fn gdt_bytes() -> [u8; 6 * 8] {
     let tss = Segment::tss().at(BOOT_TSS);
-    let entries =
-        [0, 0, Segment::code64().at(BOOT_CS).descriptor_low(), Segment::data().at(BOOT_DS).descriptor_low(), tss.descriptor_low(), tss.base >> 32];
+    let entries = [
+        0,
+        0,
+        Segment::code64().at(BOOT_CS).descriptor_low(),
+        Segment::data().at(BOOT_DS).descriptor_low(),
+        tss.descriptor_low(),
+        tss.base >> 32,
+    ];
     let mut b = [0u8; 6 * 8];
     for (chunk, e) in b.chunks_exact_mut(8).zip(entries) {
         chunk.copy_from_slice(&e.to_le_bytes());
@@ -313,7 +329,7 @@ pub fn boot_vcpu_state(layout: &LinuxLayout) -> VcpuState {
         rsi: ZERO_PAGE_GPA,
         cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | (1 << 31),
         cr3: PAGE_TABLES_GPA,
-        cr4: 1 << 5, // PAE
+        cr4: 1 << 5,                // PAE
         efer: (1 << 8) | (1 << 10), // LME | LMA
         cs: Segment::code64().at(BOOT_CS),
         ds: data,
@@ -440,7 +456,16 @@ mod tests {
         let k = BzImage::parse(&image).unwrap();
         let mut mem = Memory(vec![0; 64 << 20]);
         let initrd = vec![0xA5u8; 10_000];
-        let layout = load_linux(&mut mem, &LinuxParams { kernel: &k, cmdline: "console=ttyS0 quiet", initrd: Some(&initrd), acpi_rsdp: Some(0xE0000) }).unwrap();
+        let layout = load_linux(
+            &mut mem,
+            &LinuxParams {
+                kernel: &k,
+                cmdline: "console=ttyS0 quiet",
+                initrd: Some(&initrd),
+                acpi_rsdp: Some(0xE0000),
+            },
+        )
+        .unwrap();
         assert_eq!(layout.kernel_gpa, 0x100_0000);
         assert_eq!(layout.entry_gpa, 0x100_0200);
         assert_eq!(&mem.0[0x100_0000..0x100_000F], b"\x90KERNEL-PAYLOAD");
@@ -470,13 +495,15 @@ mod tests {
         let image = bzimage(4, &[1; 64]);
         let k = BzImage::parse(&image).unwrap();
         let mut mem = Memory(vec![0; 16 << 20]);
-        let e = load_linux(&mut mem, &LinuxParams { kernel: &k, cmdline: "", initrd: None, acpi_rsdp: None }).unwrap_err();
+        let e =
+            load_linux(&mut mem, &LinuxParams { kernel: &k, cmdline: "", initrd: None, acpi_rsdp: None }).unwrap_err();
         assert_eq!(e, LinuxError::MemoryTooSmall { needed: 0x100_0000 + (4 << 20), size: 16 << 20 });
         assert!(e.to_string().contains("needs 20 MiB"), "{e}");
         assert!(mem.0.iter().all(|&b| b == 0), "nothing written");
         let long = "x".repeat(3000);
         let mut mem = Memory(vec![0; 64 << 20]);
-        let e = load_linux(&mut mem, &LinuxParams { kernel: &k, cmdline: &long, initrd: None, acpi_rsdp: None }).unwrap_err();
+        let e = load_linux(&mut mem, &LinuxParams { kernel: &k, cmdline: &long, initrd: None, acpi_rsdp: None })
+            .unwrap_err();
         assert_eq!(e, LinuxError::CmdlineTooLong { len: 3000, max: 2047 });
     }
 

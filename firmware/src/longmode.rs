@@ -58,8 +58,7 @@ pub const GDT_SIZE: usize = 5 * 8;
 
 // The stats of every vCPU must end before the page tables begin.
 const _: () = assert!(STATS_GPA + MAX_VCPUS as u64 * STATS_RECORD_SIZE <= PAGE_TABLES_GPA);
-const _: () =
-    assert!(GDT_GPA + GDT_SIZE as u64 <= TSS_GPA && TSS_GPA + TSS_SIZE <= STACKS_BOTTOM_GPA);
+const _: () = assert!(GDT_GPA + GDT_SIZE as u64 <= TSS_GPA && TSS_GPA + TSS_SIZE <= STACKS_BOTTOM_GPA);
 
 pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_MP: u64 = 1 << 1;
@@ -162,11 +161,7 @@ impl fmt::Display for LoadError {
             LoadError::CmdlineNotAscii { offset } => {
                 write!(f, "command line byte {offset} is not printable ASCII")
             }
-            LoadError::MemoryTooSmall {
-                size,
-                needed,
-                image_len,
-            } => write!(
+            LoadError::MemoryTooSmall { size, needed, image_len } => write!(
                 f,
                 "guest memory of {size:#x} bytes is too small: the {image_len}-byte image at GPA \
                  {GUEST_IMAGE_GPA:#x} needs {needed:#x} bytes"
@@ -271,16 +266,10 @@ pub fn load_test_guest(mem: &mut impl GuestMemory, p: &BootParams) -> Result<(),
         return Err(LoadError::NoVcpus);
     }
     if p.vcpus > MAX_VCPUS {
-        return Err(LoadError::TooManyVcpus {
-            vcpus: p.vcpus,
-            max: MAX_VCPUS,
-        });
+        return Err(LoadError::TooManyVcpus { vcpus: p.vcpus, max: MAX_VCPUS });
     }
     if p.cmdline.len() > CMDLINE_MAX_LEN {
-        return Err(LoadError::CmdlineTooLong {
-            len: p.cmdline.len(),
-            max: CMDLINE_MAX_LEN,
-        });
+        return Err(LoadError::CmdlineTooLong { len: p.cmdline.len(), max: CMDLINE_MAX_LEN });
     }
     if let Some(offset) = p.cmdline.bytes().position(|c| !(0x20..0x7f).contains(&c)) {
         return Err(LoadError::CmdlineNotAscii { offset });
@@ -288,11 +277,7 @@ pub fn load_test_guest(mem: &mut impl GuestMemory, p: &BootParams) -> Result<(),
     let size = mem.size();
     let needed = GUEST_IMAGE_GPA + p.image.len() as u64;
     if needed > size {
-        return Err(LoadError::MemoryTooSmall {
-            size,
-            needed,
-            image_len: p.image.len(),
-        });
+        return Err(LoadError::MemoryTooSmall { size, needed, image_len: p.image.len() });
     }
 
     mem.write(GUEST_IMAGE_GPA, p.image)?;
@@ -352,36 +337,16 @@ pub struct Segment {
 
 impl Segment {
     pub const fn unusable() -> Self {
-        Segment {
-            selector: 0,
-            base: 0,
-            limit: 0,
-            access_rights: AR_UNUSABLE,
-        }
+        Segment { selector: 0, base: 0, limit: 0, access_rights: AR_UNUSABLE }
     }
     pub const fn code64() -> Self {
-        Segment {
-            selector: CODE_SELECTOR,
-            base: 0,
-            limit: 0xFFFF_FFFF,
-            access_rights: AR_CODE64,
-        }
+        Segment { selector: CODE_SELECTOR, base: 0, limit: 0xFFFF_FFFF, access_rights: AR_CODE64 }
     }
     pub const fn data() -> Self {
-        Segment {
-            selector: DATA_SELECTOR,
-            base: 0,
-            limit: 0xFFFF_FFFF,
-            access_rights: AR_DATA,
-        }
+        Segment { selector: DATA_SELECTOR, base: 0, limit: 0xFFFF_FFFF, access_rights: AR_DATA }
     }
     pub const fn tss() -> Self {
-        Segment {
-            selector: TSS_SELECTOR,
-            base: TSS_GPA,
-            limit: TSS_SIZE as u32 - 1,
-            access_rights: AR_TSS64_BUSY,
-        }
+        Segment { selector: TSS_SELECTOR, base: TSS_GPA, limit: TSS_SIZE as u32 - 1, access_rights: AR_TSS64_BUSY }
     }
 
     /// The same segment under another selector (another GDT layout).
@@ -393,11 +358,7 @@ impl Segment {
     /// The VMX limit is in bytes; the descriptor holds it in 4 KiB units when G is set.
     pub fn descriptor_low(&self) -> u64 {
         let g = self.access_rights & (1 << 15) != 0;
-        let limit = if g {
-            (self.limit >> 12) as u64
-        } else {
-            self.limit as u64
-        };
+        let limit = if g { (self.limit >> 12) as u64 } else { self.limit as u64 };
         (limit & 0xFFFF)
             | (self.base & 0xFF_FFFF) << 16
             | ((self.access_rights & 0xFF) as u64) << 40
@@ -411,13 +372,8 @@ impl Segment {
 /// are encoded from the same [`Segment`]s the VMCS gets, so the two cannot disagree.
 pub fn gdt_bytes() -> [u8; GDT_SIZE] {
     let tss = Segment::tss();
-    let entries = [
-        0,
-        Segment::code64().descriptor_low(),
-        Segment::data().descriptor_low(),
-        tss.descriptor_low(),
-        tss.base >> 32,
-    ];
+    let entries =
+        [0, Segment::code64().descriptor_low(), Segment::data().descriptor_low(), tss.descriptor_low(), tss.base >> 32];
     let mut b = [0u8; GDT_SIZE];
     for (chunk, e) in b.chunks_exact_mut(8).zip(entries) {
         chunk.copy_from_slice(&e.to_le_bytes());
@@ -459,10 +415,7 @@ pub struct VcpuState {
 /// # Panics
 /// If `vcpu >= MAX_VCPUS` (there is no stack for it; [`load_test_guest`] rejects such counts).
 pub fn initial_vcpu_state(vcpu: u32) -> VcpuState {
-    assert!(
-        vcpu < MAX_VCPUS,
-        "vCPU {vcpu} has no stack: the long-mode guest supports {MAX_VCPUS} vCPUs"
-    );
+    assert!(vcpu < MAX_VCPUS, "vCPU {vcpu} has no stack: the long-mode guest supports {MAX_VCPUS} vCPUs");
     VcpuState {
         rip: GUEST_IMAGE_GPA,
         rsp: STACKS_TOP_GPA - vcpu as u64 * STACK_SIZE,
@@ -494,117 +447,48 @@ pub fn initial_vcpu_state(vcpu: u32) -> VcpuState {
 /// Returns the first rule broken.
 pub fn check_vm_entry_rules(s: &VcpuState) -> Result<(), &'static str> {
     let ia32e = s.efer & EFER_LMA != 0;
-    rule(
-        s.cr0 & CR0_PG == 0 || s.cr0 & CR0_PE != 0,
-        "CR0.PG requires CR0.PE",
-    )?;
-    rule(
-        s.cr0 & CR0_NW == 0 || s.cr0 & CR0_CD != 0,
-        "CR0.NW requires CR0.CD",
-    )?;
+    rule(s.cr0 & CR0_PG == 0 || s.cr0 & CR0_PE != 0, "CR0.PG requires CR0.PE")?;
+    rule(s.cr0 & CR0_NW == 0 || s.cr0 & CR0_CD != 0, "CR0.NW requires CR0.CD")?;
     rule(s.cr0 >> 32 == 0, "CR0 bits 63:32 must be 0")?;
-    rule(
-        !ia32e || s.cr0 & CR0_PG != 0,
-        "IA-32e mode guest requires CR0.PG",
-    )?;
-    rule(
-        !ia32e || s.cr4 & CR4_PAE != 0,
-        "IA-32e mode guest requires CR4.PAE",
-    )?;
-    rule(
-        s.cr3 >> 52 == 0,
-        "CR3 bits beyond the physical-address width must be 0",
-    )?;
-    rule(
-        s.efer & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) == 0,
-        "EFER reserved bits must be 0",
-    )?;
-    rule(
-        s.cr0 & CR0_PG == 0 || (s.efer & EFER_LME != 0) == ia32e,
-        "with CR0.PG, EFER.LME must equal EFER.LMA",
-    )?;
+    rule(!ia32e || s.cr0 & CR0_PG != 0, "IA-32e mode guest requires CR0.PG")?;
+    rule(!ia32e || s.cr4 & CR4_PAE != 0, "IA-32e mode guest requires CR4.PAE")?;
+    rule(s.cr3 >> 52 == 0, "CR3 bits beyond the physical-address width must be 0")?;
+    rule(s.efer & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) == 0, "EFER reserved bits must be 0")?;
+    rule(s.cr0 & CR0_PG == 0 || (s.efer & EFER_LME != 0) == ia32e, "with CR0.PG, EFER.LME must equal EFER.LMA")?;
 
     rule(s.rflags & RFLAGS_FIXED != 0, "RFLAGS bit 1 must be 1")?;
-    rule(
-        s.rflags & (1 << 3 | 1 << 5 | 1 << 15) == 0 && s.rflags >> 22 == 0,
-        "RFLAGS reserved bits must be 0",
-    )?;
-    rule(
-        !ia32e || s.rflags & (1 << 17) == 0,
-        "RFLAGS.VM must be 0 in IA-32e mode",
-    )?;
-    rule(
-        s.cs.access_rights & 1 << 13 == 0 || is_canonical(s.rip),
-        "RIP must be canonical with CS.L",
-    )?;
-    rule(
-        !ia32e || s.cs.access_rights & 1 << 13 != 0 || s.rip >> 32 == 0,
-        "RIP bits 63:32 must be 0 without CS.L",
-    )?;
+    rule(s.rflags & (1 << 3 | 1 << 5 | 1 << 15) == 0 && s.rflags >> 22 == 0, "RFLAGS reserved bits must be 0")?;
+    rule(!ia32e || s.rflags & (1 << 17) == 0, "RFLAGS.VM must be 0 in IA-32e mode")?;
+    rule(s.cs.access_rights & 1 << 13 == 0 || is_canonical(s.rip), "RIP must be canonical with CS.L")?;
+    rule(!ia32e || s.cs.access_rights & 1 << 13 != 0 || s.rip >> 32 == 0, "RIP bits 63:32 must be 0 without CS.L")?;
 
     // Selectors.
     rule(s.tr.selector & 4 == 0, "TR selector TI must be 0")?;
-    rule(
-        unusable(&s.ldtr) || s.ldtr.selector & 4 == 0,
-        "LDTR selector TI must be 0",
-    )?;
-    rule(
-        s.ss.selector & 3 == s.cs.selector & 3,
-        "SS.RPL must equal CS.RPL",
-    )?;
+    rule(unusable(&s.ldtr) || s.ldtr.selector & 4 == 0, "LDTR selector TI must be 0")?;
+    rule(s.ss.selector & 3 == s.cs.selector & 3, "SS.RPL must equal CS.RPL")?;
 
     // Bases.
     for seg in [&s.tr, &s.fs, &s.gs] {
-        rule(
-            is_canonical(seg.base),
-            "TR, FS and GS bases must be canonical",
-        )?;
+        rule(is_canonical(seg.base), "TR, FS and GS bases must be canonical")?;
     }
-    rule(
-        unusable(&s.ldtr) || is_canonical(s.ldtr.base),
-        "LDTR base must be canonical",
-    )?;
+    rule(unusable(&s.ldtr) || is_canonical(s.ldtr.base), "LDTR base must be canonical")?;
     rule(s.cs.base >> 32 == 0, "CS base bits 63:32 must be 0")?;
     for seg in [&s.ss, &s.ds, &s.es] {
-        rule(
-            unusable(seg) || seg.base >> 32 == 0,
-            "SS, DS and ES base bits 63:32 must be 0",
-        )?;
+        rule(unusable(seg) || seg.base >> 32 == 0, "SS, DS and ES base bits 63:32 must be 0")?;
     }
 
     // Access rights.
     let cs = s.cs.access_rights;
     rule(!unusable(&s.cs), "CS must be usable")?;
-    rule(
-        matches!(cs & 0xF, 9 | 11 | 13 | 15),
-        "CS type must be an accessed code segment",
-    )?;
-    rule(
-        cs & 1 << 4 != 0 && cs & 1 << 7 != 0,
-        "CS must have S and P set",
-    )?;
-    rule(
-        !matches!(cs & 0xF, 9 | 11) || dpl(cs) == dpl(s.ss.access_rights),
-        "CS.DPL must equal SS.DPL",
-    )?;
-    rule(
-        !ia32e || cs & 1 << 13 == 0 || cs & 1 << 14 == 0,
-        "CS.L requires CS.D/B clear in IA-32e mode",
-    )?;
+    rule(matches!(cs & 0xF, 9 | 11 | 13 | 15), "CS type must be an accessed code segment")?;
+    rule(cs & 1 << 4 != 0 && cs & 1 << 7 != 0, "CS must have S and P set")?;
+    rule(!matches!(cs & 0xF, 9 | 11) || dpl(cs) == dpl(s.ss.access_rights), "CS.DPL must equal SS.DPL")?;
+    rule(!ia32e || cs & 1 << 13 == 0 || cs & 1 << 14 == 0, "CS.L requires CS.D/B clear in IA-32e mode")?;
     if !unusable(&s.ss) {
         let ss = s.ss.access_rights;
-        rule(
-            matches!(ss & 0xF, 3 | 7),
-            "SS type must be read/write accessed data",
-        )?;
-        rule(
-            ss & 1 << 4 != 0 && ss & 1 << 7 != 0,
-            "SS must have S and P set",
-        )?;
-        rule(
-            dpl(ss) == (s.ss.selector & 3) as u32,
-            "SS.DPL must equal SS.RPL",
-        )?;
+        rule(matches!(ss & 0xF, 3 | 7), "SS type must be read/write accessed data")?;
+        rule(ss & 1 << 4 != 0 && ss & 1 << 7 != 0, "SS must have S and P set")?;
+        rule(dpl(ss) == (s.ss.selector & 3) as u32, "SS.DPL must equal SS.RPL")?;
     }
     for seg in [&s.ds, &s.es, &s.fs, &s.gs] {
         if unusable(seg) {
@@ -612,39 +496,18 @@ pub fn check_vm_entry_rules(s: &VcpuState) -> Result<(), &'static str> {
         }
         let ar = seg.access_rights;
         rule(ar & 1 != 0, "DS/ES/FS/GS type must be accessed")?;
-        rule(
-            ar & 1 << 3 == 0 || ar & 1 << 1 != 0,
-            "DS/ES/FS/GS code segments must be readable",
-        )?;
-        rule(
-            ar & 1 << 4 != 0 && ar & 1 << 7 != 0,
-            "DS/ES/FS/GS must have S and P set",
-        )?;
-        rule(
-            ar & 0xF > 11 || dpl(ar) >= (seg.selector & 3) as u32,
-            "DS/ES/FS/GS DPL must be >= RPL",
-        )?;
+        rule(ar & 1 << 3 == 0 || ar & 1 << 1 != 0, "DS/ES/FS/GS code segments must be readable")?;
+        rule(ar & 1 << 4 != 0 && ar & 1 << 7 != 0, "DS/ES/FS/GS must have S and P set")?;
+        rule(ar & 0xF > 11 || dpl(ar) >= (seg.selector & 3) as u32, "DS/ES/FS/GS DPL must be >= RPL")?;
     }
     rule(!unusable(&s.tr), "TR must be usable")?;
     let tr = s.tr.access_rights;
-    rule(
-        !ia32e || tr & 0xF == 11,
-        "TR type must be a busy 64-bit TSS in IA-32e mode",
-    )?;
-    rule(
-        ia32e || matches!(tr & 0xF, 3 | 11),
-        "TR type must be a busy TSS",
-    )?;
-    rule(
-        tr & 1 << 4 == 0 && tr & 1 << 7 != 0,
-        "TR must have S clear and P set",
-    )?;
+    rule(!ia32e || tr & 0xF == 11, "TR type must be a busy 64-bit TSS in IA-32e mode")?;
+    rule(ia32e || matches!(tr & 0xF, 3 | 11), "TR type must be a busy TSS")?;
+    rule(tr & 1 << 4 == 0 && tr & 1 << 7 != 0, "TR must have S clear and P set")?;
     if !unusable(&s.ldtr) {
         let ldtr = s.ldtr.access_rights;
-        rule(
-            ldtr & 0xF == 2 && ldtr & 1 << 4 == 0 && ldtr & 1 << 7 != 0,
-            "LDTR must be a present LDT",
-        )?;
+        rule(ldtr & 0xF == 2 && ldtr & 1 << 4 == 0 && ldtr & 1 << 7 != 0, "LDTR must be a present LDT")?;
     }
     for seg in [&s.cs, &s.ss, &s.ds, &s.es, &s.fs, &s.gs, &s.tr, &s.ldtr] {
         // CS and TR were required usable above.
@@ -652,29 +515,14 @@ pub fn check_vm_entry_rules(s: &VcpuState) -> Result<(), &'static str> {
             continue;
         }
         let ar = seg.access_rights;
-        rule(
-            ar & 0xF00 == 0 && ar >> 17 == 0,
-            "access-rights reserved bits must be 0",
-        )?;
+        rule(ar & 0xF00 == 0 && ar >> 17 == 0, "access-rights reserved bits must be 0")?;
         let g = ar & 1 << 15 != 0;
-        rule(
-            seg.limit & 0xFFF == 0xFFF || !g,
-            "G must be 0 when limit bits 11:0 are not all 1",
-        )?;
-        rule(
-            seg.limit >> 20 == 0 || g,
-            "G must be 1 when limit bits 31:20 are not all 0",
-        )?;
+        rule(seg.limit & 0xFFF == 0xFFF || !g, "G must be 0 when limit bits 11:0 are not all 1")?;
+        rule(seg.limit >> 20 == 0 || g, "G must be 1 when limit bits 31:20 are not all 0")?;
     }
 
-    rule(
-        is_canonical(s.gdtr_base) && is_canonical(s.idtr_base),
-        "GDTR and IDTR bases must be canonical",
-    )?;
-    rule(
-        s.gdtr_limit >> 16 == 0 && s.idtr_limit >> 16 == 0,
-        "GDTR and IDTR limit bits 31:16 must be 0",
-    )?;
+    rule(is_canonical(s.gdtr_base) && is_canonical(s.idtr_base), "GDTR and IDTR bases must be canonical")?;
+    rule(s.gdtr_limit >> 16 == 0 && s.idtr_limit >> 16 == 0, "GDTR and IDTR limit bits 31:16 must be 0")?;
     Ok(())
 }
 
@@ -711,11 +559,7 @@ mod tests {
 
     impl GuestMemory for VecMemory {
         fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
-            let err = GuestMemoryError {
-                gpa,
-                len: bytes.len() as u64,
-                size: self.size(),
-            };
+            let err = GuestMemoryError { gpa, len: bytes.len() as u64, size: self.size() };
             let end = gpa.checked_add(bytes.len() as u64).ok_or(err)?;
             if end > self.size() {
                 return Err(err);
@@ -738,12 +582,7 @@ mod tests {
     const MEM: usize = 4 << 20;
 
     fn params(cmdline: &str, vcpus: u32) -> BootParams<'_> {
-        BootParams {
-            image: IMAGE,
-            cmdline,
-            vcpus,
-            tsc_hz: 10_000_000,
-        }
+        BootParams { image: IMAGE, cmdline, vcpus, tsc_hz: 10_000_000 }
     }
 
     fn loaded(cmdline: &str, vcpus: u32) -> VecMemory {
@@ -770,10 +609,7 @@ mod tests {
         if pde & PTE_PRESENT == 0 {
             return None;
         }
-        assert!(
-            pde & PTE_LARGE != 0 && pde & PTE_WRITABLE != 0,
-            "2 MiB writable pages"
-        );
+        assert!(pde & PTE_LARGE != 0 && pde & PTE_WRITABLE != 0, "2 MiB writable pages");
         Some((pde & 0x000F_FFFF_FFE0_0000) + (va & (LARGE_PAGE_SIZE - 1)))
     }
 
@@ -782,15 +618,7 @@ mod tests {
         let mem = loaded("mode=barrier", 2);
         let cr3 = initial_vcpu_state(0).cr3;
         assert_eq!(cr3, PAGE_TABLES_GPA);
-        for va in [
-            0,
-            0x1000,
-            0x10_0000,
-            0x1F_FFFF,
-            0x20_0000,
-            MEM as u64 + 0x10000,
-            0x3FFF_FFFF,
-        ] {
+        for va in [0, 0x1000, 0x10_0000, 0x1F_FFFF, 0x20_0000, MEM as u64 + 0x10000, 0x3FFF_FFFF] {
             assert_eq!(translate(&mem, cr3, va), Some(va), "va {va:#x}");
         }
         for page in 0..512u64 {
@@ -800,8 +628,7 @@ mod tests {
         assert_eq!(translate(&mem, cr3, 0x4000_0000), None);
         assert_eq!(translate(&mem, cr3, 1 << 39), None);
         // Only entry 0 of the PML4 and PDPT is present.
-        assert!((1..512)
-            .all(|i| mem.u64_at(PML4_GPA + i * 8) == 0 && mem.u64_at(PDPT_GPA + i * 8) == 0));
+        assert!((1..512).all(|i| mem.u64_at(PML4_GPA + i * 8) == 0 && mem.u64_at(PDPT_GPA + i * 8) == 0));
     }
 
     #[test]
@@ -811,33 +638,22 @@ mod tests {
         assert_eq!(gdt[0], 0);
         assert_eq!(gdt[1], 0x00AF_9B00_0000_FFFF, "64-bit code, DPL 0");
         assert_eq!(gdt[2], 0x00CF_9300_0000_FFFF, "flat read/write data");
-        assert_eq!(
-            gdt[3], 0x0000_8B01_4000_0067,
-            "busy 64-bit TSS at {TSS_GPA:#x}, limit 0x67"
-        );
+        assert_eq!(gdt[3], 0x0000_8B01_4000_0067, "busy 64-bit TSS at {TSS_GPA:#x}, limit 0x67");
         assert_eq!(gdt[4], 0, "TSS base bits 63:32");
         let s = initial_vcpu_state(0);
         assert_eq!(s.gdtr_base, GDT_GPA);
         assert_eq!(s.gdtr_limit as usize, GDT_SIZE - 1);
         assert_eq!(usize::from(s.tr.selector) / 8, 3);
         assert_eq!(usize::from(s.cs.selector) / 8, 1);
-        assert!([s.ds, s.es, s.ss, s.fs, s.gs]
-            .iter()
-            .all(|d| d.selector / 8 == 2));
-        assert!(mem.0[TSS_GPA as usize..(TSS_GPA + TSS_SIZE) as usize]
-            .iter()
-            .all(|&b| b == 0));
+        assert!([s.ds, s.es, s.ss, s.fs, s.gs].iter().all(|d| d.selector / 8 == 2));
+        assert!(mem.0[TSS_GPA as usize..(TSS_GPA + TSS_SIZE) as usize].iter().all(|&b| b == 0));
     }
 
     #[test]
     fn boot_info_cmdline_and_stats_are_written() {
         let cmdline = "mode=barrier work=500 iters=1000";
         let mem = loaded(cmdline, 3);
-        let info = BootInfo::from_bytes(
-            mem.0[BOOT_INFO_GPA as usize..][..BOOT_INFO_SIZE]
-                .try_into()
-                .unwrap(),
-        );
+        let info = BootInfo::from_bytes(mem.0[BOOT_INFO_GPA as usize..][..BOOT_INFO_SIZE].try_into().unwrap());
         assert_eq!(
             info,
             BootInfo {
@@ -853,16 +669,10 @@ mod tests {
         assert_eq!(&mem.0[BOOT_INFO_GPA as usize..][..6], b"PHALHX");
         let c = CMDLINE_GPA as usize;
         assert_eq!(&mem.0[c..c + cmdline.len()], cmdline.as_bytes());
-        assert!(
-            mem.0[c + cmdline.len()..c + 0x1000].iter().all(|&b| b == 0),
-            "NUL-terminated, rest of page clear"
-        );
+        assert!(mem.0[c + cmdline.len()..c + 0x1000].iter().all(|&b| b == 0), "NUL-terminated, rest of page clear");
         for vcpu in 0..3 {
             let g = GuestStats::gpa(vcpu) as usize;
-            assert_eq!(
-                GuestStats::from_bytes(mem.0[g..g + 64].try_into().unwrap()),
-                GuestStats::default()
-            );
+            assert_eq!(GuestStats::from_bytes(mem.0[g..g + 64].try_into().unwrap()), GuestStats::default());
         }
         // Records of vCPUs that do not exist are not touched.
         assert_eq!(mem.0[GuestStats::gpa(3) as usize], 0xAA);
@@ -872,16 +682,8 @@ mod tests {
     fn image_is_placed_at_the_entry_point() {
         let mem = loaded("mode=idle", 1);
         assert_eq!(&mem.0[GUEST_IMAGE_GPA as usize..][..IMAGE.len()], IMAGE);
-        assert_eq!(
-            mem.0[GUEST_IMAGE_GPA as usize + IMAGE.len()],
-            0xAA,
-            "nothing written after the image"
-        );
-        assert_eq!(
-            mem.0[GUEST_IMAGE_GPA as usize - 1],
-            0xAA,
-            "stacks are left alone"
-        );
+        assert_eq!(mem.0[GUEST_IMAGE_GPA as usize + IMAGE.len()], 0xAA, "nothing written after the image");
+        assert_eq!(mem.0[GUEST_IMAGE_GPA as usize - 1], 0xAA, "stacks are left alone");
         assert_eq!(initial_vcpu_state(0).rip, GUEST_IMAGE_GPA);
     }
 
@@ -889,24 +691,8 @@ mod tests {
     fn errors_name_what_does_not_fit() {
         let image = vec![0x90; 0x2000];
         let mut mem = VecMemory(vec![0; 0x10_1000]);
-        let e = load_test_guest(
-            &mut mem,
-            &BootParams {
-                image: &image,
-                cmdline: "",
-                vcpus: 1,
-                tsc_hz: 1,
-            },
-        )
-        .unwrap_err();
-        assert_eq!(
-            e,
-            LoadError::MemoryTooSmall {
-                size: 0x10_1000,
-                needed: 0x10_2000,
-                image_len: 0x2000
-            }
-        );
+        let e = load_test_guest(&mut mem, &BootParams { image: &image, cmdline: "", vcpus: 1, tsc_hz: 1 }).unwrap_err();
+        assert_eq!(e, LoadError::MemoryTooSmall { size: 0x10_1000, needed: 0x10_2000, image_len: 0x2000 });
         assert_eq!(
             alloc::format!("{e}"),
             "guest memory of 0x101000 bytes is too small: the 8192-byte image at GPA 0x100000 needs 0x102000 bytes"
@@ -916,55 +702,23 @@ mod tests {
         let mut mem = VecMemory(vec![0; MEM]);
         let long = "x".repeat(CMDLINE_MAX_LEN + 1);
         let e = load_test_guest(&mut mem, &params(&long, 1)).unwrap_err();
-        assert_eq!(
-            e,
-            LoadError::CmdlineTooLong {
-                len: 4096,
-                max: 4095
-            }
-        );
+        assert_eq!(e, LoadError::CmdlineTooLong { len: 4096, max: 4095 });
         assert!(alloc::format!("{e}").contains("4096 bytes is longer than the 4095"));
         load_test_guest(&mut mem, &params(&long[1..], 1)).expect("4095 bytes fit");
 
-        assert_eq!(
-            load_test_guest(&mut mem, &params("mode=idle\n", 1)),
-            Err(LoadError::CmdlineNotAscii { offset: 9 })
-        );
-        assert_eq!(
-            load_test_guest(&mut mem, &params("", 0)),
-            Err(LoadError::NoVcpus)
-        );
+        assert_eq!(load_test_guest(&mut mem, &params("mode=idle\n", 1)), Err(LoadError::CmdlineNotAscii { offset: 9 }));
+        assert_eq!(load_test_guest(&mut mem, &params("", 0)), Err(LoadError::NoVcpus));
         assert_eq!(
             load_test_guest(&mut mem, &params("", MAX_VCPUS + 1)),
-            Err(LoadError::TooManyVcpus {
-                vcpus: MAX_VCPUS + 1,
-                max: MAX_VCPUS
-            })
+            Err(LoadError::TooManyVcpus { vcpus: MAX_VCPUS + 1, max: MAX_VCPUS })
         );
         load_test_guest(&mut mem, &params("", MAX_VCPUS)).expect("MAX_VCPUS fit");
-        let empty = BootParams {
-            image: &[],
-            cmdline: "",
-            vcpus: 1,
-            tsc_hz: 1,
-        };
-        assert_eq!(
-            load_test_guest(&mut mem, &empty),
-            Err(LoadError::EmptyImage)
-        );
+        let empty = BootParams { image: &[], cmdline: "", vcpus: 1, tsc_hz: 1 };
+        assert_eq!(load_test_guest(&mut mem, &empty), Err(LoadError::EmptyImage));
 
         // An image that ends exactly at the end of memory fits.
         let mut mem = VecMemory(vec![0; 0x10_2000]);
-        load_test_guest(
-            &mut mem,
-            &BootParams {
-                image: &image,
-                cmdline: "",
-                vcpus: 1,
-                tsc_hz: 1,
-            },
-        )
-        .unwrap();
+        load_test_guest(&mut mem, &BootParams { image: &image, cmdline: "", vcpus: 1, tsc_hz: 1 }).unwrap();
     }
 
     #[test]
@@ -976,12 +730,7 @@ mod tests {
         assert_eq!(s.rflags, 0x2);
         assert_eq!((s.rdi, s.rsi), (1, BOOT_INFO_GPA));
         assert_eq!(
-            (
-                s.cs.access_rights,
-                s.ss.access_rights,
-                s.tr.access_rights,
-                s.ldtr.access_rights
-            ),
+            (s.cs.access_rights, s.ss.access_rights, s.tr.access_rights, s.ldtr.access_rights),
             (0xA09B, 0xC093, 0x8B, 0x10000)
         );
         assert_eq!((s.idtr_base, s.idtr_limit), (0, 0));
@@ -991,10 +740,7 @@ mod tests {
     fn stacks_are_disjoint_and_inside_their_region() {
         assert_eq!(MAX_VCPUS, 56);
         let tops: Vec<u64> = (0..MAX_VCPUS).map(|v| initial_vcpu_state(v).rsp).collect();
-        assert_eq!(
-            tops[0], GUEST_IMAGE_GPA,
-            "vCPU 0's stack ends just below the image"
-        );
+        assert_eq!(tops[0], GUEST_IMAGE_GPA, "vCPU 0's stack ends just below the image");
         for (v, &top) in tops.iter().enumerate() {
             assert_eq!(top % 16, 0, "16-byte aligned before the guest's first call");
             assert!(top - STACK_SIZE >= STACKS_BOTTOM_GPA, "vCPU {v}");
@@ -1017,11 +763,7 @@ mod tests {
                 .lines()
                 .find(|l| l.split_whitespace().nth(1) == Some(name) && l.starts_with("#define"))
                 .unwrap_or_else(|| panic!("abi.h does not define {name}"));
-            let value = line
-                .split_whitespace()
-                .nth(2)
-                .unwrap()
-                .trim_end_matches("ULL");
+            let value = line.split_whitespace().nth(2).unwrap().trim_end_matches("ULL");
             match value.strip_prefix("0x") {
                 Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
                 None => value.parse().unwrap(),
@@ -1089,37 +831,16 @@ mod tests {
         let broken: [Breakage; 12] = [
             (|s| s.cr0 &= !CR0_PE, "CR0.PG requires CR0.PE"),
             (|s| s.cr4 &= !CR4_PAE, "IA-32e mode guest requires CR4.PAE"),
-            (
-                |s| s.efer &= !EFER_LME,
-                "with CR0.PG, EFER.LME must equal EFER.LMA",
-            ),
-            (
-                |s| s.cs.access_rights |= 1 << 14,
-                "CS.L requires CS.D/B clear in IA-32e mode",
-            ),
-            (
-                |s| s.tr.access_rights = 0x89,
-                "TR type must be a busy 64-bit TSS in IA-32e mode",
-            ),
+            (|s| s.efer &= !EFER_LME, "with CR0.PG, EFER.LME must equal EFER.LMA"),
+            (|s| s.cs.access_rights |= 1 << 14, "CS.L requires CS.D/B clear in IA-32e mode"),
+            (|s| s.tr.access_rights = 0x89, "TR type must be a busy 64-bit TSS in IA-32e mode"),
             (|s| s.tr.access_rights = AR_UNUSABLE, "TR must be usable"),
             (|s| s.rflags = 0, "RFLAGS bit 1 must be 1"),
             (|s| s.ss.selector = 0x13, "SS.RPL must equal CS.RPL"),
-            (
-                |s| s.ds.access_rights = 0xC092,
-                "DS/ES/FS/GS type must be accessed",
-            ),
-            (
-                |s| s.cs.limit = 0xFFFF_F000,
-                "G must be 0 when limit bits 11:0 are not all 1",
-            ),
-            (
-                |s| s.rip = 0x0000_8000_0000_0000,
-                "RIP must be canonical with CS.L",
-            ),
-            (
-                |s| s.ldtr.access_rights = 0x82 | 1 << 8,
-                "access-rights reserved bits must be 0",
-            ),
+            (|s| s.ds.access_rights = 0xC092, "DS/ES/FS/GS type must be accessed"),
+            (|s| s.cs.limit = 0xFFFF_F000, "G must be 0 when limit bits 11:0 are not all 1"),
+            (|s| s.rip = 0x0000_8000_0000_0000, "RIP must be canonical with CS.L"),
+            (|s| s.ldtr.access_rights = 0x82 | 1 << 8, "access-rights reserved bits must be 0"),
         ];
         for (breaks, expected) in broken {
             let mut s = good;

@@ -20,8 +20,23 @@ const IOAPIC_ADDRESS: u32 = 0xFEC0_0000;
 const IOAPIC_VERSION: u8 = 0x11;
 /// ISA IRQs wired to IO-APIC pins: identity, except the timer (IRQ 0 -> pin 2) and the
 /// cascade (IRQ 2), as on PC chipsets.
-const ISA_IRQS: [(u8, u8); 15] =
-    [(0, 2), (1, 1), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8), (9, 9), (10, 10), (11, 11), (12, 12), (13, 13), (14, 14), (15, 15)];
+const ISA_IRQS: [(u8, u8); 15] = [
+    (0, 2),
+    (1, 1),
+    (3, 3),
+    (4, 4),
+    (5, 5),
+    (6, 6),
+    (7, 7),
+    (8, 8),
+    (9, 9),
+    (10, 10),
+    (11, 11),
+    (12, 12),
+    (13, 13),
+    (14, 14),
+    (15, 15),
+];
 
 /// The IO-APIC's ID in the table (after the vCPUs' APIC IDs).
 pub fn ioapic_id(vcpus: u32) -> u8 {

@@ -51,13 +51,8 @@ impl Platform {
         local_apic_address: u64,
         has_8259: bool,
     ) -> Self {
-        let mut platform = Platform {
-            cpus: Vec::new(),
-            io_apics: Vec::new(),
-            overrides: Vec::new(),
-            local_apic_address,
-            has_8259,
-        };
+        let mut platform =
+            Platform { cpus: Vec::new(), io_apics: Vec::new(), overrides: Vec::new(), local_apic_address, has_8259 };
         for entry in entries {
             match entry {
                 MadtEntry::LocalApic(e) if e.flags & 1 != 0 => {
@@ -71,13 +66,11 @@ impl Platform {
                     address: e.io_apic_address,
                     gsi_base: e.global_system_interrupt_base,
                 }),
-                MadtEntry::InterruptSourceOverride(e) if e.bus == 0 => {
-                    platform.overrides.push(IrqOverride {
-                        isa_irq: e.irq,
-                        gsi: e.global_system_interrupt,
-                        flags: e.flags,
-                    })
-                }
+                MadtEntry::InterruptSourceOverride(e) if e.bus == 0 => platform.overrides.push(IrqOverride {
+                    isa_irq: e.irq,
+                    gsi: e.global_system_interrupt,
+                    flags: e.flags,
+                }),
                 MadtEntry::LocalApicAddressOverride(e) => platform.local_apic_address = e.local_apic_address,
                 _ => {}
             }

@@ -254,9 +254,6 @@ pub fn ap_trampoline() -> (&'static [u8], usize) {
         let start = &ap_trampoline_start as *const u8;
         let end = &ap_trampoline_end as *const u8;
         let params = &ap_trampoline_params as *const u8;
-        (
-            core::slice::from_raw_parts(start, end as usize - start as usize),
-            params as usize - start as usize,
-        )
+        (core::slice::from_raw_parts(start, end as usize - start as usize), params as usize - start as usize)
     }
 }

@@ -36,7 +36,8 @@ const EXIT_REASONS: usize = 80;
 
 /// Set for a pCPU when one of its vCPUs was sent an IPI or a start-up: the next boundary
 /// looks at its vCPUs' pending work (otherwise the slot path skips that).
-static ATTENTION: [core::sync::atomic::AtomicBool; MAX_CPUS] = [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
+static ATTENTION: [core::sync::atomic::AtomicBool; MAX_CPUS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS];
 static T0: AtomicU64 = AtomicU64::new(0);
 static END: AtomicU64 = AtomicU64::new(0);
 static NEXT_PROGRESS: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -94,7 +95,11 @@ pub fn end() -> u64 {
 }
 
 fn timer_mode() -> TimerMode {
-    if apic::has_tsc_deadline() { TimerMode::TscDeadline } else { TimerMode::OneShot }
+    if apic::has_tsc_deadline() {
+        TimerMode::TscDeadline
+    } else {
+        TimerMode::OneShot
+    }
 }
 
 struct Pcpu {
@@ -183,10 +188,12 @@ impl Pcpu {
                 v.generation = generation;
                 self.loaded = Some(index);
             }
-
         }
         self.charge(Account::OnBehalf(partition_id as reservations::PartitionId, Work::SlotSwitch), start);
-        self.charge(Account::OnBehalf(partition_id as reservations::PartitionId, Work::ExitHandling), crate::tsc::now());
+        self.charge(
+            Account::OnBehalf(partition_id as reservations::PartitionId, Work::ExitHandling),
+            crate::tsc::now(),
+        );
     }
 }
 
@@ -266,7 +273,9 @@ pub fn run_pcpu(cpu: usize) {
             // slot: run_turn charges it to the partition, whose slot it comes out of.
             // Only the owner's entry at the start of its slot counts for gang skew (lent slack,
             // or an owner that woke up mid-slot, is not a gang start).
-            Some(index) => Some(run_turn(&mut pcpu, index, deadline, (slot_fresh && !decision.lent).then_some(slot_start))),
+            Some(index) => {
+                Some(run_turn(&mut pcpu, index, deadline, (slot_fresh && !decision.lent).then_some(slot_start)))
+            }
             None => {
                 // A halted vCPU here whose timer comes due first ends the idle early.
                 let wake = pcpu.vcpus.iter().filter(|v| v.halted).filter_map(|v| v.lapic.timer_deadline()).min();
@@ -373,8 +382,12 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
         if first_entry {
             first_entry = false;
             // The first entry into the slot only (a vCPU that halted and was woken re-enters).
-            let already = |s: u64| pcpu.slot_entries.last().is_some_and(|e| e.slot_start == s && e.partition == partition_id as u32);
-            if let Some(slot_start) = owned_slot_start.filter(|&s| !already(s) && pcpu.slot_entries.len() < MAX_SLOT_ENTRIES) {
+            let already = |s: u64| {
+                pcpu.slot_entries.last().is_some_and(|e| e.slot_start == s && e.partition == partition_id as u32)
+            };
+            if let Some(slot_start) =
+                owned_slot_start.filter(|&s| !already(s) && pcpu.slot_entries.len() < MAX_SLOT_ENTRIES)
+            {
                 pcpu.slot_entries.push(SlotEntry { slot_start, partition: partition_id as u32, entry_tsc: entry });
             }
         }
@@ -418,7 +431,14 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
 }
 
 /// Handles one VM exit; `None` resumes the guest.
-fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: ExitReason, raw: u32, deadline: u64) -> Option<TurnEnd> {
+fn handle_exit(
+    pcpu: &mut Pcpu,
+    index: usize,
+    partition: &Partition,
+    reason: ExitReason,
+    raw: u32,
+    deadline: u64,
+) -> Option<TurnEnd> {
     let account_id = partition.id as reservations::PartitionId;
     let vcpu = &mut pcpu.vcpus[index];
     let rip = vmcs::read(guest::RIP);
@@ -482,7 +502,9 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
                     partition.done_vcpus.fetch_add(1, Ordering::Relaxed);
                     None
                 }
-                firmware::longmode::HYPERCALL_ERROR => stop("guest-error", "the guest reported an error on its console".into()),
+                firmware::longmode::HYPERCALL_ERROR => {
+                    stop("guest-error", "the guest reported an error on its console".into())
+                }
                 other => {
                     vcpu.regs.rax = u64::MAX;
                     log::warn!("[{}] unknown hypercall {other}", partition.name);
@@ -538,12 +560,16 @@ fn handle_exit(pcpu: &mut Pcpu, index: usize, partition: &Partition, reason: Exi
                     Err(detail) => stop("refused", detail),
                 };
             }
-            let violation = ept::EptViolation::decode(vmcs::read(ro::EXIT_QUALIFICATION), gpa, vmcs::read(ro::GUEST_LINEAR_ADDR));
+            let violation =
+                ept::EptViolation::decode(vmcs::read(ro::EXIT_QUALIFICATION), gpa, vmcs::read(ro::GUEST_LINEAR_ADDR));
             stop(reason.name(), alloc::format!("{}", violation.describe()))
         }
         Handler::GuestFault => stop(reason.name(), "the guest shut itself down (triple fault)".into()),
         Handler::EntryFailure => stop(reason.name(), alloc::format!("VM entry failed (exit reason {raw:#x})")),
-        Handler::Refused => stop("refused", alloc::format!("exit reason {} ({}) is not allowed to partitions", reason.number(), reason.name())),
+        Handler::Refused => stop(
+            "refused",
+            alloc::format!("exit reason {} ({}) is not allowed to partitions", reason.number(), reason.name()),
+        ),
     }
 }
 
@@ -564,7 +590,10 @@ const LAPIC_PAGE: u64 = vmx::msr::APIC_BASE_ADDRESS;
 const IOAPIC_PAGE: u64 = vmx::vioapic::IOAPIC_BASE_ADDRESS;
 
 /// The instruction at the guest's RIP that accessed device memory, decoded.
-fn decode_device_access(partition: &Partition, gpa: u64) -> Result<(u64, vmx::mmio::MmioAccess), alloc::string::String> {
+fn decode_device_access(
+    partition: &Partition,
+    gpa: u64,
+) -> Result<(u64, vmx::mmio::MmioAccess), alloc::string::String> {
     let rip = vmcs::read(guest::RIP);
     let cr3 = vmcs::read(guest::CR3);
     let read = |a: u64| partition.read_guest_u64(a);

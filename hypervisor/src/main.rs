@@ -143,7 +143,12 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .u64_list("round_trip_cycles", syncs.iter().map(|s| s.round_trip))
         .emit();
     for s in syncs.iter().filter(|s| s.offset.unsigned_abs() > s.round_trip / 2 + 1) {
-        log::warn!("cpu{}: TSC offset {} cycles exceeds the measurement's uncertainty ({} cycles round trip)", s.cpu, s.offset, s.round_trip);
+        log::warn!(
+            "cpu{}: TSC offset {} cycles exceeds the measurement's uncertainty ({} cycles round trip)",
+            s.cpu,
+            s.offset,
+            s.round_trip
+        );
     }
 
     let period = tsc::us_to_cycles(PHASE_PERIOD_US);
@@ -187,7 +192,10 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
     // VMX root on every pCPU.
     let stopped = smp::run_on_all(cpus, vmx_root::enable_on_this_cpu);
     if !stopped.is_empty() {
-        fatal("vmx", &alloc::format!("pCPUs {stopped:?} stopped answering during VMX bring-up (see their exception records)"));
+        fatal(
+            "vmx",
+            &alloc::format!("pCPUs {stopped:?} stopped answering during VMX bring-up (see their exception records)"),
+        );
     }
     report_vmx(cpus);
 
@@ -201,7 +209,8 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
         .emit();
     log::info!("all {cpus} pCPUs in VMX root; boot took {} us", tsc::cycles_to_us(boot_cycles));
 
-    let lead_us = boot_option(&boot.cmdline, "phalanx.dispatch_lead_us").and_then(|v| v.parse().ok()).unwrap_or(DISPATCH_LEAD_US);
+    let lead_us =
+        boot_option(&boot.cmdline, "phalanx.dispatch_lead_us").and_then(|v| v.parse().ok()).unwrap_or(DISPATCH_LEAD_US);
     run_partitions(&validated, &boot, cpus, lead_us);
     power::end_run(false)
 }
@@ -227,7 +236,11 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
     let end = t0 + tsc::us_to_cycles(run_ms * 1000);
     dispatch::set_schedule(t0, end, tsc::us_to_cycles(hv.stats_interval_ms * 1000));
     for p in &machine.partitions {
-        Record::new("partition_start").str("partition", &p.name).str("payload", p.payload.name()).u64("vcpus", p.vcpus as u64).emit();
+        Record::new("partition_start")
+            .str("partition", &p.name)
+            .str("payload", p.payload.name())
+            .u64("vcpus", p.vcpus as u64)
+            .emit();
     }
     log::info!(
         "dispatching {} partitions ({} policy, {} us frame) on {cpus} pCPUs for {run_ms} ms",
@@ -259,7 +272,11 @@ fn raise_invalid_opcode(_cpu: usize) {
 fn report_vmx(cpus: usize) {
     for cpu in 0..cpus {
         let status = vmx_root::status(cpu);
-        Record::new("vmx").u64("cpu", cpu as u64).bool("root", status == vmx_root::VmxStatus::Root).str("status", status.describe()).emit();
+        Record::new("vmx")
+            .u64("cpu", cpu as u64)
+            .bool("root", status == vmx_root::VmxStatus::Root)
+            .str("status", status.describe())
+            .emit();
         if status != vmx_root::VmxStatus::Root {
             let message = alloc::format!(
                 "pCPU {cpu}: {}. Phalanx needs Intel VT-x with EPT. Run it under Bochs (scripts/phalanx run), \

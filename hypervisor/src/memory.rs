@@ -38,7 +38,9 @@ impl BootModule {
     pub fn bytes(&self) -> &'static [u8] {
         // SAFETY: module memory is identity-mapped and excluded from every allocator for the
         // whole run, so it is never written.
-        unsafe { core::slice::from_raw_parts(self.range.start as *const u8, (self.range.end - self.range.start) as usize) }
+        unsafe {
+            core::slice::from_raw_parts(self.range.start as *const u8, (self.range.end - self.range.start) as usize)
+        }
     }
 }
 
@@ -91,7 +93,8 @@ fn c_string(addr: u64) -> String {
 fn load_mb2(info: u64) -> Result<BootInformation<'static>, &'static str> {
     // SAFETY: GRUB passed this pointer in EBX with the multiboot2 magic; the block is
     // identity-mapped and reserved for the whole run.
-    unsafe { BootInformation::load(info as *const BootInformationHeader) }.map_err(|_| "malformed multiboot2 information")
+    unsafe { BootInformation::load(info as *const BootInformationHeader) }
+        .map_err(|_| "malformed multiboot2 information")
 }
 
 fn early_scan(magic: u32, info: u64) -> Result<EarlyScan, &'static str> {

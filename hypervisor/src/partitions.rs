@@ -15,11 +15,11 @@ pub const CONFIG_MODULE: &str = "partitions.toml";
 
 /// Loads and validates the config; `Err` carries the one-line reason (file:line:col: ...).
 pub fn load(boot: &BootInfo, pcpus: u32) -> Result<Validated, String> {
-    let module = boot
-        .modules
-        .iter()
-        .find(|m| m.name == CONFIG_MODULE)
-        .ok_or_else(|| format!("no `{CONFIG_MODULE}` boot module: add `module2 /boot/{CONFIG_MODULE} {CONFIG_MODULE}` to the GRUB entry"))?;
+    let module = boot.modules.iter().find(|m| m.name == CONFIG_MODULE).ok_or_else(|| {
+        format!(
+            "no `{CONFIG_MODULE}` boot module: add `module2 /boot/{CONFIG_MODULE} {CONFIG_MODULE}` to the GRUB entry"
+        )
+    })?;
     let text = core::str::from_utf8(module.bytes()).map_err(|e| format!("{CONFIG_MODULE}: not UTF-8 text ({e})"))?;
     let platform = config::Platform {
         pcpus,

@@ -21,7 +21,11 @@ static TICK_COUNT: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX
 static ARRIVALS: [[AtomicU64; TICKS]; MAX_CPUS] = [const { [const { AtomicU64::new(0) }; TICKS] }; MAX_CPUS];
 
 fn mode() -> TimerMode {
-    if MODE_IS_DEADLINE.load(Ordering::Relaxed) == 1 { TimerMode::TscDeadline } else { TimerMode::OneShot }
+    if MODE_IS_DEADLINE.load(Ordering::Relaxed) == 1 {
+        TimerMode::TscDeadline
+    } else {
+        TimerMode::OneShot
+    }
 }
 
 /// Timer interrupt: record the arrival, arm the next boundary from the common schedule.

@@ -35,14 +35,15 @@ pub fn discover(acpi_root: Option<(u8, u64)>) -> Result<Discovered, String> {
     let (tables, source) = match acpi_root {
         // SAFETY: the boot loader copied the RSDP, whose RSDT/XSDT address points at ACPI
         // tables in identity-mapped, reserved memory.
-        Some((revision, address)) => (unsafe { AcpiTables::from_rsdt(IdentityMapped, revision, address as usize) }, "multiboot"),
+        Some((revision, address)) => {
+            (unsafe { AcpiTables::from_rsdt(IdentityMapped, revision, address as usize) }, "multiboot")
+        }
         // SAFETY: the BIOS areas (EBDA, 0xE0000-0xFFFFF) are identity-mapped.
         None => (unsafe { AcpiTables::search_for_rsdp_bios(IdentityMapped) }, "bios-scan"),
     };
     let tables = tables.map_err(|e| alloc::format!("ACPI tables not usable: {e:?}"))?;
-    let madt = tables
-        .find_table::<Madt>()
-        .map_err(|e| alloc::format!("no usable MADT (needed to find the pCPUs): {e:?}"))?;
+    let madt =
+        tables.find_table::<Madt>().map_err(|e| alloc::format!("no usable MADT (needed to find the pCPUs): {e:?}"))?;
     let platform = Platform::from_madt(madt.get());
     if platform.cpus.is_empty() {
         return Err("the MADT lists no enabled CPU".to_string());

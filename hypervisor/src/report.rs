@@ -74,8 +74,14 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .fmt("cpu_share_pct", format_args!("{:.2}", used as f64 * 100.0 / capacity.max(1) as f64))
             .u64("exits", totals.exits)
             .u64("pause_loop_exits", totals.pause_loop_exits)
-            .fmt("spin_waste_hv_pct", format_args!("{:.2}", ple_spin as f64 * 100.0 / totals.guest_cycles.max(1) as f64))
-            .fmt("spin_waste_guest_pct", format_args!("{:.2}", guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64))
+            .fmt(
+                "spin_waste_hv_pct",
+                format_args!("{:.2}", ple_spin as f64 * 100.0 / totals.guest_cycles.max(1) as f64),
+            )
+            .fmt(
+                "spin_waste_guest_pct",
+                format_args!("{:.2}", guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64),
+            )
             .u64("slots", totals.slots)
             .u64("gang_slots_measured", skews.len() as u64)
             .u64("skew_median_cycles", skew_median)

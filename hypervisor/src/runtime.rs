@@ -237,10 +237,13 @@ impl Partition {
             .str("reason", fault.reason)
             .str("detail", &fault.detail)
             .fmt("rip", format_args!("{:#x}", fault.rip))
-            .str("action", match self.on_fault {
-                OnFault::Stop => "stopped",
-                OnFault::Reset => "reset",
-            })
+            .str(
+                "action",
+                match self.on_fault {
+                    OnFault::Stop => "stopped",
+                    OnFault::Reset => "reset",
+                },
+            )
             .emit();
     }
 
@@ -335,7 +338,12 @@ impl Payload {
 /// Loads `image` into the partition's memory as the kind of payload it is (a bzImage goes
 /// through the Linux boot protocol, anything else is the flat test guest) and returns each
 /// vCPU's initial state.
-fn load_payload(window: &mut HostWindow, image: &[u8], cmdline: &str, vcpus: u32) -> Result<(Payload, Vec<VcpuState>), String> {
+fn load_payload(
+    window: &mut HostWindow,
+    image: &[u8],
+    cmdline: &str,
+    vcpus: u32,
+) -> Result<(Payload, Vec<VcpuState>), String> {
     match firmware::linux::BzImage::parse(image) {
         Ok(kernel) => {
             let params = firmware::linux::LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None };
@@ -348,7 +356,9 @@ fn load_payload(window: &mut HostWindow, image: &[u8], cmdline: &str, vcpus: u32
         }
         // A bzImage this loader cannot boot is an error; anything without the header is
         // taken as the flat test guest.
-        Err(e @ (firmware::linux::LinuxError::ProtocolTooOld { .. } | firmware::linux::LinuxError::No64BitEntry)) => Err(format!("{e}")),
+        Err(e @ (firmware::linux::LinuxError::ProtocolTooOld { .. } | firmware::linux::LinuxError::No64BitEntry)) => {
+            Err(format!("{e}"))
+        }
         Err(_) => {
             let params = BootParams { image, cmdline, vcpus, tsc_hz: crate::tsc::hz() };
             firmware::longmode::load_test_guest(window, &params).map_err(|e| format!("{e}"))?;
@@ -447,7 +457,12 @@ pub fn machine() -> &'static Machine {
 }
 
 /// Loads every partition and plans the dispatch tables. `Err` names the partition.
-pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: usize) -> Result<&'static Machine, String> {
+pub fn build(
+    validated: &Validated,
+    boot: &BootInfo,
+    controls: Controls,
+    pcpus: usize,
+) -> Result<&'static Machine, String> {
     let config = &validated.config;
     let features = controls.caps.features();
     let sizes = PageSizes { huge_1g: features.ept_1g_pages, large_2m: features.ept_2m_pages };
@@ -524,7 +539,8 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
             let mut spec = PartitionSpec::from(flat);
             spec.gang = config.hypervisor.policy.aligned();
             if let sched::Reservation::Hard { budget, period } = spec.reservation {
-                spec.reservation = sched::Reservation::Hard { budget: budget * tsc_per_us, period: period * tsc_per_us };
+                spec.reservation =
+                    sched::Reservation::Hard { budget: budget * tsc_per_us, period: period * tsc_per_us };
             }
             spec
         })
@@ -535,7 +551,11 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
         sched::plan_gang(&specs, &plan_config)
     } else {
         // The baseline: each pCPU round-robins its vCPUs over one frame, pCPUs staggered.
-        sched::plan_independent(&specs, &plan_config, &sched::IndependentConfig { cycle: frame_cycles, seed: 1, shuffle: false })
+        sched::plan_independent(
+            &specs,
+            &plan_config,
+            &sched::IndependentConfig { cycle: frame_cycles, seed: 1, shuffle: false },
+        )
     }
     .map_err(|e| format!("planner: {e}"))?;
     let tables = DispatchTables::compile(&plan, &specs).map_err(|e| format!("planner: {e}"))?;
@@ -543,7 +563,9 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
     // Each vCPU must have one home pCPU (its VMCS stays loaded there).
     let mut homes: Vec<Vec<Option<usize>>> = partitions.iter().map(|p| alloc::vec![None; p.vcpus as usize]).collect();
     for (pcpu, table) in tables.pcpus.iter().enumerate() {
-        for VcpuRef { partition, vcpu } in table.entries.iter().filter_map(|e| e.run).chain(table.slack_ring.iter().map(|s| s.0)) {
+        for VcpuRef { partition, vcpu } in
+            table.entries.iter().filter_map(|e| e.run).chain(table.slack_ring.iter().map(|s| s.0))
+        {
             let home = &mut homes[partition as usize][vcpu as usize];
             match *home {
                 None => *home = Some(pcpu),
@@ -569,5 +591,13 @@ pub fn build(validated: &Validated, boot: &BootInfo, controls: Controls, pcpus: 
         .collect::<Result<Vec<_>, _>>()?;
     let skew_bound = (config.hypervisor.policy == DispatchPolicy::RelaxedCo)
         .then(|| config.hypervisor.skew_bound_us.unwrap_or(config.hypervisor.major_frame_us / 10) * tsc_per_us);
-    Ok(MACHINE.call_once(|| Machine { partitions, tables, policy: config.hypervisor.policy, controls, homes, frame_cycles, skew_bound }))
+    Ok(MACHINE.call_once(|| Machine {
+        partitions,
+        tables,
+        policy: config.hypervisor.policy,
+        controls,
+        homes,
+        frame_cycles,
+        skew_bound,
+    }))
 }

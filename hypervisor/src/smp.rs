@@ -20,7 +20,12 @@ struct Mailbox {
 }
 
 static MAILBOXES: [Mailbox; MAX_CPUS] = [const {
-    Mailbox { online: AtomicBool::new(false), work: AtomicUsize::new(0), posted: AtomicU64::new(0), done: AtomicU64::new(0) }
+    Mailbox {
+        online: AtomicBool::new(false),
+        work: AtomicUsize::new(0),
+        posted: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+    }
 }; MAX_CPUS];
 static ONLINE_COUNT: AtomicUsize = AtomicUsize::new(1);
 

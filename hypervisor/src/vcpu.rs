@@ -31,7 +31,10 @@ impl Controls {
         let pinbased = negotiate(
             ControlKind::PinBased,
             caps.pinbased,
-            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER).bits(),
+            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING
+                | PinbasedControls::NMI_EXITING
+                | PinbasedControls::VMX_PREEMPTION_TIMER)
+                .bits(),
             0,
         )?;
         let primary = negotiate(
@@ -50,8 +53,12 @@ impl Controls {
         let secondary = negotiate(
             ControlKind::SecondaryProcessorBased,
             caps.procbased2,
-            (SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID | SecondaryControls::PAUSE_LOOP_EXITING).bits(),
-            (SecondaryControls::UNRESTRICTED_GUEST | SecondaryControls::ENABLE_RDTSCP | SecondaryControls::ENABLE_INVPCID).bits(),
+            (SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID | SecondaryControls::PAUSE_LOOP_EXITING)
+                .bits(),
+            (SecondaryControls::UNRESTRICTED_GUEST
+                | SecondaryControls::ENABLE_RDTSCP
+                | SecondaryControls::ENABLE_INVPCID)
+                .bits(),
         )?;
         let exit = negotiate(
             ControlKind::VmExit,
@@ -117,7 +124,11 @@ impl Vcpu {
         region[..4].copy_from_slice(&caps.revision_id().to_le_bytes());
         // Both FXSAVE areas in one page: guest at 0, host scratch at 512 (set up in `setup`).
         let fx = crate::memory::alloc_zeroed_pages(1);
-        let regs = GuestRegs { guest_fx: fx.as_ptr() as u64, host_fx: fx.as_ptr() as u64 + FXSAVE_SIZE as u64, ..Default::default() };
+        let regs = GuestRegs {
+            guest_fx: fx.as_ptr() as u64,
+            host_fx: fx.as_ptr() as u64 + FXSAVE_SIZE as u64,
+            ..Default::default()
+        };
         let switched_msrs = crate::memory::alloc_zeroed_pages(1).as_ptr() as u64;
         Vcpu {
             partition,
@@ -167,7 +178,8 @@ impl Vcpu {
         // The syscall MSRs and KERNEL_GS_BASE: loaded at entry, stored at exit, so each
         // vCPU keeps its own while sharing the pCPU (the hypervisor never uses them).
         // SAFETY: the vCPU's own page, 16 bytes per entry (index, reserved, value).
-        let area = unsafe { core::slice::from_raw_parts_mut(self.switched_msrs as *mut u64, vmx::msr::SWITCHED.len() * 2) };
+        let area =
+            unsafe { core::slice::from_raw_parts_mut(self.switched_msrs as *mut u64, vmx::msr::SWITCHED.len() * 2) };
         for (entry, msr) in area.chunks_exact_mut(2).zip(vmx::msr::SWITCHED) {
             entry[0] = msr as u64;
             entry[1] = 0;
@@ -192,7 +204,11 @@ impl Vcpu {
 
         // With "unrestricted guest" a vCPU may run with paging or protection off.
         let unrestricted = controls.secondary & SecondaryControls::UNRESTRICTED_GUEST.bits() != 0;
-        let cr0 = if unrestricted { (state.cr0 | (caps.cr0_fixed0 & !(1 | (1 << 31)))) & caps.cr0_fixed1 } else { caps.adjust_cr0(state.cr0) };
+        let cr0 = if unrestricted {
+            (state.cr0 | (caps.cr0_fixed0 & !(1 | (1 << 31)))) & caps.cr0_fixed1
+        } else {
+            caps.adjust_cr0(state.cr0)
+        };
         vmcs::write(guest::CR0, cr0);
         vmcs::write(guest::CR3, state.cr3);
         vmcs::write(guest::CR4, caps.adjust_cr4(state.cr4));
@@ -394,7 +410,10 @@ fn write_host_state() {
     vmcs::write(host::IA32_SYSENTER_EIP, 0);
     // SAFETY: IA32_EFER and IA32_PAT exist on every x86_64 CPU.
     let (efer, pat) = unsafe {
-        (x86_64::registers::model_specific::Msr::new(0xC000_0080).read(), x86_64::registers::model_specific::Msr::new(0x277).read())
+        (
+            x86_64::registers::model_specific::Msr::new(0xC000_0080).read(),
+            x86_64::registers::model_specific::Msr::new(0x277).read(),
+        )
     };
     vmcs::write(host::IA32_EFER_FULL, efer);
     vmcs::write(host::IA32_PAT_FULL, pat);

@@ -28,7 +28,9 @@ impl VmxStatus {
             VmxStatus::NotTried => "not tried",
             VmxStatus::Root => "VMX root",
             VmxStatus::NoVmx => "the CPU does not offer VT-x (CPUID.1:ECX.VMX = 0)",
-            VmxStatus::DisabledByFirmware => "VT-x is disabled by the firmware (IA32_FEATURE_CONTROL locked without VMX)",
+            VmxStatus::DisabledByFirmware => {
+                "VT-x is disabled by the firmware (IA32_FEATURE_CONTROL locked without VMX)"
+            }
             VmxStatus::VmxonFailed => "VMXON failed",
         }
     }

@@ -260,10 +260,8 @@ pub struct MachineStats {
 impl MachineStats {
     pub fn from_ledgers(ledgers: &[Ledger]) -> MachineStats {
         let count = ledgers.iter().map(|l| l.partitions.len()).max().unwrap_or(0);
-        let mut stats = MachineStats {
-            partitions: alloc::vec![PartitionStats::default(); count],
-            ..MachineStats::default()
-        };
+        let mut stats =
+            MachineStats { partitions: alloc::vec![PartitionStats::default(); count], ..MachineStats::default() };
         for ledger in ledgers {
             for (total, part) in stats.partitions.iter_mut().zip(&ledger.partitions) {
                 total.add(part);

@@ -10,14 +10,7 @@ fn hard(budget_us: u64, period_us: u64) -> Reservation {
 }
 
 fn part(name: &str, group: Option<usize>, vcpus: u32, pcpus: &[u32], reservation: Reservation) -> PartitionSpec {
-    PartitionSpec {
-        name: name.into(),
-        group,
-        vcpus,
-        pcpus: pcpus.to_vec(),
-        reservation,
-        nested: NestedPolicy::Gang,
-    }
+    PartitionSpec { name: name.into(), group, vcpus, pcpus: pcpus.to_vec(), reservation, nested: NestedPolicy::Gang }
 }
 
 fn group(name: &str, parent: Option<usize>, reservation: Reservation) -> GroupSpec {
@@ -95,7 +88,13 @@ fn children_must_fit_within_their_group() {
     assert_eq!((e.node, e.name.as_str(), e.field), (NodeRef::Partition(1), "c2", Field::Reservation));
     assert_eq!(
         e.problem,
-        Problem::OverAdmitted { pcpu: 1, parent: Some("g".into()), needed_us: 6_000, capacity_us: 5_000, frame_us: FRAME }
+        Problem::OverAdmitted {
+            pcpu: 1,
+            parent: Some("g".into()),
+            needed_us: 6_000,
+            capacity_us: 5_000,
+            frame_us: FRAME
+        }
     );
     assert!(e.to_string().contains("exceeds group \"g\" on pCPU 1: the group holds 50.0%"), "{e}");
 }
@@ -103,7 +102,10 @@ fn children_must_fit_within_their_group() {
 #[test]
 fn groups_themselves_are_admitted_against_the_machine() {
     let e = reject(&spec(
-        vec![group("g1", None, Reservation::FixedShare { percent: 70 }), group("g2", None, Reservation::FixedShare { percent: 40 })],
+        vec![
+            group("g1", None, Reservation::FixedShare { percent: 70 }),
+            group("g2", None, Reservation::FixedShare { percent: 40 }),
+        ],
         vec![part("a", Some(0), 1, &[0], Reservation::Weight(1)), part("b", Some(1), 1, &[0], Reservation::Weight(1))],
     ));
     assert_eq!((e.node, e.name.as_str()), (NodeRef::Group(1), "g2"));
@@ -177,7 +179,8 @@ fn structural_errors_name_the_node() {
     assert_eq!((e.node, e.field), (NodeRef::Group(1), Field::Pcpus), "g1's implicit pCPUs {{2}} escape g0");
     assert_eq!(e.problem, Problem::PcpuOutsideParent { pcpu: 2, parent: "g0".into() });
 
-    let e = reject(&spec(vec![group("lonely", None, hard(1_000, 10_000))], vec![part("p", None, 1, &[0], hard(1, 10))]));
+    let e =
+        reject(&spec(vec![group("lonely", None, hard(1_000, 10_000))], vec![part("p", None, 1, &[0], hard(1, 10))]));
     assert_eq!((e.name.as_str(), e.problem), ("lonely", Problem::EmptyGroup));
 
     let e = reject(&spec(vec![], vec![part("p", None, 1, &[4], hard(1, 10))]));
@@ -239,7 +242,10 @@ fn a_soft_gang_gets_the_smallest_of_its_per_pcpu_shares() {
     // On pCPU 0 the gang competes with a weight-1 sibling, on pCPU 1 it is alone.
     let tree = Tree::build(&spec(
         vec![],
-        vec![part("gang", None, 2, &[0, 1], Reservation::Weight(1)), part("solo", None, 1, &[0], Reservation::Weight(1))],
+        vec![
+            part("gang", None, 2, &[0, 1], Reservation::Weight(1)),
+            part("solo", None, 1, &[0], Reservation::Weight(1)),
+        ],
     ))
     .unwrap();
     assert_eq!(tree.share_ppm(0), Some(500_000));
@@ -290,9 +296,13 @@ fn weight_inflation_inside_a_subtree_cannot_dilute_a_sibling() {
 #[test]
 fn deep_hierarchies_flatten_with_their_depth() {
     let groups: Vec<GroupSpec> = (0..8)
-        .map(|d| group(&format!("g{d}"), if d == 0 { None } else { Some(d - 1) }, Reservation::FixedShare { percent: 50 }))
+        .map(|d| {
+            group(&format!("g{d}"), if d == 0 { None } else { Some(d - 1) }, Reservation::FixedShare { percent: 50 })
+        })
         .collect();
-    let tree = Tree::build(&spec(groups, vec![part("deep", Some(7), 1, &[2], Reservation::FixedShare { percent: 100 })])).unwrap();
+    let tree =
+        Tree::build(&spec(groups, vec![part("deep", Some(7), 1, &[2], Reservation::FixedShare { percent: 100 })]))
+            .unwrap();
     let flat = tree.flatten();
     assert_eq!(flat[0].depth, 9);
     // 10 ms halved eight times, rounded down at each step: 5000, 2500, ..., 39 us.

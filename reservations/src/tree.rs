@@ -53,27 +53,56 @@ impl Field {
 pub enum Problem {
     ZeroMajorFrame,
     ZeroBudget,
-    BudgetExceedsPeriod { budget_us: Micros, period_us: Micros },
+    BudgetExceedsPeriod {
+        budget_us: Micros,
+        period_us: Micros,
+    },
     ZeroPeriod,
-    PeriodDoesNotDivideFrame { period_us: Micros, frame_us: Micros },
-    ShareOutOfRange { percent: u32 },
+    PeriodDoesNotDivideFrame {
+        period_us: Micros,
+        frame_us: Micros,
+    },
+    ShareOutOfRange {
+        percent: u32,
+    },
     ZeroWeight,
     NoPcpus,
-    DuplicatePcpu { pcpu: u32 },
-    PcpuDoesNotExist { pcpu: u32, count: u32 },
+    DuplicatePcpu {
+        pcpu: u32,
+    },
+    PcpuDoesNotExist {
+        pcpu: u32,
+        count: u32,
+    },
     ZeroVcpus,
     /// Policy `gang` with more vCPUs than pCPUs.
-    GangNeedsOnePcpuPerVcpu { vcpus: u32, pcpus: u32 },
-    MorePcpusThanVcpus { vcpus: u32, pcpus: u32 },
-    UnknownGroup { index: usize },
+    GangNeedsOnePcpuPerVcpu {
+        vcpus: u32,
+        pcpus: u32,
+    },
+    MorePcpusThanVcpus {
+        vcpus: u32,
+        pcpus: u32,
+    },
+    UnknownGroup {
+        index: usize,
+    },
     ParentCycle,
     EmptyGroup,
     /// The child uses a pCPU its parent group does not hold.
-    PcpuOutsideParent { pcpu: u32, parent: String },
+    PcpuOutsideParent {
+        pcpu: u32,
+        parent: String,
+    },
     /// The parent group's child policy does not allow this kind of reservation.
-    PolicyForbids { parent: String, policy: ChildPolicy },
+    PolicyForbids {
+        parent: String,
+        policy: ChildPolicy,
+    },
     /// A hard reservation below a parent whose own capacity is not guaranteed.
-    HardUnderSoftParent { parent: String },
+    HardUnderSoftParent {
+        parent: String,
+    },
     /// Admitting this node would need more of `pcpu` than its parent holds there.
     OverAdmitted {
         pcpu: u32,
@@ -84,7 +113,9 @@ pub enum Problem {
         frame_us: Micros,
     },
     /// A share that resolves to nothing on `pcpu`: the node could never run.
-    ZeroShare { pcpu: u32 },
+    ZeroShare {
+        pcpu: u32,
+    },
 }
 
 /// `us` of every `frame_us` as a percentage with one decimal, e.g. `62.5%`.
@@ -105,10 +136,9 @@ impl fmt::Display for Problem {
         match self {
             Problem::ZeroMajorFrame => write!(f, "the major frame must be longer than 0 us"),
             Problem::ZeroBudget => write!(f, "a hard reservation needs a budget above 0 us"),
-            Problem::BudgetExceedsPeriod { budget_us, period_us } => write!(
-                f,
-                "budget {budget_us} us exceeds its period {period_us} us"
-            ),
+            Problem::BudgetExceedsPeriod { budget_us, period_us } => {
+                write!(f, "budget {budget_us} us exceeds its period {period_us} us")
+            }
             Problem::ZeroPeriod => write!(f, "a hard reservation needs a period above 0 us"),
             Problem::PeriodDoesNotDivideFrame { period_us, frame_us } => write!(
                 f,
@@ -121,27 +151,24 @@ impl fmt::Display for Problem {
             Problem::ZeroWeight => write!(f, "a weight must be at least 1"),
             Problem::NoPcpus => write!(f, "at least one pCPU is needed"),
             Problem::DuplicatePcpu { pcpu } => write!(f, "pCPU {pcpu} is listed twice"),
-            Problem::PcpuDoesNotExist { pcpu, count } => write!(
-                f,
-                "pCPU {pcpu} does not exist (the machine has {count} pCPUs)"
-            ),
+            Problem::PcpuDoesNotExist { pcpu, count } => {
+                write!(f, "pCPU {pcpu} does not exist (the machine has {count} pCPUs)")
+            }
             Problem::ZeroVcpus => write!(f, "a partition needs at least 1 vCPU"),
             Problem::GangNeedsOnePcpuPerVcpu { vcpus, pcpus } => write!(
                 f,
                 "policy \"gang\" runs every vCPU at once and needs one pCPU per vCPU \
                  ({vcpus} vCPUs, {pcpus} pCPUs); use \"round-robin-gang\" or add pCPUs"
             ),
-            Problem::MorePcpusThanVcpus { vcpus, pcpus } => write!(
-                f,
-                "{pcpus} pCPUs for {vcpus} vCPUs: the extra pCPUs would sit reserved and idle"
-            ),
+            Problem::MorePcpusThanVcpus { vcpus, pcpus } => {
+                write!(f, "{pcpus} pCPUs for {vcpus} vCPUs: the extra pCPUs would sit reserved and idle")
+            }
             Problem::UnknownGroup { index } => write!(f, "group index {index} does not exist"),
             Problem::ParentCycle => write!(f, "the group's parents form a cycle"),
             Problem::EmptyGroup => write!(f, "the group has no partitions or groups in it"),
-            Problem::PcpuOutsideParent { pcpu, parent } => write!(
-                f,
-                "pCPU {pcpu} is not among the pCPUs of its group \"{parent}\""
-            ),
+            Problem::PcpuOutsideParent { pcpu, parent } => {
+                write!(f, "pCPU {pcpu} is not among the pCPUs of its group \"{parent}\"")
+            }
             Problem::PolicyForbids { parent, policy } => write!(
                 f,
                 "group \"{parent}\" has policy \"{}\" and does not accept this kind of reservation",
@@ -312,13 +339,8 @@ impl Tree {
                         EffectiveReservation::Hard { budget: budget_us, period: period_us }
                     }
                     // A guaranteed fixed share is a hard budget over the whole frame.
-                    (true, _) => EffectiveReservation::Hard {
-                        budget: leaf.per_pcpu_us,
-                        period: self.major_frame_us,
-                    },
-                    (false, _) => EffectiveReservation::Soft {
-                        share_ppm: ppm(leaf.per_pcpu_us, self.major_frame_us),
-                    },
+                    (true, _) => EffectiveReservation::Hard { budget: leaf.per_pcpu_us, period: self.major_frame_us },
+                    (false, _) => EffectiveReservation::Soft { share_ppm: ppm(leaf.per_pcpu_us, self.major_frame_us) },
                 },
                 depth: leaf.depth,
             })
@@ -448,7 +470,11 @@ impl Builder<'_> {
             self.check_pcpu_list(node, &part.pcpus)?;
             let pcpus = part.pcpus.len() as u32;
             if part.nested == NestedPolicy::Gang && part.vcpus > pcpus {
-                return Err(self.error(node, Field::Policy, Problem::GangNeedsOnePcpuPerVcpu { vcpus: part.vcpus, pcpus }));
+                return Err(self.error(
+                    node,
+                    Field::Policy,
+                    Problem::GangNeedsOnePcpuPerVcpu { vcpus: part.vcpus, pcpus },
+                ));
             }
             if part.vcpus < pcpus {
                 return Err(self.error(node, Field::Pcpus, Problem::MorePcpusThanVcpus { vcpus: part.vcpus, pcpus }));
@@ -485,7 +511,11 @@ impl Builder<'_> {
                 if let Some(explicit) = &spec.groups[g].pcpus {
                     if let Some(&pcpu) = child_pcpus.iter().find(|p| !explicit.contains(p)) {
                         let parent = spec.groups[g].name.clone();
-                        return Err(self.error(Self::node_ref(child), Field::Pcpus, Problem::PcpuOutsideParent { pcpu, parent }));
+                        return Err(self.error(
+                            Self::node_ref(child),
+                            Field::Pcpus,
+                            Problem::PcpuOutsideParent { pcpu, parent },
+                        ));
                     }
                 }
                 union.extend_from_slice(child_pcpus);
@@ -675,15 +705,18 @@ impl Builder<'_> {
                 Reservation::Hard { budget_us, period_us } => {
                     if !parent_guaranteed {
                         let parent = parent_name.clone().unwrap_or_default();
-                        return Err(self.error(Self::node_ref(child), Field::Reservation, Problem::HardUnderSoftParent { parent }));
+                        return Err(self.error(
+                            Self::node_ref(child),
+                            Field::Reservation,
+                            Problem::HardUnderSoftParent { parent },
+                        ));
                     }
                     let demand = budget_us * (frame / period_us);
                     pcpus_of(child).iter().map(|&p| (p, demand)).collect()
                 }
-                Reservation::FixedShare { percent } => pcpus_of(child)
-                    .iter()
-                    .map(|&p| (p, cap(p) * percent as Micros / 100))
-                    .collect(),
+                Reservation::FixedShare { percent } => {
+                    pcpus_of(child).iter().map(|&p| (p, cap(p) * percent as Micros / 100)).collect()
+                }
                 Reservation::Weight(_) => continue,
             };
             record(&mut used, child, &per_pcpu, parent_guaranteed)?;
@@ -699,10 +732,8 @@ impl Builder<'_> {
                 }
             }
         }
-        let remaining: BTreeMap<u32, Micros> = weight_sum
-            .keys()
-            .map(|&p| (p, cap(p) - used.get(&p).copied().unwrap_or(0)))
-            .collect();
+        let remaining: BTreeMap<u32, Micros> =
+            weight_sum.keys().map(|&p| (p, cap(p) - used.get(&p).copied().unwrap_or(0))).collect();
         for &child in children {
             if let Reservation::Weight(w) = self.reservation_of(child) {
                 let per_pcpu: BTreeMap<u32, Micros> = pcpus_of(child)

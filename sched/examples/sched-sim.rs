@@ -11,11 +11,11 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use sched::sim::{simulate, Policy, SimConfig, SimPartition, SimResult, SliceKind, Workload};
 use reservations::{
-    ChildPolicy, FlatPartition, GroupSpec, NestedPolicy, PartitionSpec as TreePartition, Reservation as TreeReservation, Tree,
-    TreeSpec,
+    ChildPolicy, FlatPartition, GroupSpec, NestedPolicy, PartitionSpec as TreePartition,
+    Reservation as TreeReservation, Tree, TreeSpec,
 };
+use sched::sim::{simulate, Policy, SimConfig, SimPartition, SimResult, SliceKind, Workload};
 use sched::{plan_gang, DispatchTables, PartitionSpec, PlanConfig, Reservation, Tick};
 use serde_json::{json, Value};
 
@@ -50,14 +50,21 @@ struct Row {
 
 fn consolidate(args: &[String]) -> Result<(), String> {
     let out = arg(args, "--out").unwrap_or_else(|| "build/bench-sched".into());
-    let duration_ms: u64 = arg(args, "--duration-ms").map(|s| s.parse().map_err(|e| format!("--duration-ms: {e}"))).transpose()?.unwrap_or(2000);
-    let seed: u64 = arg(args, "--seed").map(|s| s.parse().map_err(|e| format!("--seed: {e}"))).transpose()?.unwrap_or(1);
+    let duration_ms: u64 = arg(args, "--duration-ms")
+        .map(|s| s.parse().map_err(|e| format!("--duration-ms: {e}")))
+        .transpose()?
+        .unwrap_or(2000);
+    let seed: u64 =
+        arg(args, "--seed").map(|s| s.parse().map_err(|e| format!("--seed: {e}"))).transpose()?.unwrap_or(1);
     std::fs::create_dir_all(&out).map_err(|e| format!("{out}: {e}"))?;
 
     let pcpus = [0, 1, 2, 3];
     let workload = Workload::Barrier { compute: 100 * US, jitter_ppm: 50_000, block_after_spin: None };
     let barrier = |r| SimPartition { spec: spec(1, "barrier", 4, &pcpus, r), workload };
-    let batch = SimPartition { spec: spec(2, "cpu-bound", 4, &pcpus, Reservation::Soft { share_ppm: 500_000 }), workload: Workload::CpuBound };
+    let batch = SimPartition {
+        spec: spec(2, "cpu-bound", 4, &pcpus, Reservation::Soft { share_ppm: 500_000 }),
+        workload: Workload::CpuBound,
+    };
     let half = Reservation::Hard { budget: 5 * MS, period: 10 * MS };
     let whole = Reservation::Hard { budget: 10 * MS, period: 10 * MS };
     let cfg = SimConfig {
@@ -92,14 +99,26 @@ fn consolidate(args: &[String]) -> Result<(), String> {
 
     for row in &rows {
         if row.result.charged != row.result.elapsed {
-            return Err(format!("{}: ledger charged {} of {} ticks", row.label, row.result.charged, row.result.elapsed));
+            return Err(format!(
+                "{}: ledger charged {} of {} ticks",
+                row.label, row.result.charged, row.result.elapsed
+            ));
         }
     }
 
     println!("BARRIER (4 vCPUs, 50% hard, compute 100 us +-5%) + CPU-bound (4 vCPUs, 50% soft) on 4 pCPUs, {duration_ms} ms simulated");
     println!(
         "{:<28} {:<10} {:>8} {:>7} {:>8} {:>11} {:>11} {:>11} {:>9} {:>9}",
-        "policy", "partition", "iter/s", "cpu %", "waste %", "skew mean", "skew max", "arr.spread", "switches", "PLE exits"
+        "policy",
+        "partition",
+        "iter/s",
+        "cpu %",
+        "waste %",
+        "skew mean",
+        "skew max",
+        "arr.spread",
+        "switches",
+        "PLE exits"
     );
     for row in &rows {
         for p in &row.result.partitions {
@@ -187,12 +206,20 @@ fn trace_json(rows: &[Row]) -> Value {
         events.push(json!({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": row.label}}));
         events.push(json!({"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": pid}}));
         for c in 0..4 {
-            events.push(json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": c, "args": {"name": format!("pCPU {c}")}}));
+            events.push(
+                json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": c, "args": {"name": format!("pCPU {c}")}}),
+            );
         }
         for s in &row.result.trace {
             let name = match (s.run, s.kind) {
                 (_, SliceKind::Idle) | (None, _) => "idle".to_string(),
-                (Some(v), _) => row.result.partitions.iter().find(|p| p.id == v.partition).map(|p| p.name.clone()).unwrap_or_default(),
+                (Some(v), _) => row
+                    .result
+                    .partitions
+                    .iter()
+                    .find(|p| p.id == v.partition)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default(),
             };
             let state = match s.kind {
                 SliceKind::Compute => "compute",
@@ -321,7 +348,9 @@ fn scale() -> Result<(), String> {
         let b = build(&spec, 256)?;
         let vcpus: u32 = b.leaves.iter().map(|p| p.vcpus).sum();
         if vcpus != 4096 || b.leaves.iter().any(|p| p.depth != depth) {
-            return Err(format!("depth-{depth} scale tree: {vcpus} vCPUs (expected 4096) or a leaf not at depth {depth}"));
+            return Err(format!(
+                "depth-{depth} scale tree: {vcpus} vCPUs (expected 4096) or a leaf not at depth {depth}"
+            ));
         }
         let entries: usize = b.tables.pcpus.iter().map(|p| p.entries.len()).sum();
         let total = b.admit_s + b.flatten_s + b.plan_s;
@@ -341,10 +370,19 @@ fn scale() -> Result<(), String> {
     }
     let (d1, d8) = (&built[0], &built[1]);
     let same = d1.tables.frame == d8.tables.frame
-        && d1.tables.pcpus.iter().zip(&d8.tables.pcpus).all(|(a, b)| a.entries == b.entries && a.slack_ring == b.slack_ring);
+        && d1
+            .tables
+            .pcpus
+            .iter()
+            .zip(&d8.tables.pcpus)
+            .all(|(a, b)| a.entries == b.entries && a.slack_ring == b.slack_ring);
     println!(
         "depth 1 vs depth 8: flattened reservations {}, dispatch tables {}",
-        if d1.leaves.iter().zip(&d8.leaves).all(|(a, b)| a.reservation == b.reservation) { "identical" } else { "DIFFER" },
+        if d1.leaves.iter().zip(&d8.leaves).all(|(a, b)| a.reservation == b.reservation) {
+            "identical"
+        } else {
+            "DIFFER"
+        },
         if same { "identical" } else { "DIFFER" }
     );
 

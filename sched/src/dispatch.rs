@@ -84,10 +84,12 @@ impl DispatchTables {
             let mut entries: Vec<DispatchEntry> = Vec::with_capacity(slots.len());
             for slot in slots {
                 subs.clear();
-                let idx = slot.owner.partition().map(|pid| find(pid).ok_or(PlanError::BadSetting {
-                    setting: "plan names a partition that is not in the input (id)",
-                    value: pid as Tick,
-                }));
+                let idx = slot.owner.partition().map(|pid| {
+                    find(pid).ok_or(PlanError::BadSetting {
+                        setting: "plan names a partition that is not in the input (id)",
+                        value: pid as Tick,
+                    })
+                });
                 let idx = match idx {
                     Some(r) => Some(r?),
                     None => None,
@@ -126,7 +128,9 @@ impl DispatchTables {
                         continue;
                     }
                     match entries.last_mut() {
-                        Some(last) if last.run == run && last.account == account && last.end == offset => last.end = end,
+                        Some(last) if last.run == run && last.account == account && last.end == offset => {
+                            last.end = end
+                        }
                         _ => entries.push(DispatchEntry { offset, end, run, account }),
                     }
                 }
@@ -270,9 +274,12 @@ impl<'t> PcpuDispatcher<'t> {
     /// The decision in force (the lent vCPU if slack is lent).
     pub fn current(&self) -> Decision {
         match self.lent {
-            Some(v) => {
-                Decision { run: Some(v), account: Account::Guest(v.partition), next_deadline: self.deadline(), lent: true }
-            }
+            Some(v) => Decision {
+                run: Some(v),
+                account: Account::Guest(v.partition),
+                next_deadline: self.deadline(),
+                lent: true,
+            },
             None => self.owner_decision(),
         }
     }

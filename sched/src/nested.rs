@@ -22,7 +22,14 @@ pub trait NestedPolicy {
     fn check(&self, part: &PartitionSpec) -> Result<(), &'static str>;
     /// Sub-slices covering `[0, slot_length)` for the pCPU at `position` in `part.pcpus`;
     /// `occurrence` counts this partition's slots on that pCPU since the frame start.
-    fn subdivide(&self, part: &PartitionSpec, position: usize, slot_length: Tick, occurrence: u64, out: &mut Vec<SubSlice>);
+    fn subdivide(
+        &self,
+        part: &PartitionSpec,
+        position: usize,
+        slot_length: Tick,
+        occurrence: u64,
+        out: &mut Vec<SubSlice>,
+    );
 }
 
 /// Gang: vCPU i runs on the partition's i-th pCPU for the whole slot (needs vCPUs <= pCPUs).
@@ -59,7 +66,14 @@ impl NestedPolicy for RoundRobinGang {
     fn check(&self, _part: &PartitionSpec) -> Result<(), &'static str> {
         Ok(())
     }
-    fn subdivide(&self, part: &PartitionSpec, position: usize, slot_length: Tick, occurrence: u64, out: &mut Vec<SubSlice>) {
+    fn subdivide(
+        &self,
+        part: &PartitionSpec,
+        position: usize,
+        slot_length: Tick,
+        occurrence: u64,
+        out: &mut Vec<SubSlice>,
+    ) {
         let (v, n) = (part.vcpus as u64, part.pcpus.len() as u64);
         if v <= n {
             return Gang.subdivide(part, position, slot_length, occurrence, out);
@@ -88,7 +102,14 @@ impl NestedPolicy for PerPcpuRoundRobin {
     fn check(&self, _part: &PartitionSpec) -> Result<(), &'static str> {
         Ok(())
     }
-    fn subdivide(&self, part: &PartitionSpec, position: usize, slot_length: Tick, occurrence: u64, out: &mut Vec<SubSlice>) {
+    fn subdivide(
+        &self,
+        part: &PartitionSpec,
+        position: usize,
+        slot_length: Tick,
+        occurrence: u64,
+        out: &mut Vec<SubSlice>,
+    ) {
         let n = part.pcpus.len() as u32;
         let homed = (part.vcpus + n - 1 - position as u32) / n; // count of i < vcpus with i % n == position
         let vcpu = if homed == 0 { None } else { Some(position as u32 + n * (occurrence % homed as u64) as u32) };

@@ -50,7 +50,10 @@ pub enum Owner {
     /// Reserved time of a partition; its nested policy decides which vCPU runs here.
     Partition(PartitionId),
     /// One vCPU thread (independent baseline: the host scheduler picks threads, not partitions).
-    Vcpu { partition: PartitionId, vcpu: u32 },
+    Vcpu {
+        partition: PartitionId,
+        vcpu: u32,
+    },
     /// Unreserved time lent to a soft partition in proportion to its share.
     Slack(PartitionId),
     Idle,
@@ -340,8 +343,12 @@ pub fn plan_gang(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<Plan, Plan
     // hard before soft at equal periods; wider gangs first, since they are the hardest to align.
     let mut order: Vec<&PartitionSpec> = parts.iter().collect();
     let key = |p: &PartitionSpec| match p.reservation {
-        Reservation::Hard { budget, period } => (period, 0u8, core::cmp::Reverse(p.pcpus.len()), core::cmp::Reverse(budget), p.id),
-        Reservation::Soft { share_ppm } => (cfg.soft_period, 1u8, core::cmp::Reverse(p.pcpus.len()), core::cmp::Reverse(share_ppm as u64), p.id),
+        Reservation::Hard { budget, period } => {
+            (period, 0u8, core::cmp::Reverse(p.pcpus.len()), core::cmp::Reverse(budget), p.id)
+        }
+        Reservation::Soft { share_ppm } => {
+            (cfg.soft_period, 1u8, core::cmp::Reverse(p.pcpus.len()), core::cmp::Reverse(share_ppm as u64), p.id)
+        }
     };
     order.sort_by_key(|p| key(p));
 
@@ -390,10 +397,8 @@ pub fn plan_gang(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<Plan, Plan
             // rounding remainder), walking the gaps in order so pieces stay contiguous.
             let w_sum: u64 = cands.iter().map(|c| c.1).sum();
             let targets: Vec<Tick> = {
-                let mut t: Vec<Tick> = cands
-                    .iter()
-                    .map(|&(_, w)| (total_gap as u128 * w as u128 / w_sum as u128) as Tick)
-                    .collect();
+                let mut t: Vec<Tick> =
+                    cands.iter().map(|&(_, w)| (total_gap as u128 * w as u128 / w_sum as u128) as Tick).collect();
                 let given: Tick = t.iter().sum();
                 *t.last_mut().unwrap() += total_gap - given;
                 t
@@ -421,11 +426,7 @@ pub fn plan_gang(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<Plan, Plan
 }
 
 /// Builds the independent baseline. See the module documentation.
-pub fn plan_independent(
-    parts: &[PartitionSpec],
-    cfg: &PlanConfig,
-    ind: &IndependentConfig,
-) -> Result<Plan, PlanError> {
+pub fn plan_independent(parts: &[PartitionSpec], cfg: &PlanConfig, ind: &IndependentConfig) -> Result<Plan, PlanError> {
     validate(parts, cfg)?;
     let frame = major_frame(parts, cfg, Some(ind.cycle))?;
     let p_count = cfg.pcpu_count as usize;

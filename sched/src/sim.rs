@@ -212,7 +212,11 @@ pub fn simulate(parts: &[SimPartition], policy: Policy, cfg: &SimConfig) -> Resu
     pc.frame = cfg.frame;
     let plan = match policy {
         Policy::Gang => plan_gang(&specs, &pc)?,
-        _ => plan_independent(&specs, &pc, &IndependentConfig { cycle: cfg.independent_cycle, seed: cfg.seed, shuffle: cfg.independent_shuffle })?,
+        _ => plan_independent(
+            &specs,
+            &pc,
+            &IndependentConfig { cycle: cfg.independent_cycle, seed: cfg.seed, shuffle: cfg.independent_shuffle },
+        )?,
     };
     let tables = DispatchTables::compile(&plan, &specs)?;
     let mut sim = Sim::new(&tables, parts, policy, cfg);
@@ -611,9 +615,9 @@ impl<'t> Sim<'t> {
         self.cpus[c].overhead = Work::ExitHandling;
         let p = &self.parts[i];
         let n = p.vcpus.len();
-        let target = (0..n)
-            .map(|k| (p.yield_cursor + k) % n)
-            .find(|&k| matches!(p.vcpus[k].state, VState::Compute { .. }) && p.vcpus[k].running_on.is_none() && !p.vcpus[k].stopped);
+        let target = (0..n).map(|k| (p.yield_cursor + k) % n).find(|&k| {
+            matches!(p.vcpus[k].state, VState::Compute { .. }) && p.vcpus[k].running_on.is_none() && !p.vcpus[k].stopped
+        });
         let Some(k) = target else { return };
         self.parts[i].yield_cursor = (k + 1) % n;
         let y = VcpuRef { partition: v.partition, vcpu: k as u32 };
@@ -753,7 +757,15 @@ mod tests {
 
     fn barrier(id: u32, pcpus: &[u32], vcpus: u32, r: Reservation, compute: Tick, block: Option<Tick>) -> SimPartition {
         SimPartition {
-            spec: PartitionSpec { id, name: "barrier".to_string(), pcpus: pcpus.to_vec(), vcpus, gang: true, reservation: r, depth: 1 },
+            spec: PartitionSpec {
+                id,
+                name: "barrier".to_string(),
+                pcpus: pcpus.to_vec(),
+                vcpus,
+                gang: true,
+                reservation: r,
+                depth: 1,
+            },
             workload: Workload::Barrier { compute, jitter_ppm: 0, block_after_spin: block },
         }
     }
@@ -797,7 +809,8 @@ mod tests {
     #[test]
     fn dedicated_barrier_has_no_waste_and_exact_progress() {
         // 2 vCPUs on 2 dedicated pCPUs, 100 us per iteration, no jitter: 10,000 iterations/s.
-        let r = simulate(&[barrier(1, &[0, 1], 2, whole(), 100 * US, None)], Policy::Gang, &cfg(2, 1_000 * MS)).unwrap();
+        let r =
+            simulate(&[barrier(1, &[0, 1], 2, whole(), 100 * US, None)], Policy::Gang, &cfg(2, 1_000 * MS)).unwrap();
         let b = &r.partitions[0];
         assert_eq!(b.iterations, 10_000);
         assert_eq!(b.waste_time, 0);
@@ -823,7 +836,12 @@ mod tests {
         let g = simulate(&parts, Policy::Gang, &cfg(4, 500 * MS)).unwrap();
         let i = simulate(&parts, Policy::Independent, &cfg(4, 500 * MS)).unwrap();
         let (gb, ib) = (&g.partitions[0], &i.partitions[0]);
-        assert!(ib.progress_per_s < 0.2 * gb.progress_per_s, "gang {} vs independent {}", gb.progress_per_s, ib.progress_per_s);
+        assert!(
+            ib.progress_per_s < 0.2 * gb.progress_per_s,
+            "gang {} vs independent {}",
+            gb.progress_per_s,
+            ib.progress_per_s
+        );
         assert!(ib.waste_pct > 50.0, "independent waste {}", ib.waste_pct);
         assert!(ib.mean_skew > 100.0 * gb.mean_skew.max(1.0));
         // The batch partition still gets its half either way.
@@ -834,7 +852,8 @@ mod tests {
     #[test]
     fn spin_then_block_lends_the_slot_to_the_soft_partition() {
         let spin = [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, None), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
-        let block = [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, Some(20 * US)), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
+        let block =
+            [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, Some(20 * US)), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
         let s = simulate(&spin, Policy::Independent, &cfg(4, 300 * MS)).unwrap();
         let b = simulate(&block, Policy::Independent, &cfg(4, 300 * MS)).unwrap();
         assert!(b.partitions[0].spin_time < s.partitions[0].spin_time / 4);
@@ -852,12 +871,17 @@ mod tests {
     fn ple_and_relaxed_cosched_run_and_account_exactly() {
         let parts = [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, None), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
         let i = simulate(&parts, Policy::Independent, &cfg(4, 300 * MS)).unwrap();
-        let ple = simulate(&parts, Policy::IndependentPle { window: 10 * US, exit_cost: 2 * US }, &cfg(4, 300 * MS)).unwrap();
-        let rc = simulate(&parts, Policy::RelaxedCosched { skew_bound: 3 * MS, check_every: MS }, &cfg(4, 300 * MS)).unwrap();
+        let ple =
+            simulate(&parts, Policy::IndependentPle { window: 10 * US, exit_cost: 2 * US }, &cfg(4, 300 * MS)).unwrap();
+        let rc = simulate(&parts, Policy::RelaxedCosched { skew_bound: 3 * MS, check_every: MS }, &cfg(4, 300 * MS))
+            .unwrap();
         assert!(ple.partitions[0].ple_exits > 0);
         assert!(ple.partitions[0].overhead_time > 0);
         assert!(ple.partitions[0].spin_time < i.partitions[0].spin_time, "PLE cuts spinning");
-        assert!(ple.partitions[0].progress_per_s > 5.0 * i.partitions[0].progress_per_s, "directed yield restores progress");
+        assert!(
+            ple.partitions[0].progress_per_s > 5.0 * i.partitions[0].progress_per_s,
+            "directed yield restores progress"
+        );
         // The directed-yield swap keeps the two partitions' CPU shares close to 50/50.
         let (a, b) = (ple.partitions[0].cpu_time as f64, ple.partitions[1].cpu_time as f64);
         assert!((a / b - 1.0).abs() < 0.1, "PLE shares {a} vs {b}");
@@ -873,7 +897,8 @@ mod tests {
     fn check_ledger(r: &SimResult) {
         let s = &r.stats;
         assert_eq!((s.unaccounted_cycles, s.overlap_cycles, s.tiling_faults), (0, 0, 0), "{}", r.policy);
-        let charged: Tick = s.partitions.iter().map(|p| p.charged_cycles()).sum::<Tick>() + s.idle_cycles + s.overhead_cycles;
+        let charged: Tick =
+            s.partitions.iter().map(|p| p.charged_cycles()).sum::<Tick>() + s.idle_cycles + s.overhead_cycles;
         assert_eq!((charged, s.elapsed_cycles), (r.charged, r.elapsed), "{}", r.policy);
         for p in &r.partitions {
             let st = &s.partitions[p.id as usize];
@@ -920,7 +945,10 @@ mod tests {
         // Switch cost: 2 switches per 10 ms per pCPU, each costing 2 us of the incoming partition.
         assert_eq!(r.partitions[0].overhead_time + r.partitions[1].overhead_time, 2 * 2 * 5 * 2 * US);
         check_ledger(&r);
-        assert_eq!(r.stats.partitions[1].slot_switch_cycles + r.stats.partitions[2].slot_switch_cycles, 2 * 2 * 5 * 2 * US);
+        assert_eq!(
+            r.stats.partitions[1].slot_switch_cycles + r.stats.partitions[2].slot_switch_cycles,
+            2 * 2 * 5 * 2 * US
+        );
         assert_eq!(r.stats.partitions[1].exit_handling_cycles, 0, "no PLE: no exit handling");
     }
 }

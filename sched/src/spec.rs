@@ -52,12 +52,8 @@ pub struct PartitionSpec {
 impl From<&reservations::FlatPartition> for PartitionSpec {
     fn from(flat: &reservations::FlatPartition) -> Self {
         let reservation = match flat.reservation {
-            reservations::EffectiveReservation::Hard { budget, period } => {
-                Reservation::Hard { budget, period }
-            }
-            reservations::EffectiveReservation::Soft { share_ppm } => {
-                Reservation::Soft { share_ppm }
-            }
+            reservations::EffectiveReservation::Hard { budget, period } => Reservation::Hard { budget, period },
+            reservations::EffectiveReservation::Soft { share_ppm } => Reservation::Soft { share_ppm },
         };
         PartitionSpec {
             id: flat.id,
@@ -82,18 +78,49 @@ impl PartitionSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlanError {
     NoPcpus,
-    DuplicateId { id: PartitionId, name: String },
-    NoPcpusGranted { partition: String },
-    PcpusNotSortedUnique { partition: String },
-    PcpuOutOfRange { partition: String, pcpu: u32, pcpu_count: u32 },
-    NoVcpus { partition: String },
-    BadHardReservation { partition: String, budget: Tick, period: Tick },
-    BadSoftShare { partition: String, share_ppm: u32 },
+    DuplicateId {
+        id: PartitionId,
+        name: String,
+    },
+    NoPcpusGranted {
+        partition: String,
+    },
+    PcpusNotSortedUnique {
+        partition: String,
+    },
+    PcpuOutOfRange {
+        partition: String,
+        pcpu: u32,
+        pcpu_count: u32,
+    },
+    NoVcpus {
+        partition: String,
+    },
+    BadHardReservation {
+        partition: String,
+        budget: Tick,
+        period: Tick,
+    },
+    BadSoftShare {
+        partition: String,
+        share_ppm: u32,
+    },
     /// The major frame is not a whole number of this period.
-    PeriodDoesNotDivideFrame { partition: String, period: Tick, frame: Tick },
+    PeriodDoesNotDivideFrame {
+        partition: String,
+        period: Tick,
+        frame: Tick,
+    },
     /// LCM of the periods overflowed or exceeds `max_frame`.
-    FrameTooLong { partition: String, frame: u128, max_frame: Tick },
-    BadSetting { setting: &'static str, value: Tick },
+    FrameTooLong {
+        partition: String,
+        frame: u128,
+        max_frame: Tick,
+    },
+    BadSetting {
+        setting: &'static str,
+        value: Tick,
+    },
     /// The partition's budget does not fit in one of its periods on the given pCPUs.
     Infeasible {
         partition: String,
@@ -104,7 +131,11 @@ pub enum PlanError {
         pcpus: Vec<u32>,
     },
     /// The nested policy cannot map this partition (e.g. `Gang` with more vCPUs than pCPUs).
-    PolicyMismatch { partition: String, policy: &'static str, reason: &'static str },
+    PolicyMismatch {
+        partition: String,
+        policy: &'static str,
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for PlanError {
@@ -117,24 +148,21 @@ impl fmt::Display for PlanError {
             PcpusNotSortedUnique { partition } => {
                 write!(f, "partition '{partition}': pCPU list must be sorted and unique")
             }
-            PcpuOutOfRange { partition, pcpu, pcpu_count } => write!(
-                f,
-                "partition '{partition}': pCPU {pcpu} out of range (machine has {pcpu_count})"
-            ),
+            PcpuOutOfRange { partition, pcpu, pcpu_count } => {
+                write!(f, "partition '{partition}': pCPU {pcpu} out of range (machine has {pcpu_count})")
+            }
             NoVcpus { partition } => write!(f, "partition '{partition}': 0 vCPUs"),
             BadHardReservation { partition, budget, period } => write!(
                 f,
                 "partition '{partition}': hard reservation budget {budget} / period {period} \
                  needs 0 < budget <= period"
             ),
-            BadSoftShare { partition, share_ppm } => write!(
-                f,
-                "partition '{partition}': soft share {share_ppm} ppm must be in 1..=1000000"
-            ),
-            PeriodDoesNotDivideFrame { partition, period, frame } => write!(
-                f,
-                "partition '{partition}': period {period} does not divide the major frame {frame}"
-            ),
+            BadSoftShare { partition, share_ppm } => {
+                write!(f, "partition '{partition}': soft share {share_ppm} ppm must be in 1..=1000000")
+            }
+            PeriodDoesNotDivideFrame { partition, period, frame } => {
+                write!(f, "partition '{partition}': period {period} does not divide the major frame {frame}")
+            }
             FrameTooLong { partition, frame, max_frame } => write!(
                 f,
                 "partition '{partition}': its period makes the major frame {frame} \

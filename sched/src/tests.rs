@@ -108,14 +108,21 @@ fn check_gang_plan(plan: &Plan, parts: &[PartitionSpec], cfg: &PlanConfig) {
         if p.gang {
             let first = owned_intervals(plan, p.pcpus[0], Owner::Partition(p.id));
             for &c in &p.pcpus[1..] {
-                assert_eq!(owned_intervals(plan, c, Owner::Partition(p.id)), first, "{}: gang not aligned on pCPU {c}", p.name);
+                assert_eq!(
+                    owned_intervals(plan, c, Owner::Partition(p.id)),
+                    first,
+                    "{}: gang not aligned on pCPU {c}",
+                    p.name
+                );
             }
         }
     }
     // Unreserved time is lent to the pCPU's soft partitions in proportion to their shares.
     for c in 0..cfg.pcpu_count {
-        let soft: Vec<&PartitionSpec> =
-            parts.iter().filter(|p| p.pcpus.contains(&c) && matches!(p.reservation, Reservation::Soft { .. })).collect();
+        let soft: Vec<&PartitionSpec> = parts
+            .iter()
+            .filter(|p| p.pcpus.contains(&c) && matches!(p.reservation, Reservation::Soft { .. }))
+            .collect();
         let slack_total = plan.time_in(c as usize, 0, plan.frame, |o| matches!(o, Owner::Slack(_)));
         let idle = plan.time_in(c as usize, 0, plan.frame, |o| *o == Owner::Idle);
         if soft.is_empty() {
@@ -180,9 +187,21 @@ fn independent_plan_tiles_and_weights_threads_without_alignment() {
         part(1, "a", &[0, 1, 2, 3], 4, true, hard(500, 1000)),
         part(2, "b", &[0, 1, 2, 3], 4, true, Reservation::Soft { share_ppm: 500_000 }),
     ];
-    let plan = plan_independent(&parts, &PlanConfig::new(4, 1000), &IndependentConfig { cycle: 8000, seed: 7, shuffle: false }).unwrap();
+    let plan = plan_independent(
+        &parts,
+        &PlanConfig::new(4, 1000),
+        &IndependentConfig { cycle: 8000, seed: 7, shuffle: false },
+    )
+    .unwrap();
     let starts: Vec<Tick> = (0..4u32)
-        .map(|c| plan.pcpus[c as usize].iter().find(|s| s.offset > 0 && s.owner == Owner::Vcpu { partition: 1, vcpu: c }).unwrap().offset % 8000)
+        .map(|c| {
+            plan.pcpus[c as usize]
+                .iter()
+                .find(|s| s.offset > 0 && s.owner == Owner::Vcpu { partition: 1, vcpu: c })
+                .unwrap()
+                .offset
+                % 8000
+        })
         .collect();
     let mut distinct = starts.clone();
     distinct.sort_unstable();
@@ -204,10 +223,7 @@ fn merges_adjacent_slots_and_counts_switches() {
     assert_eq!(plan.switches(), 0);
     // 50/50 gang pair on 2 pCPUs, period 1000: one switch each way per period per pCPU.
     cfg.pcpu_count = 2;
-    let parts = vec![
-        part(1, "a", &[0, 1], 2, true, hard(500, 1000)),
-        part(2, "b", &[0, 1], 2, true, hard(500, 1000)),
-    ];
+    let parts = vec![part(1, "a", &[0, 1], 2, true, hard(500, 1000)), part(2, "b", &[0, 1], 2, true, hard(500, 1000))];
     let plan = plan_gang(&parts, &cfg).unwrap();
     assert_eq!(plan.switches(), 2 * 8);
 }
@@ -215,12 +231,12 @@ fn merges_adjacent_slots_and_counts_switches() {
 #[test]
 fn planner_errors_name_the_partition() {
     let cfg = PlanConfig::new(2, 1000);
-    let over = vec![
-        part(1, "big", &[0, 1], 2, true, hard(700, 1000)),
-        part(2, "late", &[1], 1, true, hard(400, 1000)),
-    ];
+    let over = vec![part(1, "big", &[0, 1], 2, true, hard(700, 1000)), part(2, "late", &[1], 1, true, hard(400, 1000))];
     let e = plan_gang(&over, &cfg).unwrap_err();
-    assert!(matches!(&e, PlanError::Infeasible { partition, needed: 400, free: 300, .. } if partition == "late"), "{e:?}");
+    assert!(
+        matches!(&e, PlanError::Infeasible { partition, needed: 400, free: 300, .. } if partition == "late"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("'late'"));
 
     let cases: Vec<(PartitionSpec, &str)> = vec![
@@ -244,7 +260,9 @@ fn planner_errors_name_the_partition() {
     let mut small = cfg.clone();
     small.max_frame = 10_000;
     let coprime = vec![part(1, "p7", &[0], 1, true, hard(1, 7000)), part(2, "p11", &[1], 1, true, hard(1, 11000))];
-    assert!(matches!(plan_gang(&coprime, &small).unwrap_err(), PlanError::FrameTooLong { ref partition, .. } if partition == "p11"));
+    assert!(
+        matches!(plan_gang(&coprime, &small).unwrap_err(), PlanError::FrameTooLong { ref partition, .. } if partition == "p11")
+    );
 }
 
 #[test]
@@ -300,7 +318,11 @@ fn round_robin_gang_runs_groups_together_and_evens_out() {
         for j in 0..per_pos[0].len() {
             let mut ids: Vec<u32> = per_pos.iter().map(|s| s[j].vcpu.unwrap()).collect();
             for s in &per_pos {
-                assert_eq!((s[j].start, s[j].length), (per_pos[0][j].start, per_pos[0][j].length), "sub-slices not aligned");
+                assert_eq!(
+                    (s[j].start, s[j].length),
+                    (per_pos[0][j].start, per_pos[0][j].length),
+                    "sub-slices not aligned"
+                );
                 per_vcpu[s[j].vcpu.unwrap() as usize] += s[j].length;
             }
             ids.sort_unstable();
@@ -437,7 +459,10 @@ fn ledger_charges_sum_to_elapsed_exactly() {
                     Some(v) => {
                         assert_eq!(dec.account, Account::Guest(v.partition));
                         let switch = now + rng.below((cut - now).min(5) + 1);
-                        assert_eq!(ledger.charge(Account::OnBehalf(v.partition, Work::SlotSwitch), now, switch), Tiling::Exact);
+                        assert_eq!(
+                            ledger.charge(Account::OnBehalf(v.partition, Work::SlotSwitch), now, switch),
+                            Tiling::Exact
+                        );
                         assert_eq!(ledger.charge(dec.account, switch, cut), Tiling::Exact);
                         expected[v.partition as usize] += cut - now;
                     }
@@ -462,7 +487,9 @@ fn ledger_charges_sum_to_elapsed_exactly() {
         }
         let stats = MachineStats::from_ledgers(&ledgers);
         assert_eq!(stats.elapsed_cycles, cfg.pcpu_count as u64 * span);
-        let charged: u64 = stats.partitions.iter().map(|p| p.charged_cycles()).sum::<u64>() + stats.idle_cycles + stats.overhead_cycles;
+        let charged: u64 = stats.partitions.iter().map(|p| p.charged_cycles()).sum::<u64>()
+            + stats.idle_cycles
+            + stats.overhead_cycles;
         assert_eq!(charged, stats.elapsed_cycles, "charges sum to elapsed exactly");
         assert_eq!(stats.partitions.iter().map(|p| p.charged_cycles()).collect::<Vec<_>>(), expected);
         assert_eq!(stats.idle_cycles, expected_idle);

@@ -15,7 +15,8 @@ pub fn repo_root() -> PathBuf {
 pub fn ensure_image() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let status = Command::new(repo_root().join("scripts/phalanx")).arg("build").status().expect("run scripts/phalanx build");
+        let status =
+            Command::new(repo_root().join("scripts/phalanx")).arg("build").status().expect("run scripts/phalanx build");
         assert!(status.success(), "building the hypervisor image failed");
     });
 }
@@ -96,9 +97,7 @@ impl Run {
 
     /// The last record of `kind`; panics with the console log when there is none.
     pub fn one(&self, kind: &str) -> &Value {
-        self.all(kind)
-            .pop()
-            .unwrap_or_else(|| panic!("no {kind:?} record in {}:\n{}", self.dir.display(), self.log))
+        self.all(kind).pop().unwrap_or_else(|| panic!("no {kind:?} record in {}:\n{}", self.dir.display(), self.log))
     }
 
     /// Fails the test unless the run ended by itself, with no exception or panic.

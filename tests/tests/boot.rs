@@ -93,7 +93,10 @@ fn bochs_accepts_the_default_config_and_places_partition_memory() {
         .collect();
     ranges.sort();
     assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "partition memory overlaps: {ranges:?}");
-    assert!(ranges.iter().all(|r| r.0 >= 0x10_0000 && r.0 % (2 << 20) == 0), "placed above 1 MiB, 2 MiB aligned: {ranges:?}");
+    assert!(
+        ranges.iter().all(|r| r.0 >= 0x10_0000 && r.0 % (2 << 20) == 0),
+        "placed above 1 MiB, 2 MiB aligned: {ranges:?}"
+    );
     // Never the hypervisor's image, heap or the boot modules.
     let boot = run.one("boot");
     let pairs = |key: &str| -> Vec<(u64, u64)> {
@@ -104,7 +107,10 @@ fn bochs_accepts_the_default_config_and_places_partition_memory() {
     assert!(reserved.len() >= 4, "image, heap and at least two modules: {reserved:?}");
     for (start, end) in &ranges {
         for (r_start, r_end) in &reserved {
-            assert!(end <= r_start || start >= r_end, "partition memory {start:#x}..{end:#x} overlaps reserved {r_start:#x}..{r_end:#x}");
+            assert!(
+                end <= r_start || start >= r_end,
+                "partition memory {start:#x}..{end:#x} overlaps reserved {r_start:#x}..{r_end:#x}"
+            );
         }
     }
 }
@@ -118,14 +124,21 @@ fn assert_rejected_before_anything_started(run: &Run, expected: &[&str]) {
         assert!(error.contains(part), "rejection {error:?} should contain {part:?}");
     }
     for kind in ["partition_plan", "cpu_online", "vmx", "summary"] {
-        assert!(run.all(kind).is_empty(), "a rejected config must start nothing, but found {kind} records:\n{}", run.log);
+        assert!(
+            run.all(kind).is_empty(),
+            "a rejected config must start nothing, but found {kind} records:\n{}",
+            run.log
+        );
     }
 }
 
 #[test]
 fn bochs_rejects_an_over_admitted_config_with_its_line_and_field() {
     let run = Boot::new("bochs-config-overcommit", "bochs", 2, "guests/configs/invalid-overcommit.toml").run();
-    assert_rejected_before_anything_started(&run, &["partitions.toml:21:", "partition \"second\"", "`reservation`", "over-admitted"]);
+    assert_rejected_before_anything_started(
+        &run,
+        &["partitions.toml:21:", "partition \"second\"", "`reservation`", "over-admitted"],
+    );
 }
 
 #[test]
@@ -138,14 +151,16 @@ fn bochs_rejects_a_config_naming_pcpus_the_madt_does_not_list() {
 
 #[test]
 fn bochs_one_shot_timer_fallback_stays_phase_locked() {
-    let run = Boot::new("bochs-one-shot", "bochs", 2, "guests/configs/default.toml").cmdline("phalanx.timer=one-shot").run();
+    let run =
+        Boot::new("bochs-one-shot", "bochs", 2, "guests/configs/default.toml").cmdline("phalanx.timer=one-shot").run();
     assert_eq!(run.one("phase_lock")["timer_mode"], "one-shot");
     assert_vmx_root_with_phase_lock(&run, 2);
 }
 
 #[test]
 fn an_exception_on_one_pcpu_is_reported_and_the_run_ends_instead_of_hanging() {
-    let run = Boot::new("bochs-fault", "bochs", 2, "guests/configs/default.toml").cmdline("phalanx.fault_on_cpu=1").run();
+    let run =
+        Boot::new("bochs-fault", "bochs", 2, "guests/configs/default.toml").cmdline("phalanx.fault_on_cpu=1").run();
     assert!(!run.timed_out, "the run hung:\n{}", run.log);
     let exception = run.one("exception");
     assert_eq!(exception["cpu"], 1);

@@ -56,7 +56,10 @@ fn independent_baseline_shows_the_spin_wait_collapse() {
     let g = stats(&gang, "barrier");
     let i = stats(&independent, "barrier");
     let (g_rate, i_rate) = (g["iterations_per_s"].as_u64().unwrap(), i["iterations_per_s"].as_u64().unwrap());
-    assert!(i_rate * 3 < g_rate * 2, "independent ({i_rate}/s) should lose at least a third of gang's progress ({g_rate}/s)");
+    assert!(
+        i_rate * 3 < g_rate * 2,
+        "independent ({i_rate}/s) should lose at least a third of gang's progress ({g_rate}/s)"
+    );
     assert!(pct(&i["spin_waste_hv_pct"]) > 20.0, "independent wastes time spinning on descheduled siblings: {i}");
     // The CPU-bound partition does not care how it is scheduled.
     assert_share(&independent, "hog", 50.0);
@@ -71,7 +74,10 @@ fn an_out_of_bounds_access_stops_only_that_partition() {
     assert_eq!(fault["reason"], "ept-violation");
     assert_eq!(fault["vcpu"], 0, "the testguest's vCPU 0 does the bad write");
     let detail = fault["detail"].as_str().unwrap();
-    assert!(detail.contains("write") && detail.contains("0x1010000"), "names the access and the GPA (16 MiB + 0x10000): {detail}");
+    assert!(
+        detail.contains("write") && detail.contains("0x1010000"),
+        "names the access and the GPA (16 MiB + 0x10000): {detail}"
+    );
     assert!(fault["rip"].as_str().unwrap().starts_with("0x10"), "guest RIP inside the image: {fault}");
     assert_eq!(stats(&run, "rogue")["state"], "stopped");
     // The other partition keeps progressing after the fault and keeps its 30%.

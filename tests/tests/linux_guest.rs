@@ -97,7 +97,9 @@ impl GuestRun {
         }
         match self.records.last() {
             Some(r) if r["type"] == "end" && r["status"] == status => {}
-            other => self.fail(&format!("last record should be {{\"type\":\"end\",\"status\":\"{status}\"}}, got {other:?}")),
+            other => {
+                self.fail(&format!("last record should be {{\"type\":\"end\",\"status\":\"{status}\"}}, got {other:?}"))
+            }
         }
     }
 }
@@ -147,7 +149,12 @@ fn run_guest(emulator: Emulator, cpus: u32, args: &str) -> GuestRun {
         panic!("{what}: run-guest did not return within {:?}; console:\n{console}", limit + Duration::from_secs(30));
     };
     let records = parse_records(&what, &console);
-    GuestRun { what, exit_code: status.code(), console: format!("{console}\n---- run-guest stderr ----\n{stderr}"), records }
+    GuestRun {
+        what,
+        exit_code: status.code(),
+        console: format!("{console}\n---- run-guest stderr ----\n{stderr}"),
+        records,
+    }
 }
 
 /// Every console line carrying `{"type":` must be one whole JSON object (kernel lines,
@@ -184,7 +191,8 @@ fn check_workload(run: &GuestRun, name: &str, cpus: u64) -> Value {
         run.fail(&format!("'{name}' should run one thread per CPU on {cpus} CPUs: {total}"));
     }
     let iterations = u64_field(run, total, "iterations");
-    if iterations == 0 || f64_field(run, total, "iterations_per_sec") <= 0.0 || f64_field(run, total, "seconds") <= 0.0 {
+    if iterations == 0 || f64_field(run, total, "iterations_per_sec") <= 0.0 || f64_field(run, total, "seconds") <= 0.0
+    {
         run.fail(&format!("'{name}' made no progress: {total}"));
     }
     let threads: Vec<&Value> = run.of_type("thread").filter(|r| r["workload"] == name).collect();
@@ -201,9 +209,9 @@ fn check_workload(run: &GuestRun, name: &str, cpus: u64) -> Value {
         let thread_iterations = u64_field(run, t, "iterations");
         match name {
             // Every thread passes every barrier episode: all counts equal the total.
-            "barrier" | "barrier-omp" if thread_iterations != iterations => {
-                run.fail(&format!("'{name}': thread did {thread_iterations} iterations, the barrier total is {iterations}: {t}"))
-            }
+            "barrier" | "barrier-omp" if thread_iterations != iterations => run.fail(&format!(
+                "'{name}': thread did {thread_iterations} iterations, the barrier total is {iterations}: {t}"
+            )),
             _ if thread_iterations == 0 => run.fail(&format!("'{name}': thread made no progress: {t}")),
             _ => {}
         }
@@ -233,7 +241,11 @@ fn check_boot_and_run(run: &GuestRun, cpus: u64, workloads: &[&str]) {
         run.fail(&format!("expected one boot record reporting {cpus} CPUs, got {boots:?}"));
     }
     let runs: Vec<&Value> = run.of_type("run").collect();
-    let listed: Vec<&str> = runs.first().and_then(|r| r["workloads"].as_array()).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let listed: Vec<&str> = runs
+        .first()
+        .and_then(|r| r["workloads"].as_array())
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
     if runs.len() != 1 || listed != workloads {
         run.fail(&format!("expected one run record listing {workloads:?}, got {runs:?}"));
     }
@@ -296,8 +308,16 @@ fn qemu_rejects_bad_command_lines_clearly_and_ends() {
     check_rejected(Emulator::Qemu, "phalanx.workload=barrier+nope", "unknown workload 'nope'");
     check_rejected(Emulator::Qemu, "phalanx.workload=barrier phalanx.threads=0", "phalanx.threads=0");
     check_rejected(Emulator::Qemu, "phalanx.workload=barrier phalanx.seconds=abc", "phalanx.seconds=abc");
-    check_rejected(Emulator::Qemu, "phalanx.workload=barrier phalanx.seconds=1 phalanx.iterations=5", "exclude each other");
-    check_rejected(Emulator::Qemu, "phalanx.workload=barrier phalanx.thread=2", "unknown kernel command line parameter 'phalanx.thread=2'");
+    check_rejected(
+        Emulator::Qemu,
+        "phalanx.workload=barrier phalanx.seconds=1 phalanx.iterations=5",
+        "exclude each other",
+    );
+    check_rejected(
+        Emulator::Qemu,
+        "phalanx.workload=barrier phalanx.thread=2",
+        "unknown kernel command line parameter 'phalanx.thread=2'",
+    );
     check_rejected(Emulator::Qemu, "", "no phalanx.workload=");
 }
 
@@ -315,7 +335,12 @@ fn bochs_runs_barrier_on_2_cpus() {
 
 #[test]
 fn bochs_runs_barrier_omp_and_cpubound_consolidated_on_2_cpus() {
-    check_good_run(Emulator::Bochs, 2, "phalanx.workload=barrier-omp+cpubound phalanx.seconds=1", &["barrier-omp", "cpubound"]);
+    check_good_run(
+        Emulator::Bochs,
+        2,
+        "phalanx.workload=barrier-omp+cpubound phalanx.seconds=1",
+        &["barrier-omp", "cpubound"],
+    );
 }
 
 #[test]

@@ -40,7 +40,8 @@ fn the_guest_bzimage_loads_for_a_64_bit_entry() {
 
     let mut mem = Memory(vec![0; 128 << 20]);
     let cmdline = "console=ttyS0,115200 phalanx.workload=barrier";
-    let layout = load_linux(&mut mem, &LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None }).unwrap();
+    let layout =
+        load_linux(&mut mem, &LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None }).unwrap();
     assert_eq!(layout.kernel_gpa, kernel.pref_address);
     let protected = &bytes[kernel.kernel_offset()..];
     let at = layout.kernel_gpa as usize;
@@ -53,6 +54,7 @@ fn the_guest_bzimage_loads_for_a_64_bit_entry() {
 
     // A partition too small for the kernel is refused with its sizes.
     let mut small = Memory(vec![0; 24 << 20]);
-    let e = load_linux(&mut small, &LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None }).unwrap_err();
+    let e =
+        load_linux(&mut small, &LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None }).unwrap_err();
     assert!(e.to_string().contains("MiB of guest memory"), "{e}");
 }

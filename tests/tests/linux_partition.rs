@@ -30,7 +30,11 @@ fn smp_linux_runs_the_barrier_workload_in_a_partition() {
     assert!(has("Using NULL legacy PIC"), "no 8259 is emulated");
     assert!(has("clocksource: Switched to clocksource tsc"), "time keeps running on the emulated LAPIC timer");
     assert!(has("found SMP MP-table"), "the partition's MP table");
-    assert!(has("smp: Brought up 1 node, 2 CPUs"), "vCPU 1 started by INIT/SIPI through the emulated ICR:\n{}", run.log);
+    assert!(
+        has("smp: Brought up 1 node, 2 CPUs"),
+        "vCPU 1 started by INIT/SIPI through the emulated ICR:\n{}",
+        run.log
+    );
     assert!(has("Run /init as init process"), "the kernel reaches user space:\n{}", run.log);
     assert!(has("ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A"), "the emulated COM1");
     // The guest's own records, on its console (prefixed, so never mistaken for Phalanx's).
@@ -45,5 +49,9 @@ fn smp_linux_runs_the_barrier_workload_in_a_partition() {
     assert!(guest_records.iter().any(|r| r["type"] == "end" && r["status"] == "ok"));
     // Then the guest ends itself (reboot -f is a triple fault): only that partition stops.
     let fault = run.one("partition_fault");
-    assert_eq!((fault["partition"].as_str(), fault["reason"].as_str()), (Some("linux"), Some("triple-fault")), "{fault}");
+    assert_eq!(
+        (fault["partition"].as_str(), fault["reason"].as_str()),
+        (Some("linux"), Some("triple-fault")),
+        "{fault}"
+    );
 }

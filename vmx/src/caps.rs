@@ -36,11 +36,8 @@ impl VmxCapabilities {
         let pick = |plain: u32, true_variant: u32| if true_controls { true_variant } else { plain };
         let procbased = read_msr(pick(msr::IA32_VMX_PROCBASED_CTLS, msr::IA32_VMX_TRUE_PROCBASED_CTLS));
         let procbased2 = if allowed1(procbased, 31) { read_msr(msr::IA32_VMX_PROCBASED_CTLS2) } else { 0 };
-        let ept_vpid = if allowed1(procbased2, 1) || allowed1(procbased2, 5) {
-            read_msr(msr::IA32_VMX_EPT_VPID_CAP)
-        } else {
-            0
-        };
+        let ept_vpid =
+            if allowed1(procbased2, 1) || allowed1(procbased2, 5) { read_msr(msr::IA32_VMX_EPT_VPID_CAP) } else { 0 };
         Self {
             basic,
             pinbased: read_msr(pick(msr::IA32_VMX_PINBASED_CTLS, msr::IA32_VMX_TRUE_PINBASED_CTLS)),

@@ -54,7 +54,16 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, cpu: &GuestCpu) -> Cpu
         // Max basic leaf: at least 0x16, so the TSC leaves below are looked at.
         0 => r.eax = r.eax.max(0x16),
         1 => {
-            r.ecx &= !(ECX_VMX | ECX_SMX | ECX_MONITOR | ECX_EST | ECX_PDCM | ECX_X2APIC | ECX_TSC_DEADLINE | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
+            r.ecx &= !(ECX_VMX
+                | ECX_SMX
+                | ECX_MONITOR
+                | ECX_EST
+                | ECX_PDCM
+                | ECX_X2APIC
+                | ECX_TSC_DEADLINE
+                | ECX_XSAVE
+                | ECX_OSXSAVE
+                | ECX_AVX);
             r.ecx |= ECX_HYPERVISOR;
             r.edx &= !(EDX_DS | EDX_ACPI_THERMAL | EDX_TM);
             r.ebx = (r.ebx & 0x00FF_FFFF) | ((apic_id as u32) << 24);

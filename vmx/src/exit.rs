@@ -151,7 +151,9 @@ impl ExitReason {
             ExitReason::Cpuid => Handler::Cpuid,
             ExitReason::Rdmsr | ExitReason::Wrmsr => Handler::Msr,
             ExitReason::Rdtsc | ExitReason::Wbinvd | ExitReason::Invlpg => Handler::SkipInstruction,
-            ExitReason::Xsetbv | ExitReason::MwaitOrMonitor(_) | ExitReason::VmxInstruction(_) => Handler::InjectUndefined,
+            ExitReason::Xsetbv | ExitReason::MwaitOrMonitor(_) | ExitReason::VmxInstruction(_) => {
+                Handler::InjectUndefined
+            }
             ExitReason::EptViolation | ExitReason::EptMisconfiguration => Handler::MemoryFault,
             ExitReason::TripleFault => Handler::GuestFault,
             ExitReason::InvalidGuestState | ExitReason::MsrLoading | ExitReason::MachineCheck => Handler::EntryFailure,

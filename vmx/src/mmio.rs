@@ -52,10 +52,13 @@ pub fn decode(bytes: &[u8], rip: u64) -> Result<MmioAccess, MmioError> {
     let length = instruction.len() as u8;
     let size = instruction.memory_size().size() as u8;
     let unsupported = || MmioError::Unsupported(instruction.code());
-    let memory_operand = (0..instruction.op_count()).find(|&i| instruction.op_kind(i) == OpKind::Memory).ok_or_else(unsupported)?;
+    let memory_operand =
+        (0..instruction.op_count()).find(|&i| instruction.op_kind(i) == OpKind::Memory).ok_or_else(unsupported)?;
     let operation = match (instruction.mnemonic(), memory_operand) {
         (iced_x86::Mnemonic::Mov, 0) => match instruction.op_kind(1) {
-            OpKind::Register => MmioOperation::Write { register: gpr_index(instruction.op1_register()).ok_or_else(unsupported)? },
+            OpKind::Register => {
+                MmioOperation::Write { register: gpr_index(instruction.op1_register()).ok_or_else(unsupported)? }
+            }
             OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32 | OpKind::Immediate32to64 => {
                 MmioOperation::WriteImmediate { value: instruction.immediate(1) }
             }

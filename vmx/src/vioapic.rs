@@ -37,7 +37,11 @@ impl VirtualIoApic {
                 REG_ARBITRATION => (self.id as u32) << 24,
                 r @ REG_REDIRECTION..=0x3F => {
                     let entry = self.redirection[((r - REG_REDIRECTION) / 2) as usize];
-                    if r % 2 == 0 { entry as u32 } else { (entry >> 32) as u32 }
+                    if r % 2 == 0 {
+                        entry as u32
+                    } else {
+                        (entry >> 32) as u32
+                    }
                 }
                 _ => 0,
             },
@@ -72,7 +76,8 @@ impl VirtualIoApic {
             return None;
         }
         let target = (entry >> 56) as u8;
-        let destination = if entry & (1 << 11) != 0 { Destination::Logical(target) } else { Destination::Physical(target) };
+        let destination =
+            if entry & (1 << 11) != 0 { Destination::Logical(target) } else { Destination::Physical(target) };
         Some((entry as u8, destination))
     }
 }

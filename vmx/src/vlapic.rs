@@ -56,12 +56,24 @@ pub enum Destination {
 /// What a write to ICR asks the hypervisor to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IcrCommand {
-    Fixed { vector: u8, destination: Destination },
-    Nmi { destination: Destination },
-    Init { destination: Destination },
-    Startup { vector: u8, destination: Destination },
+    Fixed {
+        vector: u8,
+        destination: Destination,
+    },
+    Nmi {
+        destination: Destination,
+    },
+    Init {
+        destination: Destination,
+    },
+    Startup {
+        vector: u8,
+        destination: Destination,
+    },
     /// A delivery mode Phalanx does not support (SMI, lowest-priority with no target, ...).
-    Unsupported { icr: u64 },
+    Unsupported {
+        icr: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,12 +152,20 @@ impl VirtualLapic {
     /// TSC cycles per timer tick: the divide configuration (bits 0,1,3) selects 1..128.
     fn divisor(&self) -> u64 {
         let code = (self.timer_divide_config & 0b11) | ((self.timer_divide_config >> 1) & 0b100);
-        if code == 0b111 { 1 } else { 2u64 << code }
+        if code == 0b111 {
+            1
+        } else {
+            2u64 << code
+        }
     }
 
     fn ppr(&self) -> u32 {
         let isrv = highest(&self.isr).map_or(0, |v| v as u32);
-        if (self.tpr & 0xF0) >= (isrv & 0xF0) { self.tpr & 0xFF } else { isrv & 0xF0 }
+        if (self.tpr & 0xF0) >= (isrv & 0xF0) {
+            self.tpr & 0xFF
+        } else {
+            isrv & 0xF0
+        }
     }
 
     pub fn read(&self, offset: u32, now: u64) -> u32 {
@@ -374,8 +394,14 @@ mod tests {
     fn icr_writes_become_commands() {
         let mut l = enabled(0);
         l.write(reg::ICR_HIGH, 1 << 24, 0);
-        assert_eq!(l.write(reg::ICR_LOW, 0x0000_4500, 0), Some(IcrCommand::Init { destination: Destination::Physical(1) }));
-        assert_eq!(l.write(reg::ICR_LOW, 0x0000_4608, 0), Some(IcrCommand::Startup { vector: 8, destination: Destination::Physical(1) }));
+        assert_eq!(
+            l.write(reg::ICR_LOW, 0x0000_4500, 0),
+            Some(IcrCommand::Init { destination: Destination::Physical(1) })
+        );
+        assert_eq!(
+            l.write(reg::ICR_LOW, 0x0000_4608, 0),
+            Some(IcrCommand::Startup { vector: 8, destination: Destination::Physical(1) })
+        );
         assert_eq!(
             l.write(reg::ICR_LOW, 0x000C_00FD, 0),
             Some(IcrCommand::Fixed { vector: 0xFD, destination: Destination::AllExcludingSelf })

@@ -41,7 +41,8 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
         match arg.as_str() {
             "--pcpus" => {
                 let n = value("--pcpus")?;
-                machine.pcpus = Some(u32::try_from(n).ok().filter(|&n| (1..=4096).contains(&n)).ok_or("--pcpus: 1..=4096")?);
+                machine.pcpus =
+                    Some(u32::try_from(n).ok().filter(|&n| (1..=4096).contains(&n)).ok_or("--pcpus: 1..=4096")?);
             }
             "--memory-mb" => {
                 let mb = value("--memory-mb")?;
@@ -100,10 +101,14 @@ fn summary(file: &str, v: &Validated, machine: &Machine) -> String {
         }
     );
     let flat = v.tree.flatten();
-    for ((p, leaf), (flat, placement)) in v.config.partitions.iter().zip(v.tree.partitions()).zip(flat.iter().zip(&v.memory)) {
+    for ((p, leaf), (flat, placement)) in
+        v.config.partitions.iter().zip(v.tree.partitions()).zip(flat.iter().zip(&v.memory))
+    {
         let reservation = match (p.reservation, &flat.reservation) {
             (Reservation::Hard { budget_us, period_us }, _) => format!("hard {budget_us}/{period_us} us"),
-            (Reservation::FixedShare { percent }, EffectiveReservation::Hard { .. }) => format!("fixed {percent}% (guaranteed)"),
+            (Reservation::FixedShare { percent }, EffectiveReservation::Hard { .. }) => {
+                format!("fixed {percent}% (guaranteed)")
+            }
             (Reservation::FixedShare { percent }, _) => format!("fixed {percent}% of a soft parent"),
             (Reservation::Weight(w), _) => format!("soft weight {w}"),
         };
