@@ -380,26 +380,9 @@ pub fn startup_ipi_state(vector: u8) -> VcpuState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::longmode::check_vm_entry_rules;
+    use crate::longmode::{check_vm_entry_rules, VecGuestMemory as Memory};
     use alloc::vec;
     use alloc::vec::Vec;
-
-    struct Memory(Vec<u8>);
-
-    impl GuestMemory for Memory {
-        fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
-            let end = gpa as usize + bytes.len();
-            if end > self.0.len() {
-                return Err(GuestMemoryError { gpa, len: bytes.len() as u64, size: self.0.len() as u64 });
-            }
-            self.0[gpa as usize..end].copy_from_slice(bytes);
-            Ok(())
-        }
-
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-    }
 
     /// A minimal bzImage: boot protocol 2.15 header, 64-bit, relocatable, `setup_sects` real
     /// mode sectors, then a recognisable protected-mode payload.

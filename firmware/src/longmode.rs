@@ -548,31 +548,36 @@ fn is_canonical(addr: u64) -> bool {
     top == 0 || top == (1 << 17) - 1
 }
 
+/// Guest memory as a byte vector starting at GPA 0: for host tests and tools that load a
+/// partition's memory without a machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VecGuestMemory(pub alloc::vec::Vec<u8>);
+
+impl GuestMemory for VecGuestMemory {
+    fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
+        let err = GuestMemoryError { gpa, len: bytes.len() as u64, size: self.size() };
+        let end = gpa.checked_add(bytes.len() as u64).ok_or(err)?;
+        if end > self.size() {
+            return Err(err);
+        }
+        self.0[gpa as usize..end as usize].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use alloc::vec;
     use alloc::vec::Vec;
 
-    /// Guest memory as a byte vector starting at GPA 0.
-    struct VecMemory(Vec<u8>);
+    use VecGuestMemory as VecMemory;
 
-    impl GuestMemory for VecMemory {
-        fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
-            let err = GuestMemoryError { gpa, len: bytes.len() as u64, size: self.size() };
-            let end = gpa.checked_add(bytes.len() as u64).ok_or(err)?;
-            if end > self.size() {
-                return Err(err);
-            }
-            self.0[gpa as usize..end as usize].copy_from_slice(bytes);
-            Ok(())
-        }
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-    }
-
-    impl VecMemory {
+    impl VecGuestMemory {
         fn u64_at(&self, gpa: u64) -> u64 {
             u64::from_le_bytes(self.0[gpa as usize..gpa as usize + 8].try_into().unwrap())
         }

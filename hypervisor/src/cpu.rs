@@ -19,11 +19,11 @@ const UNKNOWN_CPU: u8 = 0xFF;
 static APIC_ID_TO_INDEX: [AtomicU8; 256] = [const { AtomicU8::new(UNKNOWN_CPU) }; 256];
 static LAPIC_READY: AtomicBool = AtomicBool::new(false);
 
-/// Selectors every CPU's GDT uses, in the same slots (the VMCS host state refers to them).
-pub struct Selectors {
-    pub code: SegmentSelector,
-    pub data: SegmentSelector,
-    pub tss: SegmentSelector,
+/// The selectors of one CPU's GDT (the same slots on every CPU: `KERNEL_*_SELECTOR`).
+struct Selectors {
+    code: SegmentSelector,
+    data: SegmentSelector,
+    tss: SegmentSelector,
 }
 
 /// Records which CPU index an APIC ID belongs to (from the MADT order).
@@ -63,15 +63,9 @@ fn leak_stack(size: usize) -> VirtAddr {
     VirtAddr::new((stack.as_ptr() as u64 + size as u64) & !0xF)
 }
 
-/// BSP set-up: builds the shared IDT once, then does what every CPU does.
-pub fn init_this_cpu_first(_boot: &crate::memory::BootInfo) -> Selectors {
-    crate::interrupts::build_idt(0x08);
-    init_this_cpu()
-}
-
 /// Gives this CPU its own GDT and TSS (a TSS descriptor is marked busy by `ltr`, so it
 /// cannot be shared), loads the shared IDT, and reloads the segment registers.
-pub fn init_this_cpu() -> Selectors {
+pub fn init_this_cpu() {
     let mut tss = TaskStateSegment::new();
     for slot in [IST_DOUBLE_FAULT, IST_NMI, IST_MACHINE_CHECK] {
         tss.interrupt_stack_table[slot as usize - 1] = leak_stack(IST_STACK_SIZE);
@@ -93,8 +87,12 @@ pub fn init_this_cpu() -> Selectors {
         ES::set_reg(selectors.data);
         x86_64::instructions::tables::load_tss(selectors.tss);
     }
+    debug_assert_eq!(
+        (selectors.code.0, selectors.data.0),
+        (KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR),
+        "the VMCS host state assumes these slots"
+    );
     crate::interrupts::load_idt();
-    selectors
 }
 
 pub fn halt_forever() -> ! {

@@ -32,7 +32,8 @@ const PREEMPTION_GUARD_CYCLES: u64 = 2_000;
 const IDLE_WAKE_MARGIN_CYCLES: u64 = 2_000;
 /// Most slot entries each pCPU remembers for the skew statistics.
 const MAX_SLOT_ENTRIES: usize = 8192;
-const EXIT_REASONS: usize = 80;
+/// Basic exit reasons tracked one by one (every one the SDM defines fits).
+pub const EXIT_REASONS: usize = 80;
 
 /// Set for a pCPU when one of its vCPUs was sent an IPI or a start-up: the next boundary
 /// looks at its vCPUs' pending work (otherwise the slot path skips that).
@@ -153,10 +154,7 @@ impl Pcpu {
     fn wake_halted(&mut self, now: u64) {
         let m = machine();
         for v in self.vcpus.iter_mut().filter(|v| v.halted) {
-            let partition = &m.partitions[v.partition];
-            partition.take_ipis(v.index, &mut v.lapic);
-            v.lapic.advance(now);
-            if v.lapic.deliverable().is_some() {
+            if interrupt_due(&m.partitions[v.partition], v, now) {
                 v.halted = false;
             }
         }
@@ -365,8 +363,7 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
         }
         // The vCPU's virtual LAPIC: take siblings' IPIs, run its timer, inject what is due.
         let vcpu = &mut pcpu.vcpus[index];
-        partition.take_ipis(vcpu.index, &mut vcpu.lapic);
-        vcpu.lapic.advance(now);
+        interrupt_due(partition, vcpu, now);
         vcpu.deliver_interrupts(&m.controls);
         // Exit by the slot boundary (guard) or when the guest's own timer is due.
         let wake = vcpu.lapic.timer_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));
@@ -469,9 +466,7 @@ fn handle_exit(
         Handler::InterruptWindow => None,
         Handler::Halt => {
             vcpu.skip_instruction();
-            partition.take_ipis(vcpu.index, &mut vcpu.lapic);
-            vcpu.lapic.advance(crate::tsc::now());
-            if vcpu.lapic.deliverable().is_some() {
+            if interrupt_due(partition, vcpu, crate::tsc::now()) {
                 return None;
             }
             // Halted until its timer (within this slot: the pCPU waits for it) or an IPI.
@@ -571,6 +566,14 @@ fn handle_exit(
             alloc::format!("exit reason {} ({}) is not allowed to partitions", reason.number(), reason.name()),
         ),
     }
+}
+
+/// Brings the vCPU's virtual LAPIC up to `now` (siblings' IPIs taken, its timer run) and says
+/// whether it has an interrupt to deliver.
+fn interrupt_due(partition: &Partition, vcpu: &mut Vcpu, now: u64) -> bool {
+    partition.take_ipis(vcpu.index, &mut vcpu.lapic);
+    vcpu.lapic.advance(now);
+    vcpu.lapic.deliverable().is_some()
 }
 
 /// Makes the pCPU that runs `vcpu` of `partition` look at it now (a host IPI: its guest exits

@@ -51,8 +51,9 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
     log::info!("Phalanx {} starting", env!("CARGO_PKG_VERSION"));
 
     let boot = memory::init(magic, info).unwrap_or_else(|e| fatal("memory", e));
-    let selectors = cpu::init_this_cpu_first(&boot);
-    let _ = selectors;
+    // The IDT is shared: built once here, before any CPU loads it.
+    interrupts::build_idt(cpu::KERNEL_CODE_SELECTOR);
+    cpu::init_this_cpu();
     apic::disable_legacy_pic();
     apic::init_this_cpu();
 

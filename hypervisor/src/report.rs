@@ -30,7 +30,6 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         p.report_fault();
     }
     for p in &m.partitions {
-        let id = p.id as reservations::PartitionId;
         let totals = stats.partitions.get(p.id).copied().unwrap_or_default();
         let guest_stats: Vec<_> = (0..p.vcpus).map(|v| p.guest_stats(v)).collect();
         let iterations = guest_stats.iter().map(|s| s.iterations).max().unwrap_or(0);
@@ -91,10 +90,9 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("resets", p.resets.load(core::sync::atomic::Ordering::Relaxed))
             .str("state", if fault.is_some() { "stopped" } else { "running" })
             .emit();
-        let _ = id;
     }
 
-    let mut exits = [crate::dispatch::ExitStat::default(); 80];
+    let mut exits = [crate::dispatch::ExitStat::default(); crate::dispatch::EXIT_REASONS];
     for r in &results {
         for (total, e) in exits.iter_mut().zip(r.exits.iter()) {
             total.count += e.count;

@@ -144,8 +144,7 @@ impl Partition {
     }
 
     /// Takes the IPIs posted to `vcpu` into its virtual LAPIC.
-    pub fn take_ipis(&self, vcpu: u32, lapic: &mut vmx::vlapic::VirtualLapic) -> bool {
-        let mut any = false;
+    pub fn take_ipis(&self, vcpu: u32, lapic: &mut vmx::vlapic::VirtualLapic) {
         for (word, bits) in self.pending_ipis[vcpu as usize].iter().enumerate() {
             if bits.load(Ordering::Acquire) == 0 {
                 continue;
@@ -155,10 +154,8 @@ impl Partition {
                 let bit = set.trailing_zeros();
                 lapic.accept((word as u32 * 64 + bit) as u8);
                 set &= set - 1;
-                any = true;
             }
         }
-        any
     }
 
     /// Reads guest-physical memory into `out`, `None` (nothing read) outside the partition.

@@ -283,10 +283,10 @@ impl Vcpu {
 
     /// A general-purpose register by its x86 encoding number (`vmx::mmio::GprIndex`); RSP
     /// lives in the VMCS.
-    pub fn gpr(&self, index: u8) -> u64 {
+    pub fn gpr(&mut self, index: u8) -> u64 {
         match index {
             4 => vmcs::read(guest::RSP),
-            i => *self.gpr_slot(i),
+            i => *self.gpr_slot_mut(i),
         }
     }
 
@@ -295,27 +295,6 @@ impl Vcpu {
         match index {
             4 => vmcs::write(guest::RSP, value),
             i => *self.gpr_slot_mut(i) = value,
-        }
-    }
-
-    fn gpr_slot(&self, index: u8) -> &u64 {
-        let r = &self.regs;
-        match index {
-            0 => &r.rax,
-            1 => &r.rcx,
-            2 => &r.rdx,
-            3 => &r.rbx,
-            5 => &r.rbp,
-            6 => &r.rsi,
-            7 => &r.rdi,
-            8 => &r.r8,
-            9 => &r.r9,
-            10 => &r.r10,
-            11 => &r.r11,
-            12 => &r.r12,
-            13 => &r.r13,
-            14 => &r.r14,
-            _ => &r.r15,
         }
     }
 

@@ -2,25 +2,8 @@
 //! builds (scripts/build-guest), not only on synthetic headers.
 
 use firmware::linux::{boot_vcpu_state, load_linux, BzImage, LinuxParams, ZERO_PAGE_GPA};
-use firmware::longmode::{check_vm_entry_rules, GuestMemory, GuestMemoryError};
+use firmware::longmode::{check_vm_entry_rules, VecGuestMemory as Memory};
 use std::process::Command;
-
-struct Memory(Vec<u8>);
-
-impl GuestMemory for Memory {
-    fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
-        let end = gpa as usize + bytes.len();
-        if end > self.0.len() {
-            return Err(GuestMemoryError { gpa, len: bytes.len() as u64, size: self.0.len() as u64 });
-        }
-        self.0[gpa as usize..end].copy_from_slice(bytes);
-        Ok(())
-    }
-
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-}
 
 fn guest_bzimage() -> Vec<u8> {
     let root = e2e::repo_root();
