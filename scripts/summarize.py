@@ -19,6 +19,35 @@ def records(path):
     return out
 
 
+def pct(figure):
+    """A percentage record field ("12.34", or "not measured") for a table cell."""
+    return figure + "%" if figure.replace(".", "", 1).isdigit() else figure
+
+
+def emulator_tail(run_dir, lines=20):
+    """The end of what the emulator itself printed in RUN_DIR (bochs.out or qemu.out)."""
+    import os
+    for name in ("bochs.out", "qemu.out"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                return f"--- {path}\n" + "".join(f.readlines()[-lines:])
+    return f"(no bochs.out or qemu.out in {run_dir})"
+
+
+def no_result(run_dir):
+    """Why RUN_DIR has no result, for a table cell: a missing serial log names the emulator's
+    last words (printed whole to stderr), a present one is the place to look."""
+    import os
+    log = os.path.join(run_dir, "serial.log")
+    if os.path.exists(log) and os.path.getsize(log) > 0:
+        return f"(no result: see {log})"
+    tail = emulator_tail(run_dir)
+    print(f"{run_dir}: the emulator produced no serial log\n{tail}", file=sys.stderr)
+    last = [l for l in tail.splitlines() if l.strip() and not l.startswith("---")]
+    return f"(no serial log; the emulator said: {last[-1].strip() if last else 'nothing'})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("log")
@@ -49,6 +78,9 @@ def main():
     vmx = by.get("vmx", [])
     if vmx:
         rows.append(("VMX root", f'{sum(1 for v in vmx if v["root"])}/{len(vmx)} pCPUs'))
+    paths = one("vmx_paths")
+    if paths:
+        rows.append(("VMX paths", ", ".join(f"{k}: {v}" for k, v in paths.items() if k not in ("type", "policy"))))
     for c in by.get("config", []):
         if c.get("status") == "accepted":
             rows.append(("config", f'accepted: {c.get("file")} ({c.get("partitions")} partitions)'))
@@ -88,7 +120,7 @@ def main():
         print(f'\nPartitions after {end.get("run_ms", "?")} ms of {end.get("policy", "?")} dispatch')
         head = ("partition", "state", "iterations/s", "CPU share", "spin waste (hv)", "spin waste (guest)", "gang skew med/max", "exits", "PLE exits")
         table = [head] + [(s["partition"], s["state"], str(s["iterations_per_s"]), s["cpu_share_pct"] + "%",
-                           s["spin_waste_hv_pct"] + "%", s["spin_waste_guest_pct"] + "%",
+                           pct(s["spin_waste_hv_pct"]), pct(s["spin_waste_guest_pct"]),
                            f'{s["skew_median_cycles"]}/{s["skew_max_cycles"]} cycles' if s["gang_slots_measured"] else "-",
                            str(s["exits"]), str(s["pause_loop_exits"])) for s in stats]
         w = [max(len(r[i]) for r in table) for i in range(len(head))]

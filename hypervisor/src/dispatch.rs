@@ -143,8 +143,9 @@ impl Pcpu {
             let v = &mut self.vcpus[index];
             let partition = &m.partitions[v.partition];
             if let Some(vector) = partition.take_startup(v.index) {
-                v.setup(&m.controls, &partition.context, &firmware::linux::startup_ipi_state(vector));
-                self.loaded = Some(index);
+                if set_up(v, partition, &firmware::linux::startup_ipi_state(vector)) {
+                    self.loaded = Some(index);
+                }
             }
         }
     }
@@ -182,9 +183,10 @@ impl Pcpu {
             partition.park_for_reset(&mut v.parked_generation);
             let generation = partition.generation.load(Ordering::Acquire);
             if v.generation != generation && !partition.is_stopped() {
-                v.setup(&m.controls, &partition.context, &partition.initial_states[v.index as usize]);
                 v.generation = generation;
-                self.loaded = Some(index);
+                if set_up(v, partition, &partition.initial_states[v.index as usize]) {
+                    self.loaded = Some(index);
+                }
             }
         }
         self.charge(Account::OnBehalf(partition_id as reservations::PartitionId, Work::SlotSwitch), start);
@@ -192,6 +194,21 @@ impl Pcpu {
             Account::OnBehalf(partition_id as reservations::PartitionId, Work::ExitHandling),
             crate::tsc::now(),
         );
+    }
+}
+
+/// Sets `v` up to enter in `state`; a VMCS that fails the VM-entry checks stops the partition
+/// with a fault naming the field. `true` when the vCPU's VMCS is now current.
+fn set_up(v: &mut Vcpu, partition: &Partition, state: &firmware::longmode::VcpuState) -> bool {
+    let m = machine();
+    match v.setup(&m.controls, &partition.context, state, m.force_interrupts_on) {
+        Ok(()) => true,
+        Err(failure) => {
+            let fault =
+                Fault { vcpu: v.index, reason: "vm-entry-check", detail: alloc::format!("{failure}"), rip: state.rip };
+            partition.refuse(fault);
+            false
+        }
     }
 }
 
@@ -204,7 +221,7 @@ pub fn run_pcpu(cpu: usize) {
         for (i, &home) in homes.iter().enumerate() {
             if home == cpu {
                 let mut v = Vcpu::new(p, i as u32, vpid, &m.controls.caps);
-                v.setup(&m.controls, &m.partitions[p].context, &m.partitions[p].initial_states[i]);
+                set_up(&mut v, &m.partitions[p], &m.partitions[p].initial_states[i]);
                 vcpus.push(v);
             }
             vpid += 1;

@@ -228,10 +228,11 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         log::info!("the config has no partitions: nothing to run");
         return;
     }
-    let caps = vmx_root::capabilities(0).expect("BSP capabilities read at VMXON");
-    let controls = vcpu::Controls::negotiate(&caps).unwrap_or_else(|e| fatal("vmx", &alloc::format!("{e}")));
-    let machine = runtime::build(validated, boot, controls, cpus).unwrap_or_else(|e| fatal("partitions", &e));
     let hv = &validated.config.hypervisor;
+    let controls = negotiate_controls(hv.policy);
+    let force_interrupts_on = boot_option(&boot.cmdline, "phalanx.bochs") == Some("1");
+    let machine = runtime::build(validated, boot, controls, cpus, force_interrupts_on)
+        .unwrap_or_else(|e| fatal("partitions", &e));
     let run_ms = hv.run_ms.unwrap_or(DEFAULT_RUN_MS);
     let t0 = tsc::now() + tsc::us_to_cycles(lead_us);
     let end = t0 + tsc::us_to_cycles(run_ms * 1000);
@@ -257,6 +258,28 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
     console::stop_buffering();
     report::final_records(cpus, end - t0);
     Record::new("run_end").u64("run_ms", run_ms).str("policy", machine.policy.as_str()).emit();
+}
+
+/// The machine's VMX control set for `policy`, with one record saying which path each
+/// optional feature takes; a CPU that lacks a hard requirement ends the run with an error
+/// naming it.
+fn negotiate_controls(policy: config::DispatchPolicy) -> vmx::ControlSet {
+    let caps = vmx_root::capabilities(0).expect("BSP capabilities read at VMXON");
+    let wants = vmx::Wants { yield_on_spin: policy == config::DispatchPolicy::IndependentYield };
+    let controls = vmx::ControlSet::negotiate(&caps, wants).unwrap_or_else(|e| {
+        let message = alloc::format!(
+            "{e}: no partition can run on this CPU. Run Phalanx under Bochs (scripts/phalanx run), on an Intel CPU \
+             with VT-x and EPT, or under nested KVM on one (docs: README, \"Running under QEMU + KVM\")"
+        );
+        fatal("vmx", &message)
+    });
+    let slot_timer = if apic::has_tsc_deadline() { "tsc-deadline" } else { "one-shot" };
+    let mut record = Record::new("vmx_paths").str("policy", policy.as_str()).str("slot_timer", slot_timer);
+    for (feature, path) in controls.paths.named() {
+        record = record.str(feature, path);
+    }
+    record.emit();
+    controls
 }
 
 /// `key=value` from the hypervisor's command line.
@@ -311,9 +334,5 @@ fn report_vmx(cpus: usize) {
     let mismatched: Vec<usize> = (1..cpus).filter(|&c| vmx_root::capabilities(c) != Some(caps)).collect();
     if !mismatched.is_empty() {
         log::warn!("pCPUs {mismatched:?} report different VMX capabilities from the BSP");
-    }
-    let missing: Vec<&str> = features.missing_required().collect();
-    if !missing.is_empty() {
-        log::warn!("VMX lacks features partitions need: {}", missing.join(", "));
     }
 }

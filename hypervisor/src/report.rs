@@ -10,7 +10,7 @@ use reservations::{Ledger, MachineStats};
 use crate::console::Record;
 use crate::dispatch::{PcpuResult, RESULTS};
 use crate::runtime::machine;
-use crate::vcpu::PLE_WINDOW;
+use vmx::control_set::PLE_WINDOW;
 
 fn median(values: &mut [u64]) -> u64 {
     values.sort_unstable();
@@ -35,7 +35,12 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         let iterations = guest_stats.iter().map(|s| s.iterations).max().unwrap_or(0);
         let guest_spin: u64 = guest_stats.iter().map(|s| s.spin_cycles).sum();
         let guest_busy: u64 = guest_stats.iter().map(|s| s.busy_cycles).sum();
-        let ple_spin = totals.pause_loop_exits * PLE_WINDOW;
+        // Only PAUSE-loop exits measure spinning; without them the figure is "not measured",
+        // never 0.
+        let hv_spin_pct = m
+            .controls
+            .pause_loop_exiting()
+            .then(|| (totals.pause_loop_exits * PLE_WINDOW) as f64 * 100.0 / totals.guest_cycles.max(1) as f64);
         let pcpus_held = m.homes[p.id].iter().collect::<alloc::collections::BTreeSet<_>>().len() as u64;
         let capacity = run_cycles * pcpus_held;
         let used = totals.charged_cycles();
@@ -73,10 +78,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .fmt("cpu_share_pct", format_args!("{:.2}", used as f64 * 100.0 / capacity.max(1) as f64))
             .u64("exits", totals.exits)
             .u64("pause_loop_exits", totals.pause_loop_exits)
-            .fmt(
-                "spin_waste_hv_pct",
-                format_args!("{:.2}", ple_spin as f64 * 100.0 / totals.guest_cycles.max(1) as f64),
-            )
+            .str("spin_waste_hv_pct", &hv_spin_pct.map_or("not measured".into(), |pct| alloc::format!("{pct:.2}")))
             .fmt(
                 "spin_waste_guest_pct",
                 format_args!("{:.2}", guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64),

@@ -18,7 +18,8 @@ use firmware::longmode::{BootParams, GuestMemory, GuestMemoryError, GuestStats, 
 use sched::{DispatchTables, PartitionSpec, PlanConfig, VcpuRef};
 
 use crate::memory::BootInfo;
-use crate::vcpu::{Controls, PartitionContext};
+use vmx::vmcs_image::PartitionContext;
+use vmx::ControlSet;
 
 /// Longest guest console line held before it is printed anyway (JSON records fit).
 const GUEST_LINE_MAX: usize = 4096;
@@ -193,13 +194,23 @@ impl Partition {
     /// partition's own slots (`report_fault`), so a fault near the end of its slot does not run
     /// into the next partition's.
     pub fn stop(&self, fault: Fault) {
+        self.stop_and_maybe_reset(fault, self.on_fault == OnFault::Reset);
+    }
+
+    /// Stops the partition for good, whatever its `on_fault`: for what a reset cannot mend
+    /// (the CPU lacks a feature it needs, its VMCS fails the VM-entry checks).
+    pub fn refuse(&self, fault: Fault) {
+        self.stop_and_maybe_reset(fault, false);
+    }
+
+    fn stop_and_maybe_reset(&self, fault: Fault, reset: bool) {
         let mut slot = self.fault.lock();
         if slot.is_none() {
             *slot = Some(fault);
             self.fault_unreported.store(true, Ordering::Release);
         }
         drop(slot);
-        if self.on_fault == OnFault::Reset {
+        if reset {
             self.reset_pending.store(true, Ordering::Release);
         }
         self.stopped.store(true, Ordering::Release);
@@ -439,7 +450,10 @@ pub struct Machine {
     pub partitions: Vec<Partition>,
     pub tables: DispatchTables,
     pub policy: DispatchPolicy,
-    pub controls: Controls,
+    pub controls: ControlSet,
+    /// Enter vCPUs with RFLAGS.IF set: the Bochs workaround (`phalanx.bochs=1`, which
+    /// scripts/phalanx passes to Bochs runs only); see `vmx::vmcs_image::InitialVmcs::new`.
+    pub force_interrupts_on: bool,
     /// Per partition, per vCPU: the one pCPU it runs on.
     pub homes: Vec<Vec<usize>>,
     pub frame_cycles: u64,
@@ -457,8 +471,9 @@ pub fn machine() -> &'static Machine {
 pub fn build(
     validated: &Validated,
     boot: &BootInfo,
-    controls: Controls,
+    controls: ControlSet,
     pcpus: usize,
+    force_interrupts_on: bool,
 ) -> Result<&'static Machine, String> {
     let config = &validated.config;
     let features = controls.caps.features();
@@ -519,6 +534,22 @@ pub fn build(
             logical_ids: (0..p.vcpus).map(|_| core::sync::atomic::AtomicU8::new(0)).collect(),
             startup_vectors: (0..p.vcpus).map(|_| AtomicU32::new(0)).collect(),
         });
+    }
+
+    // Application processors of SMP Linux start in real mode, which needs unrestricted guest:
+    // without it such a partition is refused (stopped before it runs); the others run.
+    if !controls.paths.unrestricted_guest {
+        for p in partitions.iter().filter(|p| p.payload == Payload::Linux && p.vcpus > 1) {
+            p.refuse(Fault {
+                vcpu: 1,
+                reason: "unsupported",
+                detail: format!(
+                    "SMP Linux needs the VMX feature \"unrestricted guest\" (its application processors start in real mode), which this CPU lacks: give partition {} 1 vCPU, or run on a CPU that has it",
+                    p.name
+                ),
+                rip: 0,
+            });
+        }
     }
 
     // The instruction decoder builds its tables on first use (millions of cycles): do that
@@ -593,6 +624,7 @@ pub fn build(
         tables,
         policy: config.hypervisor.policy,
         controls,
+        force_interrupts_on,
         homes,
         frame_cycles,
         skew_bound,

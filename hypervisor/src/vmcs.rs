@@ -4,7 +4,7 @@
 
 use x86::bits64::vmx;
 
-pub use x86::vmx::vmcs::{control, guest, host, ro};
+pub use x86::vmx::vmcs::{control, guest, ro};
 
 pub fn write(field: u32, value: u64) {
     // SAFETY: a VMCS is current on this CPU (every caller runs after `load`), and the value
@@ -40,12 +40,14 @@ pub fn load(phys: u64, clear_first: bool) {
     }
 }
 
-/// INVEPT single-context: drops cached translations of one EPT after a mapping change.
-pub fn invept_single_context(eptp: u64) {
+/// INVEPT: drops cached translations of one EPT (single-context) after a mapping change, or
+/// of every EPT (all-context) on a CPU without the single-context type.
+pub fn invept(eptp: u64, single_context: bool) {
     let descriptor: [u64; 2] = [eptp, 0];
-    // SAFETY: a valid EPTP in a 16-byte descriptor; type 1 (single context) is supported on
-    // every CPU Phalanx runs partitions on (checked at VMXON).
+    let kind: u64 = if single_context { 1 } else { 2 };
+    // SAFETY: a valid EPTP in a 16-byte descriptor; the type is one the CPU supports (the
+    // control set requires INVEPT with single- or all-context).
     unsafe {
-        core::arch::asm!("invept {}, [{}]", in(reg) 1u64, in(reg) descriptor.as_ptr(), options(nostack));
+        core::arch::asm!("invept {}, [{}]", in(reg) kind, in(reg) descriptor.as_ptr(), options(nostack));
     }
 }

@@ -41,11 +41,13 @@ pub struct Boot<'a> {
     pub cmdline: &'a str,
     /// Emulated RAM in MiB.
     pub megs: u32,
+    /// The Bochs CPU model (`scripts/phalanx cpu-models`).
+    pub cpu_model: &'a str,
 }
 
 impl<'a> Boot<'a> {
     pub fn new(name: &'a str, emulator: &'a str, cpus: u32, config: &'a str) -> Self {
-        Boot { name, emulator, cpus, config, timeout_s: 300, cmdline: "", megs: 256 }
+        Boot { name, emulator, cpus, config, timeout_s: 300, cmdline: "", megs: 256, cpu_model: "corei7_skylake_x" }
     }
 
     pub fn cmdline(self, cmdline: &'a str) -> Self {
@@ -54,6 +56,10 @@ impl<'a> Boot<'a> {
 
     pub fn megs(self, megs: u32) -> Self {
         Boot { megs, ..self }
+    }
+
+    pub fn cpu_model(self, cpu_model: &'a str) -> Self {
+        Boot { cpu_model, ..self }
     }
 
     pub fn run(&self) -> Run {
@@ -69,15 +75,39 @@ impl<'a> Boot<'a> {
             .arg(root.join(self.config))
             .args(["--cmdline", self.cmdline])
             .args(["--megs", &self.megs.to_string()])
+            .args(["--cpu-model", self.cpu_model])
             .status()
             .expect("run scripts/phalanx boot");
         let timed_out = dir.join("timed_out").exists();
         assert!(status.success() || timed_out, "scripts/phalanx boot failed for {}", self.name);
         let log = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+        if log.is_empty() {
+            panic!(
+                "{}: the emulator produced no serial log; the end of its own output:\n{}",
+                self.name,
+                emulator_output_tail(&dir)
+            );
+        }
         let records = parse_records(&log);
         let exit_status = std::fs::read_to_string(dir.join("exit_status")).ok().and_then(|s| s.trim().parse().ok());
         Run { dir, log, records, timed_out, exit_status }
     }
+}
+
+/// The last lines of what the emulator itself printed (Bochs aborts before the firmware runs,
+/// for one, leave only that).
+pub fn emulator_output_tail(dir: &Path) -> String {
+    let mut tail = String::new();
+    for name in ["bochs.out", "qemu.out"] {
+        if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
+            let lines: Vec<&str> = text.lines().collect();
+            tail += &format!("--- {name}\n{}\n", lines[lines.len().saturating_sub(20)..].join("\n"));
+        }
+    }
+    if tail.is_empty() {
+        tail = format!("(no bochs.out or qemu.out in {})", dir.display());
+    }
+    tail
 }
 
 /// Every line that is a JSON object with a "type" field.

@@ -150,3 +150,40 @@ fn directed_yield_gives_the_spinning_vcpus_slot_away() {
     assert!(hog > 55.0, "hog got {hog}%");
     assert!(pct(&stats(&run, "barrier")["cpu_share_pct"]) < 45.0);
 }
+
+/// Sandy Bridge has neither PAUSE-loop exiting nor EPT A/D bits, like the VT-x nested KVM
+/// offers: partitions run all the same, and the hypervisor's spin waste says "not measured".
+#[test]
+fn partitions_run_on_a_cpu_without_pause_loop_exiting() {
+    let run = Boot::new("dispatch-sandy-bridge", "bochs", 2, "guests/configs/default.toml")
+        .cpu_model("corei7_sandy_bridge_2600k")
+        .run();
+    run.assert_clean_end();
+    assert!(run.all("partition_fault").is_empty(), "{}", run.log);
+    let paths = run.one("vmx_paths");
+    assert_eq!(paths["spin_exits"], "none", "{paths}");
+    assert_eq!(paths["spin_waste_hv"], "not measured", "{paths}");
+    for name in ["barrier", "hog"] {
+        let p = stats(&run, name);
+        assert!(p["iterations"].as_u64().unwrap() > 100, "{name} makes progress: {p}");
+        assert_eq!(p["spin_waste_hv_pct"], "not measured", "never 0 without a measure: {p}");
+        assert_eq!(p["pause_loop_exits"], 0, "{p}");
+        assert_share(&run, name, 50.0);
+    }
+    // The guest's own spin accounting still works.
+    pct(&stats(&run, "barrier")["spin_waste_guest_pct"]);
+}
+
+/// Without PAUSE-loop exiting, independent-yield yields on every PAUSE (PAUSE exiting).
+#[test]
+fn directed_yield_falls_back_to_pause_exiting() {
+    let run = Boot::new("dispatch-yield-sandy-bridge", "bochs", 2, "tests/configs/independent-yield.toml")
+        .cpu_model("corei7_sandy_bridge_2600k")
+        .run();
+    run.assert_clean_end();
+    assert_eq!(run.one("vmx_paths")["spin_exits"], "pause-exiting");
+    let accounting = run.one("accounting");
+    assert!(accounting["yields"].as_u64().unwrap() > 10, "PAUSE exits yield: {accounting}");
+    let hog = pct(&stats(&run, "hog")["cpu_share_pct"]);
+    assert!(hog > 55.0, "hog got {hog}%");
+}

@@ -187,55 +187,18 @@ impl Features {
             ("activity_wait_for_sipi", self.activity_wait_for_sipi),
         ]
     }
-
-    /// What Phalanx cannot run partitions without, by name (empty when all present).
-    pub fn missing_required(&self) -> impl Iterator<Item = &'static str> {
-        [
-            ("EPT", self.ept && self.ept_4_level && self.ept_write_back),
-            ("VPID", self.vpid),
-            ("unrestricted guest", self.unrestricted_guest),
-            ("VMX-preemption timer", self.preemption_timer),
-            ("external-interrupt exiting", self.external_interrupt_exiting && self.ack_interrupt_on_exit),
-            ("MSR bitmaps", self.msr_bitmaps),
-            ("I/O bitmaps", self.io_bitmaps),
-        ]
-        .into_iter()
-        .filter(|(_, present)| !present)
-        .map(|(name, _)| name)
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-
-    /// Capability MSRs as Bochs 2.7 reports them (cpu model corei7_skylake_x), captured from
-    /// the `vmx_msrs` record of a Phalanx boot.
-    pub(crate) const BOCHS_SKYLAKE_X: VmxCapabilities = VmxCapabilities {
-        basic: 0xd810000000002b,
-        pinbased: 0x7f00000016,
-        procbased: 0xf7f9fffe04006172,
-        procbased2: 0x2177fff00000000,
-        exit: 0x7fffff00036dfb,
-        entry: 0xffff000011fb,
-        misc: 0x600401e0,
-        ept_vpid: 0xf0106334141,
-        cr0_fixed0: 0x80000021,
-        cr0_fixed1: 0xffffffff,
-        cr4_fixed0: 0x2000,
-        cr4_fixed1: 0x3727ff,
-    };
 }
 
 #[cfg(test)]
 mod feature_tests {
-    use super::tests::BOCHS_SKYLAKE_X;
     use super::*;
+    use crate::fixtures::{self, NESTED_KVM_SKYLAKE};
 
     #[test]
     fn bochs_skylake_x_features_match_what_the_platform_notes_verified() {
-        let f = BOCHS_SKYLAKE_X.features();
-        assert_eq!(BOCHS_SKYLAKE_X.revision_id(), 0x2b);
+        let skylake = fixtures::bochs("corei7_skylake_x");
+        let f = skylake.features();
+        assert_eq!(skylake.revision_id(), 0x2b);
         assert!(f.true_controls && f.vmcs_write_back);
         assert!(f.ept && f.ept_4_level && f.ept_write_back && f.ept_2m_pages && f.ept_1g_pages && f.ept_accessed_dirty);
         assert!(f.vpid && f.invvpid && f.invept_single_context);
@@ -246,7 +209,27 @@ mod feature_tests {
         assert!(!f.posted_interrupts, "no Bochs model has posted interrupts");
         assert!(!f.monitor_trap_flag, "MTF exists only on tigerlake/icelake_u");
         assert!(f.activity_wait_for_sipi);
-        assert_eq!(f.missing_required().count(), 0);
+    }
+
+    #[test]
+    fn bochs_models_differ_where_the_platform_notes_say() {
+        for (model, caps) in fixtures::BOCHS_MODELS {
+            let f = caps.features();
+            let old = model == "corei7_sandy_bridge_2600k";
+            assert_eq!(f.pause_loop_exiting, !old, "{model}: PLE");
+            assert_eq!(f.ept_accessed_dirty, !old, "{model}: EPT A/D");
+            assert!(f.pause_exiting && f.ept && f.vpid && f.unrestricted_guest && f.preemption_timer, "{model}");
+            assert_eq!(f.monitor_trap_flag, matches!(model, "tigerlake" | "corei7_icelake_u"), "{model}: MTF");
+            assert!(!f.posted_interrupts, "{model}");
+        }
+    }
+
+    #[test]
+    fn nested_kvm_offers_pause_exiting_but_not_pause_loop_exiting() {
+        let f = NESTED_KVM_SKYLAKE.features();
+        assert!(f.pause_exiting && !f.pause_loop_exiting);
+        assert!(f.ept && f.ept_accessed_dirty && f.vpid && f.unrestricted_guest && f.posted_interrupts);
+        assert_eq!(f.preemption_timer_shift, 5, "KVM emulates the preemption timer at TSC/32");
     }
 
     #[test]
@@ -265,13 +248,12 @@ mod feature_tests {
         assert_eq!(caps.ept_vpid, 0);
         assert!(!asked.contains(&0x48B) && !asked.contains(&0x48C));
         assert!(asked.contains(&0x482) && !asked.contains(&0x48E), "plain controls without BASIC[55]");
-        let missing: Vec<_> = caps.features().missing_required().collect();
-        assert!(missing.contains(&"EPT") && missing.contains(&"VPID"));
+        assert!(!caps.features().ept && !caps.features().vpid);
     }
 
     #[test]
     fn cr_adjustment_sets_fixed0_and_clears_outside_fixed1() {
-        let c = BOCHS_SKYLAKE_X;
+        let c = fixtures::bochs("corei7_skylake_x");
         assert_eq!(c.adjust_cr0(0x0000_0011), 0x8000_0031);
         assert_eq!(c.adjust_cr4(0x20), 0x2020);
         assert_eq!(c.adjust_cr4(0x20 | (1 << 30)) & (1 << 30), 0, "a bit outside CR4_FIXED1 is cleared");
