@@ -19,7 +19,7 @@ def records(path):
     return out
 
 
-def pct(figure):
+def pct_cell(figure):
     """A percentage record field ("12.34", or "not measured") for a table cell."""
     return figure + "%" if figure.replace(".", "", 1).isdigit() else figure
 
@@ -120,7 +120,7 @@ def main():
         print(f'\nPartitions after {end.get("run_ms", "?")} ms of {end.get("policy", "?")} dispatch')
         head = ("partition", "state", "iterations/s", "CPU share", "spin waste (hv)", "spin waste (guest)", "gang skew med/max", "exits", "PLE exits")
         table = [head] + [(s["partition"], s["state"], str(s["iterations_per_s"]), s["cpu_share_pct"] + "%",
-                           pct(s["spin_waste_hv_pct"]), pct(s["spin_waste_guest_pct"]),
+                           pct_cell(s["spin_waste_hv_pct"]), pct_cell(s["spin_waste_guest_pct"]),
                            f'{s["skew_median_cycles"]}/{s["skew_max_cycles"]} cycles' if s["gang_slots_measured"] else "-",
                            str(s["exits"]), str(s["pause_loop_exits"])) for s in stats]
         w = [max(len(r[i]) for r in table) for i in range(len(head))]

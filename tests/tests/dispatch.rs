@@ -172,6 +172,15 @@ fn partitions_run_on_a_cpu_without_pause_loop_exiting() {
     }
     // The guest's own spin accounting still works.
     pct(&stats(&run, "barrier")["spin_waste_guest_pct"]);
+    // The summary `scripts/phalanx run` prints says so too.
+    let summary = std::process::Command::new("python3")
+        .arg(e2e::repo_root().join("scripts/summarize.py"))
+        .arg(run.dir.join("serial.log"))
+        .output()
+        .expect("run scripts/summarize.py");
+    let text = String::from_utf8_lossy(&summary.stdout);
+    assert!(summary.status.success(), "{text}{}", String::from_utf8_lossy(&summary.stderr));
+    assert!(text.contains("spin_exits: none") && text.contains("not measured"), "{text}");
 }
 
 /// Without PAUSE-loop exiting, independent-yield yields on every PAUSE (PAUSE exiting).
