@@ -229,7 +229,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         return;
     }
     let hv = &validated.config.hypervisor;
-    let controls = negotiate_controls(hv.policy);
+    let controls = negotiate_controls(hv.policy, boot_option(&boot.cmdline, "phalanx.debug.vmx_without"));
     let force_interrupts_on = boot_option(&boot.cmdline, "phalanx.bochs") == Some("1");
     let machine = runtime::build(validated, boot, controls, cpus, force_interrupts_on)
         .unwrap_or_else(|e| fatal("partitions", &e));
@@ -262,9 +262,15 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
 
 /// The machine's VMX control set for `policy`, with one record saying which path each
 /// optional feature takes; a CPU that lacks a hard requirement ends the run with an error
-/// naming it.
-fn negotiate_controls(policy: config::DispatchPolicy) -> vmx::ControlSet {
-    let caps = vmx_root::capabilities(0).expect("BSP capabilities read at VMXON");
+/// naming it. `without` (comma-separated feature names) takes features away first, to run
+/// their fallbacks on an emulator that has them.
+fn negotiate_controls(policy: config::DispatchPolicy, without: Option<&str>) -> vmx::ControlSet {
+    let mut caps = vmx_root::capabilities(0).expect("BSP capabilities read at VMXON");
+    for feature in without.unwrap_or("").split(',').filter(|f| !f.is_empty()) {
+        caps = caps.without(feature).unwrap_or_else(|| {
+            fatal("vmx", &alloc::format!("phalanx.debug.vmx_without: cannot take away {feature:?}"))
+        });
+    }
     let wants = vmx::Wants { yield_on_spin: policy == config::DispatchPolicy::IndependentYield };
     let controls = vmx::ControlSet::negotiate(&caps, wants).unwrap_or_else(|e| {
         let message = alloc::format!(
@@ -274,7 +280,10 @@ fn negotiate_controls(policy: config::DispatchPolicy) -> vmx::ControlSet {
         fatal("vmx", &message)
     });
     let slot_timer = if apic::has_tsc_deadline() { "tsc-deadline" } else { "one-shot" };
-    let mut record = Record::new("vmx_paths").str("policy", policy.as_str()).str("slot_timer", slot_timer);
+    let mut record = Record::new("vmx_paths")
+        .str("policy", policy.as_str())
+        .str("debug_without", without.unwrap_or(""))
+        .str("slot_timer", slot_timer);
     for (feature, path) in controls.paths.named() {
         record = record.str(feature, path);
     }

@@ -196,3 +196,37 @@ fn directed_yield_falls_back_to_pause_exiting() {
     let hog = pct(&stats(&run, "hog")["cpu_share_pct"]);
     assert!(hog > 55.0, "hog got {hog}%");
 }
+
+/// The other fallbacks, run on Bochs with the features taken away: no VPID (TLBs flushed on
+/// every transition), all-context INVEPT, no PAUSE-loop exiting. Partitions run as before.
+#[test]
+fn partitions_run_without_vpid_single_context_invept_or_pause_loop_exiting() {
+    let run = Boot::new("dispatch-fallbacks", "bochs", 2, "guests/configs/default.toml")
+        .cmdline("phalanx.debug.vmx_without=vpid,invept_single_context,pause_loop_exiting")
+        .run();
+    run.assert_clean_end();
+    assert!(run.all("partition_fault").is_empty(), "{}", run.log);
+    let paths = run.one("vmx_paths");
+    assert_eq!(paths["vpid"], "flush on every entry and exit", "{paths}");
+    assert_eq!(paths["invept"], "all-context", "{paths}");
+    assert_eq!(paths["spin_exits"], "none", "{paths}");
+    for name in ["barrier", "hog"] {
+        assert!(stats(&run, name)["iterations"].as_u64().unwrap() > 100, "{name}");
+        assert_share(&run, name, 50.0);
+    }
+}
+
+/// A hard requirement the CPU lacks ends the run with one error naming it and how to run
+/// instead; no partition starts.
+#[test]
+fn a_missing_hard_requirement_is_one_clear_error() {
+    let run = Boot::new("dispatch-no-preemption-timer", "bochs", 2, "guests/configs/default.toml")
+        .cmdline("phalanx.debug.vmx_without=preemption_timer")
+        .run();
+    assert!(!run.timed_out, "{}", run.log);
+    let error = run.one("error");
+    let message = error["message"].as_str().unwrap();
+    assert_eq!(error["stage"], "vmx");
+    assert!(message.contains("preemption timer") && message.contains("Bochs"), "{message}");
+    assert!(run.all("partition_start").is_empty() && run.all("partition_stats").is_empty(), "{}", run.log);
+}

@@ -55,3 +55,28 @@ fn smp_linux_runs_the_barrier_workload_in_a_partition() {
         "{fault}"
     );
 }
+
+/// Without "unrestricted guest" (taken away, as on a CPU that lacks it) an SMP Linux partition
+/// cannot start its application processors in real mode: it is refused with a fault saying
+/// so, and the test-guest partition beside it runs and keeps its reservation.
+#[test]
+fn smp_linux_is_refused_without_unrestricted_guest_and_the_rest_runs() {
+    let run = Boot::new("linux-refused", "bochs", 2, "tests/configs/linux-smp-beside-testguest.toml")
+        .cmdline("phalanx.debug.vmx_without=unrestricted_guest")
+        .run();
+    run.assert_clean_end();
+    assert_eq!(run.one("vmx_paths")["real_mode_vcpus"], "refused (no SMP Linux)");
+    let fault = run.one("partition_fault");
+    assert_eq!(
+        (fault["partition"].as_str(), fault["reason"].as_str()),
+        (Some("linux"), Some("unsupported")),
+        "{fault}"
+    );
+    assert!(fault["detail"].as_str().unwrap().contains("unrestricted guest"), "{fault}");
+    assert!(!run.log.contains("[linux] Linux version"), "the refused kernel never ran:\n{}", run.log);
+    let stats = run.all("partition_stats");
+    let cpubound = stats.iter().find(|s| s["partition"] == "cpubound").expect("cpubound stats");
+    assert!(cpubound["iterations"].as_u64().unwrap() > 50, "{cpubound}");
+    let share: f64 = cpubound["cpu_share_pct"].as_str().unwrap().parse().unwrap();
+    assert!((share - 50.0).abs() <= 1.0, "the test guest keeps its 50%: {cpubound}");
+}

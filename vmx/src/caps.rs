@@ -74,6 +74,27 @@ impl VmxCapabilities {
         (cr4 | self.cr4_fixed0) & self.cr4_fixed1
     }
 
+    /// The same CPU without `feature` (a name from [`Features::named`] that the control set
+    /// looks at): its allowed-1 bit (or capability bit) cleared, as on a CPU that lacks it.
+    /// For testing each fallback on an emulator that has the feature
+    /// (`phalanx.debug.vmx_without=`). `None` for a name it cannot take away.
+    pub fn without(&self, feature: &str) -> Option<Self> {
+        let mut c = *self;
+        let allowed1 = |msr: &mut u64, bit: u32| *msr &= !(1u64 << (32 + bit));
+        match feature {
+            "pause_loop_exiting" => allowed1(&mut c.procbased2, 10),
+            "pause_exiting" => allowed1(&mut c.procbased, 30),
+            "vpid" => allowed1(&mut c.procbased2, 5),
+            "unrestricted_guest" => allowed1(&mut c.procbased2, 7),
+            "preemption_timer" => allowed1(&mut c.pinbased, 6),
+            "ept" => allowed1(&mut c.procbased2, 1),
+            "ept_accessed_dirty" => c.ept_vpid &= !(1 << 21),
+            "invept_single_context" => c.ept_vpid &= !(1 << 25),
+            _ => return None,
+        }
+        Some(c)
+    }
+
     pub fn features(&self) -> Features {
         let ev = self.ept_vpid;
         let ept = allowed1(self.procbased2, 1);
@@ -249,6 +270,25 @@ mod feature_tests {
         assert!(!asked.contains(&0x48B) && !asked.contains(&0x48C));
         assert!(asked.contains(&0x482) && !asked.contains(&0x48E), "plain controls without BASIC[55]");
         assert!(!caps.features().ept && !caps.features().vpid);
+    }
+
+    #[test]
+    fn a_feature_taken_away_is_gone_and_nothing_else_changes() {
+        let skylake = fixtures::bochs("corei7_skylake_x");
+        let full = skylake.features();
+        for name in ["pause_loop_exiting", "pause_exiting", "vpid", "unrestricted_guest", "preemption_timer", "ept"] {
+            let f = skylake.without(name).unwrap().features();
+            for ((feature, before), (_, after)) in full.named().into_iter().zip(f.named()) {
+                if feature == name {
+                    assert!(before && !after, "{name} is gone");
+                } else if !feature.starts_with("ept_") && !feature.starts_with("inv") {
+                    // EPT's and VPID's capability details follow EPT and VPID themselves.
+                    assert_eq!(before, after, "{name} leaves {feature} alone");
+                }
+            }
+        }
+        assert!(!skylake.without("invept_single_context").unwrap().features().invept_single_context);
+        assert_eq!(skylake.without("posted_interrupts"), None, "only what the control set looks at");
     }
 
     #[test]
