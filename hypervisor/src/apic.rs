@@ -64,7 +64,7 @@ pub fn init_this_cpu() {
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU with an APIC.
     let base = unsafe { Msr::new(IA32_APIC_BASE).read() };
     BASE.store(base & 0xF_FFFF_F000, Ordering::Relaxed);
-    write(REG_SVR, 0x100 | crate::interrupts::SPURIOUS_VECTOR as u32);
+    write(REG_SVR, 0x100 | crate::vectors::SPURIOUS_VECTOR as u32);
     write(REG_LVT_TIMER, LVT_MASKED);
 }
 

@@ -9,7 +9,7 @@ use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
-use crate::interrupts::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI};
+use crate::vectors::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI};
 
 /// Most pCPUs Phalanx manages (xAPIC IDs fit in a byte).
 pub const MAX_CPUS: usize = 64;
@@ -64,7 +64,7 @@ fn leak_stack(size: usize) -> VirtAddr {
 }
 
 /// Gives this CPU its own GDT and TSS (a TSS descriptor is marked busy by `ltr`, so it
-/// cannot be shared), loads the shared IDT, and reloads the segment registers.
+/// cannot be shared) and reloads the segment registers. The caller loads the shared IDT.
 pub fn init_this_cpu() {
     let mut tss = TaskStateSegment::new();
     for slot in [IST_DOUBLE_FAULT, IST_NMI, IST_MACHINE_CHECK] {
@@ -92,7 +92,6 @@ pub fn init_this_cpu() {
         (KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR),
         "the VMCS host state assumes these slots"
     );
-    crate::interrupts::load_idt();
 }
 
 pub fn halt_forever() -> ! {

@@ -30,6 +30,49 @@ pub struct GuestRegs {
     pub host_fx: u64,
 }
 
+impl GuestRegs {
+    /// A general register by its x86 encoding number except RSP (4), which lives in the VMCS.
+    pub fn gpr(&self, index: u8) -> &u64 {
+        match index {
+            0 => &self.rax,
+            1 => &self.rcx,
+            2 => &self.rdx,
+            3 => &self.rbx,
+            5 => &self.rbp,
+            6 => &self.rsi,
+            7 => &self.rdi,
+            8 => &self.r8,
+            9 => &self.r9,
+            10 => &self.r10,
+            11 => &self.r11,
+            12 => &self.r12,
+            13 => &self.r13,
+            14 => &self.r14,
+            _ => &self.r15,
+        }
+    }
+
+    pub fn gpr_mut(&mut self, index: u8) -> &mut u64 {
+        match index {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            _ => &mut self.r15,
+        }
+    }
+}
+
 global_asm!(
     r#"
 .section .text

@@ -4,16 +4,26 @@
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
+use spin::Once;
 
-/// Vector of the phase-locked local APIC timer.
-pub const TIMER_VECTOR: u8 = 0x40;
-/// Spurious-interrupt vector programmed into the LAPIC.
-pub const SPURIOUS_VECTOR: u8 = 0xFF;
+use crate::vectors::{
+    DISPATCH_VECTOR, IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI, KICK_VECTOR, PHASE_TEST_VECTOR, SPURIOUS_VECTOR,
+};
 
-/// IST slots in every CPU's TSS: faults that must not run on a possibly broken stack.
-pub const IST_DOUBLE_FAULT: u8 = 1;
-pub const IST_NMI: u8 = 2;
-pub const IST_MACHINE_CHECK: u8 = 3;
+/// Registered by the layers above at start-up, so this one never calls up by name.
+static PHASE_TEST_TICK: Once<fn()> = Once::new();
+static END_RUN_AFTER_BSP_EXCEPTION: Once<fn() -> !> = Once::new();
+
+/// `tick` runs on every phase-test timer interrupt (before the EOI).
+pub fn on_phase_test_tick(tick: fn()) {
+    PHASE_TEST_TICK.call_once(|| tick);
+}
+
+/// `end_run` ends the machine's run after an exception on the BSP (which drives the run:
+/// without it the machine could only hang).
+pub fn on_bsp_exception(end_run: fn() -> !) {
+    END_RUN_AFTER_BSP_EXCEPTION.call_once(|| end_run);
+}
 
 global_asm!(
     r#"
@@ -203,11 +213,14 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
     COUNTS[vector as usize].fetch_add(1, Ordering::Relaxed);
     match vector {
         0..=31 => exception(frame),
-        TIMER_VECTOR => {
-            crate::phase::on_timer_interrupt();
+        PHASE_TEST_VECTOR => {
+            if let Some(tick) = PHASE_TEST_TICK.get() {
+                tick();
+            }
             crate::apic::eoi();
         }
-        crate::dispatch::DISPATCH_VECTOR | crate::dispatch::KICK_VECTOR => crate::apic::eoi(),
+        // They exist to make a guest exit or wake `hlt`: acknowledging them is all.
+        DISPATCH_VECTOR | KICK_VECTOR => crate::apic::eoi(),
         SPURIOUS_VECTOR => {}
         _ => {
             log::warn!("unexpected interrupt vector {vector:#x}");
@@ -239,8 +252,9 @@ fn exception(frame: &InterruptFrame) -> ! {
         .emit();
     crate::console::flush();
     if cpu == 0 {
-        // The BSP drives the run: without it the machine can only hang, so end it.
-        crate::power::end_run(true)
+        if let Some(end_run) = END_RUN_AFTER_BSP_EXCEPTION.get() {
+            end_run();
+        }
     }
     crate::cpu::halt_forever()
 }

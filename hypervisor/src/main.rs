@@ -10,21 +10,25 @@ mod apic;
 mod boot;
 mod console;
 mod cpu;
-mod dispatch;
+mod exits;
 mod guest_entry;
 mod interrupts;
+mod machine;
 mod memory;
+mod partition;
 mod partitions;
+mod pcpu;
 mod phase;
 mod platform;
 mod power;
 mod report;
 mod rt;
-mod runtime;
 mod serial;
+mod slot_loop;
 mod smp;
 mod tsc;
 mod vcpu;
+mod vectors;
 mod vmcs;
 mod vmx_root;
 
@@ -53,7 +57,10 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
     let boot = memory::init(magic, info).unwrap_or_else(|e| fatal("memory", e));
     // The IDT is shared: built once here, before any CPU loads it.
     interrupts::build_idt(cpu::KERNEL_CODE_SELECTOR);
+    interrupts::on_phase_test_tick(phase::on_timer_interrupt);
+    interrupts::on_bsp_exception(|| power::end_run(true));
     cpu::init_this_cpu();
+    interrupts::load_idt();
     apic::disable_legacy_pic();
     apic::init_this_cpu();
 
@@ -231,12 +238,12 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
     let hv = &validated.config.hypervisor;
     let controls = negotiate_controls(hv.policy, boot_option(&boot.cmdline, "phalanx.debug.vmx_without"));
     let force_interrupts_on = boot_option(&boot.cmdline, "phalanx.bochs") == Some("1");
-    let machine = runtime::build(validated, boot, controls, cpus, force_interrupts_on)
+    let machine = machine::build(validated, boot, controls, cpus, force_interrupts_on)
         .unwrap_or_else(|e| fatal("partitions", &e));
     let run_ms = hv.run_ms.unwrap_or(DEFAULT_RUN_MS);
     let t0 = tsc::now() + tsc::us_to_cycles(lead_us);
     let end = t0 + tsc::us_to_cycles(run_ms * 1000);
-    dispatch::set_schedule(t0, end, tsc::us_to_cycles(hv.stats_interval_ms * 1000));
+    slot_loop::set_schedule(t0, end, tsc::us_to_cycles(hv.stats_interval_ms * 1000));
     for p in &machine.partitions {
         Record::new("partition_start")
             .str("partition", &p.name)
@@ -251,7 +258,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         tsc::cycles_to_us(machine.frame_cycles)
     );
     console::start_buffering();
-    let stuck = smp::run_on_all_within(cpus, dispatch::run_pcpu, lead_us + run_ms * 1000 + 2_000_000);
+    let stuck = smp::run_on_all_within(cpus, slot_loop::run_pcpu, lead_us + run_ms * 1000 + 2_000_000);
     if !stuck.is_empty() {
         fatal("dispatch", &alloc::format!("pCPUs {stuck:?} did not finish the run"));
     }

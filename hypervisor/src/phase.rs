@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::apic::{self, TimerMode};
 use crate::cpu::MAX_CPUS;
-use crate::interrupts::TIMER_VECTOR;
+use crate::vectors::PHASE_TEST_VECTOR;
 
 pub const TICKS: usize = 300;
 
@@ -28,7 +28,8 @@ fn mode() -> TimerMode {
     }
 }
 
-/// Timer interrupt: record the arrival, arm the next boundary from the common schedule.
+/// Timer interrupt (registered with `interrupts`): record the arrival, arm the next boundary
+/// from the common schedule.
 pub fn on_timer_interrupt() {
     let now = crate::tsc::now();
     let cpu = crate::cpu::current_index();
@@ -45,7 +46,7 @@ pub fn on_timer_interrupt() {
 
 fn run_ticks(cpu: usize) {
     TICK_COUNT[cpu].store(0, Ordering::Release);
-    apic::setup_timer(mode(), TIMER_VECTOR);
+    apic::setup_timer(mode(), PHASE_TEST_VECTOR);
     apic::arm_deadline(mode(), T0.load(Ordering::Relaxed));
     while TICK_COUNT[cpu].load(Ordering::Acquire) < TICKS {
         // Wait with interrupts on; `sti; hlt` cannot lose the wake-up.

@@ -8,8 +8,8 @@ use alloc::vec::Vec;
 use reservations::{Ledger, MachineStats};
 
 use crate::console::Record;
-use crate::dispatch::{PcpuResult, RESULTS};
-use crate::runtime::machine;
+use crate::machine::machine;
+use crate::pcpu::{PcpuResult, RESULTS};
 use vmx::control_set::PLE_WINDOW;
 
 fn median(values: &mut [u64]) -> u64 {
@@ -63,7 +63,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         let skew_max_at_ms = by_slot
             .iter()
             .filter(|(_, s)| s.2 as u64 == pcpus_held && s.1 - s.0 == skew_max && skew_max > 0)
-            .map(|(start, _)| crate::tsc::cycles_to_us(start.saturating_sub(crate::dispatch::t0())) / 1000)
+            .map(|(start, _)| crate::tsc::cycles_to_us(start.saturating_sub(crate::slot_loop::t0())) / 1000)
             .next()
             .unwrap_or(0);
         let skew_median = median(&mut skews);
@@ -94,7 +94,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .emit();
     }
 
-    let mut exits = [crate::dispatch::ExitStat::default(); crate::dispatch::EXIT_REASONS];
+    let mut exits = [crate::pcpu::ExitStat::default(); crate::pcpu::EXIT_REASONS];
     for r in &results {
         for (total, e) in exits.iter_mut().zip(r.exits.iter()) {
             total.count += e.count;

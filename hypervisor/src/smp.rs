@@ -100,6 +100,7 @@ fn wait_online(cpu: usize, us: u64) -> bool {
 extern "C" fn ap_main(cpu: u64) -> ! {
     let cpu = cpu as usize;
     crate::cpu::init_this_cpu();
+    crate::interrupts::load_idt();
     crate::apic::init_this_cpu();
     let mailbox = &MAILBOXES[cpu];
     mailbox.online.store(true, Ordering::Release);

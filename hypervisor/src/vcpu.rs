@@ -120,51 +120,6 @@ impl Vcpu {
         result
     }
 
-    /// Advances the guest past the instruction that exited.
-    pub fn skip_instruction(&self) {
-        let rip = vmcs::read(guest::RIP);
-        let len = vmcs::read(vmcs::ro::VMEXIT_INSTRUCTION_LEN);
-        vmcs::write(guest::RIP, rip + len);
-    }
-
-    /// A general-purpose register by its x86 encoding number (`vmx::mmio::GprIndex`); RSP
-    /// lives in the VMCS.
-    pub fn gpr(&mut self, index: u8) -> u64 {
-        match index {
-            4 => vmcs::read(guest::RSP),
-            i => *self.gpr_slot_mut(i),
-        }
-    }
-
-    /// Writes a register as a 64-bit mov does (the caller zero-extends narrower values).
-    pub fn set_gpr(&mut self, index: u8, value: u64) {
-        match index {
-            4 => vmcs::write(guest::RSP, value),
-            i => *self.gpr_slot_mut(i) = value,
-        }
-    }
-
-    fn gpr_slot_mut(&mut self, index: u8) -> &mut u64 {
-        let r = &mut self.regs;
-        match index {
-            0 => &mut r.rax,
-            1 => &mut r.rcx,
-            2 => &mut r.rdx,
-            3 => &mut r.rbx,
-            5 => &mut r.rbp,
-            6 => &mut r.rsi,
-            7 => &mut r.rdi,
-            8 => &mut r.r8,
-            9 => &mut r.r9,
-            10 => &mut r.r10,
-            11 => &mut r.r11,
-            12 => &mut r.r12,
-            13 => &mut r.r13,
-            14 => &mut r.r14,
-            _ => &mut r.r15,
-        }
-    }
-
     /// Before an entry: if the virtual LAPIC has a deliverable interrupt, inject it when the
     /// guest can take it, else ask for an exit as soon as it can (interrupt-window exiting).
     pub fn deliver_interrupts(&mut self, controls: &ControlSet) {
@@ -190,18 +145,6 @@ impl Vcpu {
             vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
             self.interrupt_window = want_window;
         }
-    }
-
-    /// Injects a hardware exception at the next entry.
-    pub fn inject_exception(&self, vector: u8, error_code: Option<u32>) {
-        const VALID: u64 = 1 << 31;
-        const HARDWARE_EXCEPTION: u64 = 3 << 8;
-        let mut info = VALID | HARDWARE_EXCEPTION | vector as u64;
-        if let Some(code) = error_code {
-            info |= 1 << 11;
-            vmcs::write(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64);
-        }
-        vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
     }
 }
 

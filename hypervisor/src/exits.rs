@@ -1,0 +1,237 @@
+//! VM-exit handling: one handler class per exit reason (`vmx::exit`), each returning an
+//! [`ExitOutcome`] to the slot loop, which does the accounting. What needs no hardware (MSRs,
+//! CPUID, hypercalls, ports, the xAPIC/IO-APIC/UART models and IPI routing) lives in the pure
+//! `vmx` crate behind `vmx::vcpu_access::VcpuAccess`, implemented here over the current VMCS.
+
+extern crate alloc;
+
+use alloc::string::String;
+
+use config::DispatchPolicy;
+use vmx::devices::DeviceEffects;
+use vmx::emulate::{self, Hypercall};
+use vmx::vcpu_access::VcpuAccess;
+use vmx::{ExitReason, Handler, IoAccess};
+
+use crate::guest_entry::GuestRegs;
+use crate::machine::machine;
+use crate::partition::{Fault, Partition};
+use crate::pcpu::kick;
+use crate::vcpu::Vcpu;
+use crate::vectors::{DISPATCH_VECTOR, KICK_VECTOR};
+use crate::vmcs::{self, control, guest, ro};
+
+/// What the slot loop does after an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitOutcome {
+    /// Enter the guest again.
+    Resume,
+    /// The VMX-preemption timer stopped the guest past its slot boundary (the guard).
+    Guard,
+    /// A spin exit (PAUSE-loop exit, or a PAUSE under PAUSE exiting); `yielded`: the policy
+    /// gives the rest of the slot away.
+    Spin { yielded: bool },
+    /// The vCPU halted until its next interrupt.
+    Halted,
+    /// The partition was stopped (the fault is recorded on it).
+    Stopped,
+}
+
+/// Handles one VM exit of `vcpu` (of `partition`, current on this pCPU) whose slot ends at
+/// `deadline`.
+pub fn handle_exit(vcpu: &mut Vcpu, partition: &Partition, reason: ExitReason, raw: u32, deadline: u64) -> ExitOutcome {
+    let rip = vmcs::read(guest::RIP);
+    let vcpu_index = vcpu.index;
+    let stop = |reason: &'static str, detail: String| {
+        partition.stop(Fault { vcpu: vcpu_index, reason, detail, rip });
+        ExitOutcome::Stopped
+    };
+    match reason.handler() {
+        Handler::HostInterrupt => {
+            let info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32;
+            if let Some(vector) = vmx::exit::interrupt_vector(info) {
+                if vector != DISPATCH_VECTOR && vector != KICK_VECTOR {
+                    log::warn!("unexpected interrupt vector {vector:#x} while a guest ran");
+                }
+                crate::apic::eoi();
+            }
+            ExitOutcome::Resume
+        }
+        // Either the boundary passed without the timer interrupt stopping the guest (the
+        // guard), or the guest's own LAPIC timer came due (handled before the next entry).
+        Handler::SlotGuard if crate::tsc::now() >= deadline => ExitOutcome::Guard,
+        Handler::SlotGuard | Handler::InterruptWindow => ExitOutcome::Resume,
+        Handler::Halt => {
+            CurrentVcpu::of(vcpu, partition).skip_instruction();
+            if interrupt_due(partition, vcpu, crate::tsc::now()) {
+                return ExitOutcome::Resume;
+            }
+            // Halted until its timer (within this slot: the pCPU waits for it) or an IPI.
+            match vcpu.lapic.timer_deadline() {
+                Some(wake) if wake < deadline => {
+                    crate::tsc::spin_until(wake);
+                    ExitOutcome::Resume
+                }
+                _ => {
+                    vcpu.halted = true;
+                    ExitOutcome::Halted
+                }
+            }
+        }
+        Handler::PauseLoop => {
+            CurrentVcpu::of(vcpu, partition).skip_instruction();
+            ExitOutcome::Spin { yielded: machine().policy == DispatchPolicy::IndependentYield }
+        }
+        Handler::Hypercall => {
+            partition.hypercalls.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            match emulate::hypercall(&mut CurrentVcpu::of(vcpu, partition)) {
+                Hypercall::Report => ExitOutcome::Resume,
+                Hypercall::Done => {
+                    partition.done_vcpus.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                    ExitOutcome::Resume
+                }
+                Hypercall::GuestError => stop("guest-error", "the guest reported an error on its console".into()),
+                Hypercall::Unknown(call) => {
+                    log::warn!("[{}] unknown hypercall {call}", partition.name);
+                    ExitOutcome::Resume
+                }
+            }
+        }
+        Handler::PortIo => {
+            let access = IoAccess::decode(vmcs::read(ro::EXIT_QUALIFICATION));
+            let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
+            match partition.devices.port_io(&mut cpu, vcpu_index, &mut vcpu.lapic, access) {
+                Ok(effects) => apply(partition, vcpu_index, effects),
+                Err(detail) => stop("refused", detail),
+            }
+        }
+        Handler::Cpuid => {
+            let guest = vmx::cpuid::GuestCpu { apic_id: vcpu.index as u8, tsc_hz: crate::tsc::hz() };
+            let host = |leaf, subleaf| {
+                let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+                vmx::cpuid::CpuidResult { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+            };
+            emulate::cpuid(&mut CurrentVcpu::of(vcpu, partition), &guest, host);
+            ExitOutcome::Resume
+        }
+        Handler::Msr => {
+            let write = reason == ExitReason::Wrmsr;
+            emulate::msr_access(&mut CurrentVcpu::of(vcpu, partition), write, vcpu_index, crate::tsc::now());
+            ExitOutcome::Resume
+        }
+        Handler::SkipInstruction => {
+            CurrentVcpu::of(vcpu, partition).skip_instruction();
+            ExitOutcome::Resume
+        }
+        Handler::InjectUndefined => {
+            CurrentVcpu::of(vcpu, partition).inject_exception(6, None);
+            ExitOutcome::Resume
+        }
+        Handler::MemoryFault => {
+            let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL);
+            if reason == ExitReason::EptViolation {
+                let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
+                match partition.devices.mmio(&mut cpu, vcpu_index, &mut vcpu.lapic, gpa, crate::tsc::now()) {
+                    Some(Ok(effects)) => return apply(partition, vcpu_index, effects),
+                    Some(Err(detail)) => return stop("refused", detail),
+                    None => {}
+                }
+            }
+            let violation =
+                ept::EptViolation::decode(vmcs::read(ro::EXIT_QUALIFICATION), gpa, vmcs::read(ro::GUEST_LINEAR_ADDR));
+            stop(reason.name(), alloc::format!("{}", violation.describe()))
+        }
+        Handler::GuestFault => stop(reason.name(), "the guest shut itself down (triple fault)".into()),
+        Handler::EntryFailure => stop(reason.name(), alloc::format!("VM entry failed (exit reason {raw:#x})")),
+        Handler::Refused => stop(
+            "refused",
+            alloc::format!("exit reason {} ({}) is not allowed to partitions", reason.number(), reason.name()),
+        ),
+    }
+}
+
+/// Does what a device exit left for the hypervisor: console output, siblings to look at.
+fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects) -> ExitOutcome {
+    if let Some(byte) = effects.console {
+        partition.console_byte(byte);
+    }
+    for target in effects.kicks.iter() {
+        kick(partition.id, target);
+    }
+    if let Some(ipi) = effects.unsupported_ipi {
+        log::warn!("[{}] vCPU {vcpu}: IPI {ipi:?} is not supported yet", partition.name);
+    }
+    ExitOutcome::Resume
+}
+
+/// Brings the vCPU's virtual LAPIC up to `now` (siblings' IPIs taken, its timer run) and says
+/// whether it has an interrupt to deliver.
+pub fn interrupt_due(partition: &Partition, vcpu: &mut Vcpu, now: u64) -> bool {
+    partition.devices.take_ipis(vcpu.index, &mut vcpu.lapic);
+    vcpu.lapic.advance(now);
+    vcpu.lapic.deliverable().is_some()
+}
+
+/// The vCPU whose VMCS is current on this pCPU: registers saved by the entry stub, the rest
+/// in the VMCS, memory in the partition.
+struct CurrentVcpu<'a> {
+    regs: &'a mut GuestRegs,
+    partition: &'a Partition,
+}
+
+impl<'a> CurrentVcpu<'a> {
+    fn of(vcpu: &'a mut Vcpu, partition: &'a Partition) -> CurrentVcpu<'a> {
+        CurrentVcpu { regs: &mut vcpu.regs, partition }
+    }
+}
+
+impl VcpuAccess for CurrentVcpu<'_> {
+    fn gpr(&self, index: u8) -> u64 {
+        match index {
+            4 => vmcs::read(guest::RSP),
+            i => *self.regs.gpr(i),
+        }
+    }
+
+    fn set_gpr(&mut self, index: u8, value: u64) {
+        match index {
+            4 => vmcs::write(guest::RSP, value),
+            i => *self.regs.gpr_mut(i) = value,
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        vmcs::read(guest::RIP)
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        vmcs::write(guest::RIP, rip);
+    }
+
+    fn instruction_length(&self) -> u64 {
+        vmcs::read(ro::VMEXIT_INSTRUCTION_LEN)
+    }
+
+    fn read_field(&self, field: u32) -> u64 {
+        vmcs::read(field)
+    }
+
+    fn write_field(&mut self, field: u32, value: u64) {
+        vmcs::write(field, value);
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        const VALID: u64 = 1 << 31;
+        const HARDWARE_EXCEPTION: u64 = 3 << 8;
+        let mut info = VALID | HARDWARE_EXCEPTION | vector as u64;
+        if let Some(code) = error_code {
+            info |= 1 << 11;
+            vmcs::write(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64);
+        }
+        vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+    }
+
+    fn read_physical(&self, gpa: u64, out: &mut [u8]) -> Option<()> {
+        self.partition.read_guest_bytes(gpa, out)
+    }
+}

@@ -1,0 +1,217 @@
+//! The machine a config describes, built once on the BSP before any pCPU enters a guest:
+//! every partition loaded, mapped by its own EPT, given its I/O and MSR bitmaps and devices;
+//! the dispatch tables every pCPU executes and each vCPU's home pCPU.
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use spin::Once;
+
+use config::{DispatchPolicy, Placement, Validated};
+use ept::{Access, Ept, FrameAllocator, MemoryType, PageSizes, PhysMemory};
+use sched::{DispatchTables, PartitionSpec, PlanConfig, VcpuRef};
+use vmx::vmcs_image::PartitionContext;
+use vmx::ControlSet;
+
+use crate::memory::BootInfo;
+use crate::partition::{Fault, Partition, Payload};
+
+/// Table pages come from the hypervisor heap (identity-mapped: address = physical).
+struct HeapFrames;
+
+impl FrameAllocator for HeapFrames {
+    fn allocate_zeroed_frame(&mut self) -> Option<u64> {
+        Some(crate::memory::alloc_zeroed_pages(1).as_ptr() as u64)
+    }
+}
+
+struct IdentityPhys;
+
+impl PhysMemory for IdentityPhys {
+    fn read_u64(&self, phys: u64) -> u64 {
+        // SAFETY: EPT table pages handed out by `HeapFrames`, 8-aligned entries.
+        unsafe { core::ptr::read_volatile(phys as *const u64) }
+    }
+
+    fn write_u64(&mut self, phys: u64, value: u64) {
+        // SAFETY: as in `read_u64`; no CPU uses the tables before they are complete.
+        unsafe { core::ptr::write_volatile(phys as *mut u64, value) }
+    }
+}
+
+/// I/O bitmaps: every port exits (emulated or refused) except those the partition owns.
+fn io_bitmaps(owned: &[core::ops::RangeInclusive<u16>]) -> (u64, u64) {
+    let pages = crate::memory::alloc_zeroed_pages(2);
+    pages.fill(0xFF);
+    for range in owned {
+        for port in range.clone() {
+            pages[port as usize / 8] &= !(1 << (port % 8));
+        }
+    }
+    (pages.as_ptr() as u64, pages.as_ptr() as u64 + 4096)
+}
+
+/// MSR bitmap: every MSR exits (emulated or #GP) except the ones switched through the
+/// VM-entry/exit MSR areas, which the guest uses directly.
+fn msr_bitmap() -> u64 {
+    let page = crate::memory::alloc_zeroed_pages(1);
+    page.fill(0xFF);
+    for msr in vmx::msr::SWITCHED {
+        let (byte, bit) = vmx::msr::bitmap_position(msr).expect("switched MSRs are in the bitmap's ranges");
+        page[byte] &= !(1 << bit);
+        page[byte + 2048] &= !(1 << bit);
+    }
+    page.as_ptr() as u64
+}
+
+pub struct Machine {
+    pub partitions: Vec<Partition>,
+    pub tables: DispatchTables,
+    pub policy: DispatchPolicy,
+    pub controls: ControlSet,
+    /// Enter vCPUs with RFLAGS.IF set: the Bochs workaround (`phalanx.bochs=1`, which
+    /// scripts/phalanx passes to Bochs runs only); see `vmx::vmcs_image::InitialVmcs::new`.
+    pub force_interrupts_on: bool,
+    /// Per partition, per vCPU: the one pCPU it runs on.
+    pub homes: Vec<Vec<usize>>,
+    pub frame_cycles: u64,
+    /// `relaxed-co`: a vCPU this many guest cycles ahead of its slowest sibling is co-stopped.
+    pub skew_bound: Option<u64>,
+}
+
+static MACHINE: Once<Machine> = Once::new();
+
+pub fn machine() -> &'static Machine {
+    MACHINE.get().expect("machine built before dispatch")
+}
+
+/// Loads every partition and plans the dispatch tables. `Err` names the partition.
+pub fn build(
+    validated: &Validated,
+    boot: &BootInfo,
+    controls: ControlSet,
+    pcpus: usize,
+    force_interrupts_on: bool,
+) -> Result<&'static Machine, String> {
+    let config = &validated.config;
+    let features = controls.caps.features();
+    let sizes = PageSizes { huge_1g: features.ept_1g_pages, large_2m: features.ept_2m_pages };
+    let tsc_per_us = crate::tsc::hz() / 1_000_000;
+    let mut partitions = Vec::new();
+    for (id, (p, placement)) in config.partitions.iter().zip(&validated.memory).enumerate() {
+        let memory = match placement {
+            Placement::At(range) => range.clone(),
+            Placement::Deferred { .. } => return Err(format!("partition {}: memory was not placed", p.name)),
+        };
+        let module = boot
+            .modules
+            .iter()
+            .find(|m| m.name == p.guest.module)
+            .ok_or_else(|| format!("partition {}: no boot module {}", p.name, p.guest.module))?;
+        let size = memory.end - memory.start;
+        let mut ept = Ept::new(&mut HeapFrames).map_err(|e| format!("partition {}: {e}", p.name))?;
+        ept.map(&mut IdentityPhys, &mut HeapFrames, 0, memory.start, size, Access::all(), MemoryType::WriteBack, sizes)
+            .map_err(|e| format!("partition {}: EPT: {e}", p.name))?;
+        let (io_bitmap_a, io_bitmap_b) = io_bitmaps(&p.devices.ioports);
+        let context = PartitionContext { eptp: ept.eptp(false), io_bitmap_a, io_bitmap_b, msr_bitmap: msr_bitmap() };
+        Box::leak(Box::new(ept));
+        partitions.push(Partition::load(id, p, memory, module.bytes(), context)?);
+    }
+
+    // Application processors of SMP Linux start in real mode, which needs unrestricted guest:
+    // without it such a partition is refused (stopped before it runs); the others run.
+    if !controls.paths.unrestricted_guest {
+        for p in partitions.iter().filter(|p| p.payload == Payload::Linux && p.vcpus > 1) {
+            p.refuse(Fault {
+                vcpu: 1,
+                reason: "unsupported",
+                detail: format!(
+                    "SMP Linux needs the VMX feature \"unrestricted guest\" (its application processors start in real mode), which this CPU lacks: give partition {} 1 vCPU, or run on a CPU that has it",
+                    p.name
+                ),
+                rip: 0,
+            });
+        }
+    }
+
+    // The instruction decoder builds its tables on first use (millions of cycles): do that
+    // now, at boot, rather than in the middle of a Linux partition's first device access.
+    if partitions.iter().any(|p| p.payload == Payload::Linux) {
+        let _ = vmx::mmio::decode(&[0x8B, 0x00], 0);
+    }
+
+    // Reservations in microseconds -> TSC cycles, then the planner.
+    let specs: Vec<PartitionSpec> = validated
+        .tree
+        .flatten()
+        .iter()
+        .map(|flat| {
+            let mut spec = PartitionSpec::from(flat);
+            spec.gang = config.hypervisor.policy.aligned();
+            if let sched::Reservation::Hard { budget, period } = spec.reservation {
+                spec.reservation =
+                    sched::Reservation::Hard { budget: budget * tsc_per_us, period: period * tsc_per_us };
+            }
+            spec
+        })
+        .collect();
+    let frame_cycles = config.hypervisor.major_frame_us * tsc_per_us;
+    let plan_config = PlanConfig { frame: Some(frame_cycles), ..PlanConfig::new(pcpus as u32, frame_cycles) };
+    let plan = if config.hypervisor.policy.aligned() {
+        sched::plan_gang(&specs, &plan_config)
+    } else {
+        // The baseline: each pCPU round-robins its vCPUs over one frame, pCPUs staggered.
+        sched::plan_independent(
+            &specs,
+            &plan_config,
+            &sched::IndependentConfig { cycle: frame_cycles, seed: 1, shuffle: false },
+        )
+    }
+    .map_err(|e| format!("planner: {e}"))?;
+    let tables = DispatchTables::compile(&plan, &specs).map_err(|e| format!("planner: {e}"))?;
+
+    // Each vCPU must have one home pCPU (its VMCS stays loaded there).
+    let mut homes: Vec<Vec<Option<usize>>> = partitions.iter().map(|p| alloc::vec![None; p.vcpus as usize]).collect();
+    for (pcpu, table) in tables.pcpus.iter().enumerate() {
+        for VcpuRef { partition, vcpu } in
+            table.entries.iter().filter_map(|e| e.run).chain(table.slack_ring.iter().map(|s| s.0))
+        {
+            let home = &mut homes[partition as usize][vcpu as usize];
+            match *home {
+                None => *home = Some(pcpu),
+                Some(h) if h == pcpu => {}
+                Some(h) => {
+                    return Err(format!(
+                        "partition {}: vCPU {vcpu} would run on pCPUs {h} and {pcpu}; vCPU migration between pCPUs is not supported yet (give it as many pCPUs as vCPUs)",
+                        partitions[partition as usize].name
+                    ))
+                }
+            }
+        }
+    }
+    let homes = homes
+        .into_iter()
+        .enumerate()
+        .map(|(p, v)| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, h)| h.ok_or_else(|| format!("partition {}: vCPU {i} is never scheduled", partitions[p].name)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let skew_bound = (config.hypervisor.policy == DispatchPolicy::RelaxedCo)
+        .then(|| config.hypervisor.skew_bound_us.unwrap_or(config.hypervisor.major_frame_us / 10) * tsc_per_us);
+    Ok(MACHINE.call_once(|| Machine {
+        partitions,
+        tables,
+        policy: config.hypervisor.policy,
+        controls,
+        force_interrupts_on,
+        homes,
+        frame_cycles,
+        skew_bound,
+    }))
+}

@@ -1,0 +1,337 @@
+//! A partition at run time: its memory and payload, its devices, its console, and its fault
+//! and reset state machine (stopped alone, reported in its own slot, reloaded when every
+//! vCPU has parked).
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use spin::Mutex;
+
+use config::OnFault;
+use firmware::longmode::{BootParams, GuestMemory, GuestMemoryError, GuestStats, VcpuState, STATS_RECORD_SIZE};
+use vmx::vmcs_image::PartitionContext;
+
+/// Longest guest console line held before it is printed anyway (JSON records fit).
+const GUEST_LINE_MAX: usize = 4096;
+
+/// Why a partition was stopped.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub vcpu: u32,
+    pub reason: &'static str,
+    pub detail: String,
+    pub rip: u64,
+}
+
+pub struct Partition {
+    pub id: usize,
+    pub name: String,
+    /// Host-physical memory; guest-physical 0 maps to its start.
+    pub memory: Range<u64>,
+    pub vcpus: u32,
+    pub on_fault: OnFault,
+    pub context: PartitionContext,
+    pub stopped: AtomicBool,
+    pub fault: Mutex<Option<Fault>>,
+    /// A fault is recorded but its report not yet written.
+    fault_unreported: AtomicBool,
+    console: Mutex<String>,
+    /// Its COM1, IO-APIC, and the IPI and start-up routing between its vCPUs.
+    pub devices: vmx::devices::PartitionDevices,
+    pub done_vcpus: AtomicU64,
+    pub hypercalls: AtomicU64,
+    /// The payload and its boot parameters, kept to reload the partition on a reset.
+    image: &'static [u8],
+    pub payload: Payload,
+    /// Each vCPU's power-on register state.
+    pub initial_states: Vec<VcpuState>,
+    cmdline: String,
+    /// Bumped by each reset: a vCPU whose VMCS was set up for an older generation is set up
+    /// again before it runs.
+    pub generation: AtomicU64,
+    /// A reset waits until every vCPU is parked (out of the guest, on its own pCPU).
+    reset_pending: AtomicBool,
+    parked: AtomicU32,
+    pub resets: AtomicU64,
+    /// Guest cycles per vCPU (relaxed co-scheduling compares siblings' progress).
+    pub vcpu_run_cycles: Vec<AtomicU64>,
+}
+
+impl Partition {
+    /// Partition `id` as `config` describes it, in host-physical `memory` (cleared, then
+    /// loaded with `image`), entered through `context`.
+    pub fn load(
+        id: usize,
+        config: &config::PartitionConfig,
+        memory: Range<u64>,
+        image: &'static [u8],
+        context: PartitionContext,
+    ) -> Result<Partition, String> {
+        let size = memory.end - memory.start;
+        // SAFETY: the partition's memory range, placed by validation inside usable RAM that
+        // nothing else owns; cleared so no data of an earlier occupant leaks into the guest.
+        unsafe { core::ptr::write_bytes(memory.start as *mut u8, 0, size as usize) };
+        let mut window = HostWindow { base: memory.start, size };
+        let vcpus = config.vcpus;
+        let (payload, initial_states) = load_payload(&mut window, image, &config.guest.cmdline, vcpus)
+            .map_err(|e| format!("partition {} ({}): {e}", config.name, config.guest.module))?;
+        let ioapic_id = firmware::mptable::ioapic_id(vcpus);
+        Ok(Partition {
+            id,
+            name: config.name.clone(),
+            memory,
+            vcpus,
+            on_fault: config.on_fault,
+            context,
+            stopped: AtomicBool::new(false),
+            fault: Mutex::new(None),
+            fault_unreported: AtomicBool::new(false),
+            console: Mutex::new(String::new()),
+            devices: vmx::devices::PartitionDevices::new(vcpus, ioapic_id, payload == Payload::TestGuest),
+            done_vcpus: AtomicU64::new(0),
+            hypercalls: AtomicU64::new(0),
+            image,
+            payload,
+            initial_states,
+            cmdline: config.guest.cmdline.clone(),
+            generation: AtomicU64::new(0),
+            reset_pending: AtomicBool::new(false),
+            parked: AtomicU32::new(0),
+            resets: AtomicU64::new(0),
+            vcpu_run_cycles: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Reads guest-physical memory into `out`, `None` (nothing read) outside the partition.
+    pub fn read_guest_bytes(&self, gpa: u64, out: &mut [u8]) -> Option<()> {
+        let size = self.memory.end - self.memory.start;
+        if gpa.checked_add(out.len() as u64)? > size {
+            return None;
+        }
+        // SAFETY: bounds-checked inside the partition's own identity-mapped memory.
+        unsafe { core::ptr::copy_nonoverlapping((self.memory.start + gpa) as *const u8, out.as_mut_ptr(), out.len()) };
+        Some(())
+    }
+
+    /// Relaxed co-scheduling: whether `vcpu` ran more than `bound` guest cycles ahead of its
+    /// slowest sibling, and must wait for it (shared counters, read without locks or IPIs).
+    pub fn co_stopped(&self, vcpu: u32, bound: u64) -> bool {
+        let mine = self.vcpu_run_cycles[vcpu as usize].load(Ordering::Relaxed);
+        let slowest = self.vcpu_run_cycles.iter().map(|c| c.load(Ordering::Relaxed)).min().unwrap_or(mine);
+        mine > slowest + bound
+    }
+
+    /// Stops every vCPU of this partition (each leaves the guest at its next exit or slot);
+    /// the first fault is the one reported. Cheap: the report is written later, in one of the
+    /// partition's own slots (`report_fault`), so a fault near the end of its slot does not run
+    /// into the next partition's.
+    pub fn stop(&self, fault: Fault) {
+        self.stop_and_maybe_reset(fault, self.on_fault == OnFault::Reset);
+    }
+
+    /// Stops the partition for good, whatever its `on_fault`: for what a reset cannot mend
+    /// (the CPU lacks a feature it needs, its VMCS fails the VM-entry checks).
+    pub fn refuse(&self, fault: Fault) {
+        self.stop_and_maybe_reset(fault, false);
+    }
+
+    fn stop_and_maybe_reset(&self, fault: Fault, reset: bool) {
+        let mut slot = self.fault.lock();
+        if slot.is_none() {
+            *slot = Some(fault);
+            self.fault_unreported.store(true, Ordering::Release);
+        }
+        drop(slot);
+        if reset {
+            self.reset_pending.store(true, Ordering::Release);
+        }
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending.load(Ordering::Acquire)
+    }
+
+    pub fn fault_unreported(&self) -> bool {
+        self.fault_unreported.load(Ordering::Acquire)
+    }
+
+    /// Prints the pending fault's line and record, once.
+    pub fn report_fault(&self) {
+        let fault = self.fault.lock().clone();
+        if !self.fault_unreported.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(fault) = fault else { return };
+        log::error!(
+            "partition {} stopped: vCPU {} {} ({}) at RIP {:#x}; other partitions keep their reservations",
+            self.name,
+            fault.vcpu,
+            fault.reason,
+            fault.detail,
+            fault.rip
+        );
+        crate::console::Record::new("partition_fault")
+            .str("partition", &self.name)
+            .u64("vcpu", fault.vcpu as u64)
+            .str("reason", fault.reason)
+            .str("detail", &fault.detail)
+            .fmt("rip", format_args!("{:#x}", fault.rip))
+            .str(
+                "action",
+                match self.on_fault {
+                    OnFault::Stop => "stopped",
+                    OnFault::Reset => "reset",
+                },
+            )
+            .emit();
+    }
+
+    /// Called by the home pCPU of vCPU `vcpu` (outside the guest) once per generation while a
+    /// reset is pending. The last vCPU to park reloads the partition's memory and releases it
+    /// under a new generation; returns true on that pCPU.
+    pub fn park_for_reset(&self, parked_generation: &mut u64) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        if !self.reset_pending.load(Ordering::Acquire) || *parked_generation == generation + 1 {
+            return false;
+        }
+        *parked_generation = generation + 1;
+        if self.parked.fetch_add(1, Ordering::AcqRel) + 1 < self.vcpus {
+            return false;
+        }
+        // Every vCPU is out of the guest: reload what the guest starts from (image, boot
+        // information, page tables, statistics). The rest of its memory is its own and is
+        // left as it was.
+        let mut window = HostWindow { base: self.memory.start, size: self.memory.end - self.memory.start };
+        if let Err(e) = load_payload(&mut window, self.image, &self.cmdline, self.vcpus) {
+            log::error!("partition {}: reset failed, it stays stopped: {e}", self.name);
+            return true;
+        }
+        self.devices.power_on(self.payload == Payload::TestGuest);
+        self.parked.store(0, Ordering::Release);
+        *self.fault.lock() = None;
+        self.done_vcpus.store(0, Ordering::Relaxed);
+        let resets = self.resets.fetch_add(1, Ordering::AcqRel) + 1;
+        self.reset_pending.store(false, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.stopped.store(false, Ordering::Release);
+        crate::console::Record::new("partition_reset").str("partition", &self.name).u64("resets", resets).emit();
+        true
+    }
+
+    /// A byte the guest wrote to its virtual UART; whole lines go to the console.
+    pub fn console_byte(&self, byte: u8) {
+        let mut line = self.console.lock();
+        match byte {
+            b'\n' => {
+                log::info!("[{}] {}", self.name, line.as_str());
+                line.clear();
+            }
+            b'\r' => {}
+            b => {
+                line.push(if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' });
+                // A line longer than this is printed in pieces rather than held or cut.
+                if line.len() >= GUEST_LINE_MAX {
+                    log::info!("[{}] {}", self.name, line.as_str());
+                    line.clear();
+                }
+            }
+        }
+    }
+
+    /// The test guest's own statistics record for one vCPU (read from its memory); zeros for
+    /// other payloads, which report through their own console.
+    pub fn guest_stats(&self, vcpu: u32) -> GuestStats {
+        if self.payload != Payload::TestGuest {
+            return GuestStats::default();
+        }
+        let mut bytes = [0u8; STATS_RECORD_SIZE as usize];
+        let at = self.memory.start + GuestStats::gpa(vcpu);
+        // SAFETY: the stats record lies inside the partition's own memory (checked when the
+        // guest was loaded), identity-mapped; the guest may be writing it concurrently, and a
+        // torn value only makes one sample stale.
+        unsafe { core::ptr::copy_nonoverlapping(at as *const u8, bytes.as_mut_ptr(), bytes.len()) };
+        GuestStats::from_bytes(&bytes)
+    }
+}
+
+/// What a partition runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// The Phalanx test guest (guests/testguest): every vCPU enters it at once.
+    TestGuest,
+    /// A Linux bzImage, entered at `startup_64` on vCPU 0 through the boot protocol.
+    Linux,
+}
+
+impl Payload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Payload::TestGuest => "testguest",
+            Payload::Linux => "linux",
+        }
+    }
+}
+
+/// Loads `image` into the partition's memory as the kind of payload it is (a bzImage goes
+/// through the Linux boot protocol, anything else is the flat test guest) and returns each
+/// vCPU's initial state.
+fn load_payload(
+    window: &mut HostWindow,
+    image: &[u8],
+    cmdline: &str,
+    vcpus: u32,
+) -> Result<(Payload, Vec<VcpuState>), String> {
+    match firmware::linux::BzImage::parse(image) {
+        Ok(kernel) => {
+            let params = firmware::linux::LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None };
+            let layout = firmware::linux::load_linux(window, &params).map_err(|e| format!("{e}"))?;
+            firmware::mptable::write_mp_table(window, vcpus).map_err(|e| format!("{e}"))?;
+            let boot = firmware::linux::boot_vcpu_state(&layout);
+            // Application processors wait for a start-up IPI; this state is replaced then.
+            let waiting = firmware::linux::startup_ipi_state(0);
+            Ok((Payload::Linux, (0..vcpus).map(|v| if v == 0 { boot } else { waiting }).collect()))
+        }
+        // A bzImage this loader cannot boot is an error; anything without the header is
+        // taken as the flat test guest.
+        Err(e @ (firmware::linux::LinuxError::ProtocolTooOld { .. } | firmware::linux::LinuxError::No64BitEntry)) => {
+            Err(format!("{e}"))
+        }
+        Err(_) => {
+            let params = BootParams { image, cmdline, vcpus, tsc_hz: crate::tsc::hz() };
+            firmware::longmode::load_test_guest(window, &params).map_err(|e| format!("{e}"))?;
+            Ok((Payload::TestGuest, (0..vcpus).map(firmware::longmode::initial_vcpu_state).collect()))
+        }
+    }
+}
+
+/// The guest's memory seen from the hypervisor: guest-physical `gpa` is host `base + gpa`.
+struct HostWindow {
+    base: u64,
+    size: u64,
+}
+
+impl GuestMemory for HostWindow {
+    fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
+        let len = bytes.len() as u64;
+        if gpa.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(GuestMemoryError { gpa, len, size: self.size });
+        }
+        // SAFETY: bounds checked against the partition's own memory, identity-mapped and
+        // owned by no one else; no vCPU of the partition runs yet.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.base + gpa) as *mut u8, bytes.len()) };
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+}

@@ -1,0 +1,207 @@
+//! One pCPU's dispatch state: its vCPUs (each homed here for the whole run), the ledger it
+//! charges, its exit and slot statistics, and the attention flag siblings raise (with a kick)
+//! when they post one of its vCPUs an IPI or a start-up.
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+use spin::Mutex;
+
+use reservations::{Account, Ledger, Work};
+use sched::VcpuRef;
+
+use crate::cpu::MAX_CPUS;
+use crate::exits::interrupt_due;
+use crate::machine::machine;
+use crate::partition::{Fault, Partition};
+use crate::vcpu::Vcpu;
+use crate::vectors::KICK_VECTOR;
+
+/// Most slot entries each pCPU remembers for the skew statistics.
+pub const MAX_SLOT_ENTRIES: usize = 8192;
+/// Basic exit reasons tracked one by one (every one the SDM defines fits).
+pub const EXIT_REASONS: usize = 80;
+
+/// Set for a pCPU when one of its vCPUs was sent an IPI or a start-up: the next boundary
+/// looks at its vCPUs' pending work (otherwise the slot path skips that).
+static ATTENTION: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExitStat {
+    pub count: u64,
+    /// Cycles from VM exit to the next VM entry (or the end of the turn).
+    pub cycles: u64,
+}
+
+/// The first VM entry of a partition's vCPU in one slot on one pCPU.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotEntry {
+    pub slot_start: u64,
+    pub partition: u32,
+    pub entry_tsc: u64,
+}
+
+/// What a pCPU hands to the BSP at the end of the run.
+pub struct PcpuResult {
+    pub ledger: Ledger,
+    pub exits: [ExitStat; EXIT_REASONS],
+    pub slot_entries: Vec<SlotEntry>,
+    pub guard_exits: u64,
+    pub yields: u64,
+}
+
+pub static RESULTS: [Mutex<Option<PcpuResult>>; MAX_CPUS] = [const { Mutex::new(None) }; MAX_CPUS];
+
+/// One pCPU's state while it dispatches (owned by its slot loop).
+pub struct Pcpu {
+    pub vcpus: Vec<Vcpu>,
+    /// The vCPU whose VMCS is current on this pCPU.
+    pub loaded: Option<usize>,
+    pub ledger: Ledger,
+    /// The ledger is charged up to here.
+    pub cursor: u64,
+    pub exits: [ExitStat; EXIT_REASONS],
+    pub slot_entries: Vec<SlotEntry>,
+    pub guard_exits: u64,
+    pub yields: u64,
+    pub preemption_shift: u8,
+}
+
+impl Pcpu {
+    /// pCPU `cpu` with the vCPUs homed on it, each set up to enter (charging starts at `t0`).
+    pub fn new(cpu: usize, t0: u64) -> Pcpu {
+        let m = machine();
+        let mut vcpus = Vec::new();
+        // VPIDs are unique across the machine: 1 + the vCPU's position in the whole config.
+        let mut vpid = 1u16;
+        for (p, homes) in m.homes.iter().enumerate() {
+            for (i, &home) in homes.iter().enumerate() {
+                if home == cpu {
+                    let mut v = Vcpu::new(p, i as u32, vpid, &m.controls.caps);
+                    set_up(&mut v, &m.partitions[p], &m.partitions[p].initial_states[i]);
+                    vcpus.push(v);
+                }
+                vpid += 1;
+            }
+        }
+        Pcpu {
+            loaded: None,
+            vcpus,
+            ledger: Ledger::new(cpu as u32, m.partitions.len(), t0),
+            cursor: t0,
+            exits: [ExitStat::default(); EXIT_REASONS],
+            slot_entries: Vec::with_capacity(MAX_SLOT_ENTRIES),
+            guard_exits: 0,
+            yields: 0,
+            preemption_shift: m.controls.caps.features().preemption_timer_shift,
+        }
+    }
+
+    pub fn charge(&mut self, account: Account, to: u64) {
+        self.ledger.charge(account, self.cursor, to);
+        self.cursor = to;
+    }
+
+    pub fn find(&self, v: VcpuRef) -> Option<usize> {
+        self.vcpus.iter().position(|x| x.partition == v.partition as usize && x.index == v.vcpu)
+    }
+
+    pub fn runnable(&self, v: VcpuRef) -> bool {
+        let m = machine();
+        let partition = &m.partitions[v.partition as usize];
+        self.find(v).is_some_and(|i| !self.vcpus[i].halted && !partition.is_stopped())
+            && partition.devices.is_started(v.vcpu)
+            && !m.skew_bound.is_some_and(|bound| partition.co_stopped(v.vcpu, bound))
+    }
+
+    /// Starts vCPUs a sibling sent a start-up IPI: their VMCS is set up again, on this pCPU,
+    /// in real mode at the vector's page.
+    pub fn follow_starts(&mut self) {
+        let m = machine();
+        for index in 0..self.vcpus.len() {
+            let v = &mut self.vcpus[index];
+            let partition = &m.partitions[v.partition];
+            if let Some(vector) = partition.devices.take_startup(v.index) {
+                if set_up(v, partition, &firmware::linux::startup_ipi_state(vector)) {
+                    self.loaded = Some(index);
+                }
+            }
+        }
+    }
+
+    /// A halted vCPU becomes runnable again when its virtual LAPIC has something to deliver
+    /// (its timer came due, or a sibling sent an IPI).
+    pub fn wake_halted(&mut self, now: u64) {
+        let m = machine();
+        for v in self.vcpus.iter_mut().filter(|v| v.halted) {
+            if interrupt_due(&m.partitions[v.partition], v, now) {
+                v.halted = false;
+            }
+        }
+    }
+
+    /// In a slot of `partition`: parks this pCPU's vCPUs of it if it waits for a reset, and
+    /// sets them up again (on this pCPU) once it was reset. Done only in the partition's own
+    /// slots and charged to it, so a reset takes no time from anyone else.
+    pub fn follow_resets(&mut self, partition_id: usize) {
+        let m = machine();
+        let partition = &m.partitions[partition_id];
+        let generation = partition.generation.load(Ordering::Acquire);
+        let current = self.vcpus.iter().all(|v| v.partition != partition_id || v.generation == generation);
+        if current && !partition.reset_pending() && !partition.fault_unreported() {
+            return;
+        }
+        let start = crate::tsc::now();
+        partition.report_fault();
+        for index in 0..self.vcpus.len() {
+            let v = &mut self.vcpus[index];
+            if v.partition != partition_id {
+                continue;
+            }
+            let partition = &m.partitions[v.partition];
+            partition.park_for_reset(&mut v.parked_generation);
+            let generation = partition.generation.load(Ordering::Acquire);
+            if v.generation != generation && !partition.is_stopped() {
+                v.generation = generation;
+                if set_up(v, partition, &partition.initial_states[v.index as usize]) {
+                    self.loaded = Some(index);
+                }
+            }
+        }
+        self.charge(Account::OnBehalf(partition_id as reservations::PartitionId, Work::SlotSwitch), start);
+        self.charge(
+            Account::OnBehalf(partition_id as reservations::PartitionId, Work::ExitHandling),
+            crate::tsc::now(),
+        );
+    }
+}
+
+/// Sets `v` up to enter in `state`; a VMCS that fails the VM-entry checks stops the partition
+/// with a fault naming the field. `true` when the vCPU's VMCS is now current.
+fn set_up(v: &mut Vcpu, partition: &Partition, state: &firmware::longmode::VcpuState) -> bool {
+    let m = machine();
+    match v.setup(&m.controls, &partition.context, state, m.force_interrupts_on) {
+        Ok(()) => true,
+        Err(failure) => {
+            let fault =
+                Fault { vcpu: v.index, reason: "vm-entry-check", detail: alloc::format!("{failure}"), rip: state.rip };
+            partition.refuse(fault);
+            false
+        }
+    }
+}
+
+/// Makes the pCPU that runs `vcpu` of `partition` look at it now (a host IPI: its guest exits
+/// or its idle loop wakes).
+pub fn kick(partition: usize, vcpu: u32) {
+    let home = machine().homes[partition][vcpu as usize];
+    ATTENTION[home].store(true, Ordering::Release);
+    if home != crate::cpu::current_index() {
+        crate::apic::send_fixed(crate::cpu::apic_id_of(home), KICK_VECTOR);
+    }
+}
+
+/// Whether a sibling asked this pCPU to look at its vCPUs since the last time (cleared).
+pub fn take_attention(cpu: usize) -> bool {
+    ATTENTION[cpu].swap(false, Ordering::AcqRel)
+}

@@ -1,0 +1,302 @@
+//! Phase-locked gang dispatch, the per-pCPU slot loop: every pCPU executes its own table from
+//! the planner against the common release time `t0`. At each boundary its LAPIC timer (armed
+//! for the absolute TSC deadline) makes the running guest exit; the pCPU charges the interval,
+//! asks its dispatcher what runs next, and enters that vCPU. Exits are handled in `exits`; the
+//! loop does the accounting. No IPI and no lock is on this path: pCPUs agree only through
+//! `t0` and the tables.
+
+extern crate alloc;
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use reservations::{Account, Work};
+use sched::VcpuRef;
+
+use crate::apic::{self, TimerMode};
+use crate::exits::{handle_exit, interrupt_due, ExitOutcome};
+use crate::machine::machine;
+use crate::partition::Fault;
+use crate::pcpu::{take_attention, Pcpu, PcpuResult, SlotEntry, EXIT_REASONS, MAX_SLOT_ENTRIES, RESULTS};
+use crate::vectors::DISPATCH_VECTOR;
+use crate::vmcs::{self, guest, ro};
+use vmx::ExitReason;
+
+/// The VMX-preemption timer fires this long after a boundary whose timer interrupt did not
+/// stop the guest: the guard that a guest cannot overrun its slot.
+const PREEMPTION_GUARD_CYCLES: u64 = 2_000;
+/// An idle pCPU wakes this long before the next boundary and spins to it.
+const IDLE_WAKE_MARGIN_CYCLES: u64 = 2_000;
+static T0: AtomicU64 = AtomicU64::new(0);
+static END: AtomicU64 = AtomicU64::new(0);
+static NEXT_PROGRESS: AtomicU64 = AtomicU64::new(u64::MAX);
+static PROGRESS_INTERVAL: AtomicU64 = AtomicU64::new(0);
+
+/// Why a vCPU's turn on the pCPU ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TurnEnd {
+    Deadline,
+    Halted,
+    Stopped,
+    /// PAUSE-loop exit under the `independent-yield` policy: the rest of the slot is given away.
+    Yielded,
+}
+
+pub fn set_schedule(t0: u64, end: u64, progress_interval: u64) {
+    T0.store(t0, Ordering::Release);
+    END.store(end, Ordering::Release);
+    PROGRESS_INTERVAL.store(progress_interval, Ordering::Release);
+    NEXT_PROGRESS.store(t0 + progress_interval, Ordering::Release);
+}
+
+pub fn t0() -> u64 {
+    T0.load(Ordering::Acquire)
+}
+
+pub fn end() -> u64 {
+    END.load(Ordering::Acquire)
+}
+
+fn timer_mode() -> TimerMode {
+    if apic::has_tsc_deadline() {
+        TimerMode::TscDeadline
+    } else {
+        TimerMode::OneShot
+    }
+}
+
+/// The dispatch loop of one pCPU, from `t0` to the end of the run.
+pub fn run_pcpu(cpu: usize) {
+    let m = machine();
+    let t0 = t0();
+    let end = end();
+    let mode = timer_mode();
+    apic::setup_timer(mode, DISPATCH_VECTOR);
+    let mut pcpu = Pcpu::new(cpu, t0);
+    let mut dispatcher = m.tables.dispatcher(cpu, t0);
+    crate::tsc::spin_until(t0);
+    let mut decision = dispatcher.on_boundary(crate::tsc::now());
+    let mut slot_start = t0;
+    // The current decision is the first of its slot (gang skew is measured there only).
+    let mut slot_fresh = true;
+    // The owner gave the rest of this slot away (directed yield): it does not take it back.
+    let mut yielded_slot = false;
+    loop {
+        let now = crate::tsc::now();
+        if now >= end {
+            pcpu.charge(Account::Overhead, now);
+            break;
+        }
+        // Statistics are the hypervisor's own work; everything else from here to the next
+        // vCPU's first entry (the decision, pending starts and wake-ups, loading its VMCS) is
+        // the switch into that vCPU's slot, and run_turn charges it to its partition.
+        if cpu == 0 && maybe_report_progress(now) {
+            pcpu.charge(Account::Overhead, crate::tsc::now());
+        }
+        let _ = crate::console::pump();
+        if take_attention(cpu) || pcpu.vcpus.iter().any(|v| v.halted) {
+            pcpu.follow_starts();
+            pcpu.wake_halted(now);
+        }
+        // A slot owner that woke up (its timer, an IPI) takes its slot back from slack.
+        let owner = dispatcher.owner_decision();
+        if !yielded_slot && decision.run != owner.run && owner.run.is_some_and(|v| pcpu.runnable(v)) {
+            decision = dispatcher.reclaim();
+        }
+        if let Some(owner) = decision.run.filter(|_| !decision.lent) {
+            pcpu.follow_resets(owner.partition as usize);
+        }
+        if !decision.run.is_some_and(|v| pcpu.runnable(v)) && !decision.lent {
+            // The slot's owner is halted or stopped, or the slot is empty: lend it.
+            decision = dispatcher.on_halt(now, |v| pcpu.runnable(v));
+        }
+        let deadline = decision.next_deadline.min(end);
+        apic::arm_deadline(mode, deadline);
+        let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
+        let ended = match turn {
+            // From here to the vCPU's first entry (loading its VMCS) is the switch into its
+            // slot: run_turn charges it to the partition, whose slot it comes out of.
+            // Only the owner's entry at the start of its slot counts for gang skew (lent slack,
+            // or an owner that woke up mid-slot, is not a gang start).
+            Some(index) => {
+                Some(run_turn(&mut pcpu, index, deadline, (slot_fresh && !decision.lent).then_some(slot_start)))
+            }
+            None => {
+                // A halted vCPU here whose timer comes due first ends the idle early.
+                let wake = pcpu.vcpus.iter().filter(|v| v.halted).filter_map(|v| v.lapic.timer_deadline()).min();
+                idle_until(&mut pcpu, wake.map_or(deadline, |w| w.min(deadline)));
+                None
+            }
+        };
+        let now = crate::tsc::now();
+        slot_fresh = false;
+        if now >= decision.next_deadline {
+            slot_start = decision.next_deadline;
+            decision = dispatcher.on_boundary(now);
+            slot_fresh = true;
+            yielded_slot = false;
+        } else {
+            // The vCPU halted, stopped or yielded (or nothing could run): lend the rest of
+            // the slot, decided locally.
+            if ended == Some(TurnEnd::Yielded) {
+                pcpu.yields += 1;
+                yielded_slot = true;
+            }
+            let yielder = decision.run;
+            decision = dispatcher.on_halt(now, |v| Some(v) != yielder && pcpu.runnable(v));
+            if decision.run.is_none() && ended == Some(TurnEnd::Yielded) {
+                // Directed yield as a KVM host does it: the spinning vCPU gives its pCPU to
+                // another runnable vCPU there for the rest of the slot.
+                decision.run = pcpu
+                    .vcpus
+                    .iter()
+                    .map(|v| VcpuRef { partition: v.partition as reservations::PartitionId, vcpu: v.index })
+                    .find(|&v| Some(v) != yielder && pcpu.runnable(v));
+            }
+        }
+    }
+    apic::mask_timer();
+    *RESULTS[cpu].lock() = Some(PcpuResult {
+        ledger: pcpu.ledger,
+        exits: pcpu.exits,
+        slot_entries: pcpu.slot_entries,
+        guard_exits: pcpu.guard_exits,
+        yields: pcpu.yields,
+    });
+}
+
+/// Nothing to run: halt the pCPU until the deadline's timer interrupt.
+fn idle_until(pcpu: &mut Pcpu, deadline: u64) {
+    pcpu.charge(Account::Overhead, crate::tsc::now());
+    // Wake a little early and spin the rest: taking the timer interrupt out of `hlt` costs
+    // about a thousand cycles, which would otherwise come out of the next slot.
+    let wake = deadline.saturating_sub(IDLE_WAKE_MARGIN_CYCLES);
+    if crate::tsc::now() < wake {
+        apic::arm_deadline(timer_mode(), wake);
+    }
+    while crate::tsc::now() < wake {
+        // Idle time drains the console; with nothing to print, halt until the timer.
+        if crate::console::pump() {
+            core::hint::spin_loop();
+            continue;
+        }
+        // `sti; hlt` cannot lose the wake-up; the interrupt handler only acknowledges it.
+        x86_64::instructions::interrupts::enable_and_hlt();
+        x86_64::instructions::interrupts::disable();
+    }
+    crate::tsc::spin_until(deadline);
+    pcpu.charge(Account::Idle, crate::tsc::now());
+}
+
+fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Option<u64>) -> TurnEnd {
+    let m = machine();
+    let partition_id = pcpu.vcpus[index].partition;
+    let partition = &m.partitions[partition_id];
+    let account_id = partition_id as reservations::PartitionId;
+    if pcpu.loaded != Some(index) {
+        pcpu.vcpus[index].load();
+        pcpu.loaded = Some(index);
+    }
+    pcpu.ledger.note_slot(account_id);
+    let mut first_entry = true;
+    let mut last_reason: Option<usize> = None;
+    let end = loop {
+        if partition.is_stopped() {
+            break TurnEnd::Stopped;
+        }
+        let now = crate::tsc::now();
+        if now >= deadline {
+            break TurnEnd::Deadline;
+        }
+        // The vCPU's virtual LAPIC: take siblings' IPIs, run its timer, inject what is due.
+        let vcpu = &mut pcpu.vcpus[index];
+        interrupt_due(partition, vcpu, now);
+        vcpu.deliver_interrupts(&m.controls);
+        // Exit by the slot boundary (guard) or when the guest's own timer is due.
+        let wake = vcpu.lapic.timer_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));
+        let guard = ((deadline - now + PREEMPTION_GUARD_CYCLES).min(wake.max(1))) >> pcpu.preemption_shift;
+        vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, guard.min(u32::MAX as u64));
+        let entry = crate::tsc::now();
+        let handling = entry - pcpu.cursor;
+        if let Some(reason) = last_reason.take() {
+            pcpu.exits[reason].cycles += handling;
+        }
+        let work = if first_entry { Work::SlotSwitch } else { Work::ExitHandling };
+        pcpu.charge(Account::OnBehalf(account_id, work), entry);
+        if first_entry {
+            first_entry = false;
+            // The first entry into the slot only (a vCPU that halted and was woken re-enters).
+            let already = |s: u64| {
+                pcpu.slot_entries.last().is_some_and(|e| e.slot_start == s && e.partition == partition_id as u32)
+            };
+            if let Some(slot_start) =
+                owned_slot_start.filter(|&s| !already(s) && pcpu.slot_entries.len() < MAX_SLOT_ENTRIES)
+            {
+                pcpu.slot_entries.push(SlotEntry { slot_start, partition: partition_id as u32, entry_tsc: entry });
+            }
+        }
+        let result = pcpu.vcpus[index].enter();
+        let exit = crate::tsc::now();
+        partition.vcpu_run_cycles[pcpu.vcpus[index].index as usize].fetch_add(exit - entry, Ordering::Relaxed);
+        pcpu.charge(Account::Guest(account_id), exit);
+        if let Err(error) = result {
+            partition.stop(Fault {
+                vcpu: pcpu.vcpus[index].index,
+                reason: "vm-entry-failed",
+                detail: alloc::format!("VM-instruction error {error}"),
+                rip: vmcs::read(guest::RIP),
+            });
+            break TurnEnd::Stopped;
+        }
+        pcpu.ledger.note_exit(account_id);
+        let raw = vmcs::read(ro::EXIT_REASON) as u32;
+        let reason = ExitReason::from_raw(raw);
+        let slot = (reason.number() as usize).min(EXIT_REASONS - 1);
+        pcpu.exits[slot].count += 1;
+        last_reason = Some(slot);
+        match handle_exit(&mut pcpu.vcpus[index], partition, reason, raw, deadline) {
+            ExitOutcome::Resume => continue,
+            ExitOutcome::Guard => pcpu.guard_exits += 1,
+            ExitOutcome::Spin { yielded } => {
+                pcpu.ledger.note_pause_loop_exit(account_id);
+                if yielded {
+                    break TurnEnd::Yielded;
+                }
+            }
+            ExitOutcome::Halted => break TurnEnd::Halted,
+            ExitOutcome::Stopped => break TurnEnd::Stopped,
+        }
+    };
+    let now = crate::tsc::now();
+    if let Some(reason) = last_reason {
+        pcpu.exits[reason].cycles += now - pcpu.cursor;
+    }
+    // Leaving the slot at its boundary is the scheduler's own switch-out, done in the next
+    // slot's time: the hypervisor's overhead (each partition pays only its switch-in, inside
+    // its own slot). Handling that ends a turn early is work on the partition's behalf.
+    let account = match end {
+        TurnEnd::Deadline => Account::Overhead,
+        _ => Account::OnBehalf(account_id, Work::ExitHandling),
+    };
+    pcpu.charge(account, now);
+    end
+}
+
+/// Periodic progress records (pCPU 0 only, between turns); true when it printed.
+fn maybe_report_progress(now: u64) -> bool {
+    let next = NEXT_PROGRESS.load(Ordering::Relaxed);
+    if now < next {
+        return false;
+    }
+    NEXT_PROGRESS.store(next + PROGRESS_INTERVAL.load(Ordering::Relaxed), Ordering::Relaxed);
+    let ms = crate::tsc::cycles_to_us(now - t0()) / 1000;
+    for p in &machine().partitions {
+        let iterations: u64 = (0..p.vcpus).map(|v| p.guest_stats(v).iterations).max().unwrap_or(0);
+        crate::console::Record::new("progress")
+            .u64("t_ms", ms)
+            .str("partition", &p.name)
+            .u64("iterations", iterations)
+            .bool("stopped", p.is_stopped())
+            .emit();
+    }
+    true
+}

@@ -1,0 +1,16 @@
+//! Every interrupt vector and IST slot the hypervisor uses, in one place.
+
+/// The phase-lock test's LAPIC timer (boot-time measurement of tick skew).
+pub const PHASE_TEST_VECTOR: u8 = 0x40;
+/// The dispatch timer: each pCPU's slot boundaries.
+pub const DISPATCH_VECTOR: u8 = 0x41;
+/// Sent to a pCPU to make its guest exit (or its idle loop wake) at once: a sibling vCPU
+/// posted it an IPI or started it.
+pub const KICK_VECTOR: u8 = 0x42;
+/// Spurious-interrupt vector programmed into the LAPIC.
+pub const SPURIOUS_VECTOR: u8 = 0xFF;
+
+/// IST slots in every CPU's TSS: faults that must not run on a possibly broken stack.
+pub const IST_DOUBLE_FAULT: u8 = 1;
+pub const IST_NMI: u8 = 2;
+pub const IST_MACHINE_CHECK: u8 = 3;

@@ -1,0 +1,337 @@
+//! The devices a partition's vCPUs share, and the exits that reach them: its COM1
+//! (`vuart`) with the interrupt line into its IO-APIC (`vioapic`), the IO-APIC's MMIO window,
+//! each vCPU's xAPIC MMIO page (`vlapic`, decoded with `mmio`), and the routing of IPIs and
+//! start-ups between sibling vCPUs. Shared between the pCPUs that run the siblings: each
+//! sibling's pending IPIs and start-up vector are lock-free sets its own pCPU takes before it
+//! next enters the guest; the UART and IO-APIC are behind spin locks.
+//!
+//! What the hypervisor must do on another pCPU's behalf (look at a sibling now) comes back as
+//! [`DeviceEffects`]; nothing here touches hardware.
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use spin::Mutex;
+
+use crate::exit::IoAccess;
+use crate::mmio::{self, MmioAccess, MmioOperation};
+use crate::vcpu_access::VcpuAccess;
+use crate::vioapic::{VirtualIoApic, IOAPIC_BASE_ADDRESS};
+use crate::vlapic::{reg, Destination, IcrCommand, VirtualLapic};
+use crate::vuart::VirtualUart;
+
+/// Guest-physical page of every vCPU's xAPIC (not mapped in the EPT: accesses exit).
+pub const LAPIC_PAGE: u64 = crate::msr::APIC_BASE_ADDRESS;
+/// Guest-physical page of the partition's IO-APIC (not mapped: accesses exit).
+pub const IOAPIC_PAGE: u64 = IOAPIC_BASE_ADDRESS;
+pub const COM1: u16 = 0x3F8;
+/// COM1's line into the IO-APIC (the MP table's ISA IRQ 4).
+pub const COM1_IRQ: usize = 4;
+
+/// Sibling vCPUs (by index, below 256) whose pCPU must look at them now: they were posted an
+/// IPI or a start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kicks([u64; 4]);
+
+impl Kicks {
+    fn add(&mut self, vcpu: u32) {
+        self.0[vcpu as usize / 64 % 4] |= 1 << (vcpu % 64);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0; 4]
+    }
+
+    /// The vCPUs in the set, lowest first (only the set bits are visited).
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().enumerate().flat_map(|(word, &bits)| {
+            let mut rest = bits;
+            core::iter::from_fn(move || {
+                (rest != 0).then(|| {
+                    let bit = rest.trailing_zeros();
+                    rest &= rest - 1;
+                    word as u32 * 64 + bit
+                })
+            })
+        })
+    }
+}
+
+/// What a device exit leaves for the hypervisor to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceEffects {
+    pub kicks: Kicks,
+    /// A byte the guest wrote to its COM1 (for the console).
+    pub console: Option<u8>,
+    /// An IPI Phalanx does not deliver (NMI, SMI, ...), for a warning.
+    pub unsupported_ipi: Option<IcrCommand>,
+}
+
+pub struct PartitionDevices {
+    vcpus: u32,
+    uart: Mutex<VirtualUart>,
+    ioapic: Mutex<VirtualIoApic>,
+    /// The UART's interrupt line as last seen (interrupts are its rising edges).
+    uart_line: AtomicBool,
+    /// IPIs sent to each vCPU by its siblings (256-bit vector sets).
+    pending_ipis: Vec<[AtomicU64; 4]>,
+    /// Each vCPU's logical APIC ID (its LDR), for logical-destination IPIs.
+    logical_ids: Vec<AtomicU8>,
+    /// A start-up IPI's vector for each vCPU (0x100 | vector), until its pCPU takes it.
+    startup_vectors: Vec<AtomicU32>,
+    /// Whether each vCPU runs (a Linux partition's application processors wait for their
+    /// start-up IPI; the test guest starts on every vCPU at once).
+    started: Vec<AtomicBool>,
+}
+
+impl PartitionDevices {
+    /// Devices for `vcpus` vCPUs; `all_started`: every vCPU runs from power-on (else only
+    /// vCPU 0 does and the others wait for a start-up IPI).
+    pub fn new(vcpus: u32, ioapic_id: u8, all_started: bool) -> Self {
+        let devices = PartitionDevices {
+            vcpus,
+            uart: Mutex::new(VirtualUart::new()),
+            ioapic: Mutex::new(VirtualIoApic::new(ioapic_id)),
+            uart_line: AtomicBool::new(false),
+            pending_ipis: (0..vcpus).map(|_| [const { AtomicU64::new(0) }; 4]).collect(),
+            logical_ids: (0..vcpus).map(|_| AtomicU8::new(0)).collect(),
+            startup_vectors: (0..vcpus).map(|_| AtomicU32::new(0)).collect(),
+            started: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+        };
+        devices.power_on(all_started);
+        devices
+    }
+
+    /// Which vCPUs run after a reset (see `new`). The devices' registers keep what the guest
+    /// last programmed: it reinitialises them when it boots.
+    pub fn power_on(&self, all_started: bool) {
+        for (v, started) in self.started.iter().enumerate() {
+            started.store(all_started || v == 0, Ordering::Release);
+        }
+    }
+
+    pub fn is_started(&self, vcpu: u32) -> bool {
+        self.started[vcpu as usize].load(Ordering::Acquire)
+    }
+
+    /// The start-up vector posted for `vcpu`, once.
+    pub fn take_startup(&self, vcpu: u32) -> Option<u8> {
+        let slot = &self.startup_vectors[vcpu as usize];
+        if slot.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        match slot.swap(0, Ordering::AcqRel) {
+            0 => None,
+            v => Some(v as u8),
+        }
+    }
+
+    /// Takes the IPIs posted to `vcpu` into its virtual LAPIC.
+    pub fn take_ipis(&self, vcpu: u32, lapic: &mut VirtualLapic) {
+        for (word, bits) in self.pending_ipis[vcpu as usize].iter().enumerate() {
+            if bits.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let mut set = bits.swap(0, Ordering::AcqRel);
+            while set != 0 {
+                let bit = set.trailing_zeros();
+                lapic.accept((word as u32 * 64 + bit) as u8);
+                set &= set - 1;
+            }
+        }
+    }
+
+    /// IN/OUT by vCPU `vcpu` (whose LAPIC is `lapic`): COM1, or absent hardware elsewhere.
+    /// String I/O is not emulated (`Err`).
+    pub fn port_io(
+        &self,
+        cpu: &mut impl VcpuAccess,
+        vcpu: u32,
+        lapic: &mut VirtualLapic,
+        access: IoAccess,
+    ) -> Result<DeviceEffects, String> {
+        if access.string || access.rep {
+            return Err(format!("string I/O on port {:#x} is not emulated", access.port));
+        }
+        let mut effects = DeviceEffects::default();
+        if !(COM1..COM1 + 8).contains(&access.port) {
+            crate::emulate::absent_port(cpu, access);
+            return Ok(effects);
+        }
+        let offset = access.port - COM1;
+        let interrupt = {
+            let mut uart = self.uart.lock();
+            if access.input {
+                let mask = crate::emulate::io_mask(access.size);
+                let value = uart.read(offset) as u64;
+                cpu.set_gpr(crate::vcpu_access::gpr::RAX, (cpu.gpr(crate::vcpu_access::gpr::RAX) & !mask) | value);
+            } else {
+                effects.console = uart.write(offset, cpu.gpr(crate::vcpu_access::gpr::RAX) as u8);
+            }
+            uart.interrupt()
+        };
+        // The UART's line into its IO-APIC pin: a rising edge is an interrupt.
+        if !self.uart_line.swap(interrupt, Ordering::AcqRel) && interrupt {
+            let routed = self.ioapic.lock().assert_pin(COM1_IRQ);
+            if let Some((vector, destination)) = routed {
+                self.deliver(vcpu, lapic, IcrCommand::Fixed { vector, destination }, &mut effects);
+            }
+        }
+        cpu.skip_instruction();
+        Ok(effects)
+    }
+
+    /// An access to guest-physical `gpa` the EPT does not map, by vCPU `vcpu`: `None` when no
+    /// device is there, else the decoded instruction applied to the xAPIC or IO-APIC and RIP
+    /// moved past it. `now` is the TSC (the LAPIC timer runs on it).
+    pub fn mmio(
+        &self,
+        cpu: &mut impl VcpuAccess,
+        vcpu: u32,
+        lapic: &mut VirtualLapic,
+        gpa: u64,
+        now: u64,
+    ) -> Option<Result<DeviceEffects, String>> {
+        let page = gpa & !0xFFF;
+        if page != LAPIC_PAGE && page != IOAPIC_PAGE {
+            return None;
+        }
+        Some(decode_device_access(cpu, gpa).map(|access| {
+            let offset = (gpa & 0xFFF) as u32;
+            let mut effects = DeviceEffects::default();
+            if page == LAPIC_PAGE {
+                self.lapic_access(cpu, vcpu, lapic, offset & !0xF, access, now, &mut effects);
+            } else {
+                let mut ioapic = self.ioapic.lock();
+                match access.operation {
+                    MmioOperation::Read { register } => cpu.set_gpr(register, ioapic.read(offset) as u64),
+                    MmioOperation::Write { register } => ioapic.write(offset, cpu.gpr(register) as u32),
+                    MmioOperation::WriteImmediate { value } => ioapic.write(offset, value as u32),
+                }
+            }
+            cpu.set_rip(cpu.rip() + access.length as u64);
+            effects
+        }))
+    }
+
+    /// One decoded instruction applied to the vCPU's xAPIC register at `offset`; IPIs go to
+    /// the siblings' pending sets.
+    #[allow(clippy::too_many_arguments)]
+    fn lapic_access(
+        &self,
+        cpu: &mut impl VcpuAccess,
+        vcpu: u32,
+        lapic: &mut VirtualLapic,
+        offset: u32,
+        access: MmioAccess,
+        now: u64,
+        effects: &mut DeviceEffects,
+    ) {
+        let mask = if access.size >= 8 { u64::MAX } else { (1u64 << (access.size * 8)) - 1 };
+        let value = match access.operation {
+            MmioOperation::Read { register } => {
+                let value = lapic.read(offset, now) as u64 & mask;
+                // 32-bit loads zero-extend; narrower ones keep the upper bits (mov r8/r16).
+                let merged = if access.size >= 4 { value } else { (cpu.gpr(register) & !mask) | value };
+                cpu.set_gpr(register, merged);
+                return;
+            }
+            MmioOperation::Write { register } => cpu.gpr(register) & mask,
+            MmioOperation::WriteImmediate { value } => value & mask,
+        };
+        let command = lapic.write(offset, value as u32, now);
+        if offset == reg::LDR {
+            self.logical_ids[vcpu as usize].store(lapic.logical_id(), Ordering::Release);
+        }
+        match command {
+            None => {}
+            Some(command @ IcrCommand::Fixed { .. }) => self.deliver(vcpu, lapic, command, effects),
+            // The vCPUs wait for their start-up IPI from power-on: INIT changes nothing.
+            Some(IcrCommand::Init { .. } | IcrCommand::Unsupported { icr: 0 }) => {}
+            Some(command @ IcrCommand::Startup { vector, .. }) => {
+                for target in self.targets(vcpu, command).filter(|&t| t != vcpu) {
+                    if self.start(target, vector) {
+                        effects.kicks.add(target);
+                    }
+                }
+            }
+            Some(other @ (IcrCommand::Nmi { .. } | IcrCommand::Unsupported { .. })) => {
+                effects.unsupported_ipi = Some(other)
+            }
+        }
+    }
+
+    /// A fixed interrupt to every vCPU `command` addresses: the sender's own LAPIC directly,
+    /// siblings through their pending sets (and a kick).
+    fn deliver(&self, sender: u32, lapic: &mut VirtualLapic, command: IcrCommand, effects: &mut DeviceEffects) {
+        let IcrCommand::Fixed { vector, .. } = command else { return };
+        for target in self.targets(sender, command) {
+            if target == sender {
+                lapic.accept(vector);
+            } else {
+                self.pending_ipis[target as usize][vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::AcqRel);
+                effects.kicks.add(target);
+            }
+        }
+    }
+
+    /// The vCPUs `command` from `sender` addresses (APIC ID = vCPU index; logical IDs as each
+    /// vCPU last wrote its LDR, flat model).
+    fn targets(&self, sender: u32, command: IcrCommand) -> impl Iterator<Item = u32> + '_ {
+        let destination = match command {
+            IcrCommand::Fixed { destination, .. }
+            | IcrCommand::Nmi { destination }
+            | IcrCommand::Init { destination }
+            | IcrCommand::Startup { destination, .. } => Some(destination),
+            IcrCommand::Unsupported { .. } => None,
+        };
+        (0..self.vcpus).filter(move |&target| match destination {
+            None => false,
+            Some(Destination::Physical(id)) => id == 0xFF || id as u32 == target,
+            Some(Destination::Logical(mask)) => self.logical_ids[target as usize].load(Ordering::Acquire) & mask != 0,
+            Some(Destination::SelfOnly) => target == sender,
+            Some(Destination::AllIncludingSelf) => true,
+            Some(Destination::AllExcludingSelf) => target != sender,
+        })
+    }
+
+    /// A start-up IPI for `vcpu`: true if it was waiting for one (it then starts in real mode
+    /// at `vector * 4096`, set up by its own pCPU).
+    fn start(&self, vcpu: u32, vector: u8) -> bool {
+        let started = &self.started[vcpu as usize];
+        if started.load(Ordering::Acquire) {
+            return false;
+        }
+        self.startup_vectors[vcpu as usize].store(0x100 | vector as u32, Ordering::Release);
+        started.store(true, Ordering::Release);
+        true
+    }
+}
+
+/// The instruction at the guest's RIP that accessed device memory at `gpa`, decoded (fetched
+/// through the guest's page tables; up to 16 bytes, which may continue on the next page).
+fn decode_device_access(cpu: &impl VcpuAccess, gpa: u64) -> Result<MmioAccess, String> {
+    let rip = cpu.rip();
+    let cr3 = cpu.read_field(x86::vmx::vmcs::guest::CR3);
+    let read = |a: u64| cpu.read_physical_u64(a);
+    let mut bytes = [0u8; 16];
+    let in_first_page = ((0x1000 - (rip & 0xFFF)) as usize).min(bytes.len());
+    let unreadable = || format!("cannot read the instruction at {rip:#x}");
+    let first = mmio::translate(cr3, rip, read).ok_or_else(unreadable)?;
+    cpu.read_physical(first, &mut bytes[..in_first_page]).ok_or_else(unreadable)?;
+    if in_first_page < bytes.len() {
+        if let Some(next) = mmio::translate(cr3, rip + in_first_page as u64, read) {
+            // A missing next page just leaves zeros: the decoder then fails if it needed them.
+            let _ = cpu.read_physical(next, &mut bytes[in_first_page..]);
+        }
+    }
+    mmio::decode(&bytes, rip)
+        .map_err(|e| format!("device access at {gpa:#x} by an instruction Phalanx does not emulate ({e:?})"))
+}
+
+#[cfg(test)]
+#[path = "devices_tests.rs"]
+mod tests;

@@ -1,0 +1,154 @@
+//! Device exits driven through a mock vCPU: real instruction bytes in guest memory, decoded
+//! through identity page tables, applied to the partition's devices.
+
+use super::*;
+use crate::vcpu_access::{gpr, MockVcpu};
+
+const CODE: u64 = 0x8000;
+const PAGE_TABLES: u64 = 0x10_0000;
+
+/// A vCPU of a partition with 2 MiB of memory, paging on, and `code` at RIP.
+fn vcpu_running(code: &[u8]) -> MockVcpu {
+    let mut cpu = MockVcpu::with_memory(2 << 20);
+    cpu.identity_paging(PAGE_TABLES);
+    cpu.write_physical(CODE, code);
+    cpu.rip = CODE;
+    cpu
+}
+
+/// `n` software-enabled LAPICs (as the guest sets them up before it takes interrupts).
+fn lapics(n: u8) -> Vec<VirtualLapic> {
+    (0..n)
+        .map(|id| {
+            let mut lapic = VirtualLapic::new(id);
+            lapic.write(reg::SVR, 0x1FF, 0);
+            lapic
+        })
+        .collect()
+}
+
+/// `mov [rax], ecx` (2 bytes) storing `value` to `gpa` on vCPU `vcpu`.
+fn store(devices: &PartitionDevices, lapic: &mut VirtualLapic, vcpu: u32, gpa: u64, value: u32) -> DeviceEffects {
+    let mut cpu = vcpu_running(&[0x89, 0x08]);
+    cpu.gprs[gpr::RCX as usize] = value as u64;
+    let effects = devices.mmio(&mut cpu, vcpu, lapic, gpa, 0).expect("a device page").expect("emulated");
+    assert_eq!(cpu.rip, CODE + 2, "RIP moves past the decoded instruction");
+    effects
+}
+
+fn out(devices: &PartitionDevices, lapic: &mut VirtualLapic, port: u16, value: u8) -> DeviceEffects {
+    let mut cpu = MockVcpu { instruction_length: 1, ..MockVcpu::default() };
+    cpu.gprs[gpr::RAX as usize] = value as u64;
+    let access = IoAccess { port, size: 1, input: false, string: false, rep: false };
+    devices.port_io(&mut cpu, 0, lapic, access).unwrap()
+}
+
+#[test]
+fn a_com1_byte_reaches_the_console_and_its_interrupt_the_routed_sibling() {
+    let devices = PartitionDevices::new(2, 2, true);
+    let mut l = lapics(2);
+    // IO-APIC pin 4 -> vector 0x24, physical destination vCPU 1 (as Linux programs it).
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x10 + 2 * COM1_IRQ as u32);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 0x24);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x11 + 2 * COM1_IRQ as u32);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 1 << 24);
+    // IER: transmit-holding-register-empty interrupt on; the THR is empty: a rising edge.
+    let effects = out(&devices, &mut l[0], COM1 + 1, 0x02);
+    assert_eq!(effects.kicks.iter().collect::<Vec<_>>(), [1], "vCPU 1's pCPU must look at it");
+    let (first, rest) = l.split_at_mut(1);
+    devices.take_ipis(1, &mut rest[0]);
+    assert_eq!(rest[0].deliverable(), Some(0x24));
+    assert_eq!(first[0].deliverable(), None, "not delivered to the sender");
+    // A byte for the console; the line stays high (no new edge) until IIR is read.
+    let effects = out(&devices, &mut l[0], COM1, b'x');
+    assert_eq!(effects.console, Some(b'x'));
+}
+
+#[test]
+fn logical_fixed_ipis_fan_out_to_every_addressed_sibling_and_self() {
+    let devices = PartitionDevices::new(3, 3, true);
+    let mut l = lapics(3);
+    for v in 0..3u32 {
+        // Flat logical model: vCPU v answers to bit v.
+        store(&devices, &mut l[v as usize], v, LAPIC_PAGE + reg::LDR as u64, 1 << (24 + v));
+    }
+    store(&devices, &mut l[0], 0, LAPIC_PAGE + reg::ICR_HIGH as u64, 0b111 << 24);
+    let effects = store(&devices, &mut l[0], 0, LAPIC_PAGE + reg::ICR_LOW as u64, 0x0000_0830); // logical, fixed, 0x30
+    assert_eq!(effects.kicks.iter().collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(l[0].deliverable(), Some(0x30), "the sender's own LAPIC gets it directly");
+    for v in 1..3 {
+        devices.take_ipis(v, &mut l[v as usize]);
+        assert_eq!(l[v as usize].deliverable(), Some(0x30), "vCPU {v}");
+    }
+    // All-excluding-self reaches the others only.
+    let effects = store(&devices, &mut l[1], 1, LAPIC_PAGE + reg::ICR_LOW as u64, 0x000C_0031);
+    assert_eq!(effects.kicks.iter().collect::<Vec<_>>(), [0, 2]);
+}
+
+#[test]
+fn a_startup_ipi_starts_a_waiting_sibling_once() {
+    let devices = PartitionDevices::new(2, 2, false);
+    assert!(devices.is_started(0) && !devices.is_started(1));
+    let mut l = lapics(2);
+    store(&devices, &mut l[0], 0, LAPIC_PAGE + reg::ICR_HIGH as u64, 1 << 24);
+    let sipi = 0x0000_0600 | 0x9F;
+    let effects = store(&devices, &mut l[0], 0, LAPIC_PAGE + reg::ICR_LOW as u64, sipi);
+    assert_eq!(effects.kicks.iter().collect::<Vec<_>>(), [1]);
+    assert!(devices.is_started(1));
+    assert_eq!(devices.take_startup(1), Some(0x9F));
+    assert_eq!(devices.take_startup(1), None, "taken once");
+    // The second SIPI of INIT-SIPI-SIPI finds it running: nothing happens.
+    assert!(store(&devices, &mut l[0], 0, LAPIC_PAGE + reg::ICR_LOW as u64, sipi).kicks.is_empty());
+    devices.power_on(false);
+    assert!(!devices.is_started(1), "a reset puts application processors back to waiting");
+}
+
+#[test]
+fn lapic_reads_zero_extend_32_bit_and_merge_narrower_loads() {
+    let devices = PartitionDevices::new(1, 1, true);
+    let mut lapic = VirtualLapic::new(0);
+    // mov eax, [rax]
+    let mut cpu = vcpu_running(&[0x8B, 0x00]);
+    cpu.gprs[gpr::RAX as usize] = u64::MAX;
+    devices.mmio(&mut cpu, 0, &mut lapic, LAPIC_PAGE + reg::VERSION as u64, 0).unwrap().unwrap();
+    assert_eq!(cpu.gprs[gpr::RAX as usize], 0x0005_0014);
+    // mov ax, [rax]: the upper 48 bits stay.
+    let mut cpu = vcpu_running(&[0x66, 0x8B, 0x00]);
+    cpu.gprs[gpr::RAX as usize] = 0xAAAA_BBBB_CCCC_DDDD;
+    devices.mmio(&mut cpu, 0, &mut lapic, LAPIC_PAGE + reg::VERSION as u64, 0).unwrap().unwrap();
+    assert_eq!(cpu.gprs[gpr::RAX as usize], 0xAAAA_BBBB_CCCC_0014);
+    assert_eq!(cpu.rip, CODE + 3);
+}
+
+#[test]
+fn other_memory_is_no_device_and_undecodable_instructions_are_refused() {
+    let devices = PartitionDevices::new(1, 1, true);
+    let mut lapic = VirtualLapic::new(0);
+    let mut cpu = vcpu_running(&[0x89, 0x08]);
+    assert!(devices.mmio(&mut cpu, 0, &mut lapic, 0x4000_0000, 0).is_none());
+    let mut cpu = vcpu_running(&[0x0F, 0x0B]); // ud2
+    let err = devices.mmio(&mut cpu, 0, &mut lapic, LAPIC_PAGE, 0).unwrap().unwrap_err();
+    assert!(err.contains("does not emulate"), "{err}");
+    assert_eq!(cpu.rip, CODE, "nothing applied");
+    let mut cpu = MockVcpu::with_memory(0x1000);
+    cpu.rip = 0x10_0000; // not mapped
+    let err = devices.mmio(&mut cpu, 0, &mut lapic, LAPIC_PAGE, 0).unwrap().unwrap_err();
+    assert!(err.contains("cannot read the instruction"), "{err}");
+}
+
+#[test]
+fn string_io_is_refused_and_absent_ports_float_high() {
+    let devices = PartitionDevices::new(1, 1, true);
+    let mut lapic = VirtualLapic::new(0);
+    let mut cpu = MockVcpu::default();
+    let string = IoAccess { port: COM1, size: 1, input: false, string: true, rep: true };
+    assert!(devices.port_io(&mut cpu, 0, &mut lapic, string).is_err());
+    let read = IoAccess { port: 0x61, size: 1, input: true, string: false, rep: false };
+    devices.port_io(&mut cpu, 0, &mut lapic, read).unwrap();
+    assert_eq!(cpu.gprs[gpr::RAX as usize], 0xFF);
+    // The UART's scratch register reads back what was written.
+    out(&devices, &mut lapic, COM1 + 7, 0x5A);
+    let scratch = IoAccess { port: COM1 + 7, size: 1, input: true, string: false, rep: false };
+    devices.port_io(&mut cpu, 0, &mut lapic, scratch).unwrap();
+    assert_eq!(cpu.gprs[gpr::RAX as usize] & 0xFF, 0x5A);
+}

@@ -1,0 +1,179 @@
+//! Handlers for the instruction exits that need nothing but the vCPU's own state: RDMSR and
+//! WRMSR, CPUID, VMCALL (the hypercalls), and I/O to ports no device answers. Each works on
+//! any [`VcpuAccess`]; the image passes the current VMCS, the tests a mock.
+
+use crate::cpuid::{self, CpuidResult};
+use crate::exit::IoAccess;
+use crate::msr::{self, MsrAccess, IA32_EFER};
+use crate::vcpu_access::{gpr, VcpuAccess};
+
+const EXCEPTION_GP: u8 = 13;
+const EFER_LMA: u64 = 1 << 10;
+
+/// RDMSR/WRMSR of an MSR the bitmap does not pass through (`vmx::msr` decides which) by vCPU
+/// `vcpu`; `tsc` is the time stamp counter now. A refused access gets #GP and RIP stays.
+pub fn msr_access(cpu: &mut impl VcpuAccess, write: bool, vcpu: u32, tsc: u64) {
+    let index = cpu.gpr(gpr::RCX) as u32;
+    let value = (cpu.gpr(gpr::RDX) << 32) | (cpu.gpr(gpr::RAX) & 0xFFFF_FFFF);
+    let read = match (msr::access(index, vcpu), write) {
+        (MsrAccess::Refused, _) | (MsrAccess::TimeStampCounter, true) => {
+            cpu.inject_exception(EXCEPTION_GP, Some(0));
+            return;
+        }
+        (MsrAccess::Constant(v), false) => v,
+        (MsrAccess::Constant(_), true) => 0,
+        (MsrAccess::TimeStampCounter, false) => tsc,
+        (MsrAccess::VmcsField(field), false) => cpu.read_field(field),
+        (MsrAccess::VmcsField(field), true) => {
+            // EFER.LMA is the CPU's to set (it must match the "IA-32e mode guest" control).
+            let value =
+                if index == IA32_EFER { (value & !EFER_LMA) | (cpu.read_field(field) & EFER_LMA) } else { value };
+            cpu.write_field(field, value);
+            0
+        }
+    };
+    if !write {
+        cpu.set_gpr(gpr::RAX, read & 0xFFFF_FFFF);
+        cpu.set_gpr(gpr::RDX, read >> 32);
+    }
+    cpu.skip_instruction();
+}
+
+/// CPUID: the host's answer (`host(leaf, subleaf)`) filtered for the guest (`vmx::cpuid`).
+pub fn cpuid(cpu: &mut impl VcpuAccess, guest: &cpuid::GuestCpu, host: impl Fn(u32, u32) -> CpuidResult) {
+    let (leaf, subleaf) = (cpu.gpr(gpr::RAX) as u32, cpu.gpr(gpr::RCX) as u32);
+    let r = cpuid::filter(leaf, subleaf, host(leaf, subleaf), guest);
+    cpu.set_gpr(gpr::RAX, r.eax as u64);
+    cpu.set_gpr(gpr::RBX, r.ebx as u64);
+    cpu.set_gpr(gpr::RCX, r.ecx as u64);
+    cpu.set_gpr(gpr::RDX, r.edx as u64);
+    cpu.skip_instruction();
+}
+
+/// What a guest asked for with VMCALL (the test guest's protocol, `firmware::longmode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hypercall {
+    /// Progress was written to the statistics page.
+    Report,
+    /// This vCPU finished its work.
+    Done,
+    /// The guest found an error and printed it: stop the partition.
+    GuestError,
+    /// A number Phalanx does not know; the guest gets RAX = all ones.
+    Unknown(u64),
+}
+
+/// VMCALL: the call number in RAX; RAX = 0 on return (all ones for an unknown call).
+pub fn hypercall(cpu: &mut impl VcpuAccess) -> Hypercall {
+    use firmware::longmode::{HYPERCALL_DONE, HYPERCALL_ERROR, HYPERCALL_REPORT};
+    let call = match cpu.gpr(gpr::RAX) {
+        HYPERCALL_REPORT => Hypercall::Report,
+        HYPERCALL_DONE => Hypercall::Done,
+        HYPERCALL_ERROR => Hypercall::GuestError,
+        other => Hypercall::Unknown(other),
+    };
+    cpu.set_gpr(gpr::RAX, if matches!(call, Hypercall::Unknown(_)) { u64::MAX } else { 0 });
+    cpu.skip_instruction();
+    call
+}
+
+/// The low `size` bytes of a register (1, 2 or 4).
+pub fn io_mask(size: u8) -> u64 {
+    match size {
+        1 => 0xFF,
+        2 => 0xFFFF,
+        _ => 0xFFFF_FFFF,
+    }
+}
+
+/// IN/OUT on a port with no device behind it: reads float high, writes vanish.
+pub fn absent_port(cpu: &mut impl VcpuAccess, access: IoAccess) {
+    if access.input {
+        let mask = io_mask(access.size);
+        cpu.set_gpr(gpr::RAX, (cpu.gpr(gpr::RAX) & !mask) | mask);
+    }
+    cpu.skip_instruction();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vcpu_access::MockVcpu;
+    use x86::vmx::vmcs::guest;
+
+    fn cpu_at(rip: u64, length: u64) -> MockVcpu {
+        MockVcpu { rip, instruction_length: length, ..MockVcpu::default() }
+    }
+
+    #[test]
+    fn efer_writes_keep_the_cpus_lma() {
+        let mut cpu = cpu_at(0x1000, 2);
+        cpu.fields.insert(guest::IA32_EFER_FULL, 0x500); // LME | LMA
+        cpu.gprs[gpr::RCX as usize] = IA32_EFER as u64;
+        cpu.gprs[gpr::RAX as usize] = 0x901; // SCE | LME | NXE, LMA clear
+        msr_access(&mut cpu, true, 0, 0);
+        assert_eq!(cpu.fields[&guest::IA32_EFER_FULL], 0xD01, "LMA stays as the CPU set it");
+        assert_eq!(cpu.rip, 0x1002);
+    }
+
+    #[test]
+    fn refused_msrs_and_tsc_writes_get_gp_and_do_not_advance() {
+        for (msr, write) in [(0xC001_0000u32, false), (msr::IA32_TSC, true)] {
+            let mut cpu = cpu_at(0x1000, 2);
+            cpu.gprs[gpr::RCX as usize] = msr as u64;
+            msr_access(&mut cpu, write, 0, 0);
+            assert_eq!(cpu.injected, [(EXCEPTION_GP, Some(0))], "{msr:#x}");
+            assert_eq!(cpu.rip, 0x1000, "a faulting instruction is not skipped");
+        }
+    }
+
+    #[test]
+    fn reads_split_into_edx_eax() {
+        let mut cpu = cpu_at(0, 2);
+        cpu.gprs[gpr::RCX as usize] = msr::IA32_TSC as u64;
+        cpu.gprs[gpr::RAX as usize] = u64::MAX;
+        msr_access(&mut cpu, false, 0, 0x1234_5678_9ABC_DEF0);
+        assert_eq!((cpu.gprs[gpr::RDX as usize], cpu.gprs[gpr::RAX as usize]), (0x1234_5678, 0x9ABC_DEF0));
+        // The APIC base says which vCPU is the boot processor.
+        let bsp = |vcpu| {
+            let mut cpu = cpu_at(0, 2);
+            cpu.gprs[gpr::RCX as usize] = msr::IA32_APIC_BASE as u64;
+            msr_access(&mut cpu, false, vcpu, 0);
+            cpu.gprs[gpr::RAX as usize] & (1 << 8) != 0
+        };
+        assert!(bsp(0) && !bsp(1));
+    }
+
+    #[test]
+    fn cpuid_hides_vmx_and_names_the_vcpu() {
+        let mut cpu = cpu_at(0x10, 2);
+        cpu.gprs[gpr::RAX as usize] = 1;
+        let host = |_, _| CpuidResult { eax: 0x906EA, ebx: 0xFF00_0000, ecx: 1 << 5, edx: 0 };
+        cpuid(&mut cpu, &cpuid::GuestCpu { apic_id: 3, tsc_hz: 10_000_000 }, host);
+        assert_eq!(cpu.gprs[gpr::RCX as usize] & (1 << 5), 0, "no VMX inside a partition");
+        assert_eq!(cpu.gprs[gpr::RBX as usize] >> 24, 3, "initial APIC ID = vCPU index");
+        assert_eq!(cpu.rip, 0x12);
+    }
+
+    #[test]
+    fn hypercalls_decode_and_answer() {
+        let call = |number| {
+            let mut cpu = cpu_at(0, 3);
+            cpu.gprs[gpr::RAX as usize] = number;
+            (hypercall(&mut cpu), cpu.gprs[gpr::RAX as usize], cpu.rip)
+        };
+        assert_eq!(call(firmware::longmode::HYPERCALL_DONE), (Hypercall::Done, 0, 3));
+        assert_eq!(call(firmware::longmode::HYPERCALL_ERROR).0, Hypercall::GuestError);
+        assert_eq!(call(99), (Hypercall::Unknown(99), u64::MAX, 3));
+    }
+
+    #[test]
+    fn absent_ports_read_all_ones_in_the_operand_size_only() {
+        let mut cpu = cpu_at(0, 1);
+        cpu.gprs[gpr::RAX as usize] = 0x1234_5678_0000_0000;
+        let access = IoAccess { port: 0x80, size: 2, input: true, string: false, rep: false };
+        absent_port(&mut cpu, access);
+        assert_eq!(cpu.gprs[gpr::RAX as usize], 0x1234_5678_0000_FFFF);
+        assert_eq!(cpu.rip, 1);
+    }
+}
