@@ -80,7 +80,7 @@ def main():
         rows.append(("VMX root", f'{sum(1 for v in vmx if v["root"])}/{len(vmx)} pCPUs'))
     paths = one("vmx_paths")
     if paths:
-        rows.append(("VMX paths", ", ".join(f"{k}: {v}" for k, v in paths.items() if k not in ("type", "policy"))))
+        rows.append(("VMX paths", ", ".join(f"{k}: {v}" for k, v in paths.items() if v and k not in ("type", "policy"))))
     for c in by.get("config", []):
         if c.get("status") == "accepted":
             rows.append(("config", f'accepted: {c.get("file")} ({c.get("partitions")} partitions)'))

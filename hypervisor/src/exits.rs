@@ -106,7 +106,13 @@ pub fn handle_exit(vcpu: &mut Vcpu, partition: &Partition, reason: ExitReason, r
             }
         }
         Handler::Cpuid => {
-            let guest = vmx::cpuid::GuestCpu { apic_id: vcpu.index as u8, tsc_hz: crate::tsc::hz() };
+            let paths = &machine().controls.paths;
+            let guest = vmx::cpuid::GuestCpu {
+                apic_id: vcpu.index as u8,
+                tsc_hz: crate::tsc::hz(),
+                rdtscp: paths.rdtscp,
+                invpcid: paths.invpcid,
+            };
             let host = |leaf, subleaf| {
                 let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
                 vmx::cpuid::CpuidResult { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }

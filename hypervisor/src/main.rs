@@ -298,9 +298,9 @@ fn negotiate_controls(policy: config::DispatchPolicy, without: Option<&str>) -> 
     controls
 }
 
-/// `key=value` from the hypervisor's command line.
+/// `key=value` from the hypervisor's command line (the last one when it is given twice).
 fn boot_option<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline.split_whitespace().find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+    cmdline.split_whitespace().filter_map(|word| word.strip_prefix(key)?.strip_prefix('=')).last()
 }
 
 fn raise_invalid_opcode(_cpu: usize) {

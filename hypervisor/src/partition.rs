@@ -50,6 +50,8 @@ pub struct Partition {
     /// Each vCPU's power-on register state.
     pub initial_states: Vec<VcpuState>,
     cmdline: String,
+    /// Stopped for good (`refuse`, or a fault with `on_fault = "stop"`): never reset.
+    refused: AtomicBool,
     /// Bumped by each reset: a vCPU whose VMCS was set up for an older generation is set up
     /// again before it runs.
     pub generation: AtomicU64,
@@ -99,6 +101,7 @@ impl Partition {
             initial_states,
             cmdline: config.guest.cmdline.clone(),
             generation: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
             reset_pending: AtomicBool::new(false),
             parked: AtomicU32::new(0),
             resets: AtomicU64::new(0),
@@ -150,7 +153,11 @@ impl Partition {
             self.fault_unreported.store(true, Ordering::Release);
         }
         drop(slot);
-        if reset {
+        if !reset {
+            // For good: a reset an earlier fault asked for is called off too.
+            self.refused.store(true, Ordering::Release);
+            self.reset_pending.store(false, Ordering::Release);
+        } else if !self.refused.load(Ordering::Acquire) {
             self.reset_pending.store(true, Ordering::Release);
         }
         self.stopped.store(true, Ordering::Release);
@@ -188,8 +195,8 @@ impl Partition {
             .str(
                 "action",
                 match self.on_fault {
-                    OnFault::Stop => "stopped",
-                    OnFault::Reset => "reset",
+                    OnFault::Reset if !self.refused.load(Ordering::Acquire) => "reset",
+                    _ => "stopped",
                 },
             )
             .emit();

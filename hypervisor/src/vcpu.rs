@@ -88,7 +88,15 @@ impl Vcpu {
         // keeps its own while sharing the pCPU (the hypervisor never uses them).
         let vcpu =
             VcpuContext { vpid: self.vpid, msr_area: self.switched_msrs, msr_count: vmx::msr::SWITCHED.len() as u32 };
-        let image = InitialVmcs::new(controls, *context, vcpu, host_state(), state, force_interrupts_on);
+        let image = InitialVmcs::new(
+            controls,
+            *context,
+            vcpu,
+            host_state(),
+            state,
+            physical_address_bits(),
+            force_interrupts_on,
+        );
         vmx::entry_check::check(&image)?;
         vmcs::load(self.vmcs, true);
         self.launched = false;
@@ -145,6 +153,16 @@ impl Vcpu {
             vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
             self.interrupt_window = want_window;
         }
+    }
+}
+
+/// The CPU's physical-address width (CPUID 0x80000008 EAX[7:0]; 36 where the leaf is missing).
+fn physical_address_bits() -> u8 {
+    let max_extended = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    if max_extended >= 0x8000_0008 {
+        core::arch::x86_64::__cpuid(0x8000_0008).eax as u8
+    } else {
+        36
     }
 }
 

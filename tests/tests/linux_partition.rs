@@ -73,6 +73,8 @@ fn smp_linux_is_refused_without_unrestricted_guest_and_the_rest_runs() {
         "{fault}"
     );
     assert!(fault["detail"].as_str().unwrap().contains("unrestricted guest"), "{fault}");
+    assert_eq!(fault["action"], "stopped", "a refusal is not reset, whatever on_fault says: {fault}");
+    assert!(run.all("partition_reset").is_empty(), "{}", run.log);
     assert!(!run.log.contains("[linux] Linux version"), "the refused kernel never ran:\n{}", run.log);
     let stats = run.all("partition_stats");
     let cpubound = stats.iter().find(|s| s["partition"] == "cpubound").expect("cpubound stats");

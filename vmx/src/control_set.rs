@@ -58,6 +58,9 @@ pub struct Paths {
     pub unrestricted_guest: bool,
     /// INVEPT single-context; otherwise all-context INVEPT drops every EPT's translations.
     pub invept_single_context: bool,
+    /// RDTSCP and INVPCID enabled for guests (CPUID hides them otherwise).
+    pub rdtscp: bool,
+    pub invpcid: bool,
 }
 
 impl Paths {
@@ -190,6 +193,7 @@ impl ControlSet {
             ControlKind::VmExit,
             caps.exit,
             (ExitControls::HOST_ADDRESS_SPACE_SIZE
+                | ExitControls::SAVE_DEBUG_CONTROLS
                 | ExitControls::ACK_INTERRUPT_ON_EXIT
                 | ExitControls::SAVE_IA32_EFER
                 | ExitControls::LOAD_IA32_EFER
@@ -201,7 +205,13 @@ impl ControlSet {
         let entry = negotiate(
             ControlKind::VmEntry,
             caps.entry,
-            (EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_IA32_PAT).bits(),
+            // DR7 and IA32_DEBUGCTL are the guest's: loaded at entry, saved at exit (a default1
+            // control every CPU allows, but the TRUE MSRs let it be 0).
+            (EntryControls::IA32E_MODE_GUEST
+                | EntryControls::LOAD_DEBUG_CONTROLS
+                | EntryControls::LOAD_IA32_EFER
+                | EntryControls::LOAD_IA32_PAT)
+                .bits(),
             0,
         )?;
         let paths = Paths {
@@ -209,6 +219,8 @@ impl ControlSet {
             vpid: secondary & SecondaryControls::ENABLE_VPID.bits() != 0,
             unrestricted_guest: secondary & SecondaryControls::UNRESTRICTED_GUEST.bits() != 0,
             invept_single_context: f.invept_single_context,
+            rdtscp: secondary & SecondaryControls::ENABLE_RDTSCP.bits() != 0,
+            invpcid: secondary & SecondaryControls::ENABLE_INVPCID.bits() != 0,
         };
         Ok(ControlSet { pinbased, primary, secondary, exit, entry, caps: *caps, paths })
     }

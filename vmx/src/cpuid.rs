@@ -44,9 +44,16 @@ pub struct GuestCpu {
     pub apic_id: u8,
     /// The TSC rate the hypervisor measured (the guest runs on the host TSC, not offset).
     pub tsc_hz: u64,
+    /// RDTSCP and INVPCID work in the guest only when their secondary controls are on
+    /// (otherwise they raise #UD): CPUID says so.
+    pub rdtscp: bool,
+    pub invpcid: bool,
 }
 
 /// The guest's view of `leaf`/`subleaf` for `cpu`, given the host's answer.
+const EBX7_INVPCID: u32 = 1 << 10;
+const EDX_EXT_RDTSCP: u32 = 1 << 27;
+
 pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, cpu: &GuestCpu) -> CpuidResult {
     let apic_id = cpu.apic_id;
     let mut r = host;
@@ -70,7 +77,13 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, cpu: &GuestCpu) -> Cpu
         }
         // MONITOR/MWAIT, power management and the architectural PMU: absent.
         5 | 6 | 0xA => r = CpuidResult::default(),
-        7 if subleaf == 0 => r.ebx &= !(EBX7_TSC_ADJUST | EBX7_AVX2 | EBX7_AVX512F),
+        7 if subleaf == 0 => {
+            r.ebx &= !(EBX7_TSC_ADJUST | EBX7_AVX2 | EBX7_AVX512F);
+            if !cpu.invpcid {
+                r.ebx &= !EBX7_INVPCID;
+            }
+        }
+        0x8000_0001 if !cpu.rdtscp => r.edx &= !EDX_EXT_RDTSCP,
         0xB | 0x1F => r.edx = apic_id as u32,
         // TSC = crystal x 1/1 with the crystal at the measured TSC rate.
         0x15 => r = CpuidResult { eax: 1, ebx: 1, ecx: cpu.tsc_hz.min(u32::MAX as u64) as u32, edx: 0 },
@@ -99,7 +112,17 @@ mod tests {
     use super::*;
 
     fn cpu(apic_id: u8) -> GuestCpu {
-        GuestCpu { apic_id, tsc_hz: 10_000_000 }
+        GuestCpu { apic_id, tsc_hz: 10_000_000, rdtscp: true, invpcid: true }
+    }
+
+    #[test]
+    fn rdtscp_and_invpcid_are_hidden_when_their_controls_are_off() {
+        let all = CpuidResult { eax: 0, ebx: u32::MAX, ecx: u32::MAX, edx: u32::MAX };
+        let off = GuestCpu { rdtscp: false, invpcid: false, ..cpu(0) };
+        assert_eq!(filter(0x8000_0001, 0, all, &off).edx & EDX_EXT_RDTSCP, 0);
+        assert_eq!(filter(7, 0, all, &off).ebx & EBX7_INVPCID, 0);
+        assert_ne!(filter(0x8000_0001, 0, all, &cpu(0)).edx & EDX_EXT_RDTSCP, 0);
+        assert_ne!(filter(7, 0, all, &cpu(0)).ebx & EBX7_INVPCID, 0);
     }
 
     const HOST_LEAF1: CpuidResult = CpuidResult { eax: 0x50654, ebx: 0x0102_0800, ecx: 0xFFFB_FFFF, edx: 0xBFEB_FBFF };
@@ -131,7 +154,7 @@ mod tests {
         let r = filter(0x15, 0, CpuidResult { eax: 2, ebx: 200, ecx: 25_000_000, edx: 0 }, &cpu(0));
         assert_eq!((r.eax, r.ebx, r.ecx), (1, 1, 10_000_000), "TSC Hz = ecx * ebx / eax");
         assert_eq!(filter(0x16, 0, CpuidResult::default(), &cpu(0)).eax, 10);
-        let calibrated = GuestCpu { apic_id: 0, tsc_hz: 9_999_512 };
+        let calibrated = GuestCpu { tsc_hz: 9_999_512, ..cpu(0) };
         assert_eq!(filter(0x16, 0, CpuidResult::default(), &calibrated).eax, 10, "rounded, not truncated");
         assert!(filter(0, 0, CpuidResult { eax: 0xD, ..Default::default() }, &cpu(0)).eax >= 0x16);
         let leaf7 = filter(7, 0, CpuidResult { ebx: u32::MAX, ..Default::default() }, &cpu(0));

@@ -149,7 +149,7 @@ mod tests {
         let mut cpu = cpu_at(0x10, 2);
         cpu.gprs[gpr::RAX as usize] = 1;
         let host = |_, _| CpuidResult { eax: 0x906EA, ebx: 0xFF00_0000, ecx: 1 << 5, edx: 0 };
-        cpuid(&mut cpu, &cpuid::GuestCpu { apic_id: 3, tsc_hz: 10_000_000 }, host);
+        cpuid(&mut cpu, &cpuid::GuestCpu { apic_id: 3, tsc_hz: 10_000_000, rdtscp: true, invpcid: true }, host);
         assert_eq!(cpu.gprs[gpr::RCX as usize] & (1 << 5), 0, "no VMX inside a partition");
         assert_eq!(cpu.gprs[gpr::RBX as usize] >> 24, 3, "initial APIC ID = vCPU index");
         assert_eq!(cpu.rip, 0x12);

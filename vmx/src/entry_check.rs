@@ -8,9 +8,11 @@
 //! dependencies (VPID, EPT pointer, unrestricted guest, MSR areas, bitmaps, NMI/virtual NMI),
 //! the whole host-state area for a 64-bit host, and the guest's control registers, EFER, PAT,
 //! RFLAGS, RIP, segment registers (protected, IA-32e and, with unrestricted guest, real
-//! mode), descriptor tables, activity and interruptibility state and the link pointer.
-//! Not covered (Phalanx never writes them): posted interrupts, virtual-interrupt delivery,
-//! VM functions, PML, SMM dual-monitor, MPX, CET, PKRS and Intel PT fields.
+//! mode), descriptor tables, activity and interruptibility state, the static pending-debug
+//! rules and the link pointer. Not covered: fields Phalanx never writes (posted interrupts,
+//! virtual-interrupt delivery, VM functions, PML, SMM dual-monitor, MPX, CET, PKRS, Intel PT),
+//! the pending-debug rules that depend on RFLAGS.TF and RTM, EFER.NXE against CPUID, and
+//! 57-bit canonical addresses (the 48-bit rule is used: stricter on LA57 CPUs).
 
 use core::fmt;
 
@@ -43,9 +45,6 @@ fn rule(holds: bool, field: &'static str, rule: &'static str) -> Check {
     }
 }
 
-/// Physical-address width assumed for "beyond the physical-address width" checks: the
-/// architectural maximum. The image narrows nothing; a real CPU's width is at least 36.
-const MAX_PHYS_BITS: u32 = 52;
 const AR_UNUSABLE: u32 = 1 << 16;
 const CR0_PE: u64 = 1;
 const CR0_NW: u64 = 1 << 29;
@@ -57,6 +56,9 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_RESERVED: u64 = !(1 | EFER_LME | EFER_LMA | 1 << 11);
 const RFLAGS_IF: u64 = 1 << 9;
+/// IA32_DEBUGCTL bits that may be set (LBR, BTF, TR, BTS, BTINT, BTS_OFF_OS/USR,
+/// FREEZE_LBRS_ON_PMI, FREEZE_PERFMON_ON_PMI, FREEZE_WHILE_SMM, RTM_DEBUG).
+const DEBUGCTL_DEFINED: u64 = 0b1101_1111_1100_0011;
 const RFLAGS_VM: u64 = 1 << 17;
 
 /// Checks every field of `vmcs` (controls, host state, guest state) in the SDM's order.
@@ -72,12 +74,13 @@ fn within(value: u32, msr: u64) -> bool {
     value & must_be_one == must_be_one && value & !may_be_one == 0
 }
 
-fn phys_ok(addr: u64) -> bool {
-    addr >> MAX_PHYS_BITS == 0
+/// Within the CPU's physical-address width (CPUID 0x80000008, in the image).
+fn phys_ok(v: &InitialVmcs, addr: u64) -> bool {
+    addr >> v.physical_address_bits.min(63) == 0
 }
 
-fn page_aligned_phys(addr: u64) -> bool {
-    addr & 0xFFF == 0 && phys_ok(addr)
+fn page_aligned_phys(v: &InitialVmcs, addr: u64) -> bool {
+    addr & 0xFFF == 0 && phys_ok(v, addr)
 }
 
 /// Canonical for 48-bit linear addresses.
@@ -116,19 +119,19 @@ fn check_controls(v: &InitialVmcs) -> Check {
 
     if has(c.primary, PrimaryControls::USE_IO_BITMAPS.bits()) {
         rule(
-            page_aligned_phys(v.partition.io_bitmap_a),
+            page_aligned_phys(v, v.partition.io_bitmap_a),
             "I/O bitmap A address",
             "must be 4 KiB aligned within the physical-address width",
         )?;
         rule(
-            page_aligned_phys(v.partition.io_bitmap_b),
+            page_aligned_phys(v, v.partition.io_bitmap_b),
             "I/O bitmap B address",
             "must be 4 KiB aligned within the physical-address width",
         )?;
     }
     if has(c.primary, PrimaryControls::USE_MSR_BITMAPS.bits()) {
         rule(
-            page_aligned_phys(v.partition.msr_bitmap),
+            page_aligned_phys(v, v.partition.msr_bitmap),
             "MSR bitmap address",
             "must be 4 KiB aligned within the physical-address width",
         )?;
@@ -184,7 +187,7 @@ fn check_controls(v: &InitialVmcs) -> Check {
             "accessed/dirty flags need IA32_VMX_EPT_VPID_CAP bit 21",
         )?;
         rule(
-            eptp & 0xF80 == 0 && phys_ok(eptp),
+            eptp & 0xF80 == 0 && phys_ok(v, eptp),
             "EPT pointer",
             "bits 11:7 and those beyond the physical-address width must be 0",
         )?;
@@ -208,12 +211,12 @@ fn check_controls(v: &InitialVmcs) -> Check {
         let area = v.vcpu.msr_area;
         let end = area + v.vcpu.msr_count as u64 * 16 - 1;
         rule(
-            area & 0xF == 0 && phys_ok(end),
+            area & 0xF == 0 && phys_ok(v, end),
             "VM-exit MSR-store address",
             "must be 16-byte aligned within the physical-address width",
         )?;
         rule(
-            area & 0xF == 0 && phys_ok(end),
+            area & 0xF == 0 && phys_ok(v, end),
             "VM-entry MSR-load address",
             "must be 16-byte aligned within the physical-address width",
         )?;
@@ -237,7 +240,7 @@ fn check_host(v: &InitialVmcs) -> Check {
     let caps = &v.controls.caps;
     rule(caps.adjust_cr0(h.cr0) == h.cr0, "host CR0", "must have the IA32_VMX_CR0_FIXED0/1 bits")?;
     rule(caps.adjust_cr4(h.cr4) == h.cr4, "host CR4", "must have the IA32_VMX_CR4_FIXED0/1 bits")?;
-    rule(phys_ok(h.cr3), "host CR3", "bits beyond the physical-address width must be 0")?;
+    rule(phys_ok(v, h.cr3), "host CR3", "bits beyond the physical-address width must be 0")?;
     rule(canonical(h.rip), "host RIP", "must be canonical")?;
     let sixty_four = has(v.controls.exit, ExitControls::HOST_ADDRESS_SPACE_SIZE.bits());
     rule(sixty_four, "VM-exit controls", "Phalanx is a 64-bit host: \"host address-space size\" must be 1")?;
@@ -315,8 +318,11 @@ fn check_guest(v: &InitialVmcs) -> Check {
         "IA-32e mode guest requires PG and PAE",
     )?;
     rule(ia32e || g.cr4 & CR4_PCIDE == 0, "guest CR4", "PCIDE must be 0 outside IA-32e mode")?;
-    rule(phys_ok(s.cr3), "guest CR3", "bits beyond the physical-address width must be 0")?;
-    rule(g.dr7 >> 32 == 0, "guest DR7", "bits 63:32 must be 0")?;
+    rule(phys_ok(v, s.cr3), "guest CR3", "bits beyond the physical-address width must be 0")?;
+    if has(v.entry, EntryControls::LOAD_DEBUG_CONTROLS.bits()) {
+        rule(g.dr7 >> 32 == 0, "guest DR7", "bits 63:32 must be 0")?;
+        rule(g.debugctl & !DEBUGCTL_DEFINED == 0, "guest IA32_DEBUGCTL", "reserved bits must be 0")?;
+    }
     if has(v.entry, EntryControls::LOAD_IA32_PAT.bits()) {
         rule(pat_valid(g.pat), "guest IA32_PAT", "every entry must be a valid memory type (0, 1, 4, 5, 6, 7)")?;
     }
@@ -353,8 +359,20 @@ fn check_guest(v: &InitialVmcs) -> Check {
     )?;
 
     rule(g.activity <= 3, "guest activity state", "must be active, HLT, shutdown or wait-for-SIPI")?;
+    // IA32_VMX_MISC bits 6-8 say which of HLT, shutdown and wait-for-SIPI may be entered.
+    rule(
+        g.activity == 0 || caps.misc & (1 << (5 + g.activity)) != 0,
+        "guest activity state",
+        "the CPU does not support entering this activity state",
+    )?;
+    rule(
+        g.activity == 0 || g.interruptibility & 3 == 0,
+        "guest activity state",
+        "must be active while blocking by STI or MOV SS",
+    )?;
     rule(g.activity != 1 || dpl(s.ss.access_rights) == 0, "guest activity state", "HLT requires SS.DPL 0")?;
     rule(g.interruptibility >> 5 == 0, "guest interruptibility state", "bits 31:5 must be 0")?;
+    rule(g.interruptibility & 4 == 0, "guest interruptibility state", "blocking by SMI must be 0 outside SMM")?;
     rule(
         g.interruptibility & 3 != 3,
         "guest interruptibility state",
@@ -370,14 +388,13 @@ fn check_guest(v: &InitialVmcs) -> Check {
     Ok(())
 }
 
-/// Segment rules (27.3.1.2). With unrestricted guest and CR0.PE clear, the real-mode forms
-/// apply: CS may be a read/write data segment, DPLs are 0 and checks on RPL are relaxed.
+/// Segment rules (27.3.1.2), outside virtual-8086 mode (Phalanx never enters it). The
+/// "unrestricted guest" control relaxes the RPL rules and lets CS be a read/write data
+/// segment; with CR0.PE clear SS.DPL must be 0.
 fn check_guest_segments(s: &VcpuState, protected: bool, unrestricted: bool, ia32e: bool) -> Check {
-    let v8086 = false; // Phalanx never enters virtual-8086 mode.
-    let real = unrestricted && !protected;
     rule(s.tr.selector & 4 == 0, "guest TR selector", "TI must be 0")?;
     rule(unusable(&s.ldtr) || s.ldtr.selector & 4 == 0, "guest LDTR selector", "TI must be 0")?;
-    rule(v8086 || real || s.ss.selector & 3 == s.cs.selector & 3, "guest SS selector", "RPL must equal CS.RPL")?;
+    rule(unrestricted || s.ss.selector & 3 == s.cs.selector & 3, "guest SS selector", "RPL must equal CS.RPL")?;
 
     for (field, seg) in [("guest TR base", &s.tr), ("guest FS base", &s.fs), ("guest GS base", &s.gs)] {
         rule(canonical(seg.base), field, "must be canonical")?;
@@ -421,9 +438,18 @@ fn check_guest_segments(s: &VcpuState, protected: bool, unrestricted: bool, ia32
         let ss = s.ss.access_rights;
         rule(matches!(ss & 0xF, 3 | 7), "guest SS access rights", "type must be read/write accessed data")?;
         rule(ss & 1 << 4 != 0 && ss & 1 << 7 != 0, "guest SS access rights", "S and P must be 1")?;
-        rule(real || dpl(ss) == (s.ss.selector & 3) as u32, "guest SS access rights", "DPL must equal SS.RPL")?;
     }
-    rule(protected || dpl(s.ss.access_rights) == 0, "guest SS access rights", "DPL must be 0 with CR0.PE clear")?;
+    // Usable or not.
+    rule(
+        unrestricted || dpl(s.ss.access_rights) == (s.ss.selector & 3) as u32,
+        "guest SS access rights",
+        "DPL must equal SS.RPL",
+    )?;
+    rule(
+        protected && cs_type != 3 || dpl(s.ss.access_rights) == 0,
+        "guest SS access rights",
+        "DPL must be 0 with CR0.PE clear or a data-type CS",
+    )?;
     for (field, seg) in [
         ("guest DS access rights", &s.ds),
         ("guest ES access rights", &s.es),
@@ -437,7 +463,11 @@ fn check_guest_segments(s: &VcpuState, protected: bool, unrestricted: bool, ia32
         rule(ar & 1 != 0, field, "type must be accessed")?;
         rule(ar & 1 << 3 == 0 || ar & 1 << 1 != 0, field, "a code segment must be readable")?;
         rule(ar & 1 << 4 != 0 && ar & 1 << 7 != 0, field, "S and P must be 1")?;
-        rule(real || ar & 0xF > 11 || dpl(ar) >= (seg.selector & 3) as u32, field, "DPL must not be below RPL")?;
+        rule(
+            unrestricted || ar & 0xF > 11 || dpl(ar) >= (seg.selector & 3) as u32,
+            field,
+            "DPL must not be below RPL",
+        )?;
     }
     rule(!unusable(&s.tr), "guest TR access rights", "TR must be usable")?;
     let tr = s.tr.access_rights;
@@ -516,7 +546,8 @@ mod tests {
 
     #[test]
     fn broken_guest_states_are_caught_naming_the_field() {
-        let caps = fixtures::bochs("corei7_skylake_x");
+        // Without unrestricted guest, where every segment rule applies.
+        let caps = MINIMAL_VTX;
         type Breakage = (fn(&mut VcpuState), &'static str);
         let broken: [Breakage; 12] = [
             (|s| s.cr0 &= !1, "guest CR0"),
@@ -538,6 +569,56 @@ mod tests {
             let err = check(&image(&caps, &s, false)).unwrap_err();
             assert_eq!(err.field, field, "{err}");
         }
+    }
+
+    #[test]
+    fn unrestricted_guest_relaxes_the_rpl_rules_whatever_cr0_pe_says() {
+        let mut s = initial_vcpu_state(0);
+        s.ss.selector |= 3;
+        s.ds.selector |= 3;
+        let skylake = fixtures::bochs("corei7_skylake_x");
+        assert_eq!(check(&image(&skylake, &s, false)), Ok(()), "accepted with the control, as hardware does");
+        assert_eq!(check(&image(&MINIMAL_VTX, &s, false)).unwrap_err().field, "guest SS selector");
+        // SS.DPL = SS.RPL holds for an unusable SS too.
+        let mut s = initial_vcpu_state(0);
+        s.ss = firmware::longmode::Segment { selector: 0x13, ..firmware::longmode::Segment::unusable() };
+        s.cs.selector |= 3;
+        assert_eq!(check(&image(&MINIMAL_VTX, &s, false)).unwrap_err().field, "guest SS access rights");
+    }
+
+    #[test]
+    fn activity_and_interruptibility_follow_what_the_cpu_offers() {
+        let caps = MINIMAL_VTX; // IA32_VMX_MISC offers HLT only
+        let mut v = image(&caps, &initial_vcpu_state(0), true);
+        v.guest.activity = 3; // wait-for-SIPI
+        assert_eq!(check(&v).unwrap_err().field, "guest activity state");
+        v.guest.activity = 1;
+        assert_eq!(check(&v), Ok(()));
+        v.guest.interruptibility = 1;
+        assert_eq!(check(&v).unwrap_err().field, "guest activity state", "blocking by STI needs the active state");
+        v.guest.activity = 0;
+        v.guest.interruptibility = 4;
+        assert_eq!(check(&v).unwrap_err().field, "guest interruptibility state", "no SMI blocking outside SMM");
+    }
+
+    #[test]
+    fn debug_state_is_loaded_and_checked() {
+        let v = image(&NESTED_KVM_SKYLAKE, &initial_vcpu_state(0), false);
+        assert_ne!(v.entry & EntryControls::LOAD_DEBUG_CONTROLS.bits(), 0, "DR7 and DEBUGCTL are the guest's");
+        let mut bad = v;
+        bad.guest.dr7 = 1 << 40;
+        assert_eq!(check(&bad).unwrap_err().field, "guest DR7");
+        let mut bad = v;
+        bad.guest.debugctl = 1 << 5;
+        assert_eq!(check(&bad).unwrap_err().field, "guest IA32_DEBUGCTL");
+    }
+
+    #[test]
+    fn addresses_beyond_the_physical_width_are_caught() {
+        let mut v = image(&fixtures::bochs("corei7_skylake_x"), &initial_vcpu_state(0), false);
+        v.physical_address_bits = 39;
+        v.partition.msr_bitmap = 1 << 40;
+        assert_eq!(check(&v).unwrap_err().field, "MSR bitmap address");
     }
 
     #[test]

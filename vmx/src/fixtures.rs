@@ -157,6 +157,9 @@ pub fn host_state(caps: &VmxCapabilities) -> HostState {
     }
 }
 
+/// The physical-address width host tests assume (a Skylake server's).
+pub const PHYSICAL_ADDRESS_BITS: u8 = 46;
+
 /// The VMCS a vCPU in `state` gets on a CPU with `caps` (gang policies' control set), with
 /// the partition structures at page-aligned addresses as the image allocates them.
 ///
@@ -167,21 +170,22 @@ pub fn initial_vmcs(caps: &VmxCapabilities, state: &VcpuState, bochs: bool) -> I
     let eptp = 0x30_0000 | 6 | 3 << 3;
     let partition = PartitionContext { eptp, io_bitmap_a: 0x31_0000, io_bitmap_b: 0x31_1000, msr_bitmap: 0x31_2000 };
     let vcpu = VcpuContext { vpid: 1, msr_area: 0x32_0000, msr_count: 5 };
-    InitialVmcs::new(&controls, partition, vcpu, host_state(caps), state, bochs)
+    InitialVmcs::new(&controls, partition, vcpu, host_state(caps), state, PHYSICAL_ADDRESS_BITS, bochs)
 }
 
 /// The least a CPU can offer and still run partitions: EPT (4-level, write-back, all-context
 /// INVEPT only), external-interrupt exiting with acknowledge, the preemption timer, MSR and
 /// I/O bitmaps, and the exit/entry controls for a 64-bit host and guest. No VPID, no
 /// unrestricted guest, no PAUSE or PAUSE-loop exiting, no APIC virtualization, no large
-/// EPT pages, no A/D bits. Built by hand from the SDM's bit positions.
+/// EPT pages, no A/D bits. Built by hand from the SDM's bit positions; the default1 controls
+/// (CR3-load/store exiting, the debug-control load and save) may be 1, as on every CPU.
 pub const MINIMAL_VTX: VmxCapabilities = VmxCapabilities {
     basic: 0xd8100000000001,
     pinbased: 0x5f00000016,
-    procbased: 0xb6006df604006172,
+    procbased: 0xb601edf604006172,
     procbased2: 0x200000000,
-    exit: 0x3feffb00036dfb,
-    entry: 0xd3fb000011fb,
+    exit: 0x3fefff00036dfb,
+    entry: 0xd3ff000011fb,
     misc: 0x45,
     ept_vpid: 0x4104040,
     cr0_fixed0: 0x80000021,

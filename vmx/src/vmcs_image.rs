@@ -57,6 +57,7 @@ pub struct GuestState {
     pub rflags: u64,
     pub state: VcpuState,
     pub dr7: u64,
+    pub debugctl: u64,
     pub pat: u64,
     pub activity: u32,
     pub interruptibility: u32,
@@ -86,10 +87,13 @@ pub struct InitialVmcs {
     pub cr4_mask: u64,
     pub host: HostState,
     pub guest: GuestState,
+    /// The CPU's physical-address width (CPUID 0x80000008 EAX[7:0]), for the entry checks.
+    pub physical_address_bits: u8,
 }
 
 impl InitialVmcs {
-    /// `force_interrupts_on` sets RFLAGS.IF at entry: a workaround for Bochs 2.7, which takes
+    /// `physical_address_bits`: the CPU's (CPUID 0x80000008). `force_interrupts_on` sets
+    /// RFLAGS.IF at entry: a workaround for Bochs 2.7, which takes
     /// external-interrupt exits only while the guest has IF=1 (hardware and KVM take them
     /// regardless). It contradicts the Linux boot protocol, so only Bochs runs ask for it.
     pub fn new(
@@ -98,6 +102,7 @@ impl InitialVmcs {
         vcpu: VcpuContext,
         host: HostState,
         state: &VcpuState,
+        physical_address_bits: u8,
         force_interrupts_on: bool,
     ) -> InitialVmcs {
         let caps = &controls.caps;
@@ -120,6 +125,7 @@ impl InitialVmcs {
             rflags: state.rflags | if force_interrupts_on { RFLAGS_IF } else { 0 },
             state: *state,
             dr7: 0x400,
+            debugctl: 0,
             pat: PAT_POWER_ON,
             activity: 0,
             interruptibility: 0,
@@ -130,7 +136,17 @@ impl InitialVmcs {
         // guest wrote them (shadow) and a write changing them exits.
         let cr0_mask = caps.cr0_fixed0 & !(CR0_PE | CR0_PG) | !caps.cr0_fixed1;
         let cr4_mask = caps.cr4_fixed0 | !caps.cr4_fixed1;
-        InitialVmcs { controls: *controls, entry, partition, vcpu, cr0_mask, cr4_mask, host, guest }
+        InitialVmcs {
+            controls: *controls,
+            entry,
+            partition,
+            vcpu,
+            cr0_mask,
+            cr4_mask,
+            host,
+            guest,
+            physical_address_bits,
+        }
     }
 
     /// (encoding, value) of every field, in the order they are written.
@@ -214,7 +230,7 @@ impl InitialVmcs {
             (guest::IA32_SYSENTER_CS, 0),
             (guest::IA32_SYSENTER_ESP, 0),
             (guest::IA32_SYSENTER_EIP, 0),
-            (guest::IA32_DEBUGCTL_FULL, 0),
+            (guest::IA32_DEBUGCTL_FULL, g.debugctl),
             (guest::IA32_PAT_FULL, g.pat),
         ]);
         let segments: [(&Segment, [u32; 4]); 8] = [
