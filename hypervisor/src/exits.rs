@@ -63,7 +63,7 @@ pub fn handle_exit(vcpu: &mut Vcpu, partition: &Partition, reason: ExitReason, r
         Handler::SlotGuard | Handler::InterruptWindow => ExitOutcome::Resume,
         Handler::Halt => {
             CurrentVcpu::of(vcpu, partition).skip_instruction();
-            if interrupt_due(partition, vcpu, crate::tsc::now()) {
+            if vcpu.interrupt_due(&partition.devices, crate::tsc::now()) {
                 return ExitOutcome::Resume;
             }
             // Halted until its timer (within this slot: the pCPU waits for it) or an IPI.
@@ -168,14 +168,6 @@ fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects) -> ExitOutcom
         log::warn!("[{}] vCPU {vcpu}: IPI {ipi:?} is not supported yet", partition.name);
     }
     ExitOutcome::Resume
-}
-
-/// Brings the vCPU's virtual LAPIC up to `now` (siblings' IPIs taken, its timer run) and says
-/// whether it has an interrupt to deliver.
-pub fn interrupt_due(partition: &Partition, vcpu: &mut Vcpu, now: u64) -> bool {
-    partition.devices.take_ipis(vcpu.index, &mut vcpu.lapic);
-    vcpu.lapic.advance(now);
-    vcpu.lapic.deliverable().is_some()
 }
 
 /// The vCPU whose VMCS is current on this pCPU: registers saved by the entry stub, the rest

@@ -5,7 +5,8 @@
 use core::arch::global_asm;
 
 /// Guest general-purpose registers not kept in the VMCS, plus the FXSAVE areas the stub
-/// switches. Field offsets are used by the assembly below.
+/// switches. The assembly below addresses the fields through `offset_of!` constants, so a
+/// change to this struct cannot leave it reading the wrong slot.
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct GuestRegs {
@@ -86,28 +87,28 @@ vmx_run:
     push r14
     push r15
     push rdi
-    mov rax, 0x6C14
+    mov rax, {host_rsp}
     vmwrite rax, rsp
-    mov rax, [rdi + 128]
+    mov rax, [rdi + {off_host_fx}]
     fxsave [rax]
-    mov rax, [rdi + 120]
+    mov rax, [rdi + {off_guest_fx}]
     fxrstor [rax]
     test rsi, rsi
-    mov rax, [rdi + 0]
-    mov rbx, [rdi + 8]
-    mov rcx, [rdi + 16]
-    mov rdx, [rdi + 24]
-    mov rsi, [rdi + 32]
-    mov rbp, [rdi + 48]
-    mov r8, [rdi + 56]
-    mov r9, [rdi + 64]
-    mov r10, [rdi + 72]
-    mov r11, [rdi + 80]
-    mov r12, [rdi + 88]
-    mov r13, [rdi + 96]
-    mov r14, [rdi + 104]
-    mov r15, [rdi + 112]
-    mov rdi, [rdi + 40]
+    mov rax, [rdi + {off_rax}]
+    mov rbx, [rdi + {off_rbx}]
+    mov rcx, [rdi + {off_rcx}]
+    mov rdx, [rdi + {off_rdx}]
+    mov rsi, [rdi + {off_rsi}]
+    mov rbp, [rdi + {off_rbp}]
+    mov r8, [rdi + {off_r8}]
+    mov r9, [rdi + {off_r9}]
+    mov r10, [rdi + {off_r10}]
+    mov r11, [rdi + {off_r11}]
+    mov r12, [rdi + {off_r12}]
+    mov r13, [rdi + {off_r13}]
+    mov r14, [rdi + {off_r14}]
+    mov r15, [rdi + {off_r15}]
+    mov rdi, [rdi + {off_rdi}]
     jz 2f
     vmresume
     jmp 3f
@@ -116,9 +117,9 @@ vmx_run:
 3:
     /* Entry failed: the guest registers are in the host's; recover ours. */
     pop rdi
-    mov rax, [rdi + 120]
+    mov rax, [rdi + {off_guest_fx}]
     fxsave [rax]
-    mov rax, [rdi + 128]
+    mov rax, [rdi + {off_host_fx}]
     fxrstor [rax]
     pop r15
     pop r14
@@ -133,25 +134,25 @@ vmx_run:
 vmx_exit_entry:
     push rdi
     mov rdi, [rsp + 8]
-    mov [rdi + 0], rax
-    mov [rdi + 8], rbx
-    mov [rdi + 16], rcx
-    mov [rdi + 24], rdx
-    mov [rdi + 32], rsi
-    mov [rdi + 48], rbp
-    mov [rdi + 56], r8
-    mov [rdi + 64], r9
-    mov [rdi + 72], r10
-    mov [rdi + 80], r11
-    mov [rdi + 88], r12
-    mov [rdi + 96], r13
-    mov [rdi + 104], r14
-    mov [rdi + 112], r15
+    mov [rdi + {off_rax}], rax
+    mov [rdi + {off_rbx}], rbx
+    mov [rdi + {off_rcx}], rcx
+    mov [rdi + {off_rdx}], rdx
+    mov [rdi + {off_rsi}], rsi
+    mov [rdi + {off_rbp}], rbp
+    mov [rdi + {off_r8}], r8
+    mov [rdi + {off_r9}], r9
+    mov [rdi + {off_r10}], r10
+    mov [rdi + {off_r11}], r11
+    mov [rdi + {off_r12}], r12
+    mov [rdi + {off_r13}], r13
+    mov [rdi + {off_r14}], r14
+    mov [rdi + {off_r15}], r15
     pop rax
-    mov [rdi + 40], rax
-    mov rax, [rdi + 120]
+    mov [rdi + {off_rdi}], rax
+    mov rax, [rdi + {off_guest_fx}]
     fxsave [rax]
-    mov rax, [rdi + 128]
+    mov rax, [rdi + {off_host_fx}]
     fxrstor [rax]
     pop rdi
     pop r15
@@ -162,7 +163,25 @@ vmx_exit_entry:
     pop rbp
     xor eax, eax
     ret
-"#
+"#,
+    off_rax = const core::mem::offset_of!(GuestRegs, rax),
+    off_rbx = const core::mem::offset_of!(GuestRegs, rbx),
+    off_rcx = const core::mem::offset_of!(GuestRegs, rcx),
+    off_rdx = const core::mem::offset_of!(GuestRegs, rdx),
+    off_rsi = const core::mem::offset_of!(GuestRegs, rsi),
+    off_rdi = const core::mem::offset_of!(GuestRegs, rdi),
+    off_rbp = const core::mem::offset_of!(GuestRegs, rbp),
+    off_r8 = const core::mem::offset_of!(GuestRegs, r8),
+    off_r9 = const core::mem::offset_of!(GuestRegs, r9),
+    off_r10 = const core::mem::offset_of!(GuestRegs, r10),
+    off_r11 = const core::mem::offset_of!(GuestRegs, r11),
+    off_r12 = const core::mem::offset_of!(GuestRegs, r12),
+    off_r13 = const core::mem::offset_of!(GuestRegs, r13),
+    off_r14 = const core::mem::offset_of!(GuestRegs, r14),
+    off_r15 = const core::mem::offset_of!(GuestRegs, r15),
+    off_guest_fx = const core::mem::offset_of!(GuestRegs, guest_fx),
+    off_host_fx = const core::mem::offset_of!(GuestRegs, host_fx),
+    host_rsp = const x86::vmx::vmcs::host::RSP,
 );
 
 extern "C" {

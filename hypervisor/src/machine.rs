@@ -143,19 +143,15 @@ pub fn build(
         let _ = vmx::mmio::decode(&[0x8B, 0x00], 0);
     }
 
-    // Reservations in microseconds -> TSC cycles, then the planner.
+    // The flattened tree (gang alignment decided by the config's policy) with reservations in
+    // TSC cycles instead of microseconds, then the planner.
     let specs: Vec<PartitionSpec> = validated
         .tree
         .flatten()
-        .iter()
-        .map(|flat| {
-            let mut spec = PartitionSpec::from(flat);
-            spec.gang = config.hypervisor.policy.aligned();
-            if let sched::Reservation::Hard { budget, period } = spec.reservation {
-                spec.reservation =
-                    sched::Reservation::Hard { budget: budget * tsc_per_us, period: period * tsc_per_us };
-            }
-            spec
+        .into_iter()
+        .map(|mut flat| {
+            flat.reservation = flat.reservation.in_ticks(tsc_per_us);
+            PartitionSpec::from(&flat)
         })
         .collect();
     let frame_cycles = config.hypervisor.major_frame_us * tsc_per_us;

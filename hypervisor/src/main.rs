@@ -1,6 +1,8 @@
 //! Phalanx: a Type-1 VT-x hypervisor that gang-schedules each partition's vCPUs with
-//! phase-locked timers. This is the bare-metal image: boot, platform bring-up, VMX root on
-//! every pCPU, and the partition config check.
+//! phase-locked timers. This is the bare-metal image's boot sequence: platform bring-up, the
+//! config check, VMX root on every pCPU, then the machine built (`machine`) and every pCPU
+//! released into its slot loop (`slot_loop`) until the run ends (`report`).
+//! docs/architecture.md has the map of the rooms.
 #![no_std]
 #![no_main]
 
@@ -8,21 +10,21 @@ extern crate alloc;
 
 mod apic;
 mod boot;
+mod boot_config;
 mod console;
 mod cpu;
 mod exits;
+mod freestanding;
 mod guest_entry;
 mod interrupts;
 mod machine;
 mod memory;
 mod partition;
-mod partitions;
 mod pcpu;
 mod phase;
 mod platform;
 mod power;
 mod report;
-mod rt;
 mod serial;
 mod slot_loop;
 mod smp;
@@ -112,14 +114,14 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
 
     // The config is validated against this machine before anything else starts: a rejected
     // config starts nothing.
-    let validated = match partitions::load(&boot, apic_ids.len() as u32) {
+    let validated = match boot_config::load(&boot, apic_ids.len() as u32) {
         Ok(v) => v,
         Err(error) => {
-            partitions::report_rejected(&error);
+            boot_config::report_rejected(&error);
             power::end_run(true)
         }
     };
-    partitions::report_accepted(&validated);
+    boot_config::report_accepted(&validated);
 
     // SMP: every AP sets up its own GDT/TSS/IDT and LAPIC and reports in.
     for ap in smp::start_aps(&apic_ids) {

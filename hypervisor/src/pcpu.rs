@@ -12,7 +12,6 @@ use reservations::{Account, Ledger, Work};
 use sched::VcpuRef;
 
 use crate::cpu::MAX_CPUS;
-use crate::exits::interrupt_due;
 use crate::machine::machine;
 use crate::partition::{Fault, Partition};
 use crate::vcpu::Vcpu;
@@ -134,7 +133,7 @@ impl Pcpu {
     pub fn wake_halted(&mut self, now: u64) {
         let m = machine();
         for v in self.vcpus.iter_mut().filter(|v| v.halted) {
-            if interrupt_due(&m.partitions[v.partition], v, now) {
+            if v.interrupt_due(&m.partitions[v.partition].devices, now) {
                 v.halted = false;
             }
         }

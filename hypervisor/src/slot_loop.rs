@@ -13,7 +13,7 @@ use reservations::{Account, Work};
 use sched::VcpuRef;
 
 use crate::apic::{self, TimerMode};
-use crate::exits::{handle_exit, interrupt_due, ExitOutcome};
+use crate::exits::{handle_exit, ExitOutcome};
 use crate::machine::machine;
 use crate::partition::Fault;
 use crate::pcpu::{take_attention, Pcpu, PcpuResult, SlotEntry, EXIT_REASONS, MAX_SLOT_ENTRIES, RESULTS};
@@ -209,7 +209,7 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
         }
         // The vCPU's virtual LAPIC: take siblings' IPIs, run its timer, inject what is due.
         let vcpu = &mut pcpu.vcpus[index];
-        interrupt_due(partition, vcpu, now);
+        vcpu.interrupt_due(&partition.devices, now);
         vcpu.deliver_interrupts(&m.controls);
         // Exit by the slot boundary (guard) or when the guest's own timer is due.
         let wake = vcpu.lapic.timer_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));

@@ -128,6 +128,14 @@ impl Vcpu {
         result
     }
 
+    /// Brings the virtual LAPIC up to `now` (siblings' IPIs taken from the partition's
+    /// `devices`, its timer run) and says whether it has an interrupt to deliver.
+    pub fn interrupt_due(&mut self, devices: &vmx::devices::PartitionDevices, now: u64) -> bool {
+        devices.take_ipis(self.index, &mut self.lapic);
+        self.lapic.advance(now);
+        self.lapic.deliverable().is_some()
+    }
+
     /// Before an entry: if the virtual LAPIC has a deliverable interrupt, inject it when the
     /// guest can take it, else ask for an exit as soon as it can (interrupt-window exiting).
     pub fn deliver_interrupts(&mut self, controls: &ControlSet) {
