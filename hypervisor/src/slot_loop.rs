@@ -10,7 +10,7 @@ extern crate alloc;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use reservations::{Account, Work};
-use sched::VcpuRef;
+use sched::{SlotTurns, TurnEnd, VcpuRef};
 
 use crate::apic::{self, TimerMode};
 use crate::exits::{handle_exit, ExitOutcome};
@@ -30,16 +30,6 @@ static T0: AtomicU64 = AtomicU64::new(0);
 static END: AtomicU64 = AtomicU64::new(0);
 static NEXT_PROGRESS: AtomicU64 = AtomicU64::new(u64::MAX);
 static PROGRESS_INTERVAL: AtomicU64 = AtomicU64::new(0);
-
-/// Why a vCPU's turn on the pCPU ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TurnEnd {
-    Deadline,
-    Halted,
-    Stopped,
-    /// PAUSE-loop exit under the `independent-yield` policy: the rest of the slot is given away.
-    Yielded,
-}
 
 pub fn set_schedule(t0: u64, end: u64, progress_interval: u64) {
     T0.store(t0, Ordering::Release);
@@ -72,14 +62,8 @@ pub fn run_pcpu(cpu: usize) {
     let mode = timer_mode();
     apic::setup_timer(mode, DISPATCH_VECTOR);
     let mut pcpu = Pcpu::new(cpu, t0);
-    let mut dispatcher = m.tables.dispatcher(cpu, t0);
     crate::tsc::spin_until(t0);
-    let mut decision = dispatcher.on_boundary(crate::tsc::now());
-    let mut slot_start = t0;
-    // The current decision is the first of its slot (gang skew is measured there only).
-    let mut slot_fresh = true;
-    // The owner gave the rest of this slot away (directed yield): it does not take it back.
-    let mut yielded_slot = false;
+    let mut turns = SlotTurns::start(m.tables.dispatcher(cpu, t0), t0, crate::tsc::now());
     loop {
         let now = crate::tsc::now();
         if now >= end {
@@ -97,18 +81,11 @@ pub fn run_pcpu(cpu: usize) {
             pcpu.follow_starts();
             pcpu.wake_halted(now);
         }
-        // A slot owner that woke up (its timer, an IPI) takes its slot back from slack.
-        let owner = dispatcher.owner_decision();
-        if !yielded_slot && decision.run != owner.run && owner.run.is_some_and(|v| pcpu.runnable(v)) {
-            decision = dispatcher.reclaim();
-        }
+        let decision = turns.reclaim_if_owner_woke(|v| pcpu.runnable(v));
         if let Some(owner) = decision.run.filter(|_| !decision.lent) {
             pcpu.follow_resets(owner.partition as usize);
         }
-        if !decision.run.is_some_and(|v| pcpu.runnable(v)) && !decision.lent {
-            // The slot's owner is halted or stopped, or the slot is empty: lend it.
-            decision = dispatcher.on_halt(now, |v| pcpu.runnable(v));
-        }
+        let decision = turns.lend_if_owner_cannot_run(now, |v| pcpu.runnable(v));
         let deadline = decision.next_deadline.min(end);
         apic::arm_deadline(mode, deadline);
         let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
@@ -117,9 +94,7 @@ pub fn run_pcpu(cpu: usize) {
             // slot: run_turn charges it to the partition, whose slot it comes out of.
             // Only the owner's entry at the start of its slot counts for gang skew (lent slack,
             // or an owner that woke up mid-slot, is not a gang start).
-            Some(index) => {
-                Some(run_turn(&mut pcpu, index, deadline, (slot_fresh && !decision.lent).then_some(slot_start)))
-            }
+            Some(index) => Some(run_turn(&mut pcpu, index, deadline, turns.owned_slot_start())),
             None => {
                 // A halted vCPU here whose timer comes due first ends the idle early.
                 let wake = pcpu.vcpus.iter().filter(|v| v.halted).filter_map(|v| v.lapic.timer_deadline()).min();
@@ -128,31 +103,12 @@ pub fn run_pcpu(cpu: usize) {
             }
         };
         let now = crate::tsc::now();
-        slot_fresh = false;
-        if now >= decision.next_deadline {
-            slot_start = decision.next_deadline;
-            decision = dispatcher.on_boundary(now);
-            slot_fresh = true;
-            yielded_slot = false;
-        } else {
-            // The vCPU halted, stopped or yielded (or nothing could run): lend the rest of
-            // the slot, decided locally.
-            if ended == Some(TurnEnd::Yielded) {
-                pcpu.yields += 1;
-                yielded_slot = true;
-            }
-            let yielder = decision.run;
-            decision = dispatcher.on_halt(now, |v| Some(v) != yielder && pcpu.runnable(v));
-            if decision.run.is_none() && ended == Some(TurnEnd::Yielded) {
-                // Directed yield as a KVM host does it: the spinning vCPU gives its pCPU to
-                // another runnable vCPU there for the rest of the slot.
-                decision.run = pcpu
-                    .vcpus
-                    .iter()
-                    .map(|v| VcpuRef { partition: v.partition as reservations::PartitionId, vcpu: v.index })
-                    .find(|&v| Some(v) != yielder && pcpu.runnable(v));
-            }
+        if ended == Some(TurnEnd::Yielded) && now < decision.next_deadline {
+            pcpu.yields += 1;
         }
+        let homed =
+            pcpu.vcpus.iter().map(|v| VcpuRef { partition: v.partition as reservations::PartitionId, vcpu: v.index });
+        turns.turn_ended(now, ended, |v| pcpu.runnable(v), homed);
     }
     apic::mask_timer();
     *RESULTS[cpu].lock() = Some(PcpuResult {

@@ -1,6 +1,6 @@
 //! Phalanx scheduling: the planner that builds phase-locked per-pCPU dispatch tables, the nested
 //! per-partition policies, the pure per-pCPU runtime state machine the bare-metal dispatcher
-//! calls, and a discrete-event simulator that runs all of them. Accounting is
+//! calls and the rules its slot loop follows between turns (`turns`), and a discrete-event simulator that runs all of them. Accounting is
 //! `reservations::Ledger` / `reservations::Account` (the one ledger the hypervisor also uses):
 //! dispatch decisions name the `Account` to charge, the simulator keeps one `Ledger` per pCPU.
 //!
@@ -17,11 +17,13 @@ pub mod plan;
 pub mod rng;
 pub mod sim;
 pub mod spec;
+pub mod turns;
 
 pub use dispatch::{Decision, DispatchEntry, DispatchTables, PcpuDispatcher, PcpuTable, VcpuRef};
 pub use nested::{Gang, NestedPolicy, PerPcpuRoundRobin, RoundRobinGang, SubSlice};
 pub use plan::{plan_gang, plan_independent, IndependentConfig, Owner, Plan, PlanConfig, Slot};
 pub use spec::{PartitionId, PartitionSpec, PlanError, Reservation, Tick};
+pub use turns::{SlotTurns, TurnEnd};
 
 #[cfg(test)]
 mod tests;
