@@ -1,6 +1,7 @@
 //! Phalanx scheduling: the planner that builds phase-locked per-pCPU dispatch tables, the nested
 //! per-partition policies, the pure per-pCPU runtime state machine the bare-metal dispatcher
-//! calls and the rules its slot loop follows between turns (`turns`), and a discrete-event simulator that runs all of them. Accounting is
+//! calls, and the rules its slot loop follows between turns (`turns`). The discrete-event
+//! simulator that drives all of them is its own crate (`sched/sim`, std). Accounting is
 //! `reservations::Ledger` / `reservations::Account` (the one ledger the hypervisor also uses):
 //! dispatch decisions name the `Account` to charge, the simulator keeps one `Ledger` per pCPU.
 //!
@@ -15,7 +16,6 @@ pub mod dispatch;
 pub mod nested;
 pub mod plan;
 pub mod rng;
-pub mod sim;
 pub mod spec;
 pub mod turns;
 

@@ -15,8 +15,8 @@ use reservations::{
     ChildPolicy, FlatPartition, GroupSpec, NestedPolicy, PartitionSpec as TreePartition,
     Reservation as TreeReservation, Tree, TreeSpec,
 };
-use sched::sim::{simulate, Policy, SimConfig, SimPartition, SimResult, SliceKind, Workload};
 use sched::{plan_gang, DispatchTables, PartitionSpec, PlanConfig, Reservation, Tick};
+use sched_sim::{simulate, Policy, SimConfig, SimPartition, SimResult, SliceKind, Workload};
 use serde_json::{json, Value};
 
 const US: Tick = 1_000;

@@ -1,4 +1,5 @@
-//! Discrete-event simulator: P pCPUs running partitions whose vCPUs execute a BARRIER workload
+//! The scheduler's discrete-event simulator (host, std; the `sched` library itself is
+//! `no_std`): P pCPUs running partitions whose vCPUs execute a BARRIER workload
 //! (compute, then a PAUSE spin barrier, optionally spin-then-block) or a CPU-bound one. It
 //! drives the real planner, compiled tables, `PcpuDispatcher` and `reservations::Ledger` (one
 //! per pCPU, as in the hypervisor); the four policies
@@ -19,15 +20,13 @@
 //!
 //! Time is in ticks; results treat one tick as one nanosecond.
 
-use alloc::string::String;
-use alloc::vec::Vec;
-
 use reservations::{Account, Ledger, MachineStats, Tiling, Work};
 
-use crate::dispatch::{Decision, DispatchTables, PcpuDispatcher, VcpuRef};
-use crate::plan::{plan_gang, plan_independent, IndependentConfig, PlanConfig};
-use crate::rng::SplitMix64;
-use crate::spec::{PartitionSpec, PlanError, Tick};
+use sched::rng::SplitMix64;
+use sched::{
+    plan_gang, plan_independent, Decision, DispatchTables, IndependentConfig, PartitionSpec, PcpuDispatcher,
+    PlanConfig, PlanError, Tick, VcpuRef,
+};
 
 const NS_PER_S: f64 = 1e9;
 
@@ -749,8 +748,7 @@ fn next_work(w: &Workload, rng: &mut SplitMix64) -> Tick {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Reservation;
-    use alloc::string::ToString;
+    use sched::Reservation;
 
     const MS: Tick = 1_000_000;
     const US: Tick = 1_000;
