@@ -11,8 +11,7 @@ use x86_64::VirtAddr;
 
 use crate::vectors::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI};
 
-/// Most pCPUs Phalanx manages (xAPIC IDs fit in a byte).
-pub const MAX_CPUS: usize = 64;
+pub use crate::percpu::MAX_CPUS;
 const IST_STACK_SIZE: usize = 16 * 1024;
 const UNKNOWN_CPU: u8 = 0xFF;
 
@@ -26,21 +25,18 @@ struct Selectors {
     tss: SegmentSelector,
 }
 
-/// Records which CPU index an APIC ID belongs to (from the MADT order).
-static INDEX_TO_APIC_ID: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
-
 pub fn register_apic_id(apic_id: u32, index: usize) {
     if let Some(slot) = APIC_ID_TO_INDEX.get(apic_id as usize) {
         slot.store(index as u8, Ordering::Relaxed);
     }
-    if let Some(slot) = INDEX_TO_APIC_ID.get(index) {
-        slot.store(apic_id as u8, Ordering::Relaxed);
+    if index < MAX_CPUS {
+        crate::percpu::of(index).apic_id.store(apic_id as u8, Ordering::Relaxed);
     }
 }
 
 /// The APIC ID of pCPU `index`.
 pub fn apic_id_of(index: usize) -> u32 {
-    INDEX_TO_APIC_ID[index].load(Ordering::Relaxed) as u32
+    crate::percpu::of(index).apic_id.load(Ordering::Relaxed) as u32
 }
 
 pub fn mark_lapic_ready() {

@@ -80,6 +80,25 @@ pub struct Machine {
     pub frame_cycles: u64,
     /// `relaxed-co`: a vCPU this many guest cycles ahead of its slowest sibling is co-stopped.
     pub skew_bound: Option<u64>,
+    pub schedule: Schedule,
+}
+
+/// The run in TSC cycles: its release time (`t0`, every pCPU's first slot boundary), its end,
+/// and how often pCPU 0 prints progress records.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub t0: u64,
+    pub end: u64,
+    pub progress_interval: u64,
+}
+
+/// How far ahead of the end of the build the run is released, how long it lasts and how
+/// often progress is printed (TSC cycles).
+#[derive(Debug, Clone, Copy)]
+pub struct RunLength {
+    pub lead: u64,
+    pub run: u64,
+    pub progress_interval: u64,
 }
 
 static MACHINE: Once<Machine> = Once::new();
@@ -95,6 +114,7 @@ pub fn build(
     controls: ControlSet,
     pcpus: usize,
     force_interrupts_on: bool,
+    length: RunLength,
 ) -> Result<&'static Machine, String> {
     let config = &validated.config;
     let features = controls.caps.features();
@@ -200,6 +220,9 @@ pub fn build(
         .collect::<Result<Vec<_>, _>>()?;
     let skew_bound = (config.hypervisor.policy == DispatchPolicy::RelaxedCo)
         .then(|| config.hypervisor.skew_bound_us.unwrap_or(config.hypervisor.major_frame_us / 10) * tsc_per_us);
+    // Released `lead` after the build, so every pCPU has set its vCPUs up by then.
+    let t0 = crate::tsc::now() + length.lead;
+    let schedule = Schedule { t0, end: t0 + length.run, progress_interval: length.progress_interval };
     Ok(MACHINE.call_once(|| Machine {
         partitions,
         tables,
@@ -209,5 +232,6 @@ pub fn build(
         homes,
         frame_cycles,
         skew_bound,
+        schedule,
     }))
 }

@@ -21,6 +21,7 @@ mod machine;
 mod memory;
 mod partition;
 mod pcpu;
+mod percpu;
 mod phase;
 mod platform;
 mod power;
@@ -240,12 +241,15 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
     let hv = &validated.config.hypervisor;
     let controls = negotiate_controls(hv.policy, boot_option(&boot.cmdline, "phalanx.debug.vmx_without"));
     let force_interrupts_on = boot_option(&boot.cmdline, "phalanx.bochs") == Some("1");
-    let machine = machine::build(validated, boot, controls, cpus, force_interrupts_on)
-        .unwrap_or_else(|e| fatal("partitions", &e));
     let run_ms = hv.run_ms.unwrap_or(DEFAULT_RUN_MS);
-    let t0 = tsc::now() + tsc::us_to_cycles(lead_us);
-    let end = t0 + tsc::us_to_cycles(run_ms * 1000);
-    slot_loop::set_schedule(t0, end, tsc::us_to_cycles(hv.stats_interval_ms * 1000));
+    let length = machine::RunLength {
+        lead: tsc::us_to_cycles(lead_us),
+        run: tsc::us_to_cycles(run_ms * 1000),
+        progress_interval: tsc::us_to_cycles(hv.stats_interval_ms * 1000),
+    };
+    let machine = machine::build(validated, boot, controls, cpus, force_interrupts_on, length)
+        .unwrap_or_else(|e| fatal("partitions", &e));
+    let schedule = machine.schedule;
     for p in &machine.partitions {
         Record::new("partition_start")
             .str("partition", &p.name)
@@ -265,7 +269,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         fatal("dispatch", &alloc::format!("pCPUs {stuck:?} did not finish the run"));
     }
     console::stop_buffering();
-    report::final_records(cpus, end - t0);
+    report::final_records(cpus, schedule.end - schedule.t0);
     Record::new("run_end").u64("run_ms", run_ms).str("policy", machine.policy.as_str()).emit();
 }
 

@@ -5,51 +5,19 @@
 extern crate alloc;
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
-use spin::Mutex;
+use core::sync::atomic::Ordering;
 
 use reservations::{Account, Ledger, Work};
 use sched::VcpuRef;
 
-use crate::cpu::MAX_CPUS;
 use crate::machine::machine;
 use crate::partition::{Fault, Partition};
+use crate::percpu::{ExitStat, SlotEntry, EXIT_REASONS};
 use crate::vcpu::Vcpu;
 use crate::vectors::KICK_VECTOR;
 
 /// Most slot entries each pCPU remembers for the skew statistics.
 pub const MAX_SLOT_ENTRIES: usize = 8192;
-/// Basic exit reasons tracked one by one (every one the SDM defines fits).
-pub const EXIT_REASONS: usize = 80;
-
-/// Set for a pCPU when one of its vCPUs was sent an IPI or a start-up: the next boundary
-/// looks at its vCPUs' pending work (otherwise the slot path skips that).
-static ATTENTION: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ExitStat {
-    pub count: u64,
-    /// Cycles from VM exit to the next VM entry (or the end of the turn).
-    pub cycles: u64,
-}
-
-/// The first VM entry of a partition's vCPU in one slot on one pCPU.
-#[derive(Debug, Clone, Copy)]
-pub struct SlotEntry {
-    pub slot_start: u64,
-    pub partition: u32,
-    pub entry_tsc: u64,
-}
-
-/// What a pCPU hands to the BSP at the end of the run.
-pub struct PcpuResult {
-    pub ledger: Ledger,
-    pub exits: [ExitStat; EXIT_REASONS],
-    pub slot_entries: Vec<SlotEntry>,
-    pub guard_exits: u64,
-    pub yields: u64,
-}
-
-pub static RESULTS: [Mutex<Option<PcpuResult>>; MAX_CPUS] = [const { Mutex::new(None) }; MAX_CPUS];
 
 /// One pCPU's state while it dispatches (owned by its slot loop).
 pub struct Pcpu {
@@ -194,7 +162,7 @@ fn set_up(v: &mut Vcpu, partition: &Partition, state: &firmware::longmode::VcpuS
 /// or its idle loop wakes).
 pub fn kick(partition: usize, vcpu: u32) {
     let home = machine().homes[partition][vcpu as usize];
-    ATTENTION[home].store(true, Ordering::Release);
+    crate::percpu::of(home).attention.store(true, Ordering::Release);
     if home != crate::cpu::current_index() {
         crate::apic::send_fixed(crate::cpu::apic_id_of(home), KICK_VECTOR);
     }
@@ -202,5 +170,5 @@ pub fn kick(partition: usize, vcpu: u32) {
 
 /// Whether a sibling asked this pCPU to look at its vCPUs since the last time (cleared).
 pub fn take_attention(cpu: usize) -> bool {
-    ATTENTION[cpu].swap(false, Ordering::AcqRel)
+    crate::percpu::of(cpu).attention.swap(false, Ordering::AcqRel)
 }

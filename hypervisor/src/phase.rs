@@ -9,16 +9,13 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::apic::{self, TimerMode};
-use crate::cpu::MAX_CPUS;
 use crate::vectors::PHASE_TEST_VECTOR;
 
-pub const TICKS: usize = 300;
+pub use crate::percpu::PHASE_TICKS as TICKS;
 
 static T0: AtomicU64 = AtomicU64::new(0);
 static PERIOD: AtomicU64 = AtomicU64::new(0);
 static MODE_IS_DEADLINE: AtomicUsize = AtomicUsize::new(1);
-static TICK_COUNT: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
-static ARRIVALS: [[AtomicU64; TICKS]; MAX_CPUS] = [const { [const { AtomicU64::new(0) }; TICKS] }; MAX_CPUS];
 
 fn mode() -> TimerMode {
     if MODE_IS_DEADLINE.load(Ordering::Relaxed) == 1 {
@@ -33,10 +30,10 @@ fn mode() -> TimerMode {
 pub fn on_timer_interrupt() {
     let now = crate::tsc::now();
     let cpu = crate::cpu::current_index();
-    let k = TICK_COUNT[cpu].load(Ordering::Relaxed);
+    let k = crate::percpu::of(cpu).phase_ticks.load(Ordering::Relaxed);
     if k < TICKS {
-        ARRIVALS[cpu][k].store(now, Ordering::Relaxed);
-        TICK_COUNT[cpu].store(k + 1, Ordering::Release);
+        crate::percpu::of(cpu).phase_arrivals[k].store(now, Ordering::Relaxed);
+        crate::percpu::of(cpu).phase_ticks.store(k + 1, Ordering::Release);
         if k + 1 < TICKS {
             let next = T0.load(Ordering::Relaxed) + (k as u64 + 1) * PERIOD.load(Ordering::Relaxed);
             apic::arm_deadline(mode(), next);
@@ -45,10 +42,10 @@ pub fn on_timer_interrupt() {
 }
 
 fn run_ticks(cpu: usize) {
-    TICK_COUNT[cpu].store(0, Ordering::Release);
+    crate::percpu::of(cpu).phase_ticks.store(0, Ordering::Release);
     apic::setup_timer(mode(), PHASE_TEST_VECTOR);
     apic::arm_deadline(mode(), T0.load(Ordering::Relaxed));
-    while TICK_COUNT[cpu].load(Ordering::Acquire) < TICKS {
+    while crate::percpu::of(cpu).phase_ticks.load(Ordering::Acquire) < TICKS {
         // Wait with interrupts on; `sti; hlt` cannot lose the wake-up.
         x86_64::instructions::interrupts::enable_and_hlt();
         x86_64::instructions::interrupts::disable();
@@ -84,7 +81,7 @@ pub fn measure(cpus: usize, period: u64, lead: u64, force_one_shot: bool) -> Pha
     let mut skews = Vec::with_capacity(TICKS);
     let mut latencies = Vec::with_capacity(TICKS * cpus);
     for k in 0..TICKS {
-        let arrivals = (0..cpus).map(|c| ARRIVALS[c][k].load(Ordering::Relaxed));
+        let arrivals = (0..cpus).map(|c| crate::percpu::of(c).phase_arrivals[k].load(Ordering::Relaxed));
         let (lo, hi) = arrivals.clone().fold((u64::MAX, 0), |(lo, hi), a| (lo.min(a), hi.max(a)));
         skews.push(hi - lo);
         let boundary = t0 + k as u64 * period;

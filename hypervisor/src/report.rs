@@ -9,7 +9,7 @@ use reservations::{Ledger, MachineStats};
 
 use crate::console::Record;
 use crate::machine::machine;
-use crate::pcpu::{PcpuResult, RESULTS};
+use crate::percpu::PcpuResult;
 use vmx::control_set::PLE_WINDOW;
 
 fn median(values: &mut [u64]) -> u64 {
@@ -20,7 +20,8 @@ fn median(values: &mut [u64]) -> u64 {
 /// Prints the final records; `cpus` pCPUs took part.
 pub fn final_records(cpus: usize, run_cycles: u64) {
     let m = machine();
-    let results: Vec<PcpuResult> = (0..cpus).filter_map(|c| RESULTS[c].lock().take()).collect();
+    let results: Vec<PcpuResult> =
+        (0..cpus).filter_map(|c| crate::percpu::of(c).dispatch_result.lock().take()).collect();
     let ledgers: Vec<Ledger> = results.iter().map(|r| r.ledger.clone()).collect();
     let stats = MachineStats::from_ledgers(&ledgers);
     let hz = crate::tsc::hz().max(1);
@@ -63,7 +64,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         let skew_max_at_ms = by_slot
             .iter()
             .filter(|(_, s)| s.2 as u64 == pcpus_held && s.1 - s.0 == skew_max && skew_max > 0)
-            .map(|(start, _)| crate::tsc::cycles_to_us(start.saturating_sub(crate::slot_loop::t0())) / 1000)
+            .map(|(start, _)| crate::tsc::cycles_to_us(start.saturating_sub(m.schedule.t0)) / 1000)
             .next()
             .unwrap_or(0);
         let skew_median = median(&mut skews);
@@ -94,7 +95,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .emit();
     }
 
-    let mut exits = [crate::pcpu::ExitStat::default(); crate::pcpu::EXIT_REASONS];
+    let mut exits = [crate::percpu::ExitStat::default(); crate::percpu::EXIT_REASONS];
     for r in &results {
         for (total, e) in exits.iter_mut().zip(r.exits.iter()) {
             total.count += e.count;

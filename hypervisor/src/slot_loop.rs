@@ -7,7 +7,7 @@
 
 extern crate alloc;
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 use reservations::{Account, Work};
 use sched::{SlotTurns, TurnEnd, VcpuRef};
@@ -16,7 +16,8 @@ use crate::apic::{self, TimerMode};
 use crate::exits::{handle_exit, ExitOutcome};
 use crate::machine::machine;
 use crate::partition::Fault;
-use crate::pcpu::{take_attention, Pcpu, PcpuResult, SlotEntry, EXIT_REASONS, MAX_SLOT_ENTRIES, RESULTS};
+use crate::pcpu::{take_attention, Pcpu, MAX_SLOT_ENTRIES};
+use crate::percpu::{PcpuResult, SlotEntry, EXIT_REASONS};
 use crate::vectors::DISPATCH_VECTOR;
 use crate::vmcs::{self, guest, ro};
 use vmx::ExitReason;
@@ -26,26 +27,6 @@ use vmx::ExitReason;
 const PREEMPTION_GUARD_CYCLES: u64 = 2_000;
 /// An idle pCPU wakes this long before the next boundary and spins to it.
 const IDLE_WAKE_MARGIN_CYCLES: u64 = 2_000;
-static T0: AtomicU64 = AtomicU64::new(0);
-static END: AtomicU64 = AtomicU64::new(0);
-static NEXT_PROGRESS: AtomicU64 = AtomicU64::new(u64::MAX);
-static PROGRESS_INTERVAL: AtomicU64 = AtomicU64::new(0);
-
-pub fn set_schedule(t0: u64, end: u64, progress_interval: u64) {
-    T0.store(t0, Ordering::Release);
-    END.store(end, Ordering::Release);
-    PROGRESS_INTERVAL.store(progress_interval, Ordering::Release);
-    NEXT_PROGRESS.store(t0 + progress_interval, Ordering::Release);
-}
-
-pub fn t0() -> u64 {
-    T0.load(Ordering::Acquire)
-}
-
-pub fn end() -> u64 {
-    END.load(Ordering::Acquire)
-}
-
 fn timer_mode() -> TimerMode {
     if apic::has_tsc_deadline() {
         TimerMode::TscDeadline
@@ -57,8 +38,9 @@ fn timer_mode() -> TimerMode {
 /// The dispatch loop of one pCPU, from `t0` to the end of the run.
 pub fn run_pcpu(cpu: usize) {
     let m = machine();
-    let t0 = t0();
-    let end = end();
+    let (t0, end) = (m.schedule.t0, m.schedule.end);
+    // pCPU 0 prints progress records between turns at this interval.
+    let mut next_progress = t0 + m.schedule.progress_interval;
     let mode = timer_mode();
     apic::setup_timer(mode, DISPATCH_VECTOR);
     let mut pcpu = Pcpu::new(cpu, t0);
@@ -73,7 +55,9 @@ pub fn run_pcpu(cpu: usize) {
         // Statistics are the hypervisor's own work; everything else from here to the next
         // vCPU's first entry (the decision, pending starts and wake-ups, loading its VMCS) is
         // the switch into that vCPU's slot, and run_turn charges it to its partition.
-        if cpu == 0 && maybe_report_progress(now) {
+        if cpu == 0 && now >= next_progress {
+            next_progress += m.schedule.progress_interval;
+            report_progress(now - t0);
             pcpu.charge(Account::Overhead, crate::tsc::now());
         }
         let _ = crate::console::pump();
@@ -111,7 +95,7 @@ pub fn run_pcpu(cpu: usize) {
         turns.turn_ended(now, ended, |v| pcpu.runnable(v), homed);
     }
     apic::mask_timer();
-    *RESULTS[cpu].lock() = Some(PcpuResult {
+    *crate::percpu::of(cpu).dispatch_result.lock() = Some(PcpuResult {
         ledger: pcpu.ledger,
         exits: pcpu.exits,
         slot_entries: pcpu.slot_entries,
@@ -237,14 +221,9 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
     end
 }
 
-/// Periodic progress records (pCPU 0 only, between turns); true when it printed.
-fn maybe_report_progress(now: u64) -> bool {
-    let next = NEXT_PROGRESS.load(Ordering::Relaxed);
-    if now < next {
-        return false;
-    }
-    NEXT_PROGRESS.store(next + PROGRESS_INTERVAL.load(Ordering::Relaxed), Ordering::Relaxed);
-    let ms = crate::tsc::cycles_to_us(now - t0()) / 1000;
+/// One progress record per partition, `since_t0` cycles into the run.
+fn report_progress(since_t0: u64) {
+    let ms = crate::tsc::cycles_to_us(since_t0) / 1000;
     for p in &machine().partitions {
         let iterations: u64 = (0..p.vcpus).map(|v| p.guest_stats(v).iterations).max().unwrap_or(0);
         crate::console::Record::new("progress")
@@ -254,5 +233,4 @@ fn maybe_report_progress(now: u64) -> bool {
             .bool("stopped", p.is_stopped())
             .emit();
     }
-    true
 }

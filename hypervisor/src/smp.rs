@@ -4,29 +4,13 @@
 extern crate alloc;
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::boot::AP_TRAMPOLINE_BASE;
 use crate::cpu::MAX_CPUS;
 
 const AP_STACK_SIZE: usize = 64 * 1024;
 
-struct Mailbox {
-    online: AtomicBool,
-    /// A `fn(usize)` to run, as an address; 0 = none.
-    work: AtomicUsize,
-    posted: AtomicU64,
-    done: AtomicU64,
-}
-
-static MAILBOXES: [Mailbox; MAX_CPUS] = [const {
-    Mailbox {
-        online: AtomicBool::new(false),
-        work: AtomicUsize::new(0),
-        posted: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-    }
-}; MAX_CPUS];
 static ONLINE_COUNT: AtomicUsize = AtomicUsize::new(1);
 
 pub fn online_count() -> usize {
@@ -34,7 +18,7 @@ pub fn online_count() -> usize {
 }
 
 pub fn is_online(cpu: usize) -> bool {
-    cpu == 0 || MAILBOXES[cpu].online.load(Ordering::Acquire)
+    cpu == 0 || crate::percpu::of(cpu).mailbox.online.load(Ordering::Acquire)
 }
 
 /// Outcome of starting one AP.
@@ -88,7 +72,7 @@ pub fn start_aps(apic_ids: &[u32]) -> Vec<ApStart> {
 fn wait_online(cpu: usize, us: u64) -> bool {
     let deadline = crate::tsc::now() + crate::tsc::us_to_cycles(us);
     while crate::tsc::now() < deadline {
-        if MAILBOXES[cpu].online.load(Ordering::Acquire) {
+        if crate::percpu::of(cpu).mailbox.online.load(Ordering::Acquire) {
             return true;
         }
         core::hint::spin_loop();
@@ -102,7 +86,7 @@ extern "C" fn ap_main(cpu: u64) -> ! {
     crate::cpu::init_this_cpu();
     crate::interrupts::load_idt();
     crate::apic::init_this_cpu();
-    let mailbox = &MAILBOXES[cpu];
+    let mailbox = &crate::percpu::of(cpu).mailbox;
     mailbox.online.store(true, Ordering::Release);
     let mut seen = 0;
     loop {
@@ -122,14 +106,14 @@ extern "C" fn ap_main(cpu: u64) -> ! {
 
 /// Hands `work` to an online AP; returns at once.
 pub fn post(cpu: usize, work: fn(usize)) {
-    let mailbox = &MAILBOXES[cpu];
+    let mailbox = &crate::percpu::of(cpu).mailbox;
     mailbox.work.store(work as usize, Ordering::Release);
     mailbox.posted.fetch_add(1, Ordering::AcqRel);
 }
 
 /// Waits until the AP has finished the work last posted to it.
 pub fn wait(cpu: usize) {
-    let mailbox = &MAILBOXES[cpu];
+    let mailbox = &crate::percpu::of(cpu).mailbox;
     while mailbox.done.load(Ordering::Acquire) != mailbox.posted.load(Ordering::Acquire) {
         core::hint::spin_loop();
     }
@@ -137,7 +121,7 @@ pub fn wait(cpu: usize) {
 
 /// Waits up to `us` microseconds for the AP to finish its posted work.
 pub fn wait_timeout(cpu: usize, us: u64) -> bool {
-    let mailbox = &MAILBOXES[cpu];
+    let mailbox = &crate::percpu::of(cpu).mailbox;
     let deadline = crate::tsc::now() + crate::tsc::us_to_cycles(us);
     while mailbox.done.load(Ordering::Acquire) != mailbox.posted.load(Ordering::Acquire) {
         if crate::tsc::now() > deadline {

@@ -1,12 +1,9 @@
 //! Entering VMX root operation on a pCPU: detect VT-x, make IA32_FEATURE_CONTROL allow it,
 //! fix CR0/CR4 to what VMX requires, VMXON.
 
-use core::sync::atomic::{AtomicU8, Ordering};
-use spin::Mutex;
+use core::sync::atomic::Ordering;
 use vmx::VmxCapabilities;
 use x86_64::registers::model_specific::Msr;
-
-use crate::cpu::MAX_CPUS;
 
 const IA32_FEATURE_CONTROL: u32 = 0x3A;
 const FEATURE_CONTROL_LOCKED: u64 = 1 << 0;
@@ -46,16 +43,12 @@ impl VmxStatus {
     }
 }
 
-static STATUS: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
-/// The BSP's capabilities; every pCPU's are compared against it.
-static CAPS: [Mutex<Option<VmxCapabilities>>; MAX_CPUS] = [const { Mutex::new(None) }; MAX_CPUS];
-
 pub fn status(cpu: usize) -> VmxStatus {
-    VmxStatus::from_u8(STATUS[cpu].load(Ordering::Acquire))
+    VmxStatus::from_u8(crate::percpu::of(cpu).vmx_status.load(Ordering::Acquire))
 }
 
 pub fn capabilities(cpu: usize) -> Option<VmxCapabilities> {
-    *CAPS[cpu].lock()
+    *crate::percpu::of(cpu).vmx_caps.lock()
 }
 
 pub fn cpu_has_vmx() -> bool {
@@ -70,7 +63,7 @@ fn read_msr(index: u32) -> u64 {
 /// Enters VMX root on the executing CPU (run on every pCPU through `smp::run_on_all`).
 pub fn enable_on_this_cpu(cpu: usize) {
     let status = try_enable(cpu);
-    STATUS[cpu].store(status as u8, Ordering::Release);
+    crate::percpu::of(cpu).vmx_status.store(status as u8, Ordering::Release);
 }
 
 fn try_enable(cpu: usize) -> VmxStatus {
@@ -87,7 +80,7 @@ fn try_enable(cpu: usize) -> VmxStatus {
         return VmxStatus::DisabledByFirmware;
     }
     let caps = VmxCapabilities::read(read_msr);
-    *CAPS[cpu].lock() = Some(caps);
+    *crate::percpu::of(cpu).vmx_caps.lock() = Some(caps);
 
     let region = crate::memory::alloc_zeroed_pages(1);
     region[..4].copy_from_slice(&caps.revision_id().to_le_bytes());
