@@ -4,6 +4,7 @@
 //! ```text
 //! TOML text --toml+serde--> schema (spans kept) --validate--> Config + memory placement
 //!                                                          + reservations::Tree (admitted)
+//!                                                          + dispatch plan (sched: tables, homes)
 //! ```
 //! Every rejection is a [`ConfigError`] that prints as
 //! `FILE:LINE:COLUMN: partition "web": field `pcpus`: pCPU 7 does not exist (the machine has 4 pCPUs)`.
@@ -13,6 +14,7 @@
 
 extern crate alloc;
 
+pub mod dispatch_plan;
 mod error;
 mod schema;
 mod validate;

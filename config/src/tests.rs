@@ -716,3 +716,55 @@ fn a_guest_module_missing_from_the_boot_modules_is_rejected_at_boot_only() {
     // The host check without a machine description cannot know the modules.
     ok(&text, None);
 }
+
+/// The check runs the planner the image runs: three gang partitions, each on two of three
+/// pCPUs at 50%, pass per-pCPU admission (100% on each pCPU) but have no common slot.
+#[test]
+fn a_gang_set_the_planner_cannot_place_is_rejected_at_the_check_naming_the_partition() {
+    let mut text = String::from("[hypervisor]\nmajor_frame_us = 10000\npolicy = \"gang\"\n");
+    for (name, pcpus) in [("a", "[0, 1]"), ("b", "[1, 2]"), ("c", "[0, 2]")] {
+        text += &format!(
+            "\n[[partition]]\nname = \"{name}\"\nvcpus = 2\npcpus = {pcpus}\nmemory_mb = 16\n\
+             reservation = {{ budget_us = 5000, period_us = 10000 }}\nguest = {{ module = \"testguest\" }}\n"
+        );
+    }
+    let e = bad(&text, Some(&platform(3, 512)));
+    assert_eq!(e.kind, ErrorKind::Admission, "{e}");
+    assert_eq!(e.subject.as_deref(), Some("partition \"c\""), "{e}");
+    assert_eq!(e.field.as_deref(), Some("reservation"), "{e}");
+    assert_eq!((e.line, e.column), position(&text, "{ budget_us", 2), "{e}");
+    assert!(e.message.contains("cannot place") && e.message.contains("pCPUs [0, 2]"), "{e}");
+    // The same on the host, without a machine: the pCPUs the config names are planned.
+    assert_eq!(bad(&text, None).subject, e.subject);
+    // Two of them fit.
+    let two = text[..text.rfind("[[partition]]").unwrap()].to_string();
+    let plan = ok(&two, Some(&platform(3, 512))).dispatch;
+    assert_eq!(plan.homes, [vec![0, 1], vec![1, 2]]);
+}
+
+/// vCPUs do not migrate: a round-robin gang whose vCPUs are not a multiple of its pCPUs
+/// would need one vCPU on two pCPUs.
+#[test]
+fn a_vcpu_that_would_need_two_home_pcpus_is_rejected_at_the_check() {
+    let text = edit(BASE, "name = \"web\"\nvcpus = 2", "name = \"web\"\nvcpus = 3\npolicy = \"round-robin-gang\"");
+    let e = bad(&text, Some(&platform(4, 512)));
+    assert_eq!(e.subject.as_deref(), Some("partition \"web\""), "{e}");
+    assert_eq!(e.field.as_deref(), Some("vcpus"), "{e}");
+    assert_eq!((e.line, e.column), position(&text, "3", 0), "{e}");
+    assert!(e.message.contains("vCPU 0 would run on pCPUs 0 and 1"), "{e}");
+    let four = edit(BASE, "name = \"web\"\nvcpus = 2", "name = \"web\"\nvcpus = 4\npolicy = \"round-robin-gang\"");
+    assert_eq!(ok(&four, Some(&platform(4, 512))).dispatch.homes[0], [0, 1, 0, 1]);
+}
+
+/// What the image runs is the checked plan in TSC cycles, exactly.
+#[test]
+fn the_plan_scales_exactly_to_tsc_cycles() {
+    let plan = ok(DEFAULT, Some(&platform(2, 512))).dispatch;
+    let cycles = plan.tables.scaled(2_500);
+    assert_eq!(cycles.frame, plan.tables.frame * 2_500);
+    for (us, tsc) in plan.tables.pcpus.iter().zip(&cycles.pcpus) {
+        for (a, b) in us.entries.iter().zip(&tsc.entries) {
+            assert_eq!((b.offset, b.end, b.run), (a.offset * 2_500, a.end * 2_500, a.run));
+        }
+    }
+}

@@ -10,6 +10,7 @@ use core::ops::{Range, RangeInclusive};
 use reservations::{AdmissionError, Field, GroupSpec, NodeRef, PartitionSpec, Problem, Tree, TreeSpec};
 use toml::Spanned;
 
+use crate::dispatch_plan;
 use crate::error::{ConfigError, ErrorKind, Reporter};
 use crate::schema::*;
 
@@ -31,6 +32,8 @@ pub struct Validated {
     /// Per partition (same order as `config.partitions`).
     pub memory: Vec<Placement>,
     pub tree: Tree,
+    /// The dispatch tables (in microseconds) and vCPU homes the image runs.
+    pub dispatch: dispatch_plan::DispatchPlan,
 }
 
 pub const MIB: u64 = 1 << 20;
@@ -45,12 +48,12 @@ const HYPERVISOR_PORTS: &[(u16, u16, &str)] = &[
     (0x20, 0x21, "the master PIC"),
     (0x40, 0x43, "the PIT (TSC calibration)"),
     (0x61, 0x61, "the PIT gate / speaker port (TSC calibration)"),
-    (0x70, 0x71, "the RTC/CMOS (emulated)"),
+    (0x70, 0x71, "the RTC/CMOS"),
     (0xa0, 0xa1, "the slave PIC"),
     (0xe9, 0xe9, "the Bochs debug port"),
     (0xf4, 0xf4, "the QEMU isa-debug-exit port"),
     (0x3f8, 0x3ff, "COM1, the hypervisor's console"),
-    (0xcf8, 0xcff, "PCI configuration space (emulated)"),
+    (0xcf8, 0xcff, "PCI configuration space"),
     (0x8900, 0x8900, "the Bochs shutdown port"),
     (0xb000, 0xb03f, "the ACPI PM block (power-off)"),
 ];
@@ -107,7 +110,11 @@ impl Checker<'_> {
         let memory = self.place_memory(&partitions)?;
         let config = Config { hypervisor, groups, partitions };
         let tree = self.admit(&config, &group_index)?;
-        Ok(Validated { config, memory, tree })
+        // The pCPUs the machine has, or (on the host without --pcpus) the ones the config names.
+        let named_pcpus = config.partitions.iter().flat_map(|p| p.pcpus.iter()).max().map_or(1, |&c| c + 1);
+        let pcpus = self.machine.pcpus.unwrap_or(named_pcpus);
+        let dispatch = dispatch_plan::plan(&config, &tree, pcpus).map_err(|f| self.plan_error(f))?;
+        Ok(Validated { config, memory, tree, dispatch })
     }
 
     fn hypervisor(&self) -> Result<HypervisorConfig, ConfigError> {
@@ -580,6 +587,19 @@ impl Checker<'_> {
                 .collect(),
         };
         Tree::build(&spec).map_err(|e| self.admission_error(e))
+    }
+
+    /// Points a planning failure at its partition's key.
+    fn plan_error(&self, f: dispatch_plan::PlanFailure) -> ConfigError {
+        let raw = self.raw.partition[f.partition].get_ref();
+        let span = match f.field {
+            "policy" => raw.policy.as_ref().map_or(raw.vcpus.span(), Spanned::span),
+            "pcpus" => raw.pcpus.span(),
+            "vcpus" => raw.vcpus.span(),
+            _ => raw.reservation.span(),
+        };
+        let field = if f.field == "policy" && raw.policy.is_none() { "vcpus" } else { f.field };
+        self.r.at(span, partition_subject(raw), Some(field), ErrorKind::Admission, f.message)
     }
 
     /// Points an admission error at the key (or list element) it is about.

@@ -12,7 +12,7 @@ use spin::Once;
 
 use config::{DispatchPolicy, Placement, Validated};
 use ept::{Access, Ept, FrameAllocator, MemoryType, PageSizes, PhysMemory};
-use sched::{DispatchTables, PartitionSpec, PlanConfig, VcpuRef};
+use sched::DispatchTables;
 use vmx::vmcs_image::PartitionContext;
 use vmx::ControlSet;
 
@@ -107,12 +107,12 @@ pub fn machine() -> &'static Machine {
     MACHINE.get().expect("machine built before dispatch")
 }
 
-/// Loads every partition and plans the dispatch tables. `Err` names the partition.
+/// Loads every partition and takes the dispatch plan the config check made (in TSC cycles).
+/// `Err` names the partition.
 pub fn build(
     validated: &Validated,
     boot: &BootInfo,
     controls: ControlSet,
-    pcpus: usize,
     force_interrupts_on: bool,
     length: RunLength,
 ) -> Result<&'static Machine, String> {
@@ -163,61 +163,10 @@ pub fn build(
         let _ = vmx::mmio::decode(&[0x8B, 0x00], 0);
     }
 
-    // The flattened tree (gang alignment decided by the config's policy) with reservations in
-    // TSC cycles instead of microseconds, then the planner.
-    let specs: Vec<PartitionSpec> = validated
-        .tree
-        .flatten()
-        .into_iter()
-        .map(|mut flat| {
-            flat.reservation = flat.reservation.in_ticks(tsc_per_us);
-            PartitionSpec::from(&flat)
-        })
-        .collect();
-    let frame_cycles = config.hypervisor.major_frame_us * tsc_per_us;
-    let plan_config = PlanConfig { frame: Some(frame_cycles), ..PlanConfig::new(pcpus as u32, frame_cycles) };
-    let plan = if config.hypervisor.policy.aligned() {
-        sched::plan_gang(&specs, &plan_config)
-    } else {
-        // The baseline: each pCPU round-robins its vCPUs over one frame, pCPUs staggered.
-        sched::plan_independent(
-            &specs,
-            &plan_config,
-            &sched::IndependentConfig { cycle: frame_cycles, seed: 1, shuffle: false },
-        )
-    }
-    .map_err(|e| format!("planner: {e}"))?;
-    let tables = DispatchTables::compile(&plan, &specs).map_err(|e| format!("planner: {e}"))?;
-
-    // Each vCPU must have one home pCPU (its VMCS stays loaded there).
-    let mut homes: Vec<Vec<Option<usize>>> = partitions.iter().map(|p| alloc::vec![None; p.vcpus as usize]).collect();
-    for (pcpu, table) in tables.pcpus.iter().enumerate() {
-        for VcpuRef { partition, vcpu } in
-            table.entries.iter().filter_map(|e| e.run).chain(table.slack_ring.iter().map(|s| s.0))
-        {
-            let home = &mut homes[partition as usize][vcpu as usize];
-            match *home {
-                None => *home = Some(pcpu),
-                Some(h) if h == pcpu => {}
-                Some(h) => {
-                    return Err(format!(
-                        "partition {}: vCPU {vcpu} would run on pCPUs {h} and {pcpu}; vCPU migration between pCPUs is not supported yet (give it as many pCPUs as vCPUs)",
-                        partitions[partition as usize].name
-                    ))
-                }
-            }
-        }
-    }
-    let homes = homes
-        .into_iter()
-        .enumerate()
-        .map(|(p, v)| {
-            v.into_iter()
-                .enumerate()
-                .map(|(i, h)| h.ok_or_else(|| format!("partition {}: vCPU {i} is never scheduled", partitions[p].name)))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // The plan the config check made (in microseconds), run in TSC cycles.
+    let tables = validated.dispatch.tables.scaled(tsc_per_us);
+    let homes = validated.dispatch.homes.clone();
+    let frame_cycles = tables.frame;
     let skew_bound = (config.hypervisor.policy == DispatchPolicy::RelaxedCo)
         .then(|| config.hypervisor.skew_bound_us.unwrap_or(config.hypervisor.major_frame_us / 10) * tsc_per_us);
     // Released `lead` after the build, so every pCPU has set its vCPUs up by then.

@@ -247,7 +247,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         run: tsc::us_to_cycles(run_ms * 1000),
         progress_interval: tsc::us_to_cycles(hv.stats_interval_ms * 1000),
     };
-    let machine = machine::build(validated, boot, controls, cpus, force_interrupts_on, length)
+    let machine = machine::build(validated, boot, controls, force_interrupts_on, length)
         .unwrap_or_else(|e| fatal("partitions", &e));
     let schedule = machine.schedule;
     for p in &machine.partitions {

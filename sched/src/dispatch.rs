@@ -30,7 +30,7 @@ pub struct DispatchEntry {
     pub account: Account,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PcpuTable {
     /// Sorted, tiling `[0, frame)`.
     pub entries: Vec<DispatchEntry>,
@@ -39,7 +39,7 @@ pub struct PcpuTable {
     pub slack_ring: Vec<(VcpuRef, Account)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DispatchTables {
     pub frame: Tick,
     pub pcpus: Vec<PcpuTable>,
@@ -139,6 +139,25 @@ impl DispatchTables {
             pcpus.push(PcpuTable { entries, slack_ring });
         }
         Ok(DispatchTables { frame: plan.frame, pcpus })
+    }
+
+    /// The same tables with every time multiplied by `ticks_per_unit` (planned in
+    /// microseconds, run in TSC cycles): exact, so a plan checked in one unit is the plan run
+    /// in the other.
+    pub fn scaled(&self, ticks_per_unit: Tick) -> DispatchTables {
+        let pcpus = self
+            .pcpus
+            .iter()
+            .map(|t| PcpuTable {
+                entries: t
+                    .entries
+                    .iter()
+                    .map(|e| DispatchEntry { offset: e.offset * ticks_per_unit, end: e.end * ticks_per_unit, ..*e })
+                    .collect(),
+                slack_ring: t.slack_ring.clone(),
+            })
+            .collect();
+        DispatchTables { frame: self.frame * ticks_per_unit, pcpus }
     }
 
     /// A state machine for `pcpu`, phase-locked to the shared release time `t0`.
