@@ -74,6 +74,30 @@ pub fn line_column(text: &str, offset: usize) -> (u32, u32) {
     (line as u32, column as u32)
 }
 
+/// Longest name, key or file name an error repeats, and longest message (characters).
+const MAX_ECHO: usize = 80;
+const MAX_MESSAGE: usize = 400;
+
+/// `text` fit for one line of an error: control characters escaped (a name or key with a
+/// newline in it stays on the line), at most `max` characters (the rest elided).
+fn one_line(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push_str("...");
+            break;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Builds errors for one file.
 pub(crate) struct Reporter<'a> {
     pub file: &'a str,
@@ -91,13 +115,13 @@ impl Reporter<'_> {
     ) -> ConfigError {
         let (line, column) = line_column(self.text, span.start);
         ConfigError {
-            file: self.file.to_owned(),
+            file: one_line(self.file, MAX_ECHO),
             line,
             column,
-            subject,
-            field: field.map(str::to_owned),
+            subject: subject.map(|s| one_line(&s, MAX_ECHO)),
+            field: field.map(|f| one_line(f, MAX_ECHO)),
             kind,
-            message: message.into(),
+            message: one_line(&message.into(), MAX_MESSAGE),
         }
     }
 

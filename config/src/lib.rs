@@ -52,6 +52,23 @@ pub fn load(file_name: &str, text: &str, platform: Option<&Platform>) -> Result<
     load_for(file_name, text, &machine)
 }
 
+/// The config file's bytes as text; invalid UTF-8 is an error at the line and column of the
+/// first bad byte.
+pub fn text_of<'a>(file_name: &str, bytes: &'a [u8]) -> Result<&'a str, ConfigError> {
+    core::str::from_utf8(bytes).map_err(|e| {
+        let good = e.valid_up_to();
+        let before = core::str::from_utf8(&bytes[..good]).unwrap_or_default();
+        let reporter = error::Reporter { file: file_name, text: before };
+        reporter.at(
+            good..good,
+            None,
+            None,
+            ErrorKind::Syntax,
+            alloc::format!("invalid UTF-8 (byte {:#04x}): a config is UTF-8 text", bytes[good]),
+        )
+    })
+}
+
 /// Like [`load`], for a machine that is only partly known (e.g. `phalanx-check --pcpus 4`).
 pub fn load_for(file_name: &str, text: &str, machine: &Machine) -> Result<Validated, ConfigError> {
     let reporter = error::Reporter { file: file_name, text };

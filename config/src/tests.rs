@@ -768,3 +768,27 @@ fn the_plan_scales_exactly_to_tsc_cycles() {
         }
     }
 }
+
+/// The image multiplies durations into TSC cycles: values that would wrap are rejected.
+#[test]
+fn durations_that_would_wrap_in_tsc_cycles_are_rejected() {
+    for key in ["run_ms", "stats_interval_ms"] {
+        let text = edit(BASE, "policy = \"gang\"\n", &format!("policy = \"gang\"\n{key} = 9223372036854775807\n"));
+        let e = bad(&text, None);
+        assert_eq!(e.field.as_deref(), Some(key), "{e}");
+        assert!(e.message.contains("at most"), "{e}");
+    }
+}
+
+/// An error is one line, whatever the input echoes into it, and never the whole of a huge value.
+#[test]
+fn errors_stay_on_one_line_and_short() {
+    let text = edit(BASE, "name = \"db\"", "name = \"d\\nb\"");
+    let e = bad(&text, None);
+    assert!(!e.to_string().contains('\n'), "{e}");
+    assert!(e.to_string().contains("d\\nb"), "the newline is shown escaped: {e}");
+    let huge = "x".repeat(5 << 20);
+    let text = edit(BASE, "policy = \"gang\"", &format!("policy = \"{huge}\""));
+    let e = bad(&text, None).to_string();
+    assert!(e.len() < 1_000 && !e.contains('\n'), "{} bytes", e.len());
+}

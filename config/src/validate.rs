@@ -42,6 +42,9 @@ pub const MEMORY_ALIGN: u64 = 2 * MIB;
 const MAX_MEMORY_MB: u64 = 1 << 20; // 1 TiB
 const MAX_VCPUS: u32 = 255; // xAPIC IDs
 const MAX_NAME_LEN: usize = 32;
+/// Longest `run_ms` and `stats_interval_ms`: the image turns them into TSC cycles (x 1000 x the
+/// TSC's MHz), which must not wrap on any TSC below 100 GHz.
+const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// I/O ports the hypervisor keeps for itself; passing them through would break it.
 const HYPERVISOR_PORTS: &[(u16, u16, &str)] = &[
@@ -138,12 +141,18 @@ impl Checker<'_> {
             Some(v) if *v.get_ref() == 0 => {
                 return Err(invalid(v.span(), "stats_interval_ms", "must be at least 1 ms".into()))
             }
+            Some(v) if *v.get_ref() > MAX_DURATION_MS => {
+                return Err(invalid(v.span(), "stats_interval_ms", format!("at most {MAX_DURATION_MS} ms (30 days)")))
+            }
             Some(v) => *v.get_ref(),
             None => DEFAULT_STATS_INTERVAL_MS,
         };
         let run_ms = match raw.and_then(|h| h.run_ms.as_ref()) {
             Some(v) if *v.get_ref() == 0 => {
                 return Err(invalid(v.span(), "run_ms", "must be at least 1 ms (leave it out to run forever)".into()))
+            }
+            Some(v) if *v.get_ref() > MAX_DURATION_MS => {
+                return Err(invalid(v.span(), "run_ms", format!("at most {MAX_DURATION_MS} ms (30 days)")))
             }
             v => v.map(|v| *v.get_ref()),
         };

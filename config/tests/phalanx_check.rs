@@ -60,3 +60,32 @@ fn usage_errors_exit_2() {
     assert_eq!(code, 1);
     assert!(out.contains("does-not-exist.toml: cannot read"), "{out}");
 }
+
+#[test]
+fn invalid_utf8_is_located_huge_flags_are_refused_and_a_closed_pipe_is_no_panic() {
+    let dir = std::env::temp_dir().join(format!("phalanx-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, b"[hypervisor]\nmajor_frame_us = 10000\n# caf\xe9\n").unwrap();
+    let (code, out) = check(&[bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("bad.toml:3:6: invalid UTF-8 (byte 0xe9)"), "{out}");
+
+    let (code, out) = check(&["guests/configs/default.toml", "--memory-mb", "17592186044416"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--memory-mb: too large"), "{out}");
+
+    // A reader that closes the pipe after 10 bytes: no panic, the check's own exit status.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phalanx-check"))
+        .arg("guests/configs/four-pcpus.toml")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

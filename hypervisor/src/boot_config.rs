@@ -20,7 +20,7 @@ pub fn load(boot: &BootInfo, pcpus: u32) -> Result<Validated, String> {
             "no `{CONFIG_MODULE}` boot module: add `module2 /boot/{CONFIG_MODULE} {CONFIG_MODULE}` to the GRUB entry"
         )
     })?;
-    let text = core::str::from_utf8(module.bytes()).map_err(|e| format!("{CONFIG_MODULE}: not UTF-8 text ({e})"))?;
+    let text = config::text_of(CONFIG_MODULE, module.bytes()).map_err(|e| format!("{e}"))?;
     let platform = config::Platform {
         pcpus,
         usable_memory: boot.partition_memory.as_slice().to_vec(),

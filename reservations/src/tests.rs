@@ -441,3 +441,15 @@ fn slot_switch_is_work_on_the_partitions_behalf() {
     assert_eq!(stats.on_behalf_cycles(), 300);
     assert_eq!(stats.charged_cycles(), ledger.elapsed());
 }
+
+#[test]
+fn over_admission_by_a_hair_is_visibly_over_100_percent() {
+    let p = Problem::OverAdmitted { pcpu: 0, parent: None, needed_us: 10_002, capacity_us: 10_000, frame_us: 10_000 };
+    let text = p.to_string();
+    assert!(text.contains("100.02% of the pCPU"), "{text}");
+    let p = Problem::OverAdmitted { pcpu: 0, parent: None, needed_us: 6_250, capacity_us: 10_000, frame_us: 10_000 };
+    assert!(p.to_string().contains("62.5% of the pCPU"), "{p}");
+    let p =
+        Problem::OverAdmitted { pcpu: 0, parent: None, needed_us: 10_000_001, capacity_us: 1, frame_us: 10_000_000 };
+    assert!(p.to_string().contains("100.001% of the pCPU"), "{p}");
+}

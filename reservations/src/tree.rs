@@ -118,7 +118,9 @@ pub enum Problem {
     },
 }
 
-/// `us` of every `frame_us` as a percentage with one decimal, e.g. `62.5%`.
+/// `us` of every `frame_us` as a percentage, e.g. `62.5%`: one decimal, or up to three when
+/// one would hide the difference (10,002 us of 10,000 is `100.02%`, never `100.0%`). Rounded up,
+/// so an amount over a capacity never prints as equal to it.
 struct Percent {
     us: Micros,
     frame_us: Micros,
@@ -126,8 +128,15 @@ struct Percent {
 
 impl fmt::Display for Percent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tenths = (self.us as u128 * 1000 + self.frame_us as u128 / 2) / self.frame_us.max(1) as u128;
-        write!(f, "{}.{}%", tenths / 10, tenths % 10)
+        let frame = self.frame_us.max(1) as u128;
+        let thousandths = (self.us as u128 * 100_000).div_ceil(frame);
+        let (whole, fraction) = (thousandths / 1000, thousandths % 1000);
+        match fraction {
+            0 => write!(f, "{whole}.0%"),
+            _ if fraction % 100 == 0 => write!(f, "{whole}.{}%", fraction / 100),
+            _ if fraction % 10 == 0 => write!(f, "{whole}.{:02}%", fraction / 10),
+            _ => write!(f, "{whole}.{fraction:03}%"),
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! Prints `FILE: ok (...)` and a per-partition summary and exits 0, or prints the error
 //! (`FILE:LINE:COL: partition "x": field `y`: ...`) and exits 1. Usage errors exit 2.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use config::{load_for, Machine, Placement, Validated, MIB};
@@ -49,10 +50,11 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                 if mb <= HOST_CHECK_RESERVED_LOW_MB {
                     return Err(format!("--memory-mb: more than {HOST_CHECK_RESERVED_LOW_MB} MiB"));
                 }
-                machine.usable_memory = Some(core::iter::once(HOST_CHECK_RESERVED_LOW_MB * MIB..mb * MIB).collect());
+                let end = mb.checked_mul(MIB).ok_or("--memory-mb: too large for a 64-bit address space")?;
+                machine.usable_memory = Some(core::iter::once(HOST_CHECK_RESERVED_LOW_MB * MIB..end).collect());
             }
             "-h" | "--help" => {
-                println!("{USAGE}");
+                let _ = writeln!(std::io::stdout(), "{USAGE}");
                 return Ok(ExitCode::SUCCESS);
             }
             s if s.starts_with('-') => return Err(format!("unknown option {s}")),
@@ -61,20 +63,22 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
         }
     }
     let file = file.ok_or("no FILE given")?;
-    let text = match std::fs::read_to_string(&file) {
-        Ok(text) => text,
+    let bytes = match std::fs::read(&file) {
+        Ok(bytes) => bytes,
         Err(e) => {
             eprintln!("{file}: cannot read: {e}");
             return Ok(ExitCode::FAILURE);
         }
     };
-    match load_for(&file, &text, &machine) {
+    // Written with errors ignored: a reader that goes away (`| head`) is not a failure.
+    let mut stdout = std::io::stdout().lock();
+    match config::text_of(&file, &bytes).and_then(|text| load_for(&file, text, &machine)) {
         Ok(validated) => {
-            print!("{}", summary(&file, &validated, &machine));
+            let _ = write!(stdout, "{}", summary(&file, &validated, &machine));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("{e}");
+            let _ = writeln!(stdout, "{e}");
             Ok(ExitCode::FAILURE)
         }
     }
