@@ -226,7 +226,7 @@ pub struct HypervisorConfig {
     pub major_frame_us: u64,
     pub policy: DispatchPolicy,
     pub stats_interval_ms: u64,
-    /// End the run and print final statistics after this long; `None`: run forever.
+    /// End the run and print final statistics after this long; `None`: the image's default (2 s).
     pub run_ms: Option<u64>,
     /// Only for `relaxed-co`: the skew between a partition's vCPUs that triggers co-stop.
     pub skew_bound_us: Option<u64>,

@@ -149,7 +149,7 @@ impl Checker<'_> {
         };
         let run_ms = match raw.and_then(|h| h.run_ms.as_ref()) {
             Some(v) if *v.get_ref() == 0 => {
-                return Err(invalid(v.span(), "run_ms", "must be at least 1 ms (leave it out to run forever)".into()))
+                return Err(invalid(v.span(), "run_ms", "must be at least 1 ms (leave it out for the default 2000 ms)".into()))
             }
             Some(v) if *v.get_ref() > MAX_DURATION_MS => {
                 return Err(invalid(v.span(), "run_ms", format!("at most {MAX_DURATION_MS} ms (30 days)")))
