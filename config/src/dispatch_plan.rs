@@ -21,18 +21,18 @@ pub struct DispatchPlan {
     pub homes: Vec<Vec<usize>>,
 }
 
-/// Why a config cannot be planned: the partition (index in `config.partitions`), the field
-/// to point at, and the message.
+/// Why a config cannot be planned: the partition (index in `config.partitions`; `None` for
+/// a problem of the whole config), the field to point at, and the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanFailure {
-    pub partition: usize,
+    pub partition: Option<usize>,
     pub field: &'static str,
     pub message: String,
 }
 
 /// Plans `config` (admitted as `tree`) on `pcpus` pCPUs.
 pub fn plan(config: &Config, tree: &Tree, pcpus: u32) -> Result<DispatchPlan, PlanFailure> {
-    let index_of = |name: &str| config.partitions.iter().position(|p| p.name == name).unwrap_or(0);
+    let index_of = |name: &str| config.partitions.iter().position(|p| p.name == name);
     let planner_failure = |e: PlanError| {
         let (name, field) = match &e {
             PlanError::PolicyMismatch { partition, .. } => (partition.as_str(), "policy"),
@@ -47,9 +47,9 @@ pub fn plan(config: &Config, tree: &Tree, pcpus: u32) -> Result<DispatchPlan, Pl
             PlanError::NoVcpus { partition } | PlanError::DuplicateId { name: partition, .. } => {
                 (partition.as_str(), "vcpus")
             }
-            PlanError::NoPcpus | PlanError::BadSetting { .. } => ("", "reservation"),
+            PlanError::NoPcpus | PlanError::BadSetting { .. } => ("", "major_frame_us"),
         };
-        PlanFailure { partition: index_of(name), field, message: format!("the gang planner cannot place it: {e}") }
+        PlanFailure { partition: index_of(name), field, message: format!("the planner cannot place it: {e}") }
     };
     let specs: Vec<PartitionSpec> = tree.flatten().iter().map(PartitionSpec::from).collect();
     let frame = config.hypervisor.major_frame_us;
@@ -76,7 +76,7 @@ fn homes(config: &Config, tables: &DispatchTables) -> Result<Vec<Vec<usize>>, Pl
             match *home {
                 Some(h) if h != pcpu => {
                     return Err(PlanFailure {
-                        partition: partition as usize,
+                        partition: Some(partition as usize),
                         field: "vcpus",
                         message: format!(
                             "vCPU {vcpu} would run on pCPUs {h} and {pcpu}; vCPUs do not migrate between pCPUs: \
@@ -97,7 +97,7 @@ fn homes(config: &Config, tables: &DispatchTables) -> Result<Vec<Vec<usize>>, Pl
                 .enumerate()
                 .map(|(v, home)| {
                     home.ok_or_else(|| PlanFailure {
-                        partition: p,
+                        partition: Some(p),
                         field: "vcpus",
                         message: format!("vCPU {v} is never scheduled"),
                     })

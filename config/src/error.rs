@@ -115,7 +115,8 @@ impl Reporter<'_> {
     ) -> ConfigError {
         let (line, column) = line_column(self.text, span.start);
         ConfigError {
-            file: one_line(self.file, MAX_ECHO),
+            // The path is kept whole (editors and CI follow it); only control characters go.
+            file: one_line(self.file, usize::MAX),
             line,
             column,
             subject: subject.map(|s| one_line(&s, MAX_ECHO)),

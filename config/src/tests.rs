@@ -733,7 +733,7 @@ fn a_gang_set_the_planner_cannot_place_is_rejected_at_the_check_naming_the_parti
     assert_eq!(e.subject.as_deref(), Some("partition \"c\""), "{e}");
     assert_eq!(e.field.as_deref(), Some("reservation"), "{e}");
     assert_eq!((e.line, e.column), position(&text, "{ budget_us", 2), "{e}");
-    assert!(e.message.contains("cannot place") && e.message.contains("pCPUs [0, 2]"), "{e}");
+    assert!(e.message.contains("planner cannot place") && e.message.contains("pCPUs [0, 2]"), "{e}");
     // The same on the host, without a machine: the pCPUs the config names are planned.
     assert_eq!(bad(&text, None).subject, e.subject);
     // Two of them fit.
@@ -791,4 +791,19 @@ fn errors_stay_on_one_line_and_short() {
     let text = edit(BASE, "policy = \"gang\"", &format!("policy = \"{huge}\""));
     let e = bad(&text, None).to_string();
     assert!(e.len() < 1_000 && !e.contains('\n'), "{} bytes", e.len());
+}
+
+/// pCPU numbers index xAPIC IDs: a huge one is rejected before anything is sized by it.
+#[test]
+fn a_pcpu_index_beyond_the_xapic_range_is_rejected() {
+    for huge in ["255", "4294967295", "100000000"] {
+        let text = edit(
+            BASE,
+            "name = \"web\"\nvcpus = 2\npcpus = [0, 1]",
+            &format!("name = \"web\"\nvcpus = 2\npcpus = [0, {huge}]"),
+        );
+        let e = bad(&text, None);
+        assert_eq!(e.field.as_deref(), Some("pcpus"), "{e}");
+        assert!(e.message.contains("above 254"), "{e}");
+    }
 }

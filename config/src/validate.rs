@@ -41,6 +41,7 @@ pub const MIB: u64 = 1 << 20;
 pub const MEMORY_ALIGN: u64 = 2 * MIB;
 const MAX_MEMORY_MB: u64 = 1 << 20; // 1 TiB
 const MAX_VCPUS: u32 = 255; // xAPIC IDs
+const MAX_PCPU_INDEX: u32 = 254; // pCPU numbers index xAPIC IDs (0xFF is broadcast)
 const MAX_NAME_LEN: usize = 32;
 /// Longest `run_ms` and `stats_interval_ms`: the image turns them into TSC cycles (x 1000 x the
 /// TSC's MHz), which must not wrap on any TSC below 100 GHz.
@@ -149,7 +150,11 @@ impl Checker<'_> {
         };
         let run_ms = match raw.and_then(|h| h.run_ms.as_ref()) {
             Some(v) if *v.get_ref() == 0 => {
-                return Err(invalid(v.span(), "run_ms", "must be at least 1 ms (leave it out for the default 2000 ms)".into()))
+                return Err(invalid(
+                    v.span(),
+                    "run_ms",
+                    "must be at least 1 ms (leave it out for the default 2000 ms)".into(),
+                ))
             }
             Some(v) if *v.get_ref() > MAX_DURATION_MS => {
                 return Err(invalid(v.span(), "run_ms", format!("at most {MAX_DURATION_MS} ms (30 days)")))
@@ -270,6 +275,10 @@ impl Checker<'_> {
         if let Some(parent) = &g.parent {
             self.resolve_group(parent, subject.clone(), "parent", index)?;
         }
+        if let Some(c) = g.pcpus.iter().flat_map(|list| list.get_ref()).find(|c| *c.get_ref() > MAX_PCPU_INDEX) {
+            let message = format!("pCPU {} is above {MAX_PCPU_INDEX} (xAPIC IDs)", c.get_ref());
+            return Err(self.r.at(c.span(), subject, Some("pcpus"), ErrorKind::InvalidValue, message));
+        }
         Ok(GroupConfig {
             name: g.name.get_ref().clone(),
             parent: g.parent.as_ref().map(|p| p.get_ref().clone()),
@@ -339,6 +348,13 @@ impl Checker<'_> {
                     ));
                 }
             }
+        }
+        if let Some(c) = p.pcpus.get_ref().iter().find(|c| *c.get_ref() > MAX_PCPU_INDEX) {
+            return Err(invalid(
+                c.span(),
+                "pcpus",
+                format!("pCPU {} is above {MAX_PCPU_INDEX} (xAPIC IDs)", c.get_ref()),
+            ));
         }
         Ok(PartitionConfig {
             name: p.name.get_ref().clone(),
@@ -600,7 +616,11 @@ impl Checker<'_> {
 
     /// Points a planning failure at its partition's key.
     fn plan_error(&self, f: dispatch_plan::PlanFailure) -> ConfigError {
-        let raw = self.raw.partition[f.partition].get_ref();
+        let Some(partition) = f.partition else {
+            let span = self.raw.hypervisor.as_ref().map_or(0..0, Spanned::span);
+            return self.r.at(span, hv_subject(), Some(f.field), ErrorKind::Admission, f.message);
+        };
+        let raw = self.raw.partition[partition].get_ref();
         let span = match f.field {
             "policy" => raw.policy.as_ref().map_or(raw.vcpus.span(), Spanned::span),
             "pcpus" => raw.pcpus.span(),

@@ -231,8 +231,8 @@ const DISPATCH_LEAD_US: u64 = 20_000;
 /// A run without `run_ms` in the config lasts this long.
 const DEFAULT_RUN_MS: u64 = 2_000;
 
-/// Loads the partitions, plans the tables, releases every pCPU into gang dispatch at a
-/// common `t0`, and prints the results when the run ends.
+/// Builds the machine (partitions loaded, the checked plan in TSC cycles), releases every
+/// pCPU into dispatch at a common `t0`, and prints the results when the run ends.
 fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: usize, lead_us: u64) {
     if validated.config.partitions.is_empty() {
         log::info!("the config has no partitions: nothing to run");

@@ -118,9 +118,9 @@ pub enum Problem {
     },
 }
 
-/// `us` of every `frame_us` as a percentage, e.g. `62.5%`: one decimal, or up to three when
-/// one would hide the difference (10,002 us of 10,000 is `100.02%`, never `100.0%`). Rounded up,
-/// so an amount over a capacity never prints as equal to it.
+/// `us` of every `frame_us` as a percentage with up to three decimals, trailing zeros dropped
+/// (`62.5%`, `33.334%`, `100.02%` for 10,002 us of 10,000). Rounded up to the thousandth, so an
+/// amount over the whole frame always prints above 100%.
 struct Percent {
     us: Micros,
     frame_us: Micros,

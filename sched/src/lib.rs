@@ -1,11 +1,13 @@
 //! Phalanx scheduling: the planner that builds phase-locked per-pCPU dispatch tables, the nested
 //! per-partition policies, the pure per-pCPU runtime state machine the bare-metal dispatcher
 //! calls, and the rules its slot loop follows between turns (`turns`). The discrete-event
-//! simulator that drives all of them is its own crate (`sched/sim`, std). Accounting is
+//! simulator is its own crate (`sched/sim`, std): it drives the planner, tables and dispatcher,
+//! with its own model of what a host does on top (it does not use `turns` yet). Accounting is
 //! `reservations::Ledger` / `reservations::Account` (the one ledger the hypervisor also uses):
 //! dispatch decisions name the `Account` to charge, the simulator keeps one `Ledger` per pCPU.
 //!
-//! Time is an abstract `Tick` (u64); the hypervisor uses TSC cycles, the simulator nanoseconds.
+//! Time is an abstract `Tick` (u64): plans are made in microseconds (the config check), the
+//! hypervisor runs them scaled to TSC cycles, the simulator uses nanoseconds.
 //! See `docs/scheduling.md`.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]

@@ -18,7 +18,7 @@ use spin::Mutex;
 
 use crate::exit::IoAccess;
 use crate::mmio::{self, MmioAccess, MmioOperation};
-use crate::vcpu_access::VcpuAccess;
+use crate::vcpu_access::{gpr, VcpuAccess};
 use crate::vioapic::{VirtualIoApic, IOAPIC_BASE_ADDRESS};
 use crate::vlapic::{reg, Destination, IcrCommand, VirtualLapic};
 use crate::vuart::VirtualUart;
@@ -165,11 +165,10 @@ impl PartitionDevices {
         let interrupt = {
             let mut uart = self.uart.lock();
             if access.input {
-                let mask = crate::emulate::io_mask(access.size);
-                let value = uart.read(offset) as u64;
-                cpu.set_gpr(crate::vcpu_access::gpr::RAX, (cpu.gpr(crate::vcpu_access::gpr::RAX) & !mask) | value);
+                let rax = cpu.gpr(gpr::RAX);
+                cpu.set_gpr(gpr::RAX, crate::emulate::in_result(rax, access.size, uart.read(offset) as u64));
             } else {
-                effects.console = uart.write(offset, cpu.gpr(crate::vcpu_access::gpr::RAX) as u8);
+                effects.console = uart.write(offset, cpu.gpr(gpr::RAX) as u8);
             }
             uart.interrupt()
         };

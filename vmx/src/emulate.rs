@@ -86,11 +86,19 @@ pub fn io_mask(size: u8) -> u64 {
     }
 }
 
+/// The result of an IN of `size` bytes reading `value` into RAX: `IN EAX` zero-extends into
+/// RAX like every 32-bit register write; `IN AL`/`IN AX` keep the rest of RAX.
+pub fn in_result(rax: u64, size: u8, value: u64) -> u64 {
+    match size {
+        4 => value & 0xFFFF_FFFF,
+        _ => (rax & !io_mask(size)) | (value & io_mask(size)),
+    }
+}
+
 /// IN/OUT on a port with no device behind it: reads float high, writes vanish.
 pub fn absent_port(cpu: &mut impl VcpuAccess, access: IoAccess) {
     if access.input {
-        let mask = io_mask(access.size);
-        cpu.set_gpr(gpr::RAX, (cpu.gpr(gpr::RAX) & !mask) | mask);
+        cpu.set_gpr(gpr::RAX, in_result(cpu.gpr(gpr::RAX), access.size, u64::MAX));
     }
     cpu.skip_instruction();
 }
@@ -175,5 +183,8 @@ mod tests {
         absent_port(&mut cpu, access);
         assert_eq!(cpu.gprs[gpr::RAX as usize], 0x1234_5678_0000_FFFF);
         assert_eq!(cpu.rip, 1);
+        // IN EAX writes a 32-bit register: the upper half of RAX is cleared.
+        absent_port(&mut cpu, IoAccess { size: 4, ..access });
+        assert_eq!(cpu.gprs[gpr::RAX as usize], 0xFFFF_FFFF);
     }
 }
