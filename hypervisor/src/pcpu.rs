@@ -1,6 +1,6 @@
 //! One pCPU's dispatch state: its vCPUs (each homed here for the whole run), the ledger it
-//! charges, its exit and slot statistics, and the attention flag siblings raise (with a kick)
-//! when they post one of its vCPUs an IPI or a start-up.
+//! charges, its exit and slot statistics; and the kick with which a sibling raises another
+//! pCPU's attention flag (`percpu`) when it posts one of that pCPU's vCPUs an IPI or a start-up.
 
 extern crate alloc;
 
