@@ -361,15 +361,16 @@ fn duplicate_names_point_at_the_second_and_cite_the_first() {
         position(&text, "\"web\"", 1),
         "partition on line 6",
     );
+    // A group written after a partition of the same name: the group is the second.
     let text = format!("{BASE}\n[[group]]\nname = \"db\"\nreservation = {{ weight = 1 }}\n");
     let e = bad(&text, None);
     assert_error(
         &e,
         ErrorKind::DuplicateName,
-        Some("partition \"db\""),
+        Some("group \"db\""),
         "name",
-        position(&text, "\"db\"", 0),
-        "group on line",
+        position(&text, "\"db\"", 1),
+        "partition on line 14",
     );
 }
 
@@ -806,4 +807,22 @@ fn a_pcpu_index_beyond_the_xapic_range_is_rejected() {
         assert_eq!(e.field.as_deref(), Some("pcpus"), "{e}");
         assert!(e.message.contains("above 254"), "{e}");
     }
+}
+
+/// A missing key points at the partition's table, as serde's missing fields do.
+#[test]
+fn missing_memory_points_at_the_partition_table() {
+    let text = edit(
+        BASE,
+        "memory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+        "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }",
+    );
+    let e = bad(&text, None);
+    assert_eq!(e.field.as_deref(), Some("memory_mb"), "{e}");
+    let missing_guest = bad(&edit(&text, "guest = { module = \"bzImage\" }\n", ""), None);
+    assert_eq!(
+        (e.line, e.column),
+        (missing_guest.line, missing_guest.column),
+        "same place as serde's: {e} / {missing_guest}"
+    );
 }

@@ -108,7 +108,7 @@ impl Checker<'_> {
             .raw
             .partition
             .iter()
-            .map(|p| self.partition(p.get_ref(), &group_index))
+            .map(|p| self.partition(p.get_ref(), p.span(), &group_index))
             .collect::<Result<Vec<_>, _>>()?;
         self.device_conflicts(&partitions)?;
         let memory = self.place_memory(&partitions)?;
@@ -189,12 +189,15 @@ impl Checker<'_> {
     /// namespace for groups and partitions.
     fn names(&self) -> Result<(), ConfigError> {
         let mut seen: BTreeMap<&str, (&str, Range<usize>)> = BTreeMap::new();
-        let all = self
+        // In file order, so a clash is reported at the later of the two nodes.
+        let mut all: Vec<(&str, &Spanned<String>)> = self
             .raw
             .group
             .iter()
             .map(|g| ("group", &g.get_ref().name))
-            .chain(self.raw.partition.iter().map(|p| ("partition", &p.get_ref().name)));
+            .chain(self.raw.partition.iter().map(|p| ("partition", &p.get_ref().name)))
+            .collect();
+        all.sort_by_key(|(_, name)| name.span().start);
         for (kind, name) in all {
             let subject = Some(format!("{kind} \"{}\"", name.get_ref()));
             let text = name.get_ref().as_str();
@@ -288,7 +291,13 @@ impl Checker<'_> {
         })
     }
 
-    fn partition(&self, p: &RawPartition, index: &BTreeMap<&str, usize>) -> Result<PartitionConfig, ConfigError> {
+    /// `table`: where the partition's table is (a missing key points there, like serde's).
+    fn partition(
+        &self,
+        p: &RawPartition,
+        table: Range<usize>,
+        index: &BTreeMap<&str, usize>,
+    ) -> Result<PartitionConfig, ConfigError> {
         let subject = partition_subject(p);
         let invalid = |span: Range<usize>, field: &str, message: String| {
             self.r.at(span, subject.clone(), Some(field), ErrorKind::InvalidValue, message)
@@ -305,7 +314,7 @@ impl Checker<'_> {
             }
             (None, None) => {
                 return Err(invalid(
-                    p.name.span(),
+                    table,
                     "memory_mb",
                     "missing: give `memory_mb = N` or `memory = { base = 0x..., size_mb = N }`".into(),
                 ))
