@@ -98,6 +98,41 @@ fn one_line(text: &str, max: usize) -> String {
     out
 }
 
+/// serde's "invalid type: FOUND, expected EXPECTED" in TOML's words ("invalid type: expected
+/// an integer, found a date or time"); `value` is the text the error points at (serde sees dates and
+/// tables alike as maps). Other messages are kept as they are.
+fn in_toml_words(message: &str, value: &str) -> String {
+    let Some((found, expected)) = message.strip_prefix("invalid type: ").and_then(|m| m.split_once(", expected "))
+    else {
+        return message.to_string();
+    };
+    let value = value.trim_start();
+    let found = match found.split_once(' ') {
+        _ if found == "map" && value.starts_with("[[") => "an array of tables".to_string(),
+        _ if found == "map" && value.starts_with('{') => "an inline table".to_string(),
+        _ if found == "map" && value.starts_with(|c: char| c.is_ascii_digit()) => {
+            format!("a date or time ({})", value.split_whitespace().next().unwrap_or(""))
+        }
+        _ if found == "map" => "a table".to_string(),
+        _ if found == "sequence" => "an array".to_string(),
+        Some(("string", text)) => format!("a string ({text})"),
+        Some(("integer", text)) => format!("an integer ({})", text.trim_matches('`')),
+        Some(("floating", text)) => format!("a float ({})", text.trim_start_matches("point ").trim_matches('`')),
+        Some(("boolean", text)) => format!("a boolean ({})", text.trim_matches('`')),
+        _ => found.to_string(),
+    };
+    let expected = match expected {
+        // A `[[key]]` header where `[key]` belongs: serde names the first field's type.
+        _ if value.starts_with("[[") => "a table",
+        "u8" | "u16" | "u32" | "u64" | "i8" | "i16" | "i32" | "i64" | "usize" => "an integer",
+        "a boolean" | "bool" => "a boolean",
+        "a sequence" => "an array",
+        e if e.starts_with("struct ") || e == "a map" => "a table",
+        e => e,
+    };
+    format!("invalid type: expected {expected}, found {found}")
+}
+
 /// Builds errors for one file.
 pub(crate) struct Reporter<'a> {
     pub file: &'a str,
@@ -138,7 +173,7 @@ impl Reporter<'_> {
         let span = error.span().unwrap_or(0..0);
         let mut path = Vec::new();
         locate_in_table(document.get_ref(), span.start, &mut path);
-        let message = error.message().trim_end().to_string();
+        let message = in_toml_words(error.message().trim_end(), self.text.get(span.clone()).unwrap_or(""));
         // "missing field `x`" points at the table: name the missing key as the field.
         let missing =
             message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next()).map(str::to_owned);

@@ -826,3 +826,25 @@ fn missing_memory_points_at_the_partition_table() {
         "same place as serde's: {e} / {missing_guest}"
     );
 }
+
+/// Type errors say what TOML calls the types, a date included.
+#[test]
+fn type_errors_name_the_types_in_tomls_words() {
+    let cases = [
+        (
+            "major_frame_us = 10000",
+            "major_frame_us = 1979-05-27",
+            "expected an integer, found a date or time (1979-05-27)",
+        ),
+        ("major_frame_us = 10000", "major_frame_us = \"10\"", "expected an integer, found a string (\"10\")"),
+        ("major_frame_us = 10000", "major_frame_us = 1.5", "expected an integer, found a float (1.5)"),
+        ("major_frame_us = 10000", "major_frame_us = { a = 1 }", "expected an integer, found an inline table"),
+    ];
+    for (from, to, words) in cases {
+        let e = bad(&edit(BASE, from, to), None);
+        assert_eq!(e.field.as_deref(), Some("major_frame_us"), "{e}");
+        assert!(e.message.contains(words), "{e}");
+    }
+    let e = bad(&BASE.replacen("[hypervisor]", "[[hypervisor]]", 1), None);
+    assert!(e.message.contains("expected a table, found an array of tables"), "{e}");
+}
