@@ -84,8 +84,7 @@ pub(crate) struct RawMemory {
 #[serde(deny_unknown_fields, expecting = r#"a table: { module = "name", cmdline = "..." }"#)]
 pub(crate) struct RawGuest {
     pub module: Spanned<String>,
-    #[serde(default)]
-    pub cmdline: String,
+    pub cmdline: Option<Spanned<String>>,
     pub initrd: Option<Spanned<String>>,
 }
 

@@ -848,3 +848,16 @@ fn type_errors_name_the_types_in_tomls_words() {
     let e = bad(&BASE.replacen("[hypervisor]", "[[hypervisor]]", 1), None);
     assert!(e.message.contains("expected a table, found an array of tables"), "{e}");
 }
+
+/// A command line the loaders would refuse at start is refused at the check.
+#[test]
+fn command_lines_the_loaders_cannot_take_are_rejected() {
+    let long = "x".repeat(4096);
+    let e = bad(&edit(BASE, "cmdline = \"console=ttyS0\"", &format!("cmdline = \"{long}\"")), None);
+    assert_eq!(e.field.as_deref(), Some("guest.cmdline"), "{e}");
+    assert!(e.message.contains("4096 bytes"), "{e}");
+    let e = bad(&edit(BASE, "cmdline = \"console=ttyS0\"", "cmdline = \"a\\u0000b\""), None);
+    assert!(e.message.contains("control character"), "{e}");
+    assert!(!e.to_string().contains('\0'), "{e}");
+    ok(&edit(BASE, "cmdline = \"console=ttyS0\"", &format!("cmdline = \"{}\"", "x".repeat(4095))), None);
+}

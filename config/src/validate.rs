@@ -41,7 +41,9 @@ pub const MIB: u64 = 1 << 20;
 pub const MEMORY_ALIGN: u64 = 2 * MIB;
 const MAX_MEMORY_MB: u64 = 1 << 20; // 1 TiB
 const MAX_VCPUS: u32 = 255; // xAPIC IDs
-const MAX_PCPU_INDEX: u32 = 254; // pCPU numbers index xAPIC IDs (0xFF is broadcast)
+const MAX_PCPU_INDEX: u32 = 254;
+/// The longest command line the payload loaders take (Linux's boot protocol: 4095 bytes).
+const MAX_CMDLINE_BYTES: usize = 4095; // pCPU numbers index xAPIC IDs (0xFF is broadcast)
 const MAX_NAME_LEN: usize = 32;
 /// Longest `run_ms` and `stats_interval_ms`: the image turns them into TSC cycles (x 1000 x the
 /// TSC's MHz), which must not wrap on any TSC below 100 GHz.
@@ -358,6 +360,18 @@ impl Checker<'_> {
                 }
             }
         }
+        if let Some(cmdline) = &guest.cmdline {
+            // What both payload loaders (Linux's boot protocol, the test guest) take.
+            let text = cmdline.get_ref();
+            if text.len() > MAX_CMDLINE_BYTES {
+                let message = format!("{} bytes; the loaders take at most {MAX_CMDLINE_BYTES}", text.len());
+                return Err(invalid(cmdline.span(), "guest.cmdline", message));
+            }
+            if let Some(c) = text.chars().find(|c| c.is_control()) {
+                let message = format!("contains the control character {:?}; a command line is one line of text", c);
+                return Err(invalid(cmdline.span(), "guest.cmdline", message));
+            }
+        }
         if let Some(c) = p.pcpus.get_ref().iter().find(|c| *c.get_ref() > MAX_PCPU_INDEX) {
             return Err(invalid(
                 c.span(),
@@ -375,7 +389,7 @@ impl Checker<'_> {
             policy: p.policy.as_ref().map_or(NestedPolicy::Gang, |n| (*n.get_ref()).into()),
             guest: Guest {
                 module: guest.module.get_ref().clone(),
-                cmdline: guest.cmdline.clone(),
+                cmdline: guest.cmdline.as_ref().map_or_else(String::new, |c| c.get_ref().clone()),
                 initrd: guest.initrd.as_ref().map(|i| i.get_ref().clone()),
             },
             devices: self.devices(p, &subject)?,
