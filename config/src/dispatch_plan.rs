@@ -9,7 +9,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use reservations::Tree;
-use sched::{DispatchTables, IndependentConfig, PartitionSpec, PlanConfig, PlanError, VcpuRef};
+use sched::{DispatchTables, FlatPartition, IndependentConfig, PlanConfig, PlanError, VcpuRef};
 
 use crate::schema::Config;
 
@@ -51,7 +51,7 @@ pub fn plan(config: &Config, tree: &Tree, pcpus: u32) -> Result<DispatchPlan, Pl
         };
         PlanFailure { partition: index_of(name), field, message: format!("the planner cannot place it: {e}") }
     };
-    let specs: Vec<PartitionSpec> = tree.flatten().iter().map(PartitionSpec::from).collect();
+    let specs: Vec<FlatPartition> = tree.flatten().iter().map(FlatPartition::clone).collect();
     let frame = config.hypervisor.major_frame_us;
     let plan_config = PlanConfig { frame: Some(frame), ..PlanConfig::new(pcpus, frame) };
     let plan = if config.hypervisor.policy.aligned() {

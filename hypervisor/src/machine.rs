@@ -122,15 +122,11 @@ pub fn build(
     let tsc_per_us = crate::tsc::hz() / 1_000_000;
     let mut partitions = Vec::new();
     for (id, (p, placement)) in config.partitions.iter().zip(&validated.memory).enumerate() {
-        let memory = match placement {
-            Placement::At(range) => range.clone(),
-            Placement::Deferred { .. } => return Err(format!("partition {}: memory was not placed", p.name)),
-        };
-        let module = boot
-            .modules
-            .iter()
-            .find(|m| m.name == p.guest.module)
-            .ok_or_else(|| format!("partition {}: no boot module {}", p.name, p.guest.module))?;
+        // Validated against this boot's memory map and modules (`boot_config::load`): memory is
+        // placed and the module is there.
+        let Placement::At(memory) = placement.clone() else { unreachable!("validated with the boot's memory map") };
+        let module =
+            boot.modules.iter().find(|m| m.name == p.guest.module).expect("validated against the boot's modules");
         let size = memory.end - memory.start;
         let mut ept = Ept::new(&mut HeapFrames).map_err(|e| format!("partition {}: {e}", p.name))?;
         ept.map(&mut IdentityPhys, &mut HeapFrames, 0, memory.start, size, Access::all(), MemoryType::WriteBack, sizes)

@@ -15,7 +15,7 @@ pub type PartitionId = u32;
 ///
 /// From [`crate::Tree::flatten`] the time unit is the microsecond (the config's unit); use
 /// [`EffectiveReservation::in_ticks`] to convert to the planner's tick (TSC cycles, ns).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EffectiveReservation {
     /// Hard: `budget` time units in every `period`, on each pCPU it holds. Never exceeded,
     /// never revoked.
@@ -51,5 +51,26 @@ impl EffectiveReservation {
             },
             EffectiveReservation::Soft { share_ppm } => EffectiveReservation::Soft { share_ppm },
         }
+    }
+
+    /// Fraction of one pCPU in parts per million.
+    pub fn ppm(&self) -> u64 {
+        match *self {
+            EffectiveReservation::Hard { budget, period } => {
+                if period == 0 {
+                    0
+                } else {
+                    (budget as u128 * 1_000_000 / period as u128) as u64
+                }
+            }
+            EffectiveReservation::Soft { share_ppm } => share_ppm as u64,
+        }
+    }
+}
+
+impl FlatPartition {
+    /// Position of `pcpu` in this partition's pCPU list.
+    pub fn position_of(&self, pcpu: u32) -> Option<usize> {
+        self.pcpus.binary_search(&pcpu).ok()
     }
 }

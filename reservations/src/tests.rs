@@ -202,7 +202,7 @@ fn gang_needs_a_pcpu_per_vcpu_and_round_robin_gang_does_not() {
     assert_eq!((e.field, e.problem), (Field::Policy, Problem::GangNeedsOnePcpuPerVcpu { vcpus: 4, pcpus: 2 }));
     p.nested = NestedPolicy::RoundRobinGang;
     let tree = Tree::build(&spec(vec![], vec![p])).unwrap();
-    assert_eq!(tree.partitions()[0].nested, NestedPolicy::RoundRobinGang);
+    assert_eq!(tree.partitions()[0].spec.nested, NestedPolicy::RoundRobinGang);
     assert_eq!(tree.flatten()[0].vcpus, 4);
 }
 
@@ -274,7 +274,7 @@ fn weight_inflation_inside_a_subtree_cannot_dilute_a_sibling() {
             .chain([part("b", None, 1, &[0], Reservation::Weight(1))])
             .collect();
         let tree = Tree::build(&spec(vec![group("a", None, Reservation::Weight(1))], partitions)).unwrap();
-        let b = tree.partitions().iter().find(|p| p.name == "b").unwrap().id;
+        let b = tree.partitions().iter().find(|p| p.spec.name == "b").unwrap().id;
         (tree.share_ppm(b).unwrap(), tree.share_ppm(0).unwrap())
     };
     let (b_before, a0_before) = build(&[1, 1]);

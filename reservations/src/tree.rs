@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::flat::{EffectiveReservation, FlatPartition, PartitionId};
-use crate::spec::{ChildPolicy, Micros, NestedPolicy, Reservation, TreeSpec};
+use crate::spec::{ChildPolicy, Micros, NestedPolicy, PartitionSpec, Reservation, TreeSpec};
 
 /// The node an admission error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,17 +255,11 @@ pub struct Group {
     pub depth: u32,
 }
 
-/// A partition (leaf) after admission.
+/// A partition (leaf) after admission: its spec (pCPUs sorted) and what admission gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leaf {
     pub id: PartitionId,
-    pub name: String,
-    pub group: Option<usize>,
-    pub vcpus: u32,
-    /// Sorted.
-    pub pcpus: Vec<u32>,
-    pub reservation: Reservation,
-    pub nested: NestedPolicy,
+    pub spec: PartitionSpec,
     /// Microseconds per major frame the partition gets on each of its pCPUs.
     pub per_pcpu_us: Micros,
     pub guaranteed: bool,
@@ -339,11 +333,11 @@ impl Tree {
             .iter()
             .map(|leaf| FlatPartition {
                 id: leaf.id,
-                name: leaf.name.clone(),
-                pcpus: leaf.pcpus.clone(),
-                vcpus: leaf.vcpus,
+                name: leaf.spec.name.clone(),
+                pcpus: leaf.spec.pcpus.clone(),
+                vcpus: leaf.spec.vcpus,
                 gang: self.gang,
-                reservation: match (leaf.guaranteed, leaf.reservation) {
+                reservation: match (leaf.guaranteed, leaf.spec.reservation) {
                     (true, Reservation::Hard { budget_us, period_us }) => {
                         EffectiveReservation::Hard { budget: budget_us, period: period_us }
                     }
@@ -615,16 +609,11 @@ impl Builder<'_> {
             .iter()
             .enumerate()
             .map(|(i, part)| {
-                let mut pcpus = part.pcpus.clone();
-                pcpus.sort_unstable();
+                let mut spec = part.clone();
+                spec.pcpus.sort_unstable();
                 Leaf {
                     id: i as PartitionId,
-                    name: part.name.clone(),
-                    group: part.group,
-                    vcpus: part.vcpus,
-                    pcpus,
-                    reservation: part.reservation,
-                    nested: part.nested,
+                    spec,
                     per_pcpu_us: leaf_us[i],
                     guaranteed: guaranteed_leaves[i],
                     depth: part.group.map_or(1, |g| depths[g] + 1),
@@ -633,7 +622,7 @@ impl Builder<'_> {
             .collect();
         let mut load_us: BTreeMap<u32, Micros> = BTreeMap::new();
         for leaf in &leaves {
-            for &pcpu in &leaf.pcpus {
+            for &pcpu in &leaf.spec.pcpus {
                 *load_us.entry(pcpu).or_insert(0) += leaf.per_pcpu_us;
             }
         }

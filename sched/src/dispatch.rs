@@ -13,7 +13,7 @@ use reservations::Account;
 
 use crate::nested::{default_policy, NestedPolicy, PerPcpuRoundRobin, SubSlice};
 use crate::plan::{Owner, Plan};
-use crate::spec::{PartitionId, PartitionSpec, PlanError, Reservation, Tick};
+use crate::spec::{EffectiveReservation, FlatPartition, PartitionId, PlanError, Tick};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VcpuRef {
@@ -50,14 +50,14 @@ const SLACK_RING_LEN: usize = 64;
 
 impl DispatchTables {
     /// Compiles with the default nested policy of each partition.
-    pub fn compile(plan: &Plan, parts: &[PartitionSpec]) -> Result<Self, PlanError> {
+    pub fn compile(plan: &Plan, parts: &[FlatPartition]) -> Result<Self, PlanError> {
         Self::compile_with(plan, parts, &default_policy)
     }
 
     pub fn compile_with(
         plan: &Plan,
-        parts: &[PartitionSpec],
-        choose: &dyn Fn(&PartitionSpec) -> &'static dyn NestedPolicy,
+        parts: &[FlatPartition],
+        choose: &dyn Fn(&FlatPartition) -> &'static dyn NestedPolicy,
     ) -> Result<Self, PlanError> {
         let mut by_id: Vec<(PartitionId, usize)> = parts.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
         by_id.sort_unstable();
@@ -168,10 +168,10 @@ impl DispatchTables {
 
 /// Smooth weighted round-robin over the soft vCPUs homed on `pcpu` (vCPU i lives on its
 /// partition's (i mod n)-th pCPU), weighted by the partition's share split among them.
-fn build_slack_ring(pcpu: u32, parts: &[PartitionSpec]) -> Vec<(VcpuRef, Account)> {
+fn build_slack_ring(pcpu: u32, parts: &[FlatPartition]) -> Vec<(VcpuRef, Account)> {
     let mut cands: Vec<(VcpuRef, Account, i64)> = Vec::new();
     for p in parts {
-        let Reservation::Soft { share_ppm } = p.reservation else { continue };
+        let EffectiveReservation::Soft { share_ppm } = p.reservation else { continue };
         let Some(pos) = p.position_of(pcpu) else { continue };
         let n = p.pcpus.len() as u32;
         let homed: Vec<u32> = (0..p.vcpus).filter(|i| i % n == pos as u32).collect();
@@ -322,16 +322,5 @@ impl<'t> PcpuDispatcher<'t> {
         }
         self.lent = None;
         Decision { run: None, account: Account::Idle, next_deadline: self.deadline(), lent: false }
-    }
-
-    /// `vcpu` became runnable: if it owns the current slot, the owner takes the slot back from
-    /// whatever was lent (returned decision); otherwise nothing changes (`None`).
-    pub fn on_wake(&mut self, _now: Tick, vcpu: VcpuRef) -> Option<Decision> {
-        if self.started && self.entry().run == Some(vcpu) {
-            self.lent = None;
-            Some(self.owner_decision())
-        } else {
-            None
-        }
     }
 }

@@ -1,8 +1,8 @@
 //! Phalanx scheduling: the planner that builds phase-locked per-pCPU dispatch tables, the nested
 //! per-partition policies, the pure per-pCPU runtime state machine the bare-metal dispatcher
 //! calls, and the rules its slot loop follows between turns (`turns`). The discrete-event
-//! simulator is its own crate (`sched/sim`, std): it drives the planner, tables and dispatcher,
-//! with its own model of what a host does on top (it does not use `turns` yet). Accounting is
+//! simulator is its own crate (`sched/sim`, std): it drives the planner, tables and the same
+//! `turns` rules, with models of what other hosts do on top (KVM, VMware). Accounting is
 //! `reservations::Ledger` / `reservations::Account` (the one ledger the hypervisor also uses):
 //! dispatch decisions name the `Account` to charge, the simulator keeps one `Ledger` per pCPU.
 //!
@@ -24,7 +24,7 @@ pub mod turns;
 pub use dispatch::{Decision, DispatchEntry, DispatchTables, PcpuDispatcher, PcpuTable, VcpuRef};
 pub use nested::{Gang, NestedPolicy, PerPcpuRoundRobin, RoundRobinGang, SubSlice};
 pub use plan::{plan_gang, plan_independent, IndependentConfig, Owner, Plan, PlanConfig, Slot};
-pub use spec::{PartitionId, PartitionSpec, PlanError, Reservation, Tick};
+pub use spec::{EffectiveReservation, FlatPartition, PartitionId, PlanError, Tick};
 pub use turns::{SlotTurns, TurnEnd};
 
 #[cfg(test)]

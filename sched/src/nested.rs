@@ -4,7 +4,7 @@
 
 use alloc::vec::Vec;
 
-use crate::spec::{PartitionSpec, Tick};
+use crate::spec::{FlatPartition, Tick};
 
 /// One piece of a slot: `[start, start + length)` relative to the slot's start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,12 +19,12 @@ pub struct SubSlice {
 pub trait NestedPolicy {
     fn name(&self) -> &'static str;
     /// Whether this policy can map `part` (checked once when compiling tables).
-    fn check(&self, part: &PartitionSpec) -> Result<(), &'static str>;
+    fn check(&self, part: &FlatPartition) -> Result<(), &'static str>;
     /// Sub-slices covering `[0, slot_length)` for the pCPU at `position` in `part.pcpus`;
     /// `occurrence` counts this partition's slots on that pCPU since the frame start.
     fn subdivide(
         &self,
-        part: &PartitionSpec,
+        part: &FlatPartition,
         position: usize,
         slot_length: Tick,
         occurrence: u64,
@@ -39,13 +39,13 @@ impl NestedPolicy for Gang {
     fn name(&self) -> &'static str {
         "gang"
     }
-    fn check(&self, part: &PartitionSpec) -> Result<(), &'static str> {
+    fn check(&self, part: &FlatPartition) -> Result<(), &'static str> {
         if part.vcpus as usize > part.pcpus.len() {
             return Err("more vCPUs than pCPUs; use round-robin gang");
         }
         Ok(())
     }
-    fn subdivide(&self, part: &PartitionSpec, position: usize, slot_length: Tick, _occ: u64, out: &mut Vec<SubSlice>) {
+    fn subdivide(&self, part: &FlatPartition, position: usize, slot_length: Tick, _occ: u64, out: &mut Vec<SubSlice>) {
         let vcpu = if (position as u32) < part.vcpus { Some(position as u32) } else { None };
         out.push(SubSlice { start: 0, length: slot_length, vcpu });
     }
@@ -63,12 +63,12 @@ impl NestedPolicy for RoundRobinGang {
     fn name(&self) -> &'static str {
         "round-robin gang"
     }
-    fn check(&self, _part: &PartitionSpec) -> Result<(), &'static str> {
+    fn check(&self, _part: &FlatPartition) -> Result<(), &'static str> {
         Ok(())
     }
     fn subdivide(
         &self,
-        part: &PartitionSpec,
+        part: &FlatPartition,
         position: usize,
         slot_length: Tick,
         occurrence: u64,
@@ -99,12 +99,12 @@ impl NestedPolicy for PerPcpuRoundRobin {
     fn name(&self) -> &'static str {
         "per-pCPU round-robin"
     }
-    fn check(&self, _part: &PartitionSpec) -> Result<(), &'static str> {
+    fn check(&self, _part: &FlatPartition) -> Result<(), &'static str> {
         Ok(())
     }
     fn subdivide(
         &self,
-        part: &PartitionSpec,
+        part: &FlatPartition,
         position: usize,
         slot_length: Tick,
         occurrence: u64,
@@ -119,7 +119,7 @@ impl NestedPolicy for PerPcpuRoundRobin {
 
 /// The default choice: gang when every vCPU has its own pCPU, round-robin gang when not,
 /// per-pCPU round-robin for non-gang partitions.
-pub fn default_policy(part: &PartitionSpec) -> &'static dyn NestedPolicy {
+pub fn default_policy(part: &FlatPartition) -> &'static dyn NestedPolicy {
     static RR_GANG: RoundRobinGang = RoundRobinGang { min_subslice: 1 };
     if !part.gang {
         &PerPcpuRoundRobin

@@ -11,7 +11,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::rng::SplitMix64;
-use crate::spec::{PartitionId, PartitionSpec, PlanError, Reservation, Tick};
+use crate::spec::{EffectiveReservation, FlatPartition, PartitionId, PlanError, Tick};
 
 /// Planner settings.
 #[derive(Debug, Clone)]
@@ -121,7 +121,7 @@ fn gcd(a: u128, b: u128) -> u128 {
     }
 }
 
-fn validate(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<(), PlanError> {
+fn validate(parts: &[FlatPartition], cfg: &PlanConfig) -> Result<(), PlanError> {
     if cfg.pcpu_count == 0 {
         return Err(PlanError::NoPcpus);
     }
@@ -150,10 +150,10 @@ fn validate(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<(), PlanError> 
             return Err(PlanError::NoVcpus { partition: name() });
         }
         match p.reservation {
-            Reservation::Hard { budget, period } if budget == 0 || budget > period => {
+            EffectiveReservation::Hard { budget, period } if budget == 0 || budget > period => {
                 return Err(PlanError::BadHardReservation { partition: name(), budget, period })
             }
-            Reservation::Soft { share_ppm } if share_ppm == 0 || share_ppm > 1_000_000 => {
+            EffectiveReservation::Soft { share_ppm } if share_ppm == 0 || share_ppm > 1_000_000 => {
                 return Err(PlanError::BadSoftShare { partition: name(), share_ppm })
             }
             _ => {}
@@ -163,10 +163,10 @@ fn validate(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<(), PlanError> 
 }
 
 /// The major frame: `cfg.frame`, or the LCM of every hard period, `soft_period` and `extra`.
-fn major_frame(parts: &[PartitionSpec], cfg: &PlanConfig, extra: Option<Tick>) -> Result<Tick, PlanError> {
-    let period_of = |p: &PartitionSpec| match p.reservation {
-        Reservation::Hard { period, .. } => period,
-        Reservation::Soft { .. } => cfg.soft_period,
+fn major_frame(parts: &[FlatPartition], cfg: &PlanConfig, extra: Option<Tick>) -> Result<Tick, PlanError> {
+    let period_of = |p: &FlatPartition| match p.reservation {
+        EffectiveReservation::Hard { period, .. } => period,
+        EffectiveReservation::Soft { .. } => cfg.soft_period,
     };
     if let Some(frame) = cfg.frame {
         if frame == 0 {
@@ -271,7 +271,7 @@ impl Timeline {
 /// all pCPUs in `set`. Earliest fit, one contiguous piece when possible (fewer switches).
 fn place_windows(
     tl: &mut Timeline,
-    part: &PartitionSpec,
+    part: &FlatPartition,
     set: &[u32],
     budget: Tick,
     period: Tick,
@@ -332,7 +332,7 @@ fn merge(slots: &mut Vec<Slot>) {
 }
 
 /// Builds Phalanx's phase-locked plan. See the module documentation.
-pub fn plan_gang(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<Plan, PlanError> {
+pub fn plan_gang(parts: &[FlatPartition], cfg: &PlanConfig) -> Result<Plan, PlanError> {
     validate(parts, cfg)?;
     let frame = major_frame(parts, cfg, None)?;
     let p_count = cfg.pcpu_count as usize;
@@ -341,12 +341,12 @@ pub fn plan_gang(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<Plan, Plan
     // Shortest period first (rate-monotonic order: with harmonic periods every window of a
     // longer period then sees the same free pattern, so a single pCPU is feasible up to 100%);
     // hard before soft at equal periods; wider gangs first, since they are the hardest to align.
-    let mut order: Vec<&PartitionSpec> = parts.iter().collect();
-    let key = |p: &PartitionSpec| match p.reservation {
-        Reservation::Hard { budget, period } => {
+    let mut order: Vec<&FlatPartition> = parts.iter().collect();
+    let key = |p: &FlatPartition| match p.reservation {
+        EffectiveReservation::Hard { budget, period } => {
             (period, 0u8, core::cmp::Reverse(p.pcpus.len()), core::cmp::Reverse(budget), p.id)
         }
-        Reservation::Soft { share_ppm } => {
+        EffectiveReservation::Soft { share_ppm } => {
             (cfg.soft_period, 1u8, core::cmp::Reverse(p.pcpus.len()), core::cmp::Reverse(share_ppm as u64), p.id)
         }
     };
@@ -354,8 +354,8 @@ pub fn plan_gang(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<Plan, Plan
 
     for p in &order {
         let (budget, period) = match p.reservation {
-            Reservation::Hard { budget, period } => (budget, period),
-            Reservation::Soft { share_ppm } => {
+            EffectiveReservation::Hard { budget, period } => (budget, period),
+            EffectiveReservation::Soft { share_ppm } => {
                 ((cfg.soft_period as u128 * share_ppm as u128 / 1_000_000) as Tick, cfg.soft_period)
             }
         };
@@ -374,7 +374,7 @@ pub fn plan_gang(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<Plan, Plan
     // Soft partitions per pCPU, for lending the unreserved rest in proportion to their shares.
     let mut soft_on: Vec<Vec<(PartitionId, u64)>> = vec![Vec::new(); p_count];
     for p in parts {
-        if let Reservation::Soft { share_ppm } = p.reservation {
+        if let EffectiveReservation::Soft { share_ppm } = p.reservation {
             for &c in &p.pcpus {
                 soft_on[c as usize].push((p.id, share_ppm as u64));
             }
@@ -426,7 +426,7 @@ pub fn plan_gang(parts: &[PartitionSpec], cfg: &PlanConfig) -> Result<Plan, Plan
 }
 
 /// Builds the independent baseline. See the module documentation.
-pub fn plan_independent(parts: &[PartitionSpec], cfg: &PlanConfig, ind: &IndependentConfig) -> Result<Plan, PlanError> {
+pub fn plan_independent(parts: &[FlatPartition], cfg: &PlanConfig, ind: &IndependentConfig) -> Result<Plan, PlanError> {
     validate(parts, cfg)?;
     let frame = major_frame(parts, cfg, Some(ind.cycle))?;
     let p_count = cfg.pcpu_count as usize;

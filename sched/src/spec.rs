@@ -1,78 +1,14 @@
-//! The planner's input: one leaf partition with its effective reservation, and planner errors.
+//! The planner's time unit and errors. Its input is `reservations::FlatPartition` (one leaf
+//! partition with its effective reservation, in ticks after `EffectiveReservation::in_ticks`).
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-pub use reservations::PartitionId;
+pub use reservations::{EffectiveReservation, FlatPartition, PartitionId};
 
 /// Abstract time unit: TSC cycles in the hypervisor, nanoseconds in the simulator.
 pub type Tick = u64;
-
-/// A leaf partition's effective (already flattened) reservation on each pCPU it holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reservation {
-    /// `budget` ticks in every `period`, on each of its pCPUs; never exceeded, never revoked.
-    Hard { budget: Tick, period: Tick },
-    /// A share of each of its pCPUs, in parts per million.
-    Soft { share_ppm: u32 },
-}
-
-impl Reservation {
-    /// Fraction of one pCPU in parts per million.
-    pub fn ppm(&self) -> u64 {
-        match *self {
-            Reservation::Hard { budget, period } => {
-                if period == 0 {
-                    0
-                } else {
-                    (budget as u128 * 1_000_000 / period as u128) as u64
-                }
-            }
-            Reservation::Soft { share_ppm } => share_ppm as u64,
-        }
-    }
-}
-
-/// One leaf partition as the planner sees it (mirrors `reservations::FlatPartition`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionSpec {
-    pub id: PartitionId,
-    pub name: String,
-    /// pCPU indices granted to the partition, sorted and unique.
-    pub pcpus: Vec<u32>,
-    pub vcpus: u32,
-    /// Gang-scheduled: the same interval on every pCPU in `pcpus`.
-    pub gang: bool,
-    pub reservation: Reservation,
-    /// Depth in the hierarchy (informative: the planner works on the flattened leaves).
-    pub depth: u32,
-}
-
-impl From<&reservations::FlatPartition> for PartitionSpec {
-    fn from(flat: &reservations::FlatPartition) -> Self {
-        let reservation = match flat.reservation {
-            reservations::EffectiveReservation::Hard { budget, period } => Reservation::Hard { budget, period },
-            reservations::EffectiveReservation::Soft { share_ppm } => Reservation::Soft { share_ppm },
-        };
-        PartitionSpec {
-            id: flat.id,
-            name: flat.name.clone(),
-            pcpus: flat.pcpus.clone(),
-            vcpus: flat.vcpus,
-            gang: flat.gang,
-            reservation,
-            depth: flat.depth,
-        }
-    }
-}
-
-impl PartitionSpec {
-    /// Position of `pcpu` in this partition's pCPU list.
-    pub fn position_of(&self, pcpu: u32) -> Option<usize> {
-        self.pcpus.binary_search(&pcpu).ok()
-    }
-}
 
 /// Why a plan could not be built. Every variant names the partition (or setting) at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! Planner invariants over generated partition sets, nested policies, the runtime state
 //! machine and the ledger.
 
-use alloc::string::{String, ToString};
+use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
 use std::format;
@@ -10,19 +10,19 @@ use crate::dispatch::{DispatchTables, VcpuRef};
 use crate::nested::{Gang, NestedPolicy, PerPcpuRoundRobin, RoundRobinGang, SubSlice};
 use crate::plan::{plan_gang, plan_independent, IndependentConfig, Owner, Plan, PlanConfig};
 use crate::rng::SplitMix64;
-use crate::spec::{PartitionSpec, PlanError, Reservation, Tick};
+use crate::spec::{EffectiveReservation, FlatPartition, PlanError, Tick};
 use reservations::{Account, Ledger, MachineStats, Tiling, Work};
 
-fn part(id: u32, name: &str, pcpus: &[u32], vcpus: u32, gang: bool, r: Reservation) -> PartitionSpec {
-    PartitionSpec { id, name: name.to_string(), pcpus: pcpus.to_vec(), vcpus, gang, reservation: r, depth: 1 }
+fn part(id: u32, name: &str, pcpus: &[u32], vcpus: u32, gang: bool, r: EffectiveReservation) -> FlatPartition {
+    FlatPartition { id, name: name.to_string(), pcpus: pcpus.to_vec(), vcpus, gang, reservation: r, depth: 1 }
 }
 
-fn hard(budget: Tick, period: Tick) -> Reservation {
-    Reservation::Hard { budget, period }
+fn hard(budget: Tick, period: Tick) -> EffectiveReservation {
+    EffectiveReservation::Hard { budget, period }
 }
 
 /// A random admissible set: harmonic periods, per-pCPU utilisation kept <= 85%.
-fn generate(seed: u64) -> (Vec<PartitionSpec>, PlanConfig) {
+fn generate(seed: u64) -> (Vec<FlatPartition>, PlanConfig) {
     let mut rng = SplitMix64::new(seed);
     let p_count = 1 + rng.below(16) as u32;
     let base: Tick = 1000;
@@ -44,9 +44,9 @@ fn generate(seed: u64) -> (Vec<PartitionSpec>, PlanConfig) {
         };
         let reservation = if rng.below(10) < 6 {
             let period = base << rng.below(4);
-            Reservation::Hard { budget: period * (2 + rng.below(24)) / 100, period }
+            EffectiveReservation::Hard { budget: period * (2 + rng.below(24)) / 100, period }
         } else {
-            Reservation::Soft { share_ppm: 10_000 + rng.below(290_000) as u32 }
+            EffectiveReservation::Soft { share_ppm: 10_000 + rng.below(290_000) as u32 }
         };
         let ppm = reservation.ppm();
         if pcpus.iter().any(|&c| util[c as usize] + ppm > 850_000) {
@@ -56,7 +56,7 @@ fn generate(seed: u64) -> (Vec<PartitionSpec>, PlanConfig) {
             util[c as usize] += ppm;
         }
         let vcpus = 1 + rng.below(6) as u32;
-        parts.push(PartitionSpec {
+        parts.push(FlatPartition {
             id: 100 + i,
             name: format!("p{i}"),
             pcpus,
@@ -69,7 +69,7 @@ fn generate(seed: u64) -> (Vec<PartitionSpec>, PlanConfig) {
     (parts, PlanConfig::new(p_count, base * 2))
 }
 
-fn check_tiles(plan: &Plan, parts: &[PartitionSpec]) {
+fn check_tiles(plan: &Plan, parts: &[FlatPartition]) {
     for (c, slots) in plan.pcpus.iter().enumerate() {
         let mut at = 0;
         for s in slots {
@@ -89,19 +89,21 @@ fn owned_intervals(plan: &Plan, c: u32, owner: Owner) -> Vec<(Tick, Tick)> {
     plan.pcpus[c as usize].iter().filter(|s| s.owner == owner).map(|s| (s.offset, s.end())).collect()
 }
 
-fn check_gang_plan(plan: &Plan, parts: &[PartitionSpec], cfg: &PlanConfig) {
+fn check_gang_plan(plan: &Plan, parts: &[FlatPartition], cfg: &PlanConfig) {
     check_tiles(plan, parts);
     for p in parts {
         let (budget, period) = match p.reservation {
-            Reservation::Hard { budget, period } => (budget, period),
-            Reservation::Soft { share_ppm } => (cfg.soft_period * share_ppm as u64 / 1_000_000, cfg.soft_period),
+            EffectiveReservation::Hard { budget, period } => (budget, period),
+            EffectiveReservation::Soft { share_ppm } => {
+                (cfg.soft_period * share_ppm as u64 / 1_000_000, cfg.soft_period)
+            }
         };
         for &c in &p.pcpus {
             for k in 0..plan.frame / period {
                 let got = plan.time_in(c as usize, k * period, (k + 1) * period, |o| *o == Owner::Partition(p.id));
                 assert_eq!(got, budget, "{}: pCPU {c} window {k} got {got}, reserved {budget}", p.name);
             }
-            if matches!(p.reservation, Reservation::Hard { .. }) {
+            if matches!(p.reservation, EffectiveReservation::Hard { .. }) {
                 assert!(plan.pcpus[c as usize].iter().all(|s| s.owner != Owner::Slack(p.id)));
             }
         }
@@ -119,9 +121,9 @@ fn check_gang_plan(plan: &Plan, parts: &[PartitionSpec], cfg: &PlanConfig) {
     }
     // Unreserved time is lent to the pCPU's soft partitions in proportion to their shares.
     for c in 0..cfg.pcpu_count {
-        let soft: Vec<&PartitionSpec> = parts
+        let soft: Vec<&FlatPartition> = parts
             .iter()
-            .filter(|p| p.pcpus.contains(&c) && matches!(p.reservation, Reservation::Soft { .. }))
+            .filter(|p| p.pcpus.contains(&c) && matches!(p.reservation, EffectiveReservation::Soft { .. }))
             .collect();
         let slack_total = plan.time_in(c as usize, 0, plan.frame, |o| matches!(o, Owner::Slack(_)));
         let idle = plan.time_in(c as usize, 0, plan.frame, |o| *o == Owner::Idle);
@@ -185,7 +187,7 @@ fn independent_plan_tiles_and_weights_threads_without_alignment() {
     // Two partitions sharing 4 pCPUs: each pCPU gets its own phase.
     let parts = vec![
         part(1, "a", &[0, 1, 2, 3], 4, true, hard(500, 1000)),
-        part(2, "b", &[0, 1, 2, 3], 4, true, Reservation::Soft { share_ppm: 500_000 }),
+        part(2, "b", &[0, 1, 2, 3], 4, true, EffectiveReservation::Soft { share_ppm: 500_000 }),
     ];
     let plan = plan_independent(
         &parts,
@@ -239,13 +241,13 @@ fn planner_errors_name_the_partition() {
     );
     assert!(e.to_string().contains("'late'"));
 
-    let cases: Vec<(PartitionSpec, &str)> = vec![
+    let cases: Vec<(FlatPartition, &str)> = vec![
         (part(1, "nocpu", &[], 1, true, hard(1, 10)), "no pCPUs"),
         (part(1, "range", &[0, 5], 1, true, hard(1, 10)), "out of range"),
         (part(1, "unsorted", &[1, 0], 1, true, hard(1, 10)), "sorted"),
         (part(1, "novcpu", &[0], 0, true, hard(1, 10)), "0 vCPUs"),
         (part(1, "overbudget", &[0], 1, true, hard(11, 10)), "budget"),
-        (part(1, "zero", &[0], 1, true, Reservation::Soft { share_ppm: 0 }), "soft share"),
+        (part(1, "zero", &[0], 1, true, EffectiveReservation::Soft { share_ppm: 0 }), "soft share"),
     ];
     for (p, needle) in cases {
         let msg = plan_gang(std::slice::from_ref(&p), &cfg).unwrap_err().to_string();
@@ -265,29 +267,7 @@ fn planner_errors_name_the_partition() {
     );
 }
 
-#[test]
-fn converts_flat_partitions() {
-    let flat = reservations::FlatPartition {
-        id: 9,
-        name: String::from("web"),
-        pcpus: vec![2, 3],
-        vcpus: 2,
-        gang: true,
-        reservation: reservations::EffectiveReservation::Hard { budget: 3, period: 10 },
-        depth: 4,
-    };
-    let spec = PartitionSpec::from(&flat);
-    assert_eq!(spec, part(9, "web", &[2, 3], 2, true, hard(3, 10)).with_depth(4));
-}
-
-impl PartitionSpec {
-    fn with_depth(mut self, d: u32) -> Self {
-        self.depth = d;
-        self
-    }
-}
-
-fn subdivide(pol: &dyn NestedPolicy, p: &PartitionSpec, pos: usize, len: Tick, occ: u64) -> Vec<SubSlice> {
+fn subdivide(pol: &dyn NestedPolicy, p: &FlatPartition, pos: usize, len: Tick, occ: u64) -> Vec<SubSlice> {
     let mut v = Vec::new();
     pol.subdivide(p, pos, len, occ, &mut v);
     let mut at = 0;
@@ -383,7 +363,7 @@ fn dispatcher_is_right_at_every_boundary_and_after_stalls() {
 fn gang_tables_run_vcpu_i_on_ith_pcpu_at_the_same_time() {
     let parts = vec![
         part(1, "barrier", &[0, 1, 2, 3], 4, true, hard(500, 1000)),
-        part(2, "batch", &[0, 1, 2, 3], 4, true, Reservation::Soft { share_ppm: 500_000 }),
+        part(2, "batch", &[0, 1, 2, 3], 4, true, EffectiveReservation::Soft { share_ppm: 500_000 }),
     ];
     let plan = plan_gang(&parts, &PlanConfig::new(4, 1000)).unwrap();
     let tables = DispatchTables::compile(&plan, &parts).unwrap();
@@ -400,8 +380,8 @@ fn gang_tables_run_vcpu_i_on_ith_pcpu_at_the_same_time() {
 fn halt_lends_slack_to_soft_partitions_in_proportion() {
     let parts = vec![
         part(1, "rt", &[0], 1, true, hard(600, 1000)),
-        part(2, "soft-a", &[0], 1, true, Reservation::Soft { share_ppm: 200_000 }),
-        part(3, "soft-b", &[0, 1], 2, true, Reservation::Soft { share_ppm: 100_000 }),
+        part(2, "soft-a", &[0], 1, true, EffectiveReservation::Soft { share_ppm: 200_000 }),
+        part(3, "soft-b", &[0, 1], 2, true, EffectiveReservation::Soft { share_ppm: 100_000 }),
     ];
     let plan = plan_gang(&parts, &PlanConfig::new(2, 1000)).unwrap();
     let tables = DispatchTables::compile(&plan, &parts).unwrap();
@@ -410,7 +390,7 @@ fn halt_lends_slack_to_soft_partitions_in_proportion() {
     assert_eq!(dec.run, Some(VcpuRef { partition: 1, vcpu: 0 }), "hard partition first");
     let mut lent = [0u32; 4];
     for _ in 0..300 {
-        d.on_wake(5, VcpuRef { partition: 1, vcpu: 0 });
+        d.reclaim();
         let h = d.on_halt(10, |_| true);
         assert!(h.lent && h.next_deadline == dec.next_deadline);
         let v = h.run.unwrap();
@@ -424,10 +404,9 @@ fn halt_lends_slack_to_soft_partitions_in_proportion() {
     assert_eq!((h.run, h.account), (None, Account::Idle));
     // The owner wakes: it takes its slot back.
     d.on_halt(30, |_| true);
-    let w = d.on_wake(40, VcpuRef { partition: 1, vcpu: 0 }).unwrap();
+    let w = d.reclaim();
     assert_eq!(w.run, Some(VcpuRef { partition: 1, vcpu: 0 }));
     assert!(!w.lent);
-    assert_eq!(d.on_wake(40, VcpuRef { partition: 2, vcpu: 0 }), None);
 }
 
 #[test]
@@ -511,7 +490,7 @@ fn ledger_charges_sum_to_elapsed_exactly() {
 fn round_robin_gang_tables_never_run_a_vcpu_twice_at_once() {
     let parts = vec![
         part(1, "wide", &[0, 1, 2, 3], 6, true, hard(600, 1000)),
-        part(2, "other", &[0, 1, 2, 3], 4, true, Reservation::Soft { share_ppm: 400_000 }),
+        part(2, "other", &[0, 1, 2, 3], 4, true, EffectiveReservation::Soft { share_ppm: 400_000 }),
     ];
     let mut cfg = PlanConfig::new(4, 1000);
     cfg.frame = Some(6000);

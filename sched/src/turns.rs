@@ -46,6 +46,24 @@ impl<'t> SlotTurns<'t> {
         self.decision
     }
 
+    /// The current slot's owner (`None` in a slot nobody owns).
+    pub fn owner(&self) -> Option<VcpuRef> {
+        self.dispatcher.owner_decision().run
+    }
+
+    /// A host policy layered over these rules puts `d` in force until the boundary or the next
+    /// rule (the simulator's models of other hosts: KVM's directed yield, VMware's co-start).
+    /// Phalanx's own slot loop never calls it.
+    pub fn run_instead(&mut self, d: Decision) {
+        self.decision = d;
+    }
+
+    /// Ends whatever was lent or put in force: the slot's owner decision is back.
+    pub fn return_to_owner(&mut self) -> Decision {
+        self.decision = self.dispatcher.reclaim();
+        self.decision
+    }
+
     /// Before a turn: a slot owner that became runnable again (its timer, an IPI) takes its
     /// slot back from whatever was lent, unless it yielded this slot.
     pub fn reclaim_if_owner_woke(&mut self, runnable: impl Fn(VcpuRef) -> bool) -> Decision {

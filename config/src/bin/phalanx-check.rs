@@ -125,7 +125,7 @@ fn summary(file: &str, v: &Validated, machine: &Machine) -> String {
             p.name,
             p.vcpus,
             if p.vcpus == 1 { "" } else { "s" },
-            leaf.pcpus,
+            leaf.spec.pcpus,
             p.policy.as_str(),
             p.group.as_ref().map(|g| format!(", group {g}")).unwrap_or_default(),
             percent(leaf.per_pcpu_us, frame),

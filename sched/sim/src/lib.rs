@@ -1,12 +1,16 @@
 //! The scheduler's discrete-event simulator (host, std; the `sched` library itself is
 //! `no_std`): P pCPUs running partitions whose vCPUs execute a BARRIER workload
 //! (compute, then a PAUSE spin barrier, optionally spin-then-block) or a CPU-bound one. It
-//! drives the real planner, compiled tables, `PcpuDispatcher` and `reservations::Ledger` (one
-//! per pCPU, as in the hypervisor); the four policies
-//! differ only in which plan is used and what the host does on top of the table:
+//! drives the real planner, compiled tables, `reservations::Ledger` and, per pCPU, the same
+//! `sched::SlotTurns` rules (lend a halted owner's slot, reclaim it on wake-up, boundaries)
+//! as the hypervisor's slot loop; the four policies differ only in which plan is used and
+//! what the host does on top of those rules:
 //!
 //! - `Gang`: the phase-locked plan, nothing else (Phalanx).
 //! - `Independent`: the independent plan, nothing else (a KVM host without PLE).
+//! - `IndependentYield`: plus pause-loop exiting as Phalanx's `independent-yield` does it: after
+//!   `window` of spinning the vCPU exits (`exit_cost`) and gives the rest of its slot away by
+//!   the shared rules (`TurnEnd::Yielded`: to slack, else to another vCPU homed on that pCPU).
 //! - `IndependentPle`: plus pause-loop exiting: after `window` of spinning the vCPU exits
 //!   (`exit_cost`) and directs a boost to a descheduled sibling that has not reached the
 //!   barrier: the sibling preempts whatever runs on its own pCPU until it arrives (or that
@@ -24,8 +28,8 @@ use reservations::{Account, Ledger, MachineStats, Tiling, Work};
 
 use sched::rng::SplitMix64;
 use sched::{
-    plan_gang, plan_independent, Decision, DispatchTables, IndependentConfig, PartitionSpec, PcpuDispatcher,
-    PlanConfig, PlanError, Tick, VcpuRef,
+    plan_gang, plan_independent, Decision, DispatchTables, FlatPartition, IndependentConfig, PlanConfig, PlanError,
+    SlotTurns, Tick, TurnEnd, VcpuRef,
 };
 
 const NS_PER_S: f64 = 1e9;
@@ -44,6 +48,7 @@ pub enum Workload {
 pub enum Policy {
     Gang,
     Independent,
+    IndependentYield { window: Tick, exit_cost: Tick },
     IndependentPle { window: Tick, exit_cost: Tick },
     RelaxedCosched { skew_bound: Tick, check_every: Tick },
 }
@@ -53,6 +58,7 @@ impl Policy {
         match self {
             Policy::Gang => "gang",
             Policy::Independent => "independent",
+            Policy::IndependentYield { .. } => "independent-yield",
             Policy::IndependentPle { .. } => "independent+ple",
             Policy::RelaxedCosched { .. } => "relaxed-cosched",
         }
@@ -61,7 +67,7 @@ impl Policy {
 
 #[derive(Debug, Clone)]
 pub struct SimPartition {
-    pub spec: PartitionSpec,
+    pub spec: FlatPartition,
     pub workload: Workload,
 }
 
@@ -164,7 +170,7 @@ struct Vcpu {
 }
 
 struct Part {
-    spec: PartitionSpec,
+    spec: FlatPartition,
     workload: Workload,
     vcpus: Vec<Vcpu>,
     arrived: u32,
@@ -194,7 +200,10 @@ struct Cpu {
 struct Sim<'t> {
     cfg: SimConfig,
     policy: Policy,
-    disps: Vec<PcpuDispatcher<'t>>,
+    /// Each pCPU's dispatcher and between-turn rules, as in the hypervisor's slot loop.
+    turns: Vec<SlotTurns<'t>>,
+    /// Per pCPU: the vCPUs its table runs (owned slots and slack), for directed yields.
+    homed: Vec<Vec<VcpuRef>>,
     cpus: Vec<Cpu>,
     parts: Vec<Part>,
     ids: Vec<(u32, usize)>,
@@ -206,7 +215,7 @@ struct Sim<'t> {
 
 /// Runs one simulation. Errors are the planner's (infeasible or invalid partitions).
 pub fn simulate(parts: &[SimPartition], policy: Policy, cfg: &SimConfig) -> Result<SimResult, PlanError> {
-    let specs: Vec<PartitionSpec> = parts.iter().map(|p| p.spec.clone()).collect();
+    let specs: Vec<FlatPartition> = parts.iter().map(|p| p.spec.clone()).collect();
     let mut pc = PlanConfig::new(cfg.pcpu_count, cfg.soft_period);
     pc.frame = cfg.frame;
     let plan = match policy {
@@ -260,7 +269,18 @@ impl<'t> Sim<'t> {
         Sim {
             cfg: cfg.clone(),
             policy,
-            disps: (0..p).map(|c| tables.dispatcher(c, 0)).collect(),
+            turns: (0..p).map(|c| SlotTurns::start(tables.dispatcher(c, 0), 0, 0)).collect(),
+            homed: tables
+                .pcpus
+                .iter()
+                .map(|t| {
+                    let mut homed: Vec<VcpuRef> =
+                        t.entries.iter().filter_map(|e| e.run).chain(t.slack_ring.iter().map(|s| s.0)).collect();
+                    homed.sort_unstable_by_key(|v| (v.partition, v.vcpu));
+                    homed.dedup();
+                    homed
+                })
+                .collect(),
             cpus: (0..p)
                 .map(|_| Cpu {
                     running: None,
@@ -294,24 +314,51 @@ impl<'t> Sim<'t> {
         &mut self.parts[i].vcpus[v.vcpu as usize]
     }
 
-    /// Lends the rest of `c`'s slot through the dispatcher's slack ring to a runnable vCPU
-    /// (not of partition `exclude`).
-    fn lend(&mut self, c: usize, now: Tick, exclude: Option<u32>) -> Decision {
-        let Sim { disps, parts, ids, .. } = self;
-        disps[c].on_halt(now, |w: VcpuRef| {
-            let j = ids[ids.binary_search_by_key(&w.partition, |e| e.0).unwrap()].1;
-            let x = &parts[j].vcpus[w.vcpu as usize];
-            Some(w.partition) != exclude
-                && x.state != VState::Blocked
-                && !x.stopped
-                && (x.running_on.is_none() || x.running_on == Some(c))
-        })
+    /// Ends the turn on `c` (`ended`) through the shared rules, with the vCPUs that may run on
+    /// `c` narrowed by `also` (the KVM model keeps a spinner's partition off the pCPU it gives
+    /// away), and puts the result into effect, lending the slot if its owner cannot run.
+    fn end_turn(&mut self, c: usize, now: Tick, ended: TurnEnd, also: impl Fn(VcpuRef) -> bool) {
+        let Sim { turns, parts, ids, homed, .. } = self;
+        turns[c].turn_ended(now, Some(ended), |v| also(v) && runnable_on(parts, ids, c, v), homed[c].iter().copied());
+        self.settle(c, now);
+    }
+
+    /// Puts the decision in force on `c` into effect: a slot whose owner cannot run is lent
+    /// (`SlotTurns::lend_if_owner_cannot_run`), except that relaxed co-scheduling gives a
+    /// co-stopped leader's slot to its most lagging sibling (the partition keeps its
+    /// entitlement).
+    fn settle(&mut self, c: usize, now: Tick) {
+        let d = self.turns[c].decision();
+        let d = match d.run {
+            // An owner boosted or co-started on another pCPU comes back to its own slot.
+            Some(v)
+                if self.cpus[c].running == Some(v)
+                    || self.vcpu(v).state != VState::Blocked && !self.vcpu(v).stopped =>
+            {
+                d
+            }
+            Some(v) if self.vcpu(v).stopped => match self.lagger(self.pidx(v.partition)) {
+                Some(y) => {
+                    let d = Decision { run: Some(y), lent: true, ..d };
+                    self.turns[c].run_instead(d);
+                    d
+                }
+                None => {
+                    let Sim { turns, parts, ids, .. } = self;
+                    turns[c].turn_ended(now, Some(TurnEnd::Stopped), |w| runnable_on(parts, ids, c, w), [])
+                }
+            },
+            _ => {
+                let Sim { turns, parts, ids, .. } = self;
+                turns[c].lend_if_owner_cannot_run(now, |w| runnable_on(parts, ids, c, w))
+            }
+        };
+        self.apply(c, d, now);
     }
 
     fn run(&mut self) {
         for c in 0..self.cpus.len() {
-            let d = self.disps[c].on_boundary(0);
-            self.take(c, d, 0);
+            self.settle(c, 0);
         }
         let mut now = 0;
         let mut next_check = match self.policy {
@@ -352,7 +399,7 @@ impl<'t> Sim<'t> {
                 if let Workload::Barrier { block_after_spin: Some(b), .. } = p.workload {
                     t = t.min(start + b.saturating_sub(x.spin_run));
                 }
-                if let Policy::IndependentPle { window, .. } = self.policy {
+                if let Policy::IndependentPle { window, .. } | Policy::IndependentYield { window, .. } = self.policy {
                     t = t.min(start + window.saturating_sub(x.ple_spin));
                 }
                 Some(t)
@@ -450,10 +497,14 @@ impl<'t> Sim<'t> {
                             continue;
                         }
                     }
-                    if let Policy::IndependentPle { window, exit_cost } = self.policy {
-                        if x.ple_spin >= window {
+                    match self.policy {
+                        Policy::IndependentPle { window, exit_cost } if x.ple_spin >= window => {
                             self.ple_exit(c, i, v, now, exit_cost);
                         }
+                        Policy::IndependentYield { window, exit_cost } if x.ple_spin >= window => {
+                            self.yield_exit(c, i, v, now, exit_cost);
+                        }
+                        _ => {}
                     }
                 }
                 _ => {}
@@ -465,31 +516,14 @@ impl<'t> Sim<'t> {
                     self.end_boost(c, now, false);
                 }
                 self.cpus[c].swapped_to = None;
-                let d = self.disps[c].on_boundary(now);
-                self.take(c, d, now);
+                self.end_turn(c, now, TurnEnd::Deadline, |_| true);
             }
         }
     }
 
-    /// Puts `d` into effect on `c`, first lending the slot if its owner cannot run.
-    fn take(&mut self, c: usize, d: Decision, now: Tick) {
-        let d = match d.run {
-            Some(v) if self.cpus[c].running == Some(v) => d,
-            Some(v) if self.vcpu(v).state != VState::Blocked && !self.vcpu(v).stopped => d,
-            // A co-stopped leader's slot goes to its most lagging sibling (relaxed co-scheduling
-            // keeps the partition's entitlement), else it is lent.
-            Some(v) if self.vcpu(v).stopped => match self.lagger(self.pidx(v.partition)) {
-                Some(y) => Decision { run: Some(y), account: d.account, next_deadline: d.next_deadline, lent: true },
-                None => self.lend(c, now, None),
-            },
-            _ => self.lend(c, now, None),
-        };
-        self.apply(c, d, now);
-    }
-
+    /// The vCPU running on `c` blocked.
     fn halt(&mut self, c: usize, now: Tick) {
-        let d = Decision { run: None, account: Account::Idle, next_deadline: self.cpus[c].deadline, lent: false };
-        self.take(c, d, now);
+        self.end_turn(c, now, TurnEnd::Halted, |_| true);
     }
 
     /// Switches `c` to `d.run`, preempting it elsewhere if it runs on another pCPU.
@@ -521,9 +555,9 @@ impl<'t> Sim<'t> {
             self.cpus[e].running = None;
             self.cpus[e].boost = None;
             self.cpus[e].boost_partner = None;
-            // `e` falls back to its slot's owner (or whoever `take` picks in its place).
-            let d = self.disps[e].reclaim();
-            self.take(e, d, now);
+            // `e` falls back to its slot's owner (or whoever `settle` lends to).
+            self.turns[e].return_to_owner();
+            self.settle(e, now);
         }
     }
 
@@ -583,8 +617,10 @@ impl<'t> Sim<'t> {
             if self.cpus[c].boost.is_some() {
                 continue;
             }
-            if let Some(d) = self.disps[c].on_wake(now, v) {
-                self.take(c, d, now);
+            if self.turns[c].owner() == Some(v) {
+                let Sim { turns, parts, ids, .. } = self;
+                turns[c].reclaim_if_owner_woke(|w| runnable_on(parts, ids, c, w));
+                self.settle(c, now);
                 return;
             }
         }
@@ -603,15 +639,28 @@ impl<'t> Sim<'t> {
             .map(|k| VcpuRef { partition: p.spec.id, vcpu: k as u32 })
     }
 
-    fn ple_exit(&mut self, c: usize, i: usize, v: VcpuRef, now: Tick, exit_cost: Tick) {
+    /// A pause-loop exit of `v` on `c`: counted, and `exit_cost` of exit handling. Charged as
+    /// exit handling unless what follows switches `c` to another vCPU (then the exit and the
+    /// switch are one stretch charged as a switch to the incoming one).
+    fn pause_loop_exit(&mut self, c: usize, i: usize, v: VcpuRef, now: Tick, exit_cost: Tick) {
         self.parts[i].res.ple_exits += 1;
         self.ledgers[c].note_exit(v.partition);
         self.ledgers[c].note_pause_loop_exit(v.partition);
         self.vcpu_mut(v).ple_spin = 0;
         self.cpus[c].busy_until = now + exit_cost;
-        // Charged as exit handling unless the swap below switches `c` to another vCPU (then
-        // the exit and the switch are one stretch charged as a switch to the incoming one).
         self.cpus[c].overhead = Work::ExitHandling;
+    }
+
+    /// Phalanx's `independent-yield`: the spinner gives the rest of its slot away.
+    fn yield_exit(&mut self, c: usize, i: usize, v: VcpuRef, now: Tick, exit_cost: Tick) {
+        self.pause_loop_exit(c, i, v, now, exit_cost);
+        self.end_turn(c, now, TurnEnd::Yielded, |_| true);
+        self.cpus[c].busy_until = self.cpus[c].busy_until.max(now + exit_cost);
+    }
+
+    /// KVM's directed yield: boost a lagging sibling (see `swap_boost`).
+    fn ple_exit(&mut self, c: usize, i: usize, v: VcpuRef, now: Tick, exit_cost: Tick) {
+        self.pause_loop_exit(c, i, v, now, exit_cost);
         let p = &self.parts[i];
         let n = p.vcpus.len();
         let target = (0..n).map(|k| (p.yield_cursor + k) % n).find(|&k| {
@@ -633,17 +682,28 @@ impl<'t> Sim<'t> {
         let guest = Account::Guest(y.partition);
         let mut partner = None;
         if home != from {
-            let d = self.lend(from, now, Some(y.partition));
+            let before = self.turns[from].clone();
+            let Sim { turns, parts, ids, .. } = self;
+            let d = turns[from].turn_ended(
+                now,
+                Some(TurnEnd::Yielded),
+                |w| w.partition != y.partition && runnable_on(parts, ids, from, w),
+                [],
+            );
             if d.run.is_some() {
                 self.apply(from, d, now);
                 self.cpus[from].swapped_to = Some(home);
                 partner = Some(from);
+            } else {
+                // Nobody to swap with: the spinner stays (as if it had not yielded).
+                self.turns[from] = before;
             }
         }
         if self.cpus[home].boost.is_some() {
             self.end_boost(home, now, false);
         }
         let boost = Decision { run: Some(y), account: guest, next_deadline: self.cpus[home].deadline, lent: true };
+        self.turns[home].run_instead(boost);
         self.apply(home, boost, now);
         self.cpus[home].boost = Some(y);
         self.cpus[home].boost_partner = partner;
@@ -656,13 +716,13 @@ impl<'t> Sim<'t> {
         if let Some(a) = self.cpus[b].boost_partner.take() {
             if self.cpus[a].swapped_to == Some(b) {
                 self.cpus[a].swapped_to = None;
-                let d = self.disps[a].reclaim();
-                self.take(a, d, now);
+                self.turns[a].return_to_owner();
+                self.settle(a, now);
             }
         }
         if restore {
-            let d = self.disps[b].reclaim();
-            self.take(b, d, now);
+            self.turns[b].return_to_owner();
+            self.settle(b, now);
         }
     }
 
@@ -686,13 +746,13 @@ impl<'t> Sim<'t> {
                 if !x.stopped && lead > skew_bound && x.state != VState::Blocked {
                     self.vcpu_mut(v).stopped = true;
                     if let Some(c) = self.vcpu(v).running_on {
-                        // Co-stop the leader; `take` co-starts the most lagging descheduled
+                        // Co-stop the leader; `settle` co-starts the most lagging descheduled
                         // sibling on this pCPU for the rest of the slot.
-                        let d = self.disps[c].current();
-                        let d = Decision { run: Some(v), ..d };
+                        let d = self.turns[c].decision();
+                        self.turns[c].run_instead(Decision { run: Some(v), ..d });
                         self.cpus[c].running = None;
                         self.vcpu_mut(v).running_on = None;
-                        self.take(c, d, now);
+                        self.settle(c, now);
                     }
                 } else if x.stopped && lead <= skew_bound / 2 {
                     self.vcpu_mut(v).stopped = false;
@@ -727,6 +787,13 @@ impl<'t> Sim<'t> {
     }
 }
 
+/// Whether `v` can run on pCPU `c` now: not blocked, not co-stopped, not running elsewhere.
+fn runnable_on(parts: &[Part], ids: &[(u32, usize)], c: usize, v: VcpuRef) -> bool {
+    let j = ids[ids.binary_search_by_key(&v.partition, |e| e.0).unwrap()].1;
+    let x = &parts[j].vcpus[v.vcpu as usize];
+    x.state != VState::Blocked && !x.stopped && (x.running_on.is_none() || x.running_on == Some(c))
+}
+
 fn first_work(w: &Workload, rng: &mut SplitMix64) -> Tick {
     next_work(w, rng)
 }
@@ -748,14 +815,21 @@ fn next_work(w: &Workload, rng: &mut SplitMix64) -> Tick {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sched::Reservation;
+    use sched::EffectiveReservation;
 
     const MS: Tick = 1_000_000;
     const US: Tick = 1_000;
 
-    fn barrier(id: u32, pcpus: &[u32], vcpus: u32, r: Reservation, compute: Tick, block: Option<Tick>) -> SimPartition {
+    fn barrier(
+        id: u32,
+        pcpus: &[u32],
+        vcpus: u32,
+        r: EffectiveReservation,
+        compute: Tick,
+        block: Option<Tick>,
+    ) -> SimPartition {
         SimPartition {
-            spec: PartitionSpec {
+            spec: FlatPartition {
                 id,
                 name: "barrier".to_string(),
                 pcpus: pcpus.to_vec(),
@@ -770,13 +844,13 @@ mod tests {
 
     fn cpu_bound(id: u32, pcpus: &[u32], vcpus: u32, share_ppm: u32) -> SimPartition {
         SimPartition {
-            spec: PartitionSpec {
+            spec: FlatPartition {
                 id,
                 name: "batch".to_string(),
                 pcpus: pcpus.to_vec(),
                 vcpus,
                 gang: true,
-                reservation: Reservation::Soft { share_ppm },
+                reservation: EffectiveReservation::Soft { share_ppm },
                 depth: 1,
             },
             workload: Workload::CpuBound,
@@ -797,11 +871,11 @@ mod tests {
         }
     }
 
-    fn whole() -> Reservation {
-        Reservation::Hard { budget: 10 * MS, period: 10 * MS }
+    fn whole() -> EffectiveReservation {
+        EffectiveReservation::Hard { budget: 10 * MS, period: 10 * MS }
     }
-    fn half() -> Reservation {
-        Reservation::Hard { budget: 5 * MS, period: 10 * MS }
+    fn half() -> EffectiveReservation {
+        EffectiveReservation::Hard { budget: 5 * MS, period: 10 * MS }
     }
 
     #[test]
@@ -889,6 +963,22 @@ mod tests {
         }
         assert_eq!(ple.stats.partitions[1].pause_loop_exits, ple.partitions[0].ple_exits);
         assert!(ple.stats.partitions[1].exit_handling_cycles > 0, "PLE exits are charged as exit handling");
+    }
+
+    #[test]
+    fn independent_yield_gives_the_spinners_slots_away_by_the_shared_rules() {
+        // Phalanx's `independent-yield`: a spinner that exits yields the rest of its slot, which
+        // the shared `SlotTurns` rules lend to the CPU-bound partition's slack, and does not
+        // take it back: the barrier partition gives most of its reservation away.
+        let parts = [barrier(1, &[0, 1, 2, 3], 4, half(), 100 * US, None), cpu_bound(2, &[0, 1, 2, 3], 4, 500_000)];
+        let i = simulate(&parts, Policy::Independent, &cfg(4, 300 * MS)).unwrap();
+        let y = simulate(&parts, Policy::IndependentYield { window: 10 * US, exit_cost: 2 * US }, &cfg(4, 300 * MS))
+            .unwrap();
+        assert!(y.partitions[0].ple_exits > 0);
+        assert!(y.partitions[0].spin_time < i.partitions[0].spin_time / 10, "yielding cuts spinning");
+        assert!(y.partitions[1].cpu_time > i.partitions[1].cpu_time * 3 / 2, "the yielded slots are lent");
+        assert_eq!(y.charged, y.elapsed);
+        check_ledger(&y);
     }
 
     /// The pCPUs' `reservations::Ledger`s agree with the simulator's own per-partition counts.

@@ -12,10 +12,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use reservations::{
-    ChildPolicy, FlatPartition, GroupSpec, NestedPolicy, PartitionSpec as TreePartition,
-    Reservation as TreeReservation, Tree, TreeSpec,
+    ChildPolicy, GroupSpec, NestedPolicy, PartitionSpec as TreePartition, Reservation as TreeReservation, Tree,
+    TreeSpec,
 };
-use sched::{plan_gang, DispatchTables, PartitionSpec, PlanConfig, Reservation, Tick};
+use sched::{plan_gang, DispatchTables, EffectiveReservation, FlatPartition, PlanConfig, Tick};
 use sched_sim::{simulate, Policy, SimConfig, SimPartition, SimResult, SliceKind, Workload};
 use serde_json::{json, Value};
 
@@ -39,8 +39,8 @@ fn main() {
     }
 }
 
-fn spec(id: u32, name: &str, vcpus: u32, pcpus: &[u32], reservation: Reservation) -> PartitionSpec {
-    PartitionSpec { id, name: name.into(), pcpus: pcpus.to_vec(), vcpus, gang: true, reservation, depth: 1 }
+fn spec(id: u32, name: &str, vcpus: u32, pcpus: &[u32], reservation: EffectiveReservation) -> FlatPartition {
+    FlatPartition { id, name: name.into(), pcpus: pcpus.to_vec(), vcpus, gang: true, reservation, depth: 1 }
 }
 
 struct Row {
@@ -62,11 +62,11 @@ fn consolidate(args: &[String]) -> Result<(), String> {
     let workload = Workload::Barrier { compute: 100 * US, jitter_ppm: 50_000, block_after_spin: None };
     let barrier = |r| SimPartition { spec: spec(1, "barrier", 4, &pcpus, r), workload };
     let batch = SimPartition {
-        spec: spec(2, "cpu-bound", 4, &pcpus, Reservation::Soft { share_ppm: 500_000 }),
+        spec: spec(2, "cpu-bound", 4, &pcpus, EffectiveReservation::Soft { share_ppm: 500_000 }),
         workload: Workload::CpuBound,
     };
-    let half = Reservation::Hard { budget: 5 * MS, period: 10 * MS };
-    let whole = Reservation::Hard { budget: 10 * MS, period: 10 * MS };
+    let half = EffectiveReservation::Hard { budget: 5 * MS, period: 10 * MS };
+    let whole = EffectiveReservation::Hard { budget: 10 * MS, period: 10 * MS };
     let cfg = SimConfig {
         pcpu_count: 4,
         duration: duration_ms * MS,
@@ -82,6 +82,7 @@ fn consolidate(args: &[String]) -> Result<(), String> {
     let policies = [
         ("gang", Policy::Gang),
         ("independent", Policy::Independent),
+        ("independent-yield", Policy::IndependentYield { window: 10 * US, exit_cost: 2 * US }),
         ("independent+ple", Policy::IndependentPle { window: 10 * US, exit_cost: 2 * US }),
         ("relaxed-cosched", Policy::RelaxedCosched { skew_bound: 3 * MS, check_every: MS }),
     ];
@@ -288,7 +289,7 @@ fn scale_tree(partitions: u32, pcpus: u32, depth: u32) -> TreeSpec {
 }
 
 struct Built {
-    leaves: Vec<PartitionSpec>,
+    leaves: Vec<FlatPartition>,
     tables: DispatchTables,
     frame: Tick,
     /// Best of 3, in seconds: `Tree::build` (admission), `Tree::flatten`, plan + compile.
@@ -309,10 +310,8 @@ fn build(spec: &TreeSpec, pcpus: u32) -> Result<Built, String> {
         let t = Instant::now();
         let flat = black_box(&tree).flatten();
         let flatten = t.elapsed().as_secs_f64();
-        let leaves: Vec<PartitionSpec> = flat
-            .iter()
-            .map(|f| PartitionSpec::from(&FlatPartition { reservation: f.reservation.in_ticks(US), ..f.clone() }))
-            .collect();
+        let leaves: Vec<FlatPartition> =
+            flat.iter().map(|f| FlatPartition { reservation: f.reservation.in_ticks(US), ..f.clone() }).collect();
         let t = Instant::now();
         let plan = plan_gang(&leaves, &PlanConfig::new(pcpus, MS)).map_err(|e| e.to_string())?;
         let tables = DispatchTables::compile(&plan, &leaves).map_err(|e| e.to_string())?;
