@@ -157,8 +157,8 @@ fn defaults_apply_when_keys_are_left_out() {
     let v = ok(&text, None);
     let hv = &v.config.hypervisor;
     assert_eq!(
-        (hv.major_frame_us, hv.policy, hv.stats_interval_ms, hv.skew_bound_us),
-        (10_000, DispatchPolicy::Gang, 1_000, None)
+        (hv.major_frame_us, hv.policy, hv.stats_interval_ms, hv.skew_bound_us, hv.spin_sample_us),
+        (10_000, DispatchPolicy::Gang, 1_000, None, 0)
     );
     let db = &v.config.partitions[1];
     assert_eq!((db.policy, db.on_fault, db.guest.cmdline.as_str()), (NestedPolicy::Gang, OnFault::Stop, ""));
@@ -687,6 +687,13 @@ fn hypervisor_settings_are_checked() {
     let text = edit(BASE, "major_frame_us = 10000", "major_frame_us = 10");
     let e = bad(&text, None);
     assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "major_frame_us", (2, 18), "outside 100 us");
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nspin_sample_us = 5");
+    let e = bad(&text, None);
+    assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "spin_sample_us", (4, 18), "0 (no sampling) or 10");
+    for (value, sample_us) in [("0", 0), ("250", 250)] {
+        let text = edit(BASE, "policy = \"gang\"", &format!("policy = \"gang\"\nspin_sample_us = {value}"));
+        assert_eq!(ok(&text, None).config.hypervisor.spin_sample_us, sample_us);
+    }
     let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nrun_ms = 0");
     let e = bad(&text, None);
     assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "run_ms", (4, 10), "at least 1 ms");

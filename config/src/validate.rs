@@ -184,7 +184,18 @@ impl Checker<'_> {
             (None, DispatchPolicy::RelaxedCo) => Some(major_frame_us / 10),
             (None, _) => None,
         };
-        Ok(HypervisorConfig { major_frame_us, policy, stats_interval_ms, run_ms, skew_bound_us })
+        let spin_sample_us = match raw.and_then(|h| h.spin_sample_us.as_ref()) {
+            Some(v) if *v.get_ref() != 0 && !(MIN_SPIN_SAMPLE_US..=MAX_SPIN_SAMPLE_US).contains(v.get_ref()) => {
+                return Err(invalid(
+                    v.span(),
+                    "spin_sample_us",
+                    format!("must be 0 (no sampling) or {MIN_SPIN_SAMPLE_US} ..= {MAX_SPIN_SAMPLE_US} us"),
+                ))
+            }
+            Some(v) => *v.get_ref(),
+            None => DEFAULT_SPIN_SAMPLE_US,
+        };
+        Ok(HypervisorConfig { major_frame_us, policy, stats_interval_ms, run_ms, skew_bound_us, spin_sample_us })
     }
 
     /// Names are printed in logs and JSON records and are the tree's node names: one

@@ -26,6 +26,9 @@ use crate::vmcs::{self, control, guest, ro};
 pub enum ExitOutcome {
     /// Enter the guest again.
     Resume,
+    /// A host interrupt (the slot timer, a sibling pCPU's kick) stopped the guest; enter it
+    /// again. Its handling is the hypervisor's own time.
+    HostInterrupt,
     /// The VMX-preemption timer stopped the guest past its slot boundary (the guard).
     Guard,
     /// A spin exit (PAUSE-loop exit, or a PAUSE under PAUSE exiting); `yielded`: the policy
@@ -35,6 +38,8 @@ pub enum ExitOutcome {
     Halted,
     /// The partition was stopped (the fault is recorded on it).
     Stopped,
+    /// The spin-wait sampling timer came due: the sample taken; enter the guest again.
+    Sampled(vmx::spin_sample::Sample),
 }
 
 /// Handles one VM exit of `vcpu` (of `partition`, current on this pCPU) whose slot ends at
@@ -55,11 +60,16 @@ pub fn handle_exit(vcpu: &mut Vcpu, partition: &Partition, reason: ExitReason, r
                 }
                 crate::apic::eoi();
             }
-            ExitOutcome::Resume
+            ExitOutcome::HostInterrupt
         }
         // Either the boundary passed without the timer interrupt stopping the guest (the
         // guard), or the guest's own LAPIC timer came due (handled before the next entry).
         Handler::SlotGuard if crate::tsc::now() >= deadline => ExitOutcome::Guard,
+        Handler::SlotGuard if machine().spin_sample_cycles > 0 && crate::tsc::now() >= vcpu.sample_due => {
+            vcpu.sample_due = crate::tsc::now() + machine().spin_sample_cycles;
+            let long_mode = vmcs::read(guest::IA32_EFER_FULL) & vmx::msr::EFER_LMA != 0;
+            ExitOutcome::Sampled(vmx::spin_sample::sample(&CurrentVcpu::of(vcpu, partition), long_mode))
+        }
         Handler::SlotGuard | Handler::InterruptWindow => ExitOutcome::Resume,
         Handler::Halt => {
             CurrentVcpu::of(vcpu, partition).skip_instruction();

@@ -80,6 +80,8 @@ pub struct Machine {
     pub frame_cycles: u64,
     /// `relaxed-co`: a vCPU this many guest cycles ahead of its slowest sibling is co-stopped.
     pub skew_bound: Option<u64>,
+    /// Guest time between two spin-wait samples of a vCPU (TSC cycles; 0: no sampling).
+    pub spin_sample_cycles: u64,
     pub schedule: Schedule,
 }
 
@@ -90,6 +92,9 @@ pub struct Schedule {
     pub t0: u64,
     pub end: u64,
     pub progress_interval: u64,
+    /// Debug (`phalanx.debug.uncharged_cycles`): cycles every pCPU spends once per major frame
+    /// outside any charge, to show that the accounting sees them.
+    pub debug_uncharged_cycles: u64,
 }
 
 /// How far ahead of the end of the build the run is released, how long it lasts and how
@@ -99,6 +104,7 @@ pub struct RunLength {
     pub lead: u64,
     pub run: u64,
     pub progress_interval: u64,
+    pub debug_uncharged_cycles: u64,
 }
 
 static MACHINE: Once<Machine> = Once::new();
@@ -154,8 +160,9 @@ pub fn build(
     }
 
     // The instruction decoder builds its tables on first use (millions of cycles): do that
-    // now, at boot, rather than in the middle of a Linux partition's first device access.
-    if partitions.iter().any(|p| p.payload == Payload::Linux) {
+    // now, at boot, rather than in the middle of a Linux partition's first device access or
+    // the first spin-wait sample that finds a PAUSE.
+    if config.hypervisor.spin_sample_us > 0 || partitions.iter().any(|p| p.payload == Payload::Linux) {
         let _ = vmx::mmio::decode(&[0x8B, 0x00], 0);
     }
 
@@ -167,7 +174,12 @@ pub fn build(
         .then(|| config.hypervisor.skew_bound_us.unwrap_or(config.hypervisor.major_frame_us / 10) * tsc_per_us);
     // Released `lead` after the build, so every pCPU has set its vCPUs up by then.
     let t0 = crate::tsc::now() + length.lead;
-    let schedule = Schedule { t0, end: t0 + length.run, progress_interval: length.progress_interval };
+    let schedule = Schedule {
+        t0,
+        end: t0 + length.run,
+        progress_interval: length.progress_interval,
+        debug_uncharged_cycles: length.debug_uncharged_cycles,
+    };
     Ok(MACHINE.call_once(|| Machine {
         partitions,
         tables,
@@ -177,6 +189,7 @@ pub fn build(
         homes,
         frame_cycles,
         skew_bound,
+        spin_sample_cycles: config.hypervisor.spin_sample_us * tsc_per_us,
         schedule,
     }))
 }

@@ -25,8 +25,6 @@ pub struct Pcpu {
     /// The vCPU whose VMCS is current on this pCPU.
     pub loaded: Option<usize>,
     pub ledger: Ledger,
-    /// The ledger is charged up to here.
-    pub cursor: u64,
     pub exits: [ExitStat; EXIT_REASONS],
     pub slot_entries: Vec<SlotEntry>,
     pub guard_exits: u64,
@@ -55,7 +53,6 @@ impl Pcpu {
             loaded: None,
             vcpus,
             ledger: Ledger::new(cpu as u32, m.partitions.len(), t0),
-            cursor: t0,
             exits: [ExitStat::default(); EXIT_REASONS],
             slot_entries: Vec::with_capacity(MAX_SLOT_ENTRIES),
             guard_exits: 0,
@@ -64,9 +61,10 @@ impl Pcpu {
         }
     }
 
-    pub fn charge(&mut self, account: Account, to: u64) {
-        self.ledger.charge(account, self.cursor, to);
-        self.cursor = to;
+    /// Charges one stretch of work, stamped where it began and ended (`[from, to)`). Time
+    /// between stretches that no stamp covers stays unaccounted in the ledger.
+    pub fn charge(&mut self, account: Account, from: u64, to: u64) {
+        self.ledger.charge(account, from, to);
     }
 
     pub fn find(&self, v: VcpuRef) -> Option<usize> {
@@ -109,14 +107,15 @@ impl Pcpu {
 
     /// In a slot of `partition`: parks this pCPU's vCPUs of it if it waits for a reset, and
     /// sets them up again (on this pCPU) once it was reset. Done only in the partition's own
-    /// slots and charged to it, so a reset takes no time from anyone else.
-    pub fn follow_resets(&mut self, partition_id: usize) {
+    /// slots and charged to it, so a reset takes no time from anyone else: the switch into
+    /// its slot since `switch_start`, then the reset work. Returns where the switch goes on.
+    pub fn follow_resets(&mut self, partition_id: usize, switch_start: u64) -> u64 {
         let m = machine();
         let partition = &m.partitions[partition_id];
         let generation = partition.generation.load(Ordering::Acquire);
         let current = self.vcpus.iter().all(|v| v.partition != partition_id || v.generation == generation);
         if current && !partition.reset_pending() && !partition.fault_unreported() {
-            return;
+            return switch_start;
         }
         let start = crate::tsc::now();
         partition.report_fault();
@@ -135,11 +134,11 @@ impl Pcpu {
                 }
             }
         }
-        self.charge(Account::OnBehalf(partition_id as reservations::PartitionId, Work::SlotSwitch), start);
-        self.charge(
-            Account::OnBehalf(partition_id as reservations::PartitionId, Work::ExitHandling),
-            crate::tsc::now(),
-        );
+        let id = partition_id as reservations::PartitionId;
+        self.charge(Account::OnBehalf(id, Work::SlotSwitch), switch_start, start);
+        let end = crate::tsc::now();
+        self.charge(Account::OnBehalf(id, Work::ExitHandling), start, end);
+        end
     }
 }
 

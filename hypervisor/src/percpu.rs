@@ -63,6 +63,8 @@ pub struct PcpuResult {
     pub slot_entries: Vec<SlotEntry>,
     pub guard_exits: u64,
     pub yields: u64,
+    /// Cycles spent outside any charge by `phalanx.debug.uncharged_cycles`.
+    pub injected_uncharged: u64,
 }
 
 static CPUS: [PerCpu; MAX_CPUS] = [const {

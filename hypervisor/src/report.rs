@@ -12,6 +12,11 @@ use crate::machine::machine;
 use crate::percpu::PcpuResult;
 use vmx::control_set::PLE_WINDOW;
 
+/// A percentage with two decimals, or "not measured" (never a 0 that nobody measured).
+fn pct_or_not_measured(pct: Option<f64>) -> alloc::string::String {
+    pct.map_or("not measured".into(), |pct| alloc::format!("{pct:.2}"))
+}
+
 fn median(values: &mut [u64]) -> u64 {
     values.sort_unstable();
     values.get(values.len() / 2).copied().unwrap_or(0)
@@ -42,6 +47,11 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .controls
             .pause_loop_exiting()
             .then(|| (totals.pause_loop_exits * PLE_WINDOW) as f64 * 100.0 / totals.guest_cycles.max(1) as f64);
+        // Sampled at any CPL on any CPU: the guest's code looked at every `spin_sample_us`.
+        let sampled = vmx::spin_sample::spinning_pct(totals.spin_samples_spinning, totals.spin_samples);
+        // Only the test guest keeps its own spin figure where the hypervisor can read it.
+        let guest_spin_pct = (p.payload == crate::partition::Payload::TestGuest)
+            .then(|| guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64);
         let pcpus_held = m.homes[p.id].iter().collect::<alloc::collections::BTreeSet<_>>().len() as u64;
         let capacity = run_cycles * pcpus_held;
         let used = totals.charged_cycles();
@@ -79,11 +89,11 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .fmt("cpu_share_pct", format_args!("{:.2}", used as f64 * 100.0 / capacity.max(1) as f64))
             .u64("exits", totals.exits)
             .u64("pause_loop_exits", totals.pause_loop_exits)
-            .str("spin_waste_hv_pct", &hv_spin_pct.map_or("not measured".into(), |pct| alloc::format!("{pct:.2}")))
-            .fmt(
-                "spin_waste_guest_pct",
-                format_args!("{:.2}", guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64),
-            )
+            .str("spin_waste_hv_pct", &pct_or_not_measured(hv_spin_pct))
+            .str("spin_waste_guest_pct", &pct_or_not_measured(guest_spin_pct))
+            .u64("spin_samples", totals.spin_samples)
+            .str("spin_sampled_pct", &pct_or_not_measured(sampled.map(|s| s.0)))
+            .str("spin_sampled_ci95_pp", &pct_or_not_measured(sampled.map(|s| s.1)))
             .u64("slots", totals.slots)
             .u64("gang_slots_measured", skews.len() as u64)
             .u64("skew_median_cycles", skew_median)
@@ -125,6 +135,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         .u64("idle_cycles", idle)
         .u64("overhead_cycles", overhead)
         .u64("unaccounted_cycles", ledgers.iter().map(|l| l.unaccounted()).sum())
+        .u64("debug_uncharged_cycles", results.iter().map(|r| r.injected_uncharged).sum())
         .u64("unaccounted_ppb", stats.unaccounted_ppb())
         // Hypervisor time: work on partitions' behalf plus its own overhead (not idle time).
         .fmt("hypervisor_pct", format_args!("{:.3}", percent(on_behalf + overhead)))

@@ -4,6 +4,11 @@
 //! asks its dispatcher what runs next, and enters that vCPU. Exits are handled in `exits`; the
 //! loop does the accounting. No IPI and no lock is on this path: pCPUs agree only through
 //! `t0` and the tables.
+//!
+//! Accounting: each stretch of work is charged from a TSC stamp read where it begins to one
+//! read where it ends (the next stretch starts at that stamp only when nothing runs between
+//! them), and the ledger is closed with the pCPU's own end stamp, so work that no stretch
+//! covers shows up as unaccounted (`phalanx.debug.uncharged_cycles` injects some to prove it).
 
 extern crate alloc;
 
@@ -20,6 +25,7 @@ use crate::pcpu::{take_attention, Pcpu, MAX_SLOT_ENTRIES};
 use crate::percpu::{PcpuResult, SlotEntry, EXIT_REASONS};
 use crate::vectors::DISPATCH_VECTOR;
 use crate::vmcs::{self, guest, ro};
+use vmx::spin_sample::Sample;
 use vmx::ExitReason;
 
 /// The VMX-preemption timer fires this long after a boundary whose timer interrupt did not
@@ -45,48 +51,65 @@ pub fn run_pcpu(cpu: usize) {
     apic::setup_timer(mode, DISPATCH_VECTOR);
     let mut pcpu = Pcpu::new(cpu, t0);
     crate::tsc::spin_until(t0);
+    // The end of the last charged stretch.
+    let mut mark = t0;
     let mut turns = SlotTurns::start(m.tables.dispatcher(cpu, t0), t0, crate::tsc::now());
+    let mut next_injection = t0;
+    let mut injected = 0;
     loop {
-        let now = crate::tsc::now();
+        let mut now = crate::tsc::now();
         if now >= end {
-            pcpu.charge(Account::Overhead, now);
+            pcpu.charge(Account::Overhead, mark, now);
             break;
         }
-        // Statistics are the hypervisor's own work; everything else from here to the next
-        // vCPU's first entry (the decision, pending starts and wake-ups, loading its VMCS) is
-        // the switch into that vCPU's slot, and run_turn charges it to its partition.
+        if m.schedule.debug_uncharged_cycles > 0 && now >= next_injection {
+            // Debug: spend cycles no stretch covers, once per major frame.
+            pcpu.charge(Account::Overhead, mark, now);
+            crate::tsc::spin_until(now + m.schedule.debug_uncharged_cycles);
+            mark = crate::tsc::now();
+            injected += mark - now;
+            next_injection = (next_injection + m.frame_cycles).max(mark);
+            now = mark;
+        }
+        // Between turns the pCPU works for nobody in particular: statistics, the console,
+        // starts and wake-ups of the vCPUs homed here. The hypervisor's own time.
         if cpu == 0 && now >= next_progress {
             next_progress += m.schedule.progress_interval;
             report_progress(now - t0);
-            pcpu.charge(Account::Overhead, crate::tsc::now());
         }
         let _ = crate::console::pump();
         if take_attention(cpu) || pcpu.vcpus.iter().any(|v| v.halted) {
             pcpu.follow_starts();
             pcpu.wake_halted(now);
         }
+        let mut switch_start = crate::tsc::now();
+        pcpu.charge(Account::Overhead, mark, switch_start);
         let decision = turns.reclaim_if_owner_woke(|v| pcpu.runnable(v));
         if let Some(owner) = decision.run.filter(|_| !decision.lent) {
-            pcpu.follow_resets(owner.partition as usize);
+            switch_start = pcpu.follow_resets(owner.partition as usize, switch_start);
         }
         let decision = turns.lend_if_owner_cannot_run(now, |v| pcpu.runnable(v));
         let deadline = decision.next_deadline.min(end);
         apic::arm_deadline(mode, deadline);
         let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
         let ended = match turn {
-            // From here to the vCPU's first entry (loading its VMCS) is the switch into its
-            // slot: run_turn charges it to the partition, whose slot it comes out of.
-            // Only the owner's entry at the start of its slot counts for gang skew (lent slack,
-            // or an owner that woke up mid-slot, is not a gang start).
-            Some(index) => Some(run_turn(&mut pcpu, index, deadline, turns.owned_slot_start())),
+            // From `switch_start` to the vCPU's first entry (the decision, loading its VMCS) is
+            // the switch into its slot: run_turn charges it to the partition, whose slot it
+            // comes out of. Only the owner's entry at the start of its slot counts for gang
+            // skew (lent slack, or an owner that woke up mid-slot, is not a gang start).
+            Some(index) => {
+                let (ended, at) = run_turn(&mut pcpu, index, deadline, turns.owned_slot_start(), switch_start);
+                mark = at;
+                Some(ended)
+            }
             None => {
                 // A halted vCPU here whose timer comes due first ends the idle early.
                 let wake = pcpu.vcpus.iter().filter(|v| v.halted).filter_map(|v| v.lapic.timer_deadline()).min();
-                idle_until(&mut pcpu, wake.map_or(deadline, |w| w.min(deadline)));
+                mark = idle_until(&mut pcpu, switch_start, wake.map_or(deadline, |w| w.min(deadline)));
                 None
             }
         };
-        let now = crate::tsc::now();
+        let now = mark;
         if ended == Some(TurnEnd::Yielded) && now < decision.next_deadline {
             pcpu.yields += 1;
         }
@@ -95,7 +118,9 @@ pub fn run_pcpu(cpu: usize) {
         turns.turn_ended(now, ended, |v| pcpu.runnable(v), homed);
     }
     apic::mask_timer();
+    pcpu.ledger.close(crate::tsc::now());
     *crate::percpu::of(cpu).dispatch_result.lock() = Some(PcpuResult {
+        injected_uncharged: injected,
         ledger: pcpu.ledger,
         exits: pcpu.exits,
         slot_entries: pcpu.slot_entries,
@@ -104,9 +129,11 @@ pub fn run_pcpu(cpu: usize) {
     });
 }
 
-/// Nothing to run: halt the pCPU until the deadline's timer interrupt.
-fn idle_until(pcpu: &mut Pcpu, deadline: u64) {
-    pcpu.charge(Account::Overhead, crate::tsc::now());
+/// Nothing to run: halt the pCPU until the deadline's timer interrupt. The decision since
+/// `from` was the hypervisor's own. Returns the end of the idle stretch.
+fn idle_until(pcpu: &mut Pcpu, from: u64, deadline: u64) -> u64 {
+    let idle_start = crate::tsc::now();
+    pcpu.charge(Account::Overhead, from, idle_start);
     // Wake a little early and spin the rest: taking the timer interrupt out of `hlt` costs
     // about a thousand cycles, which would otherwise come out of the next slot.
     let wake = deadline.saturating_sub(IDLE_WAKE_MARGIN_CYCLES);
@@ -124,10 +151,20 @@ fn idle_until(pcpu: &mut Pcpu, deadline: u64) {
         x86_64::instructions::interrupts::disable();
     }
     crate::tsc::spin_until(deadline);
-    pcpu.charge(Account::Idle, crate::tsc::now());
+    let idle_end = crate::tsc::now();
+    pcpu.charge(Account::Idle, idle_start, idle_end);
+    idle_end
 }
 
-fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Option<u64>) -> TurnEnd {
+/// Runs one vCPU's turn until the slot ends or the vCPU cannot go on; the switch into it
+/// began at `switch_start`. Returns how the turn ended and the end of its last stretch.
+fn run_turn(
+    pcpu: &mut Pcpu,
+    index: usize,
+    deadline: u64,
+    owned_slot_start: Option<u64>,
+    switch_start: u64,
+) -> (TurnEnd, u64) {
     let m = machine();
     let partition_id = pcpu.vcpus[index].partition;
     let partition = &m.partitions[partition_id];
@@ -139,6 +176,9 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
     pcpu.ledger.note_slot(account_id);
     let mut first_entry = true;
     let mut last_reason: Option<usize> = None;
+    // The stretch since the last entry (or the switch) and whose it is.
+    let mut stretch_start = switch_start;
+    let mut stretch_account = Account::OnBehalf(account_id, Work::SlotSwitch);
     let end = loop {
         if partition.is_stopped() {
             break TurnEnd::Stopped;
@@ -151,17 +191,25 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
         let vcpu = &mut pcpu.vcpus[index];
         vcpu.interrupt_due(&partition.devices, now);
         vcpu.deliver_interrupts(&m.controls);
-        // Exit by the slot boundary (guard) or when the guest's own timer is due.
+        // Exit by the slot boundary (guard), when the guest's own timer is due, or for the next
+        // spin-wait sample (one missed while the vCPU was off the pCPU is not taken late).
         let wake = vcpu.lapic.timer_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));
-        let guard = ((deadline - now + PREEMPTION_GUARD_CYCLES).min(wake.max(1))) >> pcpu.preemption_shift;
+        let sample = match m.spin_sample_cycles {
+            0 => u64::MAX,
+            period => {
+                if vcpu.sample_due <= now {
+                    vcpu.sample_due = now + period;
+                }
+                vcpu.sample_due - now
+            }
+        };
+        let guard = ((deadline - now + PREEMPTION_GUARD_CYCLES).min(wake.max(1)).min(sample)) >> pcpu.preemption_shift;
         vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, guard.min(u32::MAX as u64));
         let entry = crate::tsc::now();
-        let handling = entry - pcpu.cursor;
         if let Some(reason) = last_reason.take() {
-            pcpu.exits[reason].cycles += handling;
+            pcpu.exits[reason].cycles += entry - stretch_start;
         }
-        let work = if first_entry { Work::SlotSwitch } else { Work::ExitHandling };
-        pcpu.charge(Account::OnBehalf(account_id, work), entry);
+        pcpu.charge(stretch_account, stretch_start, entry);
         if first_entry {
             first_entry = false;
             // The first entry into the slot only (a vCPU that halted and was woken re-enters).
@@ -177,7 +225,9 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
         let result = pcpu.vcpus[index].enter();
         let exit = crate::tsc::now();
         partition.vcpu_run_cycles[pcpu.vcpus[index].index as usize].fetch_add(exit - entry, Ordering::Relaxed);
-        pcpu.charge(Account::Guest(account_id), exit);
+        pcpu.charge(Account::Guest(account_id), entry, exit);
+        stretch_start = exit;
+        stretch_account = Account::OnBehalf(account_id, Work::ExitHandling);
         if let Err(error) = result {
             partition.stop(Fault {
                 vcpu: pcpu.vcpus[index].index,
@@ -195,6 +245,18 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
         last_reason = Some(slot);
         match handle_exit(&mut pcpu.vcpus[index], partition, reason, raw, deadline) {
             ExitOutcome::Resume => continue,
+            // A sibling pCPU's kick or the slot timer: the hypervisor's own, not the
+            // interrupted partition's.
+            ExitOutcome::HostInterrupt => {
+                stretch_account = Account::Overhead;
+                continue;
+            }
+            ExitOutcome::Sampled(sample) => {
+                if sample != Sample::Unreadable {
+                    pcpu.ledger.note_spin_sample(account_id, sample == Sample::Spinning);
+                }
+                continue;
+            }
             ExitOutcome::Guard => pcpu.guard_exits += 1,
             ExitOutcome::Spin { yielded } => {
                 pcpu.ledger.note_pause_loop_exit(account_id);
@@ -208,17 +270,17 @@ fn run_turn(pcpu: &mut Pcpu, index: usize, deadline: u64, owned_slot_start: Opti
     };
     let now = crate::tsc::now();
     if let Some(reason) = last_reason {
-        pcpu.exits[reason].cycles += now - pcpu.cursor;
+        pcpu.exits[reason].cycles += now - stretch_start;
     }
     // Leaving the slot at its boundary is the scheduler's own switch-out, done in the next
     // slot's time: the hypervisor's overhead (each partition pays only its switch-in, inside
     // its own slot). Handling that ends a turn early is work on the partition's behalf.
     let account = match end {
         TurnEnd::Deadline => Account::Overhead,
-        _ => Account::OnBehalf(account_id, Work::ExitHandling),
+        _ => stretch_account,
     };
-    pcpu.charge(account, now);
-    end
+    pcpu.charge(account, stretch_start, now);
+    (end, now)
 }
 
 /// One progress record per partition, `since_t0` cycles into the run.

@@ -28,6 +28,9 @@ pub struct Vcpu {
     pub generation: u64,
     /// The generation + 1 in which this vCPU parked for a pending reset (0: never).
     pub parked_generation: u64,
+    /// When its next spin-wait sample is due (TSC; reset at an entry where it has passed,
+    /// since time off the pCPU is not guest time).
+    pub sample_due: u64,
 }
 
 const FXSAVE_SIZE: usize = 512;
@@ -59,6 +62,7 @@ impl Vcpu {
             interrupt_window: false,
             generation: 0,
             parked_generation: 0,
+            sample_due: 0,
         }
     }
 

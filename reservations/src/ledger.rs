@@ -1,10 +1,12 @@
 //! Cycle accounting: every TSC cycle a pCPU spends belongs to exactly one account.
 //!
-//! The hypervisor calls [`Ledger::charge`] with back-to-back intervals (`[from, to)` in TSC
-//! cycles). Charges must tile time: a hole between two charges, an interval claimed twice or a
-//! charge to an account that does not exist is never silently absorbed; it is counted as
-//! unaccounted (or overlapping) time, so "unaccounted time is a bug with a number".
-//! Invariant, checked by the tests: `charged() + unaccounted() == elapsed()`.
+//! The hypervisor calls [`Ledger::charge`] with each stretch of work as it measured it
+//! (`[from, to)` in TSC cycles, stamped where the work began and ended) and
+//! [`Ledger::close`] with its own reading of the end of the run. A hole between two charges
+//! (work nobody stamped: an interrupt handler, console output between stretches), an interval
+//! claimed twice or a charge to an account that does not exist is never silently absorbed; it
+//! is counted as unaccounted (or overlapping) time, so "unaccounted time is a bug with a
+//! number". Invariant, checked by the tests: `charged() + unaccounted() == elapsed()`.
 
 use alloc::vec::Vec;
 
@@ -61,6 +63,10 @@ pub struct PartitionStats {
     pub exits: u64,
     pub irqs: u64,
     pub pause_loop_exits: u64,
+    /// Spin-wait samples of its vCPUs (the guest's code looked at, at regular guest-time
+    /// intervals) and how many found a vCPU in a PAUSE loop.
+    pub spin_samples: u64,
+    pub spin_samples_spinning: u64,
     pub slots: u64,
 }
 
@@ -83,6 +89,8 @@ impl PartitionStats {
         self.exits += other.exits;
         self.irqs += other.irqs;
         self.pause_loop_exits += other.pause_loop_exits;
+        self.spin_samples += other.spin_samples;
+        self.spin_samples_spinning += other.spin_samples_spinning;
         self.slots += other.slots;
     }
 }
@@ -172,6 +180,16 @@ impl Ledger {
         tiling
     }
 
+    /// The pCPU's own reading of the end of its run: elapsed time runs to here, and whatever
+    /// followed the last charge is unaccounted. Charges after it are overlaps.
+    pub fn close(&mut self, end_tsc: u64) {
+        if end_tsc > self.cursor_tsc {
+            self.gap_cycles += end_tsc - self.cursor_tsc;
+            self.tiling_faults += 1;
+            self.cursor_tsc = end_tsc;
+        }
+    }
+
     /// Counts one VM exit of `id` (its handling time is charged separately).
     pub fn note_exit(&mut self, id: PartitionId) {
         if let Some(s) = self.partitions.get_mut(id as usize) {
@@ -190,6 +208,14 @@ impl Ledger {
     pub fn note_pause_loop_exit(&mut self, id: PartitionId) {
         if let Some(s) = self.partitions.get_mut(id as usize) {
             s.pause_loop_exits += 1;
+        }
+    }
+
+    /// Counts one spin-wait sample of a vCPU of `id`.
+    pub fn note_spin_sample(&mut self, id: PartitionId, spinning: bool) {
+        if let Some(s) = self.partitions.get_mut(id as usize) {
+            s.spin_samples += 1;
+            s.spin_samples_spinning += spinning as u64;
         }
     }
 
@@ -216,7 +242,7 @@ impl Ledger {
         self.overhead_cycles
     }
 
-    /// Cycles from the start to the end of the last charge.
+    /// Cycles from the start to the end of the last charge, or to `close`.
     pub fn elapsed(&self) -> u64 {
         self.cursor_tsc - self.start_tsc
     }

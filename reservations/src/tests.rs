@@ -371,6 +371,12 @@ fn gaps_overlaps_and_bad_accounts_are_reported_not_absorbed() {
     assert_eq!(l.overlap_cycles(), 60);
     assert_eq!(l.tiling_faults(), 5);
     assert_eq!(l.charged() + l.unaccounted(), l.elapsed());
+    // The pCPU's own end reading: time after the last charge is unaccounted too.
+    l.close(1_000);
+    assert_eq!((l.elapsed(), l.unaccounted()), (1_000, 30 + 40 + 700));
+    assert_eq!(l.charged() + l.unaccounted(), l.elapsed());
+    l.close(900);
+    assert_eq!(l.elapsed(), 1_000, "an earlier end changes nothing");
 }
 
 #[test]

@@ -41,11 +41,50 @@ fn gang_runs_two_partitions_with_low_waste_aligned_slots_and_exact_accounting() 
     // Never-halting guests are preempted at every boundary and get their reservation.
     assert_share(&run, "barrier", 50.0);
     assert_share(&run, "hog", 50.0);
-    // Every cycle is charged to exactly one account.
+    // Every cycle is charged to exactly one account (checked against each pCPU's own start
+    // and end; see the next test for what it finds when some are not).
     let accounting = run.one("accounting");
-    assert!(accounting["unaccounted_ppb"].as_u64().unwrap() <= 100, "{accounting}");
+    // What is left is the few instructions between a pCPU's last charge and its end stamp.
+    assert_eq!(accounting["debug_uncharged_cycles"], 0, "{accounting}");
+    assert!(accounting["unaccounted_ppb"].as_u64().unwrap() <= 10_000, "{accounting}");
     assert!(run.all("progress").len() >= 2, "periodic progress records");
     assert!(run.log.contains("[barrier] testguest: vcpu0 mode=barrier"), "the guest's console reaches the log");
+}
+
+/// Accounting is checked against each pCPU's own clock, not built to add up: cycles that no
+/// charge covers are unaccounted. The debug knob makes every pCPU spend 2,000 cycles (2% of a
+/// 10 ms frame at Bochs' 10 MHz TSC) once per major frame outside any charge; the accounting
+/// must find them.
+#[test]
+fn cycles_nobody_charged_show_up_as_unaccounted() {
+    let run = Boot::new("dispatch-uncharged", "bochs", 2, "guests/configs/default.toml")
+        .cmdline("phalanx.debug.uncharged_cycles=2000")
+        .run();
+    run.assert_clean_end();
+    let accounting = run.one("accounting");
+    let injected = accounting["debug_uncharged_cycles"].as_u64().unwrap();
+    let measured = accounting["unaccounted_cycles"].as_u64().unwrap();
+    let frames = 2 * 200; // 2 pCPUs x 2 s / 10 ms
+    assert!(injected >= frames * 2_000 * 9 / 10, "once per frame on each pCPU: {accounting}");
+    assert!(measured.abs_diff(injected) * 100 <= injected, "measured {measured} vs injected {injected}: {accounting}");
+    // The two partitions still get their slots (the spin comes out of whoever's slot it hit).
+    assert!(stats(&run, "hog")["iterations"].as_u64().unwrap() > 100);
+}
+
+/// Spin-wait sampling sees the test guest's barrier spinning from the hypervisor's side
+/// (guest code read at RIP through its page tables), without PAUSE-loop exits.
+#[test]
+fn spin_wait_sampling_sees_the_independent_barrier_spin() {
+    let run = Boot::new("dispatch-sampled", "bochs", 2, "tests/configs/independent-sampled.toml").run();
+    run.assert_clean_end();
+    let barrier = stats(&run, "barrier");
+    let hog = stats(&run, "hog");
+    assert!(barrier["spin_samples"].as_u64().unwrap() >= 200, "{barrier}");
+    let (sampled, guest) = (pct(&barrier["spin_sampled_pct"]), pct(&barrier["spin_waste_guest_pct"]));
+    assert!(sampled > 20.0, "the spinning on descheduled siblings is seen: {barrier}");
+    // The guest's own TSC-timed figure agrees (57.2% +- 2.6 vs 55.1% when this was written).
+    assert!((sampled - guest).abs() < 10.0, "sampled {sampled}% vs guest {guest}%: {barrier}");
+    assert_eq!(pct(&hog["spin_sampled_pct"]), 0.0, "a CPU-bound guest never spins: {hog}");
 }
 
 #[test]
@@ -136,7 +175,7 @@ fn the_four_pcpu_example_runs_its_hierarchy_of_hard_and_weighted_partitions() {
     }
     let barrier = stats(&run, "barrier");
     assert!(pct(&barrier["spin_waste_hv_pct"]) <= 2.0, "gang on 4 pCPUs: {barrier}");
-    assert!(run.one("accounting")["unaccounted_ppb"].as_u64().unwrap() <= 100);
+    assert!(run.one("accounting")["unaccounted_ppb"].as_u64().unwrap() <= 10_000);
 }
 
 #[test]

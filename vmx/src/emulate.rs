@@ -4,11 +4,10 @@
 
 use crate::cpuid::{self, CpuidResult};
 use crate::exit::IoAccess;
-use crate::msr::{self, MsrAccess, IA32_EFER};
+use crate::msr::{self, MsrAccess, EFER_LMA, IA32_EFER};
 use crate::vcpu_access::{gpr, VcpuAccess};
 
 const EXCEPTION_GP: u8 = 13;
-const EFER_LMA: u64 = 1 << 10;
 
 /// RDMSR/WRMSR of an MSR the bitmap does not pass through (`vmx::msr` decides which) by vCPU
 /// `vcpu`; `tsc` is the time stamp counter now. A refused access gets #GP and RIP stays.

@@ -25,6 +25,8 @@ pub const IA32_MISC_ENABLE: u32 = 0x1A0;
 pub const IA32_PAT: u32 = 0x277;
 pub const IA32_MTRR_DEF_TYPE: u32 = 0x2FF;
 pub const IA32_EFER: u32 = 0xC000_0080;
+/// EFER.LMA: the guest runs in IA-32e (64-bit or compatibility) mode.
+pub const EFER_LMA: u64 = 1 << 10;
 pub const IA32_FS_BASE: u32 = 0xC000_0100;
 pub const IA32_GS_BASE: u32 = 0xC000_0101;
 
