@@ -94,7 +94,7 @@ pub fn in_pause_loop(code: &[u8], at: usize, rip: u64) -> bool {
                     return body_has_pause(code, (target - base) as usize, (end - base) as usize, target);
                 }
                 if instruction.flow_control() == FlowControl::UnconditionalBranch {
-                    // A forward jump: follow it only if it stays in the fetched code.
+                    // A forward jump leaves the straight path: not followed, not a tight loop.
                     return false;
                 }
             }
@@ -128,12 +128,12 @@ pub fn spinning_pct(spinning: u64, samples: u64) -> Option<(f64, f64)> {
         return None;
     }
     let p = spinning as f64 / samples as f64;
-    let half_width = 1.96 * libm_sqrt(p * (1.0 - p) / samples as f64);
+    let half_width = 1.96 * newton_sqrt(p * (1.0 - p) / samples as f64);
     Some((100.0 * p, 100.0 * half_width))
 }
 
 /// `no_std` has no `f64::sqrt`; Newton's method is exact enough for a confidence interval.
-fn libm_sqrt(x: f64) -> f64 {
+fn newton_sqrt(x: f64) -> f64 {
     if x <= 0.0 {
         return 0.0;
     }
