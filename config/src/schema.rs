@@ -31,6 +31,7 @@ pub(crate) struct RawHypervisor {
     pub run_ms: Option<Spanned<u64>>,
     pub skew_bound_us: Option<Spanned<u64>>,
     pub spin_sample_us: Option<Spanned<u64>>,
+    pub trace_events: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +145,10 @@ pub enum DispatchPolicy {
     /// Phase-locked gang dispatch: a partition's vCPUs start and stop together.
     #[default]
     Gang,
+    /// Gang dispatch on the same tables, paced by IPIs instead of phase-locked timers: pCPU 0
+    /// times every slot boundary and sends the others an IPI at each (the comparison
+    /// Barrelfish drew; `scripts/bench-slots`).
+    IpiGang,
     /// Baseline: each pCPU time-slices its vCPUs round-robin without cross-CPU alignment.
     Independent,
     /// Independent plus PAUSE-loop-exit directed yield (the KVM approach).
@@ -157,6 +162,7 @@ impl DispatchPolicy {
     pub fn as_str(self) -> &'static str {
         match self {
             DispatchPolicy::Gang => "gang",
+            DispatchPolicy::IpiGang => "ipi-gang",
             DispatchPolicy::Independent => "independent",
             DispatchPolicy::IndependentYield => "independent-yield",
             DispatchPolicy::RelaxedCo => "relaxed-co",
@@ -166,7 +172,7 @@ impl DispatchPolicy {
     /// Whether the planner aligns each partition's slots across its pCPUs. Relaxed
     /// co-scheduling runs on the independent tables and only stops leading vCPUs at run time.
     pub fn aligned(self) -> bool {
-        matches!(self, DispatchPolicy::Gang)
+        matches!(self, DispatchPolicy::Gang | DispatchPolicy::IpiGang)
     }
 }
 
@@ -232,9 +238,15 @@ pub struct HypervisorConfig {
     pub skew_bound_us: Option<u64>,
     /// Guest time between two spin-wait samples of a vCPU; 0: no sampling.
     pub spin_sample_us: u64,
+    /// Events each pCPU's trace buffer holds; 0: no trace.
+    pub trace_events: u64,
 }
 
 pub const DEFAULT_MAJOR_FRAME_US: u64 = 10_000;
+/// Shortest major frame: Barrelfish's shortest slice (scripts/bench-slots sweeps down to
+/// here; a slot shorter than a VM exit leaves its guest little time, but runs).
+pub const MIN_MAJOR_FRAME_US: u64 = 20;
+pub const MAX_MAJOR_FRAME_US: u64 = 10_000_000;
 pub const DEFAULT_STATS_INTERVAL_MS: u64 = 1_000;
 /// Off unless asked for: each sample is a VM exit, a page walk and a look at the code (about
 /// 2.5k cycles under Bochs, 4% of the machine at a 10 ms interval there).
@@ -243,6 +255,14 @@ pub const DEFAULT_SPIN_SAMPLE_US: u64 = 0;
 pub const MIN_SPIN_SAMPLE_US: u64 = 10;
 /// Longest sampling interval.
 pub const MAX_SPIN_SAMPLE_US: u64 = 1_000_000;
+/// Off unless asked for (docs/benchmarks.md has its cost per event).
+pub const DEFAULT_TRACE_EVENTS: u64 = 0;
+/// Smallest trace buffer worth its console records.
+pub const MIN_TRACE_EVENTS: u64 = 1024;
+/// Bytes one buffered trace event takes (`reservations::trace::Event`).
+pub const TRACE_EVENT_BYTES: u64 = 16;
+/// What all pCPUs' trace buffers together may take of the hypervisor's heap.
+pub const MAX_TRACE_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupConfig {

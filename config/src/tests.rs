@@ -157,8 +157,8 @@ fn defaults_apply_when_keys_are_left_out() {
     let v = ok(&text, None);
     let hv = &v.config.hypervisor;
     assert_eq!(
-        (hv.major_frame_us, hv.policy, hv.stats_interval_ms, hv.skew_bound_us, hv.spin_sample_us),
-        (10_000, DispatchPolicy::Gang, 1_000, None, 0)
+        (hv.major_frame_us, hv.policy, hv.stats_interval_ms, hv.skew_bound_us, hv.spin_sample_us, hv.trace_events),
+        (10_000, DispatchPolicy::Gang, 1_000, None, 0, 0)
     );
     let db = &v.config.partitions[1];
     assert_eq!((db.policy, db.on_fault, db.guest.cmdline.as_str()), (NestedPolicy::Gang, OnFault::Stop, ""));
@@ -198,6 +198,16 @@ fn independent_dispatch_flattens_without_gang_alignment() {
     let v = ok(&relaxed, None);
     assert_eq!(v.config.hypervisor.skew_bound_us, Some(500));
     assert!(v.tree.flatten().iter().all(|p| !p.gang), "relaxed co-scheduling starts from the independent tables");
+}
+
+#[test]
+fn ipi_gang_runs_the_gang_tables() {
+    let gang = ok(BASE, None);
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"ipi-gang\"");
+    let v = ok(&text, None);
+    assert_eq!(v.config.hypervisor.policy, DispatchPolicy::IpiGang);
+    assert!(v.tree.flatten().iter().all(|p| p.gang));
+    assert_eq!(v.dispatch, gang.dispatch, "only how boundaries are signalled differs");
 }
 
 #[test]
@@ -686,7 +696,7 @@ fn hypervisor_settings_are_checked() {
     );
     let text = edit(BASE, "major_frame_us = 10000", "major_frame_us = 10");
     let e = bad(&text, None);
-    assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "major_frame_us", (2, 18), "outside 100 us");
+    assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "major_frame_us", (2, 18), "outside 20 us");
     let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nspin_sample_us = 5");
     let e = bad(&text, None);
     assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "spin_sample_us", (4, 18), "0 (no sampling) or 10");
@@ -694,6 +704,30 @@ fn hypervisor_settings_are_checked() {
         let text = edit(BASE, "policy = \"gang\"", &format!("policy = \"gang\"\nspin_sample_us = {value}"));
         assert_eq!(ok(&text, None).config.hypervisor.spin_sample_us, sample_us);
     }
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\ntrace_events = 100");
+    let e = bad(&text, None);
+    assert_error(
+        &e,
+        ErrorKind::InvalidValue,
+        Some("[hypervisor]"),
+        "trace_events",
+        (4, 16),
+        "0 (no trace) or at least 1024",
+    );
+    // The buffers of every pCPU come from one heap: 4 pCPUs x 131072 x 16 bytes = 8 MiB fits,
+    // one event more per pCPU does not (and the message says what would).
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\ntrace_events = 131072");
+    assert_eq!(ok(&text, Some(&platform(4, 1024))).config.hypervisor.trace_events, 131_072);
+    let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\ntrace_events = 131073");
+    let e = bad(&text, Some(&platform(4, 1024)));
+    assert_error(
+        &e,
+        ErrorKind::InvalidValue,
+        Some("[hypervisor]"),
+        "trace_events",
+        (4, 16),
+        "at most 131072 events per pCPU",
+    );
     let text = edit(BASE, "policy = \"gang\"", "policy = \"gang\"\nrun_ms = 0");
     let e = bad(&text, None);
     assert_error(&e, ErrorKind::InvalidValue, Some("[hypervisor]"), "run_ms", (4, 10), "at least 1 ms");

@@ -120,7 +120,31 @@ impl Checker<'_> {
         let named_pcpus = config.partitions.iter().flat_map(|p| p.pcpus.iter()).max().map_or(1, |&c| c + 1);
         let pcpus = self.machine.pcpus.unwrap_or(named_pcpus);
         let dispatch = dispatch_plan::plan(&config, &tree, pcpus).map_err(|f| self.plan_error(f))?;
+        self.trace_fits(&config.hypervisor, pcpus)?;
         Ok(Validated { config, memory, tree, dispatch })
+    }
+
+    /// Every pCPU gets a trace buffer of `trace_events`, all of them from the heap.
+    fn trace_fits(&self, hypervisor: &HypervisorConfig, pcpus: u32) -> Result<(), ConfigError> {
+        let bytes = hypervisor.trace_events.saturating_mul(TRACE_EVENT_BYTES).saturating_mul(pcpus as u64);
+        let Some(v) = self.raw.hypervisor.as_ref().and_then(|h| h.get_ref().trace_events.as_ref()) else {
+            return Ok(());
+        };
+        if bytes <= MAX_TRACE_BYTES {
+            return Ok(());
+        }
+        let most = MAX_TRACE_BYTES / TRACE_EVENT_BYTES / pcpus as u64;
+        Err(self.r.at(
+            v.span(),
+            hv_subject(),
+            Some("trace_events"),
+            ErrorKind::InvalidValue,
+            format!(
+                "{pcpus} pCPUs x {} events x {TRACE_EVENT_BYTES} bytes exceeds the {} MiB the trace may take; at most {most} events per pCPU",
+                hypervisor.trace_events,
+                MAX_TRACE_BYTES / MIB
+            ),
+        ))
     }
 
     fn hypervisor(&self) -> Result<HypervisorConfig, ConfigError> {
@@ -129,11 +153,11 @@ impl Checker<'_> {
             self.r.at(span, hv_subject(), Some(field), ErrorKind::InvalidValue, message)
         };
         let major_frame_us = match raw.and_then(|h| h.major_frame_us.as_ref()) {
-            Some(v) if !(100..=10_000_000).contains(v.get_ref()) => {
+            Some(v) if !(MIN_MAJOR_FRAME_US..=MAX_MAJOR_FRAME_US).contains(v.get_ref()) => {
                 return Err(invalid(
                     v.span(),
                     "major_frame_us",
-                    format!("{} us is outside 100 us ..= 10 s", v.get_ref()),
+                    format!("{} us is outside {MIN_MAJOR_FRAME_US} us ..= 10 s", v.get_ref()),
                 ));
             }
             Some(v) => *v.get_ref(),
@@ -195,7 +219,26 @@ impl Checker<'_> {
             Some(v) => *v.get_ref(),
             None => DEFAULT_SPIN_SAMPLE_US,
         };
-        Ok(HypervisorConfig { major_frame_us, policy, stats_interval_ms, run_ms, skew_bound_us, spin_sample_us })
+        let trace_events = match raw.and_then(|h| h.trace_events.as_ref()) {
+            Some(v) if *v.get_ref() != 0 && *v.get_ref() < MIN_TRACE_EVENTS => {
+                return Err(invalid(
+                    v.span(),
+                    "trace_events",
+                    format!("must be 0 (no trace) or at least {MIN_TRACE_EVENTS} events per pCPU"),
+                ))
+            }
+            Some(v) => *v.get_ref(),
+            None => DEFAULT_TRACE_EVENTS,
+        };
+        Ok(HypervisorConfig {
+            major_frame_us,
+            policy,
+            stats_interval_ms,
+            run_ms,
+            skew_bound_us,
+            spin_sample_us,
+            trace_events,
+        })
     }
 
     /// Names are printed in logs and JSON records and are the tree's node names: one

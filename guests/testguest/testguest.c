@@ -133,12 +133,38 @@ static void __attribute__((noreturn)) fail(uint64_t vcpu, int print, const char 
 
 /* ---- the workload ---- */
 
-/* N steps of a 64-bit LCG; the empty asm keeps the compiler from folding the loop. */
-static uint64_t compute_step(uint64_t work, uint64_t x)
+/* Time the vCPU ran, told apart from time it was descheduled: a gap longer than `gap`
+ * between two reads of the TSC is the hypervisor running someone else (a slot lasts
+ * milliseconds; an exit, even a spin-wait sample, far less). The guest's spin and busy
+ * figures count running time only, like the hypervisor's samples. */
+struct run_clock {
+    uint64_t last, gap, descheduled;
+};
+
+static inline uint64_t run_clock_tick(struct run_clock *rc)
 {
-    for (uint64_t i = 0; i < work; i++) {
-        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-        __asm__ volatile("" : "+r"(x));
+    uint64_t now = rdtsc();
+    if (now - rc->last > rc->gap)
+        rc->descheduled += now - rc->last;
+    rc->last = now;
+    return now;
+}
+
+/* Inner steps between two looks at the TSC in compute_step. */
+#define STEPS_PER_TICK 256
+
+/* N steps of a 64-bit LCG; the empty asm keeps the compiler from folding the loop. The
+ * inner loop stays bare (under Bochs every instruction is a cycle): the clock is read
+ * between runs of STEPS_PER_TICK steps. */
+static uint64_t compute_step(uint64_t work, uint64_t x, struct run_clock *rc)
+{
+    for (uint64_t done = 0; done < work; done += STEPS_PER_TICK) {
+        uint64_t steps = work - done < STEPS_PER_TICK ? work - done : STEPS_PER_TICK;
+        for (uint64_t i = 0; i < steps; i++) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            __asm__ volatile("" : "+r"(x));
+        }
+        run_clock_tick(rc);
     }
     return x;
 }
@@ -152,7 +178,7 @@ static struct {
     volatile uint32_t sense;
 } barrier_release __attribute__((aligned(64)));
 
-static void barrier_wait(uint32_t vcpus, uint32_t *local_sense)
+static void barrier_wait(uint32_t vcpus, uint32_t *local_sense, struct run_clock *rc)
 {
     uint32_t sense = !*local_sense;
     *local_sense = sense;
@@ -162,8 +188,10 @@ static void barrier_wait(uint32_t vcpus, uint32_t *local_sense)
         __atomic_store_n(&barrier_release.sense, sense, __ATOMIC_RELEASE);
     } else {
         /* The PAUSE loop is what PAUSE-loop exiting is meant to see. */
-        while (__atomic_load_n(&barrier_release.sense, __ATOMIC_ACQUIRE) != sense)
+        while (__atomic_load_n(&barrier_release.sense, __ATOMIC_ACQUIRE) != sense) {
             cpu_pause();
+            run_clock_tick(rc);
+        }
     }
 }
 
@@ -173,6 +201,7 @@ struct vcpu_ctx {
     struct testguest_options opt;
     volatile struct stats_record *rec;
     uint64_t iterations, spin_cycles, busy_cycles;
+    struct run_clock clock;
 };
 
 static void publish(struct vcpu_ctx *c, uint64_t now)
@@ -218,13 +247,15 @@ static void __attribute__((noreturn)) run_barrier(struct vcpu_ctx *c)
     uint32_t local_sense = 0;
     uint64_t x = c->vcpu;
     for (;;) {
-        uint64_t t0 = rdtsc();
-        x = compute_step(c->opt.work, x);
-        uint64_t t1 = rdtsc();
-        barrier_wait(c->info->vcpus, &local_sense);
-        uint64_t t2 = rdtsc();
-        c->busy_cycles += t1 - t0;
-        c->spin_cycles += t2 - t1;
+        /* Descheduled time is read after each phase's first tick: a gap before it (the
+         * progress line, the report) belongs to neither phase. */
+        uint64_t t0 = run_clock_tick(&c->clock), d0 = c->clock.descheduled;
+        x = compute_step(c->opt.work, x, &c->clock);
+        uint64_t t1 = run_clock_tick(&c->clock), d1 = c->clock.descheduled;
+        barrier_wait(c->info->vcpus, &local_sense, &c->clock);
+        uint64_t t2 = run_clock_tick(&c->clock), d2 = c->clock.descheduled;
+        c->busy_cycles += (t1 - t0) - (d1 - d0);
+        c->spin_cycles += (t2 - t1) - (d2 - d1);
         c->iterations++;
         publish(c, t2);
         after_iteration(c, PROGRESS_EVERY_BARRIER);
@@ -256,10 +287,10 @@ static void __attribute__((noreturn)) run_cpubound(struct vcpu_ctx *c)
     for (;;) {
         if (oob && c->iterations == c->opt.oob_after)
             oob_write(c);
-        uint64_t t0 = rdtsc();
-        x = compute_step(c->opt.work, x);
-        uint64_t t1 = rdtsc();
-        c->busy_cycles += t1 - t0;
+        uint64_t t0 = run_clock_tick(&c->clock), d0 = c->clock.descheduled;
+        x = compute_step(c->opt.work, x, &c->clock);
+        uint64_t t1 = run_clock_tick(&c->clock), d1 = c->clock.descheduled;
+        c->busy_cycles += (t1 - t0) - (d1 - d0);
         c->iterations++;
         publish(c, t1);
         after_iteration(c, PROGRESS_EVERY_CPUBOUND);
@@ -291,6 +322,8 @@ void __attribute__((noreturn)) testguest_main(uint64_t vcpu, const volatile stru
     c.rec = (volatile struct stats_record *)(info->stats_gpa + vcpu * STATS_RECORD_SIZE);
     c.rec->state = STATE_RUNNING;
     c.rec->last_tsc = rdtsc();
+    /* 500 us: far above an exit, far below a slot. Without a TSC rate, 500 us at 3 GHz. */
+    c.clock = (struct run_clock){ .last = rdtsc(), .gap = info->tsc_hz ? info->tsc_hz / 2000 : 1500000 };
 
     if (vcpu == 0) {
         struct line l;

@@ -89,6 +89,12 @@ pub fn send_fixed(apic_id: u32, vector: u8) {
     send_ipi(apic_id, 0x0000_4000 | vector as u32);
 }
 
+/// A fixed interrupt with `vector` to every CPU but this one (the ICR's destination shorthand).
+pub fn send_all_but_self(vector: u8) {
+    const ALL_EXCLUDING_SELF: u32 = 0b11 << 18;
+    send_ipi(0, ALL_EXCLUDING_SELF | 0x0000_4000 | vector as u32);
+}
+
 /// INIT (assert, level) to one CPU.
 pub fn send_init(apic_id: u32) {
     send_ipi(apic_id, 0x0000_4500);

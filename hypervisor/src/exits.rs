@@ -6,6 +6,7 @@
 extern crate alloc;
 
 use alloc::string::String;
+use reservations::trace::EventKind;
 
 use config::DispatchPolicy;
 use vmx::devices::DeviceEffects;
@@ -18,7 +19,7 @@ use crate::machine::machine;
 use crate::partition::{Fault, Partition};
 use crate::pcpu::kick;
 use crate::vcpu::Vcpu;
-use crate::vectors::{DISPATCH_VECTOR, KICK_VECTOR};
+use crate::vectors::{BOUNDARY_VECTOR, DISPATCH_VECTOR, KICK_VECTOR};
 use crate::vmcs::{self, control, guest, ro};
 
 /// What the slot loop does after an exit.
@@ -43,8 +44,15 @@ pub enum ExitOutcome {
 }
 
 /// Handles one VM exit of `vcpu` (of `partition`, current on this pCPU) whose slot ends at
-/// `deadline`.
-pub fn handle_exit(vcpu: &mut Vcpu, partition: &Partition, reason: ExitReason, raw: u32, deadline: u64) -> ExitOutcome {
+/// `deadline`, with its guard at `guard_at`.
+pub fn handle_exit(
+    vcpu: &mut Vcpu,
+    partition: &Partition,
+    reason: ExitReason,
+    raw: u32,
+    deadline: u64,
+    guard_at: u64,
+) -> ExitOutcome {
     let rip = vmcs::read(guest::RIP);
     let vcpu_index = vcpu.index;
     let stop = |reason: &'static str, detail: String| {
@@ -55,18 +63,19 @@ pub fn handle_exit(vcpu: &mut Vcpu, partition: &Partition, reason: ExitReason, r
         Handler::HostInterrupt => {
             let info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32;
             if let Some(vector) = vmx::exit::interrupt_vector(info) {
-                if vector != DISPATCH_VECTOR && vector != KICK_VECTOR {
+                crate::trace::record_here(EventKind::HostInterrupt, vcpu.partition, vcpu.index, vector as u32);
+                if ![DISPATCH_VECTOR, KICK_VECTOR, BOUNDARY_VECTOR].contains(&vector) {
                     log::warn!("unexpected interrupt vector {vector:#x} while a guest ran");
                 }
                 crate::apic::eoi();
             }
             ExitOutcome::HostInterrupt
         }
-        // Either the boundary passed without the timer interrupt stopping the guest (the
-        // guard), or the guest's own LAPIC timer came due (handled before the next entry).
-        Handler::SlotGuard if crate::tsc::now() >= deadline => ExitOutcome::Guard,
-        Handler::SlotGuard if machine().spin_sample_cycles > 0 && crate::tsc::now() >= vcpu.sample_due => {
-            vcpu.sample_due = crate::tsc::now() + machine().spin_sample_cycles;
+        // Either the boundary passed without the timer interrupt (or the timing pCPU's IPI)
+        // stopping the guest (the guard), a spin-wait sample is due, or the guest's own LAPIC
+        // timer came due (handled before the next entry).
+        Handler::SlotGuard if crate::tsc::now() >= guard_at => ExitOutcome::Guard,
+        Handler::SlotGuard if vcpu.sample_clock.take_due() => {
             let long_mode = vmcs::read(guest::IA32_EFER_FULL) & vmx::msr::EFER_LMA != 0;
             ExitOutcome::Sampled(vmx::spin_sample::sample(&CurrentVcpu::of(vcpu, partition), long_mode))
         }

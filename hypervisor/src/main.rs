@@ -19,6 +19,7 @@ mod guest_entry;
 mod interrupts;
 mod machine;
 mod memory;
+mod pacing;
 mod partition;
 mod pcpu;
 mod percpu;
@@ -29,6 +30,7 @@ mod report;
 mod serial;
 mod slot_loop;
 mod smp;
+mod trace;
 mod tsc;
 mod vcpu;
 mod vectors;
@@ -270,6 +272,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         machine.policy.as_str(),
         tsc::cycles_to_us(machine.frame_cycles)
     );
+    trace::allocate(cpus, hv.trace_events as usize);
     console::start_buffering();
     let stuck = smp::run_on_all_within(cpus, slot_loop::run_pcpu, lead_us + run_ms * 1000 + 2_000_000);
     if !stuck.is_empty() {
@@ -277,6 +280,7 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
     }
     console::stop_buffering();
     report::final_records(cpus, schedule.end - schedule.t0);
+    trace::dump(cpus, schedule.t0);
     Record::new("run_end").u64("run_ms", run_ms).str("policy", machine.policy.as_str()).emit();
 }
 

@@ -17,8 +17,9 @@ use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
 pub const MULTIBOOT2_MAGIC: u32 = 0x36D7_6289;
 pub const MULTIBOOT1_MAGIC: u32 = 0x2BAD_B002;
 
-/// The hypervisor's own heap: per-CPU structures, VMCS/VMXON regions, EPT tables.
-const HEAP_SIZE: u64 = 16 << 20;
+/// The hypervisor's own heap: per-CPU structures, VMCS/VMXON regions, EPT tables (16 MiB),
+/// and room for the largest trace the config check accepts.
+const HEAP_SIZE: u64 = (16 << 20) + config::MAX_TRACE_BYTES;
 /// Real-mode IVT/BDA/EBDA, the AP trampoline and legacy ROMs: never handed out.
 const LOW_MEMORY_END: u64 = 0x10_0000;
 

@@ -9,6 +9,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use reservations::trace::EventKind;
 use spin::Mutex;
 
 use config::OnFault;
@@ -149,6 +150,7 @@ impl Partition {
     fn stop_and_maybe_reset(&self, fault: Fault, reset: bool) {
         let mut slot = self.fault.lock();
         if slot.is_none() {
+            crate::trace::record_here(EventKind::Fault, self.id, fault.vcpu, 0);
             *slot = Some(fault);
             self.fault_unreported.store(true, Ordering::Release);
         }

@@ -7,8 +7,10 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
+use reservations::trace::{Event, EventKind};
 use reservations::{Account, Ledger, Work};
 use sched::VcpuRef;
+use vmx::spin_sample::SampleClock;
 
 use crate::machine::machine;
 use crate::partition::{Fault, Partition};
@@ -21,6 +23,8 @@ pub const MAX_SLOT_ENTRIES: usize = 8192;
 
 /// One pCPU's state while it dispatches (owned by its slot loop).
 pub struct Pcpu {
+    /// Its pCPU number.
+    pub cpu: usize,
     pub vcpus: Vec<Vcpu>,
     /// The vCPU whose VMCS is current on this pCPU.
     pub loaded: Option<usize>,
@@ -43,6 +47,7 @@ impl Pcpu {
             for (i, &home) in homes.iter().enumerate() {
                 if home == cpu {
                     let mut v = Vcpu::new(p, i as u32, vpid, &m.controls.caps);
+                    v.sample_clock = SampleClock::new(m.spin_sample_cycles, vpid as u64);
                     set_up(&mut v, &m.partitions[p], &m.partitions[p].initial_states[i]);
                     vcpus.push(v);
                 }
@@ -50,6 +55,7 @@ impl Pcpu {
             }
         }
         Pcpu {
+            cpu,
             loaded: None,
             vcpus,
             ledger: Ledger::new(cpu as u32, m.partitions.len(), t0),
@@ -65,6 +71,12 @@ impl Pcpu {
     /// between stretches that no stamp covers stays unaccounted in the ledger.
     pub fn charge(&mut self, account: Account, from: u64, to: u64) {
         self.ledger.charge(account, from, to);
+    }
+
+    /// Records an event of this pCPU's vCPU `index` in its trace.
+    pub fn trace(&self, kind: EventKind, tsc: u64, index: usize, arg: u32) {
+        let v = &self.vcpus[index];
+        crate::trace::record(self.cpu, Event::new(kind, tsc, v.partition as u16, v.index as u8, arg));
     }
 
     pub fn find(&self, v: VcpuRef) -> Option<usize> {
@@ -129,6 +141,10 @@ impl Pcpu {
             let generation = partition.generation.load(Ordering::Acquire);
             if v.generation != generation && !partition.is_stopped() {
                 v.generation = generation;
+                crate::trace::record(
+                    self.cpu,
+                    Event::new(EventKind::Reset, start, partition_id as u16, v.index as u8, 0),
+                );
                 if set_up(v, partition, &partition.initial_states[v.index as usize]) {
                     self.loaded = Some(index);
                 }
@@ -161,6 +177,7 @@ fn set_up(v: &mut Vcpu, partition: &Partition, state: &firmware::longmode::VcpuS
 /// or its idle loop wakes).
 pub fn kick(partition: usize, vcpu: u32) {
     let home = machine().homes[partition][vcpu as usize];
+    crate::trace::record_here(EventKind::Kick, partition, vcpu, home as u32);
     crate::percpu::of(home).attention.store(true, Ordering::Release);
     if home != crate::cpu::current_index() {
         crate::apic::send_fixed(crate::cpu::apic_id_of(home), KICK_VECTOR);

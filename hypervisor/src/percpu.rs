@@ -31,6 +31,8 @@ pub struct PerCpu {
     pub attention: AtomicBool,
     /// What this pCPU's slot loop hands to the BSP at the end of the run.
     pub dispatch_result: Mutex<Option<PcpuResult>>,
+    /// Its trace buffer when the config asks for one (`trace`).
+    pub trace: Mutex<Option<reservations::trace::TraceBuffer>>,
 }
 
 pub struct Mailbox {
@@ -82,6 +84,7 @@ static CPUS: [PerCpu; MAX_CPUS] = [const {
         vmx_caps: Mutex::new(None),
         attention: AtomicBool::new(false),
         dispatch_result: Mutex::new(None),
+        trace: Mutex::new(None),
     }
 }; MAX_CPUS];
 

@@ -57,7 +57,10 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         let used = totals.charged_cycles();
         // Gang skew: per slot, the spread of the first VM entry across the pCPUs.
         let mut by_slot: alloc::collections::BTreeMap<u64, (u64, u64, u32)> = alloc::collections::BTreeMap::new();
+        // Entry latency: from the slot boundary to its owner's first VM entry on a pCPU.
+        let mut latencies = Vec::new();
         for e in results.iter().flat_map(|r| r.slot_entries.iter()).filter(|e| e.partition == p.id as u32) {
+            latencies.push(e.entry_tsc.saturating_sub(e.slot_start));
             let s = by_slot.entry(e.slot_start).or_insert((u64::MAX, 0, 0));
             s.0 = s.0.min(e.entry_tsc);
             s.1 = s.1.max(e.entry_tsc);
@@ -99,6 +102,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("skew_median_cycles", skew_median)
             .u64("skew_max_cycles", skew_max)
             .u64("skew_max_at_ms", skew_max_at_ms)
+            .u64("entry_latency_median_cycles", median(&mut latencies))
             .u64("hypercalls", p.hypercalls.load(core::sync::atomic::Ordering::Relaxed))
             .u64("resets", p.resets.load(core::sync::atomic::Ordering::Relaxed))
             .str("state", if fault.is_some() { "stopped" } else { "running" })

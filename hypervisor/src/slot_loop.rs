@@ -14,12 +14,14 @@ extern crate alloc;
 
 use core::sync::atomic::Ordering;
 
+use reservations::trace::{Event, EventKind};
 use reservations::{Account, Work};
 use sched::{SlotTurns, TurnEnd, VcpuRef};
 
 use crate::apic::{self, TimerMode};
 use crate::exits::{handle_exit, ExitOutcome};
 use crate::machine::machine;
+use crate::pacing::Pacing;
 use crate::partition::Fault;
 use crate::pcpu::{take_attention, Pcpu, MAX_SLOT_ENTRIES};
 use crate::percpu::{PcpuResult, SlotEntry, EXIT_REASONS};
@@ -28,9 +30,6 @@ use crate::vmcs::{self, guest, ro};
 use vmx::spin_sample::Sample;
 use vmx::ExitReason;
 
-/// The VMX-preemption timer fires this long after a boundary whose timer interrupt did not
-/// stop the guest: the guard that a guest cannot overrun its slot.
-const PREEMPTION_GUARD_CYCLES: u64 = 2_000;
 /// An idle pCPU wakes this long before the next boundary and spins to it.
 const IDLE_WAKE_MARGIN_CYCLES: u64 = 2_000;
 fn timer_mode() -> TimerMode {
@@ -50,6 +49,8 @@ pub fn run_pcpu(cpu: usize) {
     let mode = timer_mode();
     apic::setup_timer(mode, DISPATCH_VECTOR);
     let mut pcpu = Pcpu::new(cpu, t0);
+    let mut pacing = Pacing::of(cpu, t0);
+    let cpus = crate::smp::online_count();
     crate::tsc::spin_until(t0);
     // The end of the last charged stretch.
     let mut mark = t0;
@@ -58,6 +59,7 @@ pub fn run_pcpu(cpu: usize) {
     let mut injected = 0;
     loop {
         let mut now = crate::tsc::now();
+        pacing.signal_due(cpu, cpus, now);
         if now >= end {
             pcpu.charge(Account::Overhead, mark, now);
             break;
@@ -89,8 +91,8 @@ pub fn run_pcpu(cpu: usize) {
             switch_start = pcpu.follow_resets(owner.partition as usize, switch_start);
         }
         let decision = turns.lend_if_owner_cannot_run(now, |v| pcpu.runnable(v));
-        let deadline = decision.next_deadline.min(end);
-        apic::arm_deadline(mode, deadline);
+        let deadline = pacing.turn_deadline(decision.next_deadline).min(end);
+        pacing.arm(mode, deadline);
         let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
         let ended = match turn {
             // From `switch_start` to the vCPU's first entry (the decision, loading its VMCS) is
@@ -98,18 +100,19 @@ pub fn run_pcpu(cpu: usize) {
             // comes out of. Only the owner's entry at the start of its slot counts for gang
             // skew (lent slack, or an owner that woke up mid-slot, is not a gang start).
             Some(index) => {
-                let (ended, at) = run_turn(&mut pcpu, index, deadline, turns.owned_slot_start(), switch_start);
+                let (ended, at) = run_turn(&mut pcpu, &pacing, index, deadline, turns.owned_slot_start(), switch_start);
                 mark = at;
                 Some(ended)
             }
             None => {
                 // A halted vCPU here whose timer comes due first ends the idle early.
                 let wake = pcpu.vcpus.iter().filter(|v| v.halted).filter_map(|v| v.lapic.timer_deadline()).min();
-                mark = idle_until(&mut pcpu, switch_start, wake.map_or(deadline, |w| w.min(deadline)));
+                mark = idle_until(&mut pcpu, &pacing, switch_start, deadline, wake);
                 None
             }
         };
-        let now = mark;
+        // A signalled boundary counts from the boundary itself, whatever this pCPU's clock.
+        let now = if pacing.boundary_reached(deadline, mark) { mark.max(deadline) } else { mark };
         if ended == Some(TurnEnd::Yielded) && now < decision.next_deadline {
             pcpu.yields += 1;
         }
@@ -129,18 +132,30 @@ pub fn run_pcpu(cpu: usize) {
     });
 }
 
-/// Nothing to run: halt the pCPU until the deadline's timer interrupt. The decision since
-/// `from` was the hypervisor's own. Returns the end of the idle stretch.
-fn idle_until(pcpu: &mut Pcpu, from: u64, deadline: u64) -> u64 {
+/// Nothing to run: halt the pCPU until the slot that ends at `deadline` is over, or until
+/// `vcpu_wake` when a halted vCPU's own timer comes due first. The decision since `from` was
+/// the hypervisor's own. Returns the end of the idle stretch.
+fn idle_until(pcpu: &mut Pcpu, pacing: &Pacing, from: u64, deadline: u64, vcpu_wake: Option<u64>) -> u64 {
     let idle_start = crate::tsc::now();
     pcpu.charge(Account::Overhead, from, idle_start);
+    crate::trace::record(pcpu.cpu, Event::machine(EventKind::IdleStart, idle_start, 0));
+    let until = vcpu_wake.map_or(deadline, |w| w.min(deadline));
     // Wake a little early and spin the rest: taking the timer interrupt out of `hlt` costs
-    // about a thousand cycles, which would otherwise come out of the next slot.
-    let wake = deadline.saturating_sub(IDLE_WAKE_MARGIN_CYCLES);
-    if crate::tsc::now() < wake {
-        apic::arm_deadline(timer_mode(), wake);
+    // about a thousand cycles, which would otherwise come out of the next slot. (A signalled
+    // pCPU's boundary comes by IPI, whenever the timing pCPU sends it.)
+    let wake = until.saturating_sub(IDLE_WAKE_MARGIN_CYCLES);
+    let signalled = !pacing.own_timer_ends(deadline);
+    let timer = if signalled { vcpu_wake } else { Some(wake) };
+    if let Some(at) = timer.filter(|&at| crate::tsc::now() < at) {
+        apic::arm_deadline(timer_mode(), at);
     }
-    while crate::tsc::now() < wake {
+    let over = |now: u64| match signalled {
+        true => pacing.boundary_reached(deadline, now) || vcpu_wake.is_some_and(|w| now >= w),
+        false => now >= wake,
+    };
+    // Interrupts are off while `over` looks, so a wake-up that comes before `hlt` stays
+    // pending and ends it.
+    while !over(crate::tsc::now()) {
         // Idle time drains the console; with nothing to print, halt until the timer.
         if crate::console::pump() {
             core::hint::spin_loop();
@@ -150,9 +165,12 @@ fn idle_until(pcpu: &mut Pcpu, from: u64, deadline: u64) -> u64 {
         x86_64::instructions::interrupts::enable_and_hlt();
         x86_64::instructions::interrupts::disable();
     }
-    crate::tsc::spin_until(deadline);
+    if !signalled {
+        crate::tsc::spin_until(until);
+    }
     let idle_end = crate::tsc::now();
     pcpu.charge(Account::Idle, idle_start, idle_end);
+    crate::trace::record(pcpu.cpu, Event::machine(EventKind::IdleEnd, idle_end, 0));
     idle_end
 }
 
@@ -160,6 +178,7 @@ fn idle_until(pcpu: &mut Pcpu, from: u64, deadline: u64) -> u64 {
 /// began at `switch_start`. Returns how the turn ended and the end of its last stretch.
 fn run_turn(
     pcpu: &mut Pcpu,
+    pacing: &Pacing,
     index: usize,
     deadline: u64,
     owned_slot_start: Option<u64>,
@@ -174,6 +193,8 @@ fn run_turn(
         pcpu.loaded = Some(index);
     }
     pcpu.ledger.note_slot(account_id);
+    pcpu.trace(EventKind::TurnStart, switch_start, index, owned_slot_start.is_some() as u32);
+    let guard_at = pacing.guard_deadline(deadline);
     let mut first_entry = true;
     let mut last_reason: Option<usize> = None;
     // The stretch since the last entry (or the switch) and whose it is.
@@ -184,7 +205,7 @@ fn run_turn(
             break TurnEnd::Stopped;
         }
         let now = crate::tsc::now();
-        if now >= deadline {
+        if pacing.boundary_reached(deadline, now) {
             break TurnEnd::Deadline;
         }
         // The vCPU's virtual LAPIC: take siblings' IPIs, run its timer, inject what is due.
@@ -192,18 +213,10 @@ fn run_turn(
         vcpu.interrupt_due(&partition.devices, now);
         vcpu.deliver_interrupts(&m.controls);
         // Exit by the slot boundary (guard), when the guest's own timer is due, or for the next
-        // spin-wait sample (one missed while the vCPU was off the pCPU is not taken late).
+        // spin-wait sample.
         let wake = vcpu.lapic.timer_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));
-        let sample = match m.spin_sample_cycles {
-            0 => u64::MAX,
-            period => {
-                if vcpu.sample_due <= now {
-                    vcpu.sample_due = now + period;
-                }
-                vcpu.sample_due - now
-            }
-        };
-        let guard = ((deadline - now + PREEMPTION_GUARD_CYCLES).min(wake.max(1)).min(sample)) >> pcpu.preemption_shift;
+        let sample = vcpu.sample_clock.until_due();
+        let guard = (guard_at.saturating_sub(now).min(wake.max(1)).min(sample)) >> pcpu.preemption_shift;
         vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, guard.min(u32::MAX as u64));
         let entry = crate::tsc::now();
         if let Some(reason) = last_reason.take() {
@@ -222,9 +235,11 @@ fn run_turn(
                 pcpu.slot_entries.push(SlotEntry { slot_start, partition: partition_id as u32, entry_tsc: entry });
             }
         }
+        pcpu.trace(EventKind::VmEntry, entry, index, 0);
         let result = pcpu.vcpus[index].enter();
         let exit = crate::tsc::now();
         partition.vcpu_run_cycles[pcpu.vcpus[index].index as usize].fetch_add(exit - entry, Ordering::Relaxed);
+        pcpu.vcpus[index].sample_clock.ran(exit - entry);
         pcpu.charge(Account::Guest(account_id), entry, exit);
         stretch_start = exit;
         stretch_account = Account::OnBehalf(account_id, Work::ExitHandling);
@@ -241,9 +256,10 @@ fn run_turn(
         let raw = vmcs::read(ro::EXIT_REASON) as u32;
         let reason = ExitReason::from_raw(raw);
         let slot = (reason.number() as usize).min(EXIT_REASONS - 1);
+        pcpu.trace(EventKind::VmExit, exit, index, reason.number());
         pcpu.exits[slot].count += 1;
         last_reason = Some(slot);
-        match handle_exit(&mut pcpu.vcpus[index], partition, reason, raw, deadline) {
+        match handle_exit(&mut pcpu.vcpus[index], partition, reason, raw, deadline, guard_at) {
             ExitOutcome::Resume => continue,
             // A sibling pCPU's kick or the slot timer: the hypervisor's own, not the
             // interrupted partition's.
@@ -280,18 +296,35 @@ fn run_turn(
         _ => stretch_account,
     };
     pcpu.charge(account, stretch_start, now);
+    pcpu.trace(EventKind::TurnEnd, now, index, turn_end_code(end));
     (end, now)
+}
+
+/// How a turn ended, as the trace numbers it (docs/records.md).
+fn turn_end_code(end: TurnEnd) -> u32 {
+    match end {
+        TurnEnd::Deadline => 0,
+        TurnEnd::Halted => 1,
+        TurnEnd::Yielded => 2,
+        TurnEnd::Stopped => 3,
+    }
 }
 
 /// One progress record per partition, `since_t0` cycles into the run.
 fn report_progress(since_t0: u64) {
     let ms = crate::tsc::cycles_to_us(since_t0) / 1000;
-    for p in &machine().partitions {
+    let m = machine();
+    for p in &m.partitions {
         let iterations: u64 = (0..p.vcpus).map(|v| p.guest_stats(v).iterations).max().unwrap_or(0);
+        // Guest time so far and the pCPUs it comes from: CPU share over time (scripts/report.py).
+        let guest_cycles: u64 = p.vcpu_run_cycles.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        let pcpus = m.homes[p.id].iter().collect::<alloc::collections::BTreeSet<_>>().len();
         crate::console::Record::new("progress")
             .u64("t_ms", ms)
             .str("partition", &p.name)
             .u64("iterations", iterations)
+            .u64("guest_cycles", guest_cycles)
+            .u64("pcpus", pcpus as u64)
             .bool("stopped", p.is_stopped())
             .emit();
     }

@@ -3,7 +3,9 @@
 
 extern crate alloc;
 
+use reservations::trace::EventKind;
 use vmx::entry_check::EntryCheckFailure;
+use vmx::spin_sample::SampleClock;
 use vmx::vmcs_image::{HostState, InitialVmcs, PartitionContext, VcpuContext, RFLAGS_IF};
 use vmx::{ControlSet, VmxCapabilities};
 
@@ -28,9 +30,8 @@ pub struct Vcpu {
     pub generation: u64,
     /// The generation + 1 in which this vCPU parked for a pending reset (0: never).
     pub parked_generation: u64,
-    /// When its next spin-wait sample is due (TSC; reset at an entry where it has passed,
-    /// since time off the pCPU is not guest time).
-    pub sample_due: u64,
+    /// When its next spin-wait sample is due, in its own guest time.
+    pub sample_clock: SampleClock,
 }
 
 const FXSAVE_SIZE: usize = 512;
@@ -62,7 +63,7 @@ impl Vcpu {
             interrupt_window: false,
             generation: 0,
             parked_generation: 0,
-            sample_due: 0,
+            sample_clock: SampleClock::new(0, 0),
         }
     }
 
@@ -154,6 +155,7 @@ impl Vcpu {
                 if interruptible {
                     if let Some(vector) = self.lapic.acknowledge() {
                         vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, VALID | vector as u64);
+                        crate::trace::record_here(EventKind::Inject, self.partition, self.index, vector as u32);
                     }
                 }
                 !interruptible

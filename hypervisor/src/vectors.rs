@@ -7,6 +7,8 @@ pub const DISPATCH_VECTOR: u8 = 0x41;
 /// Sent to a pCPU to make its guest exit (or its idle loop wake) at once: a sibling vCPU
 /// posted it an IPI or started it.
 pub const KICK_VECTOR: u8 = 0x42;
+/// `ipi-gang`: the timing pCPU's signal that a slot boundary has come.
+pub const BOUNDARY_VECTOR: u8 = 0x43;
 /// Spurious-interrupt vector programmed into the LAPIC.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 

@@ -4,6 +4,7 @@
 //! - [`tree`]: admission control and each leaf's effective reservation; [`Tree::flatten`]
 //!   produces the planner's input ([`flat`]).
 //! - [`ledger`]: per-pCPU cycle accounting where every cycle has exactly one owner.
+//! - [`trace`]: per-pCPU event trace with TSC stamps, and its console encoding.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ extern crate alloc;
 pub mod flat;
 pub mod ledger;
 pub mod spec;
+pub mod trace;
 pub mod tree;
 
 pub use flat::{EffectiveReservation, FlatPartition, PartitionId};

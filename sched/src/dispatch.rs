@@ -164,6 +164,38 @@ impl DispatchTables {
     pub fn dispatcher(&self, pcpu: usize, t0: Tick) -> PcpuDispatcher<'_> {
         PcpuDispatcher::new(&self.pcpus[pcpu], self.frame, t0)
     }
+
+    /// Every slot boundary of any pCPU from `t0` on: the times at which one timing pCPU must
+    /// tell the others that a slot has ended (`ipi-gang`).
+    pub fn boundary_clock(&self, t0: Tick) -> BoundaryClock {
+        let mut offsets: Vec<Tick> = self.pcpus.iter().flat_map(|t| t.entries.iter().map(|e| e.end)).collect();
+        offsets.push(self.frame);
+        offsets.sort_unstable();
+        offsets.dedup();
+        BoundaryClock { offsets, frame: self.frame, t0 }
+    }
+}
+
+/// The union of all pCPUs' slot boundaries, repeating every frame from `t0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundaryClock {
+    /// Offsets in `(0, frame]`, sorted; the frame's end is always one.
+    offsets: Vec<Tick>,
+    frame: Tick,
+    t0: Tick,
+}
+
+impl BoundaryClock {
+    /// The first boundary after `now` (`t0` itself before the release).
+    pub fn next_after(&self, now: Tick) -> Tick {
+        if now < self.t0 {
+            return self.t0;
+        }
+        let into_frame = (now - self.t0) % self.frame;
+        let frame_start = now - into_frame;
+        let next = self.offsets.partition_point(|&o| o <= into_frame);
+        frame_start + self.offsets[next]
+    }
 }
 
 /// Smooth weighted round-robin over the soft vCPUs homed on `pcpu` (vCPU i lives on its

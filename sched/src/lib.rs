@@ -21,7 +21,7 @@ pub mod rng;
 pub mod spec;
 pub mod turns;
 
-pub use dispatch::{Decision, DispatchEntry, DispatchTables, PcpuDispatcher, PcpuTable, VcpuRef};
+pub use dispatch::{BoundaryClock, Decision, DispatchEntry, DispatchTables, PcpuDispatcher, PcpuTable, VcpuRef};
 pub use nested::{Gang, NestedPolicy, PerPcpuRoundRobin, RoundRobinGang, SubSlice};
 pub use plan::{plan_gang, plan_independent, IndependentConfig, Owner, Plan, PlanConfig, Slot};
 pub use spec::{EffectiveReservation, FlatPartition, PartitionId, PlanError, Tick};

@@ -513,3 +513,25 @@ fn round_robin_gang_tables_never_run_a_vcpu_twice_at_once() {
     }
     assert!(per_vcpu.iter().all(|&t| t == per_vcpu[0]), "unequal vCPU time over the frame: {per_vcpu:?}");
 }
+
+#[test]
+fn the_boundary_clock_ticks_at_every_boundary_of_any_pcpu() {
+    use crate::dispatch::{DispatchEntry, PcpuTable};
+    let entry = |offset, end| DispatchEntry { offset, end, run: None, account: Account::Idle };
+    // pCPU 0 switches at 40 and 100, pCPU 1 at 25, 40 and 100 (the frame's end).
+    let tables = DispatchTables {
+        frame: 100,
+        pcpus: vec![
+            PcpuTable { entries: vec![entry(0, 40), entry(40, 100)], slack_ring: vec![] },
+            PcpuTable { entries: vec![entry(0, 25), entry(25, 40), entry(40, 100)], slack_ring: vec![] },
+        ],
+    };
+    let clock = tables.boundary_clock(1_000);
+    assert_eq!(clock.next_after(0), 1_000, "before the release: the release");
+    let ticks: Vec<Tick> = core::iter::successors(Some(1_000), |&t| Some(clock.next_after(t))).take(7).collect();
+    assert_eq!(ticks, [1_000, 1_025, 1_040, 1_100, 1_125, 1_140, 1_200]);
+    // Between boundaries (and late by several frames): the next one after now.
+    assert_eq!(clock.next_after(1_030), 1_040);
+    assert_eq!(clock.next_after(1_539), 1_540);
+    assert_eq!(clock.next_after(1_540), 1_600);
+}

@@ -15,10 +15,15 @@ fn pct(v: &Value) -> f64 {
 }
 
 fn assert_share(run: &Run, partition: &str, reserved_pct: f64) {
+    assert_share_within(run, partition, reserved_pct, 2.0);
+}
+
+/// The partition's CPU share is within `tolerance_pct` percent of its reservation.
+fn assert_share_within(run: &Run, partition: &str, reserved_pct: f64, tolerance_pct: f64) {
     let share = pct(&stats(run, partition)["cpu_share_pct"]);
     assert!(
-        (share - reserved_pct).abs() <= reserved_pct * 0.02,
-        "{partition}: measured CPU share {share}% is not within 2% of its {reserved_pct}% reservation"
+        (share - reserved_pct).abs() <= reserved_pct * tolerance_pct / 100.0,
+        "{partition}: measured CPU share {share}% is not within {tolerance_pct}% of its {reserved_pct}% reservation"
     );
 }
 
@@ -82,9 +87,11 @@ fn spin_wait_sampling_sees_the_independent_barrier_spin() {
     assert!(barrier["spin_samples"].as_u64().unwrap() >= 200, "{barrier}");
     let (sampled, guest) = (pct(&barrier["spin_sampled_pct"]), pct(&barrier["spin_waste_guest_pct"]));
     assert!(sampled > 20.0, "the spinning on descheduled siblings is seen: {barrier}");
-    // The guest's own TSC-timed figure agrees (57.2% +- 2.6 vs 55.1% when this was written).
-    assert!((sampled - guest).abs() < 10.0, "sampled {sampled}% vs guest {guest}%: {barrier}");
-    assert_eq!(pct(&hog["spin_sampled_pct"]), 0.0, "a CPU-bound guest never spins: {hog}");
+    // The guest's own TSC-timed figure of its running time agrees (48.4% +- 2.6 vs 48.6% when
+    // this was written; the target is 5 points).
+    assert!((sampled - guest).abs() < 5.0, "sampled {sampled}% vs guest {guest}%: {barrier}");
+    // A CPU-bound guest spins only while vCPU 0 waits for its UART to print a progress line.
+    assert!(pct(&hog["spin_sampled_pct"]) < 1.0, "{hog}");
 }
 
 #[test]
@@ -167,7 +174,9 @@ fn the_four_pcpu_example_runs_its_hierarchy_of_hard_and_weighted_partitions() {
     assert_eq!(run.all("partition_stats").len(), 4);
     // Hard reservations hold exactly; the weighted batch group shares what is left.
     assert_share(&run, "barrier", 50.0);
-    assert_share(&run, "control", 20.0);
+    // Control's slots are 4 ms: the previous slot's switch-out and the decision (about 570
+    // Bochs cycles, in its slot's time: docs/scheduling.md) are 1.4% of each.
+    assert_share_within(&run, "control", 20.0, 3.0);
     for soft in ["crunch", "logger"] {
         let s = stats(&run, soft);
         assert!(s["iterations"].as_u64().unwrap() > 0, "{s}");

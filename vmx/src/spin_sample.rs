@@ -21,6 +21,57 @@ pub const MAX_LOOP_BYTES: u64 = 96;
 /// How many instructions from RIP are looked at for the loop's backward branch.
 const MAX_FORWARD_INSTRUCTIONS: usize = 24;
 
+/// When a vCPU's next sample is due, counted in its own guest time: time off the pCPU does
+/// not count, so samples fall anywhere in its slots rather than always a fixed time after a
+/// slot starts. Each interval is drawn uniformly from `[period / 2, 3 * period / 2)`: a fixed
+/// interval locks in phase with the slots and the guest's own loops and sees only some points
+/// of them (under `independent`, where a slot begins with compute and ends spinning, a fixed
+/// 1 ms read 57% spinning against the guest's own 45%).
+#[derive(Debug, Clone)]
+pub struct SampleClock {
+    /// Guest cycles left until the next sample.
+    remaining: u64,
+    period: u64,
+    rng: sched::rng::SplitMix64,
+}
+
+impl SampleClock {
+    /// Samples every `period` guest cycles on average (0: never); `seed` makes each vCPU's
+    /// intervals its own.
+    pub fn new(period: u64, seed: u64) -> SampleClock {
+        let mut clock = SampleClock { remaining: u64::MAX, period, rng: sched::rng::SplitMix64::new(seed) };
+        clock.restart();
+        clock
+    }
+
+    fn restart(&mut self) {
+        if self.period > 0 {
+            self.remaining = self.period / 2 + self.rng.below(self.period);
+        }
+    }
+
+    /// Guest cycles until the next sample (`u64::MAX` when sampling is off).
+    pub fn until_due(&self) -> u64 {
+        self.remaining
+    }
+
+    /// The vCPU ran `cycles` of guest time.
+    pub fn ran(&mut self, cycles: u64) {
+        if self.period > 0 {
+            self.remaining = self.remaining.saturating_sub(cycles);
+        }
+    }
+
+    /// Whether a sample is due now; when it is, the next interval starts.
+    pub fn take_due(&mut self) -> bool {
+        let due = self.period > 0 && self.remaining == 0;
+        if due {
+            self.restart();
+        }
+        due
+    }
+}
+
 /// What one sample found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sample {
@@ -148,6 +199,37 @@ fn newton_sqrt(x: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::vcpu_access::MockVcpu;
+
+    #[test]
+    fn samples_come_every_period_of_guest_time_on_average_at_no_fixed_phase() {
+        let mut clock = SampleClock::new(1_000, 7);
+        let mut intervals = std::vec::Vec::new();
+        let mut since = 0;
+        for _ in 0..200_000 {
+            clock.ran(1);
+            since += 1;
+            if clock.take_due() {
+                intervals.push(since);
+                since = 0;
+            }
+        }
+        let mean = intervals.iter().sum::<u64>() / intervals.len() as u64;
+        assert!((950..=1_050).contains(&mean), "mean interval {mean}");
+        assert!(intervals.iter().all(|i| (500..1_500).contains(i)));
+        // Not one fixed interval: the phase against a 5,000-cycle slot varies.
+        let phases: std::collections::BTreeSet<u64> = intervals
+            .iter()
+            .scan(0, |t, i| {
+                *t += i;
+                Some(*t % 5_000 / 500)
+            })
+            .collect();
+        assert_eq!(phases.len(), 10, "samples land in every tenth of a slot");
+        // Off: never due.
+        let mut off = SampleClock::new(0, 7);
+        off.ran(u64::MAX);
+        assert!(!off.take_due() && off.until_due() == u64::MAX);
+    }
 
     /// The test guest's barrier wait: `1: mov eax, [rip+x]; cmp eax, edx; je 2f; pause; jmp 1b; 2:`
     const TESTGUEST_LOOP: [u8; 15] = [
