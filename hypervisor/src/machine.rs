@@ -125,7 +125,10 @@ pub fn build(
     let config = &validated.config;
     let features = controls.caps.features();
     let sizes = PageSizes { huge_1g: features.ept_1g_pages, large_2m: features.ept_2m_pages };
-    let tsc_per_us = crate::tsc::hz() / 1_000_000;
+    // Tables are scaled by a whole number of cycles per microsecond (exact, so the plan the
+    // check made is the plan that runs): rounded, not truncated, or a TSC calibrated a hair
+    // under 10 MHz (Bochs: 9,999,500 Hz) would run every slot 10% short.
+    let tsc_per_us = ((crate::tsc::hz() + 500_000) / 1_000_000).max(1);
     let mut partitions = Vec::new();
     for (id, (p, placement)) in config.partitions.iter().zip(&validated.memory).enumerate() {
         // Validated against this boot's memory map and modules (`boot_config::load`): memory is

@@ -84,9 +84,10 @@ impl Pacing {
     /// guard): just after the boundary, where the pCPU's own timer should have stopped it; a
     /// signalled pCPU waits up to a whole frame for the IPI before the guard steps in.
     pub fn guard_deadline(&self, deadline: u64) -> u64 {
-        match self.own_timer_ends(deadline) {
-            true => deadline + PREEMPTION_GUARD_CYCLES,
-            false => deadline + machine().frame_cycles,
+        if self.own_timer_ends(deadline) {
+            deadline + PREEMPTION_GUARD_CYCLES
+        } else {
+            deadline + machine().frame_cycles
         }
     }
 

@@ -74,7 +74,11 @@ impl Pcpu {
     }
 
     /// Records an event of this pCPU's vCPU `index` in its trace.
+    #[inline]
     pub fn trace(&self, kind: EventKind, tsc: u64, index: usize, arg: u32) {
+        if !crate::trace::enabled() {
+            return;
+        }
         let v = &self.vcpus[index];
         crate::trace::record(self.cpu, Event::new(kind, tsc, v.partition as u16, v.index as u8, arg));
     }

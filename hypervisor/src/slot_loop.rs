@@ -149,9 +149,12 @@ fn idle_until(pcpu: &mut Pcpu, pacing: &Pacing, from: u64, deadline: u64, vcpu_w
     if let Some(at) = timer.filter(|&at| crate::tsc::now() < at) {
         apic::arm_deadline(timer_mode(), at);
     }
-    let over = |now: u64| match signalled {
-        true => pacing.boundary_reached(deadline, now) || vcpu_wake.is_some_and(|w| now >= w),
-        false => now >= wake,
+    let over = |now: u64| {
+        if signalled {
+            pacing.boundary_reached(deadline, now) || vcpu_wake.is_some_and(|w| now >= w)
+        } else {
+            now >= wake
+        }
     };
     // Interrupts are off while `over` looks, so a wake-up that comes before `hlt` stays
     // pending and ends it.

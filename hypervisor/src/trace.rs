@@ -27,6 +27,12 @@ pub fn allocate(cpus: usize, capacity: usize) {
     TRACING.store(true, Ordering::Release);
 }
 
+/// Whether the run records a trace.
+#[inline]
+pub fn enabled() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
 /// Records `event` in pCPU `cpu`'s buffer. Only that pCPU records into it during the run, so
 /// its lock is never contended.
 #[inline]

@@ -5,6 +5,7 @@ use base64::Engine;
 use e2e::{Boot, Run};
 use reservations::trace::{decode, Event, EventKind};
 use std::collections::BTreeMap;
+use std::process::Command;
 
 /// Every pCPU's events, decoded from its `trace` records in chunk order.
 fn events_by_pcpu(run: &Run) -> BTreeMap<u64, Vec<Event>> {
@@ -76,6 +77,21 @@ fn the_trace_of_a_gang_run_agrees_with_the_ledgers_and_exit_counts() {
     // The slot timer's interrupts that stopped a guest are in it as host interrupts.
     let host_interrupts = by_pcpu.values().flatten().filter(|e| e.kind == EventKind::HostInterrupt).count() as u64;
     assert_eq!(host_interrupts, *exits.get(&1).unwrap_or(&0), "one per external-interrupt exit");
+
+    // The report tool turns it into a Perfetto trace: one track per pCPU, a slice per turn.
+    let status = Command::new(e2e::repo_root().join("scripts/phalanx")).arg("report").arg(&run.dir).status().unwrap();
+    assert!(status.success(), "scripts/phalanx report {}", run.dir.display());
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.dir.join("trace.json")).unwrap()).unwrap();
+    let slices: Vec<&serde_json::Value> =
+        trace["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X").collect();
+    let tracks: std::collections::BTreeSet<u64> = slices.iter().map(|s| s["tid"].as_u64().unwrap()).collect();
+    assert_eq!(tracks.len(), 2, "one track per pCPU");
+    let turn_slices = slices.iter().filter(|s| s["name"].as_str().unwrap().contains(" vCPU ")).count() as u64;
+    assert_eq!(turn_slices, turns.iter().sum::<u64>(), "a slice per turn");
+    for file in ["report.md", "progress.png", "spin.png", "exits.png"] {
+        assert!(run.dir.join(file).exists(), "report wrote {file}");
+    }
 }
 
 #[test]
