@@ -85,6 +85,13 @@ pub struct Machine {
     pub schedule: Schedule,
 }
 
+impl Machine {
+    /// How many distinct pCPUs partition `id`'s vCPUs are homed on.
+    pub fn pcpus_held(&self, id: usize) -> usize {
+        self.homes[id].iter().collect::<alloc::collections::BTreeSet<_>>().len()
+    }
+}
+
 /// The run in TSC cycles: its release time (`t0`, every pCPU's first slot boundary), its end,
 /// and how often pCPU 0 prints progress records.
 #[derive(Debug, Clone, Copy)]

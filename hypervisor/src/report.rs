@@ -52,7 +52,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         // Only the test guest keeps its own spin figure where the hypervisor can read it.
         let guest_spin_pct = (p.payload == crate::partition::Payload::TestGuest)
             .then(|| guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64);
-        let pcpus_held = m.homes[p.id].iter().collect::<alloc::collections::BTreeSet<_>>().len() as u64;
+        let pcpus_held = m.pcpus_held(p.id) as u64;
         let capacity = run_cycles * pcpus_held;
         let used = totals.charged_cycles();
         // Gang skew: per slot, the spread of the first VM entry across the pCPUs.

@@ -321,7 +321,7 @@ fn report_progress(since_t0: u64) {
         let iterations: u64 = (0..p.vcpus).map(|v| p.guest_stats(v).iterations).max().unwrap_or(0);
         // Guest time so far and the pCPUs it comes from: CPU share over time (scripts/report.py).
         let guest_cycles: u64 = p.vcpu_run_cycles.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-        let pcpus = m.homes[p.id].iter().collect::<alloc::collections::BTreeSet<_>>().len();
+        let pcpus = m.pcpus_held(p.id);
         crate::console::Record::new("progress")
             .u64("t_ms", ms)
             .str("partition", &p.name)
