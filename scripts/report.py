@@ -486,12 +486,22 @@ def run_facts(run):
     return rows
 
 
+def sampled_figure(stats):
+    """The hypervisor's sampled spin figure to set beside the guest's own: over the guest's
+    measurement window where it opened one (a Linux workload measures only its run, not the
+    boot), else over the whole run. (percent, CI half-width, over_window); None where not
+    sampled."""
+    if (stats.get("spin_window_samples") or 0) > 0:
+        return percent(stats.get("spin_window_pct")), percent(stats.get("spin_window_ci95_pp")), True
+    return percent(stats.get("spin_sampled_pct")), percent(stats.get("spin_sampled_ci95_pp")), False
+
+
 def sampled_cell(stats):
-    sampled = percent(stats.get("spin_sampled_pct"))
+    sampled, ci, over_window = sampled_figure(stats)
     if sampled is None:
         return stats.get("spin_sampled_pct", "-")
-    ci = percent(stats.get("spin_sampled_ci95_pp"))
-    return f"{sampled:.2f}% ± {ci:.2f} pp" if ci is not None else f"{sampled:.2f}%"
+    cell = f"{sampled:.2f}% ± {ci:.2f} pp" if ci is not None else f"{sampled:.2f}%"
+    return cell + " (window)" if over_window else cell
 
 
 def partitions_table(run):
@@ -698,8 +708,8 @@ def spin_figures(run, name):
     """(PLE %, sampled %, sampled CI half-width, guest's own %) of a partition, None where not
     measured."""
     s = run.stats(name) or {}
-    return (percent(s.get("spin_waste_hv_pct")), percent(s.get("spin_sampled_pct")),
-            percent(s.get("spin_sampled_ci95_pp")), run.guest_spin_pct(name))
+    sampled, ci, _ = sampled_figure(s)
+    return (percent(s.get("spin_waste_hv_pct")), sampled, ci, run.guest_spin_pct(name))
 
 
 def grouped_spin_bars(ax, labels, figures, errors=None):

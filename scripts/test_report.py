@@ -123,8 +123,9 @@ def serial_log(with_trace=True, with_progress=True, progress_guest_cycles=True):
     host += [
         stats("barrier"),
         stats("linux", iterations=0, iterations_per_s=0, spin_waste_guest_pct="not measured",
-              spin_waste_hv_pct="not measured", spin_samples=0, spin_sampled_pct="not measured",
-              spin_sampled_ci95_pp="not measured"),
+              spin_waste_hv_pct="not measured", spin_samples=3000, spin_sampled_pct="1.50",
+              spin_sampled_ci95_pp="0.43", spin_window_samples=1000, spin_window_pct="4.80",
+              spin_window_ci95_pp="1.32"),
         {"type": "exit_stats", "reason": 1, "name": "external-interrupt", "count": 400, "mean_cycles": 115},
         {"type": "exit_stats", "reason": 40, "name": "pause", "count": 12, "mean_cycles": 155},
         {"type": "exit_stats", "reason": 52, "name": "preemption-timer", "count": 30, "mean_cycles": 900},
@@ -283,6 +284,8 @@ class ReportTest(unittest.TestCase):
         for name in ("barrier", "linux"):
             self.assertIn(f"| {name} |", md)
         self.assertIn("0.67% ± 0.53 pp", md)           # sampled with its CI
+        self.assertIn("4.80% ± 1.32 pp (window)", md)  # over the Linux workload's window
+        self.assertNotIn("1.50%", md)                   # not the whole run's, boot included
         self.assertIn("| 5.00% |", md)                  # the Linux workload's own spin
         self.assertIn("3,240 (workload)", md)
         self.assertIn("](trace.json)", md)

@@ -237,6 +237,11 @@ pub const GUEST_STATE_DONE: u64 = 2;
 pub const HYPERCALL_REPORT: u64 = 1;
 pub const HYPERCALL_DONE: u64 = 2;
 pub const HYPERCALL_ERROR: u64 = 3;
+/// Any guest, at any privilege level (the Linux BARRIER workload from user space): RBX = 1
+/// opens this vCPU's spin-wait measurement window, 0 closes it. Spin-wait samples taken while
+/// it is open are counted apart, so the hypervisor's figure covers the same stretch of the
+/// guest's run as the guest's own (docs/records.md, `partition_stats.spin_window_*`).
+pub const HYPERCALL_SPIN_WINDOW: u64 = 4;
 
 impl GuestStats {
     pub fn gpa(vcpu: u32) -> u64 {

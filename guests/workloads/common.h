@@ -16,6 +16,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <cpuid.h>
 #include <x86intrin.h>
 
 #define MAX_THREADS 256
@@ -156,9 +157,36 @@ static __attribute__((unused)) double calibrate_tsc_hz(void)
     return (double)(c1 - c0) / (t1 - t0);
 }
 
-/* A gap longer than this between two consecutive TSC reads of a spin loop means the spinning
- * thread itself was not running (preempted): far above interrupt handling, below a time slice. */
+/* A gap longer than this between two consecutive TSC reads of a thread (in a spin loop, or
+ * around a short piece of compute) means the thread itself was not running (preempted by the
+ * guest's scheduler or descheduled by a hypervisor): far above interrupt handling, below a
+ * time slice. */
 #define DESCHEDULED_GAP_SECONDS 0.001
+
+/* Phalanx, when the workload runs in one of its partitions: CPUID leaf 0x40000000 carries
+ * its signature (vmx::cpuid::SIGNATURE). */
+static __attribute__((unused)) int in_phalanx_partition(void)
+{
+    unsigned eax, ebx, ecx, edx;
+    __cpuid(0x40000000, eax, ebx, ecx, edx);
+    char sig[13];
+    memcpy(sig, &ebx, 4);
+    memcpy(sig + 4, &ecx, 4);
+    memcpy(sig + 8, &edx, 4);
+    sig[12] = 0;
+    return strcmp(sig, "PhalanxHVisr") == 0;
+}
+
+/* Opens (1) or closes (0) the calling vCPU's spin-wait measurement window in Phalanx
+ * (HYPERCALL_SPIN_WINDOW, firmware::longmode): the hypervisor counts the spin-wait samples it
+ * takes of this vCPU while the window is open apart, so its figure covers the stretch this
+ * thread measures itself. VMCALL exits to the hypervisor at any privilege level; call it only
+ * when in_phalanx_partition() (elsewhere it faults or means something else). */
+static __attribute__((unused)) void phalanx_spin_window(int open)
+{
+    unsigned long rax = 4, rbx = (unsigned long)open;
+    __asm__ volatile("vmcall" : "+a"(rax) : "b"(rbx) : "memory");
+}
 
 /* Pins the calling thread to CPU (index mod online CPUs): one thread per CPU. */
 static unsigned pin_self(const char *name, unsigned index)

@@ -75,9 +75,10 @@ pub fn handle_exit(
         // stopping the guest (the guard), a spin-wait sample is due, or the guest's own LAPIC
         // timer came due (handled before the next entry).
         Handler::SlotGuard if crate::tsc::now() >= guard_at => ExitOutcome::Guard,
-        Handler::SlotGuard if vcpu.sample_clock.take_due() => {
+        Handler::SlotGuard if vcpu.sample_clock.take_due(crate::tsc::now()) => {
             let long_mode = vmcs::read(guest::IA32_EFER_FULL) & vmx::msr::EFER_LMA != 0;
-            ExitOutcome::Sampled(vmx::spin_sample::sample(&CurrentVcpu::of(vcpu, partition), long_mode))
+            let cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
+            ExitOutcome::Sampled(vcpu.sample_cache.sample(&cpu, long_mode))
         }
         Handler::SlotGuard | Handler::InterruptWindow => ExitOutcome::Resume,
         Handler::Halt => {
@@ -107,6 +108,10 @@ pub fn handle_exit(
                 Hypercall::Report => ExitOutcome::Resume,
                 Hypercall::Done => {
                     partition.done_vcpus.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                    ExitOutcome::Resume
+                }
+                Hypercall::SpinWindow { open } => {
+                    vcpu.in_spin_window = open;
                     ExitOutcome::Resume
                 }
                 Hypercall::GuestError => stop("guest-error", "the guest reported an error on its console".into()),

@@ -47,7 +47,8 @@ impl Pcpu {
             for (i, &home) in homes.iter().enumerate() {
                 if home == cpu {
                     let mut v = Vcpu::new(p, i as u32, vpid, &m.controls.caps);
-                    v.sample_clock = SampleClock::new(m.spin_sample_cycles, vpid as u64);
+                    // One seed per partition: its vCPUs are sampled at the same moments.
+                    v.sample_clock = SampleClock::new(m.spin_sample_cycles, p as u64, m.schedule.t0);
                     set_up(&mut v, &m.partitions[p], &m.partitions[p].initial_states[i]);
                     vcpus.push(v);
                 }

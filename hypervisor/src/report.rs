@@ -49,6 +49,8 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .then(|| (totals.pause_loop_exits * PLE_WINDOW) as f64 * 100.0 / totals.guest_cycles.max(1) as f64);
         // Sampled at any CPL on any CPU: the guest's code looked at every `spin_sample_us`.
         let sampled = vmx::spin_sample::spinning_pct(totals.spin_samples_spinning, totals.spin_samples);
+        // The same, over the stretch the guest measured itself (its measurement window).
+        let windowed = vmx::spin_sample::spinning_pct(totals.window_spin_samples_spinning, totals.window_spin_samples);
         // Only the test guest keeps its own spin figure where the hypervisor can read it.
         let guest_spin_pct = (p.payload == crate::partition::Payload::TestGuest)
             .then(|| guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64);
@@ -97,6 +99,9 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("spin_samples", totals.spin_samples)
             .str("spin_sampled_pct", &pct_or_not_measured(sampled.map(|s| s.0)))
             .str("spin_sampled_ci95_pp", &pct_or_not_measured(sampled.map(|s| s.1)))
+            .u64("spin_window_samples", totals.window_spin_samples)
+            .str("spin_window_pct", &pct_or_not_measured(windowed.map(|s| s.0)))
+            .str("spin_window_ci95_pp", &pct_or_not_measured(windowed.map(|s| s.1)))
             .u64("slots", totals.slots)
             .u64("gang_slots_measured", skews.len() as u64)
             .u64("skew_median_cycles", skew_median)

@@ -218,7 +218,7 @@ fn run_turn(
         // Exit by the slot boundary (guard), when the guest's own timer is due, or for the next
         // spin-wait sample.
         let wake = vcpu.lapic.timer_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));
-        let sample = vcpu.sample_clock.until_due();
+        let sample = vcpu.sample_clock.until_due(now);
         let guard = (guard_at.saturating_sub(now).min(wake.max(1)).min(sample)) >> pcpu.preemption_shift;
         vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, guard.min(u32::MAX as u64));
         let entry = crate::tsc::now();
@@ -242,7 +242,6 @@ fn run_turn(
         let result = pcpu.vcpus[index].enter();
         let exit = crate::tsc::now();
         partition.vcpu_run_cycles[pcpu.vcpus[index].index as usize].fetch_add(exit - entry, Ordering::Relaxed);
-        pcpu.vcpus[index].sample_clock.ran(exit - entry);
         pcpu.charge(Account::Guest(account_id), entry, exit);
         stretch_start = exit;
         stretch_account = Account::OnBehalf(account_id, Work::ExitHandling);
@@ -272,7 +271,8 @@ fn run_turn(
             }
             ExitOutcome::Sampled(sample) => {
                 if sample != Sample::Unreadable {
-                    pcpu.ledger.note_spin_sample(account_id, sample == Sample::Spinning);
+                    let in_window = pcpu.vcpus[index].in_spin_window;
+                    pcpu.ledger.note_spin_sample(account_id, sample == Sample::Spinning, in_window);
                 }
                 continue;
             }

@@ -5,7 +5,7 @@ extern crate alloc;
 
 use reservations::trace::EventKind;
 use vmx::entry_check::EntryCheckFailure;
-use vmx::spin_sample::SampleClock;
+use vmx::spin_sample::{SampleCache, SampleClock};
 use vmx::vmcs_image::{HostState, InitialVmcs, PartitionContext, VcpuContext, RFLAGS_IF};
 use vmx::{ControlSet, VmxCapabilities};
 
@@ -32,6 +32,10 @@ pub struct Vcpu {
     pub parked_generation: u64,
     /// When its next spin-wait sample is due, in its own guest time.
     pub sample_clock: SampleClock,
+    /// What its recent samples found, by address (a repeated address costs no decoding).
+    pub sample_cache: SampleCache,
+    /// The guest opened its spin-wait measurement window (`HYPERCALL_SPIN_WINDOW`).
+    pub in_spin_window: bool,
 }
 
 const FXSAVE_SIZE: usize = 512;
@@ -63,7 +67,9 @@ impl Vcpu {
             interrupt_window: false,
             generation: 0,
             parked_generation: 0,
-            sample_clock: SampleClock::new(0, 0),
+            sample_clock: SampleClock::new(0, 0, 0),
+            sample_cache: SampleCache::default(),
+            in_spin_window: false,
         }
     }
 
@@ -121,6 +127,7 @@ impl Vcpu {
         area[0..2].copy_from_slice(&FCW_DEFAULT.to_le_bytes());
         area[24..28].copy_from_slice(&MXCSR_DEFAULT.to_le_bytes());
         self.halted = false;
+        self.in_spin_window = false;
         Ok(())
     }
 

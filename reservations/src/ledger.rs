@@ -67,6 +67,10 @@ pub struct PartitionStats {
     /// intervals) and how many found a vCPU in a PAUSE loop.
     pub spin_samples: u64,
     pub spin_samples_spinning: u64,
+    /// The samples taken while the sampled vCPU's measurement window was open (the guest
+    /// opens it around the stretch it measures itself: `HYPERCALL_SPIN_WINDOW`).
+    pub window_spin_samples: u64,
+    pub window_spin_samples_spinning: u64,
     pub slots: u64,
 }
 
@@ -91,6 +95,8 @@ impl PartitionStats {
         self.pause_loop_exits += other.pause_loop_exits;
         self.spin_samples += other.spin_samples;
         self.spin_samples_spinning += other.spin_samples_spinning;
+        self.window_spin_samples += other.window_spin_samples;
+        self.window_spin_samples_spinning += other.window_spin_samples_spinning;
         self.slots += other.slots;
     }
 }
@@ -211,11 +217,14 @@ impl Ledger {
         }
     }
 
-    /// Counts one spin-wait sample of a vCPU of `id`.
-    pub fn note_spin_sample(&mut self, id: PartitionId, spinning: bool) {
+    /// Counts one spin-wait sample of a vCPU of `id`, taken inside that vCPU's measurement
+    /// window or not.
+    pub fn note_spin_sample(&mut self, id: PartitionId, spinning: bool, in_window: bool) {
         if let Some(s) = self.partitions.get_mut(id as usize) {
             s.spin_samples += 1;
             s.spin_samples_spinning += spinning as u64;
+            s.window_spin_samples += in_window as u64;
+            s.window_spin_samples_spinning += (in_window && spinning) as u64;
         }
     }
 

@@ -438,6 +438,20 @@ fn machine_stats_merge_pcpus_and_count_events() {
 }
 
 #[test]
+fn spin_samples_inside_a_window_are_counted_apart_and_merged() {
+    let mut a = Ledger::new(0, 1, 0);
+    let mut b = Ledger::new(1, 1, 0);
+    a.note_spin_sample(0, true, false); // before the guest opened its window
+    a.note_spin_sample(0, true, true);
+    a.note_spin_sample(0, false, true);
+    b.note_spin_sample(0, true, true);
+    b.note_spin_sample(0, false, false);
+    let s = MachineStats::from_ledgers(&[a, b]).partitions[0];
+    assert_eq!((s.spin_samples, s.spin_samples_spinning), (5, 3));
+    assert_eq!((s.window_spin_samples, s.window_spin_samples_spinning), (3, 2));
+}
+
+#[test]
 fn slot_switch_is_work_on_the_partitions_behalf() {
     let mut ledger = Ledger::new(0, 1, 1_000);
     assert_eq!(ledger.charge(Account::OnBehalf(0, Work::SlotSwitch), 1_000, 1_300), Tiling::Exact);

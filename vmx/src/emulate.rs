@@ -58,17 +58,20 @@ pub enum Hypercall {
     Done,
     /// The guest found an error and printed it: stop the partition.
     GuestError,
+    /// Open (`true`) or close this vCPU's spin-wait measurement window.
+    SpinWindow { open: bool },
     /// A number Phalanx does not know; the guest gets RAX = all ones.
     Unknown(u64),
 }
 
 /// VMCALL: the call number in RAX; RAX = 0 on return (all ones for an unknown call).
 pub fn hypercall(cpu: &mut impl VcpuAccess) -> Hypercall {
-    use firmware::longmode::{HYPERCALL_DONE, HYPERCALL_ERROR, HYPERCALL_REPORT};
+    use firmware::longmode::{HYPERCALL_DONE, HYPERCALL_ERROR, HYPERCALL_REPORT, HYPERCALL_SPIN_WINDOW};
     let call = match cpu.gpr(gpr::RAX) {
         HYPERCALL_REPORT => Hypercall::Report,
         HYPERCALL_DONE => Hypercall::Done,
         HYPERCALL_ERROR => Hypercall::GuestError,
+        HYPERCALL_SPIN_WINDOW => Hypercall::SpinWindow { open: cpu.gpr(gpr::RBX) == 1 },
         other => Hypercall::Unknown(other),
     };
     cpu.set_gpr(gpr::RAX, if matches!(call, Hypercall::Unknown(_)) { u64::MAX } else { 0 });
@@ -172,6 +175,15 @@ mod tests {
         assert_eq!(call(firmware::longmode::HYPERCALL_DONE), (Hypercall::Done, 0, 3));
         assert_eq!(call(firmware::longmode::HYPERCALL_ERROR).0, Hypercall::GuestError);
         assert_eq!(call(99), (Hypercall::Unknown(99), u64::MAX, 3));
+        let window = |rbx| {
+            let mut cpu = cpu_at(0, 3);
+            cpu.gprs[gpr::RAX as usize] = firmware::longmode::HYPERCALL_SPIN_WINDOW;
+            cpu.gprs[gpr::RBX as usize] = rbx;
+            (hypercall(&mut cpu), cpu.gprs[gpr::RAX as usize])
+        };
+        assert_eq!(window(1), (Hypercall::SpinWindow { open: true }, 0));
+        assert_eq!(window(0), (Hypercall::SpinWindow { open: false }, 0));
+        assert_eq!(window(7).0, Hypercall::SpinWindow { open: false }, "only 1 opens");
     }
 
     #[test]
