@@ -102,6 +102,9 @@ pub struct Schedule {
     /// Debug (`phalanx.debug.uncharged_cycles`): cycles every pCPU spends once per major frame
     /// outside any charge, to show that the accounting sees them.
     pub debug_uncharged_cycles: u64,
+    /// Debug (`phalanx.debug.switch_in_cycles`): cycles added to every switch into a
+    /// partition's own slot, to show that the entry latency and skew figures see them.
+    pub debug_switch_in_cycles: u64,
 }
 
 /// How far ahead of the end of the build the run is released, how long it lasts and how
@@ -112,6 +115,7 @@ pub struct RunLength {
     pub run: u64,
     pub progress_interval: u64,
     pub debug_uncharged_cycles: u64,
+    pub debug_switch_in_cycles: u64,
 }
 
 static MACHINE: Once<Machine> = Once::new();
@@ -189,6 +193,7 @@ pub fn build(
         end: t0 + length.run,
         progress_interval: length.progress_interval,
         debug_uncharged_cycles: length.debug_uncharged_cycles,
+        debug_switch_in_cycles: length.debug_switch_in_cycles,
     };
     Ok(MACHINE.call_once(|| Machine {
         partitions,

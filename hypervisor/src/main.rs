@@ -244,17 +244,18 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
     let controls = negotiate_controls(hv.policy, boot_option(&boot.cmdline, "phalanx.debug.vmx_without"));
     let force_interrupts_on = boot_option(&boot.cmdline, "phalanx.bochs") == Some("1");
     let run_ms = hv.run_ms.unwrap_or(DEFAULT_RUN_MS);
-    let debug_uncharged_cycles = match boot_option(&boot.cmdline, "phalanx.debug.uncharged_cycles") {
+    let debug_cycles = |option: &str| match boot_option(&boot.cmdline, option) {
         None => 0,
-        Some(value) => value.parse().unwrap_or_else(|_| {
-            fatal("debug", &alloc::format!("phalanx.debug.uncharged_cycles={value}: not a number of cycles"))
-        }),
+        Some(value) => value
+            .parse()
+            .unwrap_or_else(|_| fatal("debug", &alloc::format!("{option}={value}: not a number of cycles"))),
     };
     let length = machine::RunLength {
         lead: tsc::us_to_cycles(lead_us),
         run: tsc::us_to_cycles(run_ms * 1000),
         progress_interval: tsc::us_to_cycles(hv.stats_interval_ms * 1000),
-        debug_uncharged_cycles,
+        debug_uncharged_cycles: debug_cycles("phalanx.debug.uncharged_cycles"),
+        debug_switch_in_cycles: debug_cycles("phalanx.debug.switch_in_cycles"),
     };
     let machine = machine::build(validated, boot, controls, force_interrupts_on, length)
         .unwrap_or_else(|e| fatal("partitions", &e));

@@ -197,6 +197,10 @@ fn run_turn(
     }
     pcpu.ledger.note_slot(account_id);
     pcpu.trace(EventKind::TurnStart, switch_start, index, owned_slot_start.is_some() as u32);
+    if owned_slot_start.is_some() && m.schedule.debug_switch_in_cycles > 0 {
+        // Debug: a slower switch into the slot, charged to it like the rest of the switch.
+        crate::tsc::spin_until(crate::tsc::now() + m.schedule.debug_switch_in_cycles);
+    }
     let guard_at = pacing.guard_deadline(deadline);
     let mut first_entry = true;
     let mut last_reason: Option<usize> = None;

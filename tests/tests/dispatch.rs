@@ -49,6 +49,8 @@ fn gang_runs_two_partitions_with_low_waste_aligned_slots_and_exact_accounting() 
     let slot_cycles = run.one("boot")["tsc_hz"].as_u64().unwrap() / 200;
     assert!(barrier["gang_slots_measured"].as_u64().unwrap() > 100, "{barrier}");
     assert!(barrier["skew_median_cycles"].as_u64().unwrap() * 100 < slot_cycles, "{barrier}");
+    // From the boundary to the owner's first VM entry: the switch (~950 cycles under Bochs).
+    assert!(barrier["entry_latency_median_cycles"].as_u64().unwrap() < 1_500, "{barrier}");
     // Never-halting guests are preempted at every boundary and get their reservation.
     assert_share(&run, "barrier", 50.0);
     assert_share(&run, "hog", 50.0);
@@ -65,11 +67,12 @@ fn gang_runs_two_partitions_with_low_waste_aligned_slots_and_exact_accounting() 
 /// Accounting is checked against each pCPU's own clock, not built to add up: cycles that no
 /// charge covers are unaccounted. The debug knob makes every pCPU spend 2,000 cycles (2% of a
 /// 10 ms frame at Bochs' 10 MHz TSC) once per major frame outside any charge; the accounting
-/// must find them.
+/// must find them. A second knob makes every switch into a slot 3,000 cycles slower: the
+/// entry latency must grow by that much, and the gang skew (all pCPUs equally late) must not.
 #[test]
 fn cycles_nobody_charged_show_up_as_unaccounted() {
     let run = Boot::new("dispatch-uncharged", "bochs", 2, "guests/configs/default.toml")
-        .cmdline("phalanx.debug.uncharged_cycles=2000")
+        .cmdline("phalanx.debug.uncharged_cycles=2000 phalanx.debug.switch_in_cycles=3000")
         .run();
     run.assert_clean_end();
     let accounting = run.one("accounting");
@@ -80,6 +83,16 @@ fn cycles_nobody_charged_show_up_as_unaccounted() {
     assert!(measured.abs_diff(injected) * 100 <= injected, "measured {measured} vs injected {injected}: {accounting}");
     // The two partitions still get their slots (the spin comes out of whoever's slot it hit).
     assert!(stats(&run, "hog")["iterations"].as_u64().unwrap() > 100);
+    // Without the knobs the switch takes under 1,500 cycles (the gang test above). The hog's
+    // slots start 3,000 cycles later; the barrier's slot opens each frame, where the 2,000
+    // uncharged cycles are spent too.
+    let slot_cycles = run.one("boot")["tsc_hz"].as_u64().unwrap() / 200;
+    for (partition, injected) in [("hog", 3_000), ("barrier", 5_000)] {
+        let s = stats(&run, partition);
+        let latency = s["entry_latency_median_cycles"].as_u64().unwrap();
+        assert!((injected..injected + 1_500).contains(&latency), "{injected} cycles later into each slot: {s}");
+        assert!(s["skew_median_cycles"].as_u64().unwrap() * 100 < slot_cycles, "{s}");
+    }
 }
 
 /// Spin-wait sampling sees the test guest's barrier spinning from the hypervisor's side

@@ -143,10 +143,10 @@ const CACHE_ENTRIES: usize = 64;
 
 /// The classifications of code a vCPU was last sampled in, by address space and RIP. Samples
 /// keep landing on the same few instructions (a spin loop, a compute loop), and fetching and
-/// scanning 192 bytes of code costs a sample ~2,000 cycles under Bochs, time the sampled vCPU
-/// loses and its siblings then spin for in a barrier: the sampler would inflate the spinning
-/// it measures. A hit costs the page walk and one 8-byte read. Each entry keeps the 8 bytes at
-/// RIP and is used only while they are unchanged, so code loaded anew at the same address
+/// scanning 192 bytes of code is most of a sample's cost: under Bochs a sample exit of the
+/// test guest took 2,291 cycles without the cache and 645 with it, time the sampled vCPU
+/// loses. A hit costs the page walk and one 8-byte read. Each entry keeps the 8 bytes at RIP
+/// and is used only while they are unchanged, so code loaded anew at the same address
 /// (another process, the same page tables reused) is classified afresh.
 #[derive(Debug, Clone)]
 pub struct SampleCache {
