@@ -30,6 +30,8 @@ pub struct Pcpu {
     pub loaded: Option<usize>,
     pub ledger: Ledger,
     pub exits: [ExitStat; EXIT_REASONS],
+    /// The preemption-timer exits that took a spin-wait sample, and their cost.
+    pub spin_sample: ExitStat,
     pub slot_entries: Vec<SlotEntry>,
     pub guard_exits: u64,
     pub yields: u64,
@@ -61,6 +63,7 @@ impl Pcpu {
             vcpus,
             ledger: Ledger::new(cpu as u32, m.partitions.len(), t0),
             exits: [ExitStat::default(); EXIT_REASONS],
+            spin_sample: ExitStat::default(),
             slot_entries: Vec::with_capacity(MAX_SLOT_ENTRIES),
             guard_exits: 0,
             yields: 0,

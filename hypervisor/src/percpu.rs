@@ -62,6 +62,8 @@ pub struct SlotEntry {
 pub struct PcpuResult {
     pub ledger: reservations::Ledger,
     pub exits: [ExitStat; EXIT_REASONS],
+    /// The preemption-timer exits that took a spin-wait sample, and their cost.
+    pub spin_sample: ExitStat,
     pub slot_entries: Vec<SlotEntry>,
     pub guard_exits: u64,
     pub yields: u64,

@@ -136,6 +136,8 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
     let idle: u64 = ledgers.iter().map(|l| l.idle_cycles()).sum();
     let overhead: u64 = ledgers.iter().map(|l| l.overhead_cycles()).sum();
     let percent = |cycles: u64| cycles as f64 * 100.0 / elapsed.max(1) as f64;
+    let sample_exits: u64 = results.iter().map(|r| r.spin_sample.count).sum();
+    let sample_cycles: u64 = results.iter().map(|r| r.spin_sample.cycles).sum();
     Record::new("accounting")
         .u64("pcpus", cpus as u64)
         .u64("elapsed_cycles", elapsed)
@@ -150,6 +152,9 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         .fmt("hypervisor_pct", format_args!("{:.3}", percent(on_behalf + overhead)))
         .fmt("idle_pct", format_args!("{:.3}", percent(idle)))
         .u64("guard_exits", results.iter().map(|r| r.guard_exits).sum())
+        // What spin-wait sampling cost (charged to the sampled partitions as exit handling).
+        .u64("spin_sample_exits", sample_exits)
+        .u64("spin_sample_mean_cycles", sample_cycles / sample_exits.max(1))
         .u64("yields", results.iter().map(|r| r.yields).sum())
         .emit();
 }

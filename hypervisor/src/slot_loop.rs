@@ -126,6 +126,7 @@ pub fn run_pcpu(cpu: usize) {
         injected_uncharged: injected,
         ledger: pcpu.ledger,
         exits: pcpu.exits,
+        spin_sample: pcpu.spin_sample,
         slot_entries: pcpu.slot_entries,
         guard_exits: pcpu.guard_exits,
         yields: pcpu.yields,
@@ -204,6 +205,8 @@ fn run_turn(
     let guard_at = pacing.guard_deadline(deadline);
     let mut first_entry = true;
     let mut last_reason: Option<usize> = None;
+    // The last exit took a spin-wait sample: its cost is the sampler's too.
+    let mut sampled = false;
     // The stretch since the last entry (or the switch) and whose it is.
     let mut stretch_start = switch_start;
     let mut stretch_account = Account::OnBehalf(account_id, Work::SlotSwitch);
@@ -228,6 +231,9 @@ fn run_turn(
         let entry = crate::tsc::now();
         if let Some(reason) = last_reason.take() {
             pcpu.exits[reason].cycles += entry - stretch_start;
+        }
+        if core::mem::take(&mut sampled) {
+            pcpu.spin_sample.cycles += entry - stretch_start;
         }
         pcpu.charge(stretch_account, stretch_start, entry);
         if first_entry {
@@ -274,6 +280,8 @@ fn run_turn(
                 continue;
             }
             ExitOutcome::Sampled(sample) => {
+                pcpu.spin_sample.count += 1;
+                sampled = true;
                 if sample != Sample::Unreadable {
                     let in_window = pcpu.vcpus[index].in_spin_window;
                     pcpu.ledger.note_spin_sample(account_id, sample == Sample::Spinning, in_window);
@@ -294,6 +302,9 @@ fn run_turn(
     let now = crate::tsc::now();
     if let Some(reason) = last_reason {
         pcpu.exits[reason].cycles += now - stretch_start;
+    }
+    if sampled {
+        pcpu.spin_sample.cycles += now - stretch_start;
     }
     // Leaving the slot at its boundary is the scheduler's own switch-out, done in the next
     // slot's time: the hypervisor's overhead (each partition pays only its switch-in, inside

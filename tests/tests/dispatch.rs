@@ -59,6 +59,7 @@ fn gang_runs_two_partitions_with_low_waste_aligned_slots_and_exact_accounting() 
     let accounting = run.one("accounting");
     // What is left is the few instructions between a pCPU's last charge and its end stamp.
     assert_eq!(accounting["debug_uncharged_cycles"], 0, "{accounting}");
+    assert_eq!(accounting["spin_sample_exits"], 0, "no sampling configured: {accounting}");
     assert!(accounting["unaccounted_ppb"].as_u64().unwrap() <= 10_000, "{accounting}");
     assert!(run.all("progress").len() >= 2, "periodic progress records");
     assert!(run.log.contains("[barrier] testguest: vcpu0 mode=barrier"), "the guest's console reaches the log");
@@ -111,6 +112,12 @@ fn spin_wait_sampling_sees_the_independent_barrier_spin() {
     assert!((sampled - guest).abs() < 5.0, "sampled {sampled}% vs guest {guest}%: {barrier}");
     // A CPU-bound guest spins only while vCPU 0 waits for its UART to print a progress line.
     assert!(pct(&hog["spin_sampled_pct"]) < 1.0, "{hog}");
+    // What the sampling cost: every sample is an exit of its own, counted apart.
+    let accounting = run.one("accounting");
+    let taken = barrier["spin_samples"].as_u64().unwrap() + hog["spin_samples"].as_u64().unwrap();
+    assert!(accounting["spin_sample_exits"].as_u64().unwrap() >= taken, "{accounting}");
+    let cost = accounting["spin_sample_mean_cycles"].as_u64().unwrap();
+    assert!((100..5_000).contains(&cost), "{accounting}");
 }
 
 #[test]
