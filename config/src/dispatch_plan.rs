@@ -9,7 +9,10 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use reservations::Tree;
-use sched::{DispatchTables, FlatPartition, IndependentConfig, PlanConfig, PlanError, VcpuRef};
+use sched::{
+    DispatchTables, FlatPartition, Gang, IndependentConfig, NestedPolicy, PerPcpuRoundRobin, PlanConfig, PlanError,
+    RoundRobinGang, VcpuRef,
+};
 
 use crate::schema::Config;
 
@@ -61,7 +64,17 @@ pub fn plan(config: &Config, tree: &Tree, pcpus: u32) -> Result<DispatchPlan, Pl
         sched::plan_independent(&specs, &plan_config, &IndependentConfig { cycle: frame, seed: 1, shuffle: false })
     }
     .map_err(planner_failure)?;
-    let tables = DispatchTables::compile(&plan, &specs).map_err(planner_failure)?;
+    // Each partition's vCPUs share its slots by its own `policy` (gang partitions only: the
+    // check refuses a policy elsewhere).
+    let configured = |p: &FlatPartition| -> &'static dyn NestedPolicy {
+        static ROUND_ROBIN_GANG: RoundRobinGang = RoundRobinGang { min_subslice: 1 };
+        match (p.gang, config.partitions[p.id as usize].policy) {
+            (false, _) => &PerPcpuRoundRobin,
+            (true, reservations::NestedPolicy::Gang) => &Gang,
+            (true, reservations::NestedPolicy::RoundRobinGang) => &ROUND_ROBIN_GANG,
+        }
+    };
+    let tables = DispatchTables::compile_with(&plan, &specs, &configured).map_err(planner_failure)?;
     let homes = homes(config, &tables)?;
     Ok(DispatchPlan { tables, homes })
 }

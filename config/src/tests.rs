@@ -117,9 +117,7 @@ fn the_four_pcpu_example_builds_its_hierarchy() {
     let control = c.partitions.iter().position(|p| p.name == "control").unwrap();
     assert_eq!(v.memory[control], Placement::At(0x1000_0000..0x1000_0000 + 32 * MIB));
     let barrier = &c.partitions[0];
-    assert_eq!(barrier.devices.serial, Some(SerialPort::Com2));
     assert_eq!(barrier.devices.ioports, vec![0x2f8..=0x2ff]);
-    assert_eq!(barrier.devices.irqs, vec![3]);
     assert_eq!(barrier.on_fault, OnFault::Reset);
     let crunch = c.partitions.iter().find(|p| p.name == "crunch").unwrap();
     assert_eq!(crunch.policy, NestedPolicy::RoundRobinGang);
@@ -512,6 +510,39 @@ fn explicit_memory_must_be_aligned_usable_and_unshared() {
         position(&text, "{ base", 0),
         "not both",
     );
+}
+
+/// What the image would not act on is refused, each at its own key, not accepted and ignored.
+#[test]
+fn settings_the_image_does_not_enforce_yet_are_refused() {
+    let db = "guest = { module = \"bzImage\" }";
+    let cases = [
+        (format!("{db}\ndevices = {{ irqs = [5] }}"), "devices.irqs", "[5]", "not routed to partitions yet"),
+        (format!("{db}\ndevices = {{ serial = \"com2\" }}"), "devices.serial", "\"com2\"", "0x2f8-0x2ff"),
+        (
+            "guest = { module = \"bzImage\", initrd = \"initrd.cpio\" }".into(),
+            "guest.initrd",
+            "\"initrd.cpio\"",
+            "not loaded",
+        ),
+    ];
+    for (to, field, at, words) in cases {
+        let text = edit(BASE, db, &to);
+        let e = bad(&text, None);
+        let column_of = position(&text, at, 0);
+        let column_of = if field == "devices.irqs" { (column_of.0, column_of.1 + 1) } else { column_of };
+        assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), field, column_of, words);
+    }
+    // Passing the same UART's ports through (polled) is what works.
+    ok(&edit(BASE, db, &format!("{db}\ndevices = {{ ioports = [\"0x2f8-0x2ff\"] }}")), None);
+    // A partition's nested policy means something only under gang dispatch.
+    let text =
+        edit(&edit(BASE, "policy = \"gang\"", "policy = \"independent\""), db, &format!("{db}\npolicy = \"gang\""));
+    let e = bad(&text, None);
+    let at = position(&text, "\"gang\"", 0);
+    assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "policy", at, "applies only to gang dispatch");
+    let text = edit(BASE, db, &format!("{db}\npolicy = \"round-robin-gang\""));
+    assert_eq!(ok(&text, None).config.partitions[1].policy, NestedPolicy::RoundRobinGang);
 }
 
 #[test]

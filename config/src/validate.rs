@@ -113,6 +113,7 @@ impl Checker<'_> {
             .map(|p| self.partition(p.get_ref(), p.span(), &group_index))
             .collect::<Result<Vec<_>, _>>()?;
         self.device_conflicts(&partitions)?;
+        self.enforced(&hypervisor)?;
         let memory = self.place_memory(&partitions)?;
         let config = Config { hypervisor, groups, partitions };
         let tree = self.admit(&config, &group_index)?;
@@ -519,6 +520,49 @@ impl Checker<'_> {
         devices.irqs.sort_unstable();
         devices.irqs.dedup();
         Ok(devices)
+    }
+
+    /// Settings the schema knows that the image would not act on are refused rather than
+    /// accepted and ignored (checked after conflicts, which stay reported as such).
+    fn enforced(&self, hypervisor: &HypervisorConfig) -> Result<(), ConfigError> {
+        for raw in self.raw.partition.iter().map(Spanned::get_ref) {
+            let refuse = |span: Range<usize>, field: &str, message: &str| {
+                Err(self.r.at(span, partition_subject(raw), Some(field), ErrorKind::InvalidValue, message))
+            };
+            if let Some(initrd) = &raw.guest.get_ref().initrd {
+                return refuse(
+                    initrd.span(),
+                    "guest.initrd",
+                    "initrds are not loaded yet: build the initramfs into the kernel (docs/guests.md)",
+                );
+            }
+            let devices = raw.devices.as_ref().map(Spanned::get_ref);
+            if let Some(irq) = devices.and_then(|d| d.irqs.first()) {
+                return refuse(
+                    irq.span(),
+                    "devices.irqs",
+                    "device interrupts are not routed to partitions yet: pass the device's ports through \
+                     (devices.ioports) and poll it",
+                );
+            }
+            if let Some(serial) = devices.and_then(|d| d.serial.as_ref()) {
+                return refuse(
+                    serial.span(),
+                    "devices.serial",
+                    "a UART's interrupt is not routed to partitions yet: pass its ports through \
+                     (devices.ioports = [\"0x2f8-0x2ff\"] for com2) and poll it",
+                );
+            }
+            if let Some(policy) = raw.policy.as_ref().filter(|_| !hypervisor.policy.aligned()) {
+                let message = format!(
+                    "a partition's policy (how its vCPUs share its gang slots) applies only to gang dispatch; \
+                     under the hypervisor's \"{}\" each vCPU runs on its own",
+                    hypervisor.policy.as_str()
+                );
+                return refuse(policy.span(), "policy", &message);
+            }
+        }
+        Ok(())
     }
 
     /// Every port and IRQ has at most one owner partition.
