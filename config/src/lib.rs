@@ -79,3 +79,6 @@ pub fn load_for(file_name: &str, text: &str, machine: &Machine) -> Result<Valida
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz_tests;

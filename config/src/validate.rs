@@ -41,9 +41,9 @@ pub const MIB: u64 = 1 << 20;
 pub const MEMORY_ALIGN: u64 = 2 * MIB;
 const MAX_MEMORY_MB: u64 = 1 << 20; // 1 TiB
 const MAX_VCPUS: u32 = 255; // xAPIC IDs
-const MAX_PCPU_INDEX: u32 = 254;
+const MAX_PCPU_INDEX: u32 = 254; // pCPU numbers index xAPIC IDs (0xFF is broadcast)
 /// The longest command line the payload loaders take (Linux's boot protocol: 4095 bytes).
-const MAX_CMDLINE_BYTES: usize = 4095; // pCPU numbers index xAPIC IDs (0xFF is broadcast)
+const MAX_CMDLINE_BYTES: usize = 4095;
 const MAX_NAME_LEN: usize = 32;
 /// Longest `run_ms` and `stats_interval_ms`: the image turns them into TSC cycles (x 1000 x the
 /// TSC's MHz), which must not wrap on any TSC below 100 GHz.

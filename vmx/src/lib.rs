@@ -24,6 +24,9 @@ pub mod vlapic;
 pub mod vmcs_image;
 pub mod vuart;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use caps::{Features, VmxCapabilities};
 pub use control_set::{ControlSet, Paths, SpinExits, Unsupported, Wants};
 pub use controls::{negotiate, ControlError, ControlKind};
