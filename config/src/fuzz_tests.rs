@@ -256,7 +256,7 @@ fn starts(v: &crate::Validated, platform: &Platform) -> Result<(), String> {
 fn fuzz_the_config_check() {
     let platform = Platform {
         pcpus: 4,
-        usable_memory: [16 * MIB..512 * MIB].into(),
+        usable_memory: core::iter::once(16 * MIB..512 * MIB).collect(),
         modules: vec!["testguest".into(), "bzImage".into()],
     };
     let (mut accepted, mut rejected) = (0u64, 0u64);
