@@ -6,11 +6,45 @@ static const char *const mode_names[] = {
     [MODE_CPUBOUND] = "cpubound",
     [MODE_OOB] = "oob",
     [MODE_IDLE] = "idle",
+    [MODE_HOSTILE] = "hostile",
 };
+
+static const char *const attack_names[] = {
+    [ATTACK_NONE] = "none",
+    [ATTACK_PORTS] = "ports",
+    [ATTACK_STRING_IO] = "string-io",
+    [ATTACK_MSR_APIC_BASE] = "msr-apic-base",
+    [ATTACK_MSR_EFER] = "msr-efer",
+    [ATTACK_MSR_PAT] = "msr-pat",
+    [ATTACK_MSR_VMX] = "msr-vmx",
+    [ATTACK_MSR_UNKNOWN] = "msr-unknown",
+    [ATTACK_VMXON] = "vmxon",
+    [ATTACK_VMREAD] = "vmread",
+    [ATTACK_INVEPT] = "invept",
+    [ATTACK_XSETBV] = "xsetbv",
+    [ATTACK_CLI_HLT] = "cli-hlt",
+    [ATTACK_CLI_SPIN] = "cli-spin",
+    [ATTACK_TRIPLE_FAULT] = "triple-fault",
+    [ATTACK_HYPERCALLS] = "hypercalls",
+    [ATTACK_IPI_FLOOD] = "ipi-flood",
+    [ATTACK_SELF_IPI] = "self-ipi",
+    [ATTACK_INIT_SIPI] = "init-sipi",
+    [ATTACK_IOAPIC] = "ioapic",
+    [ATTACK_LAPIC_ODD] = "lapic-odd",
+    [ATTACK_STRING_MMIO] = "string-mmio",
+    [ATTACK_LOCKED_MMIO] = "locked-mmio",
+    [ATTACK_GPA_HOLE] = "gpa-hole",
+};
+_Static_assert(sizeof attack_names / sizeof attack_names[0] == ATTACK_COUNT, "a name per attack");
 
 const char *testguest_mode_name(enum testguest_mode mode)
 {
     return (unsigned)mode < sizeof mode_names / sizeof mode_names[0] ? mode_names[mode] : "?";
+}
+
+const char *testguest_attack_name(enum testguest_attack attack)
+{
+    return (unsigned)attack < ATTACK_COUNT ? attack_names[attack] : "?";
 }
 
 /* Appends s[0..n) to err at *pos, keeping room for the terminator. */
@@ -113,8 +147,17 @@ int testguest_parse_cmdline(const char *line, size_t len, struct testguest_optio
                     found = 1;
                 }
             if (!found)
-                return fail(err, "unknown mode (barrier, cpubound, oob, idle) in", word, word_len);
+                return fail(err, "unknown mode (barrier, cpubound, oob, idle, hostile) in", word, word_len);
             have_mode = 1;
+        } else if (equals(word, key_len, "attack")) {
+            int found = 0;
+            for (unsigned a = ATTACK_NONE + 1; a < ATTACK_COUNT; a++)
+                if (equals(value, value_len, attack_names[a])) {
+                    o.attack = (enum testguest_attack)a;
+                    found = 1;
+                }
+            if (!found)
+                return fail(err, "unknown attack (docs/testguest.md) in", word, word_len);
         } else {
             uint64_t *target;
             if (equals(word, key_len, "work"))
@@ -124,13 +167,15 @@ int testguest_parse_cmdline(const char *line, size_t len, struct testguest_optio
             else if (equals(word, key_len, "oob_after"))
                 target = &o.oob_after;
             else
-                return fail(err, "unknown option (mode, work, iters, oob_after)", word, word_len);
+                return fail(err, "unknown option (mode, work, iters, oob_after, attack)", word, word_len);
             if (parse_u64(value, value_len, target) != 0)
                 return fail(err, "malformed number (decimal expected) in", word, word_len);
         }
     }
     if (!have_mode)
-        return fail(err, "missing mode=barrier|cpubound|oob|idle in", line, len);
+        return fail(err, "missing mode=barrier|cpubound|oob|idle|hostile in", line, len);
+    if ((o.mode == MODE_HOSTILE) != (o.attack != ATTACK_NONE))
+        return fail(err, "attack= goes with mode=hostile, and mode=hostile needs one:", line, len);
     *out = o;
     err[0] = 0;
     return 0;

@@ -6,13 +6,43 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum testguest_mode { MODE_BARRIER, MODE_CPUBOUND, MODE_OOB, MODE_IDLE };
+enum testguest_mode { MODE_BARRIER, MODE_CPUBOUND, MODE_OOB, MODE_IDLE, MODE_HOSTILE };
+
+/* mode=hostile: what vCPU 0 does after oob_after iterations (docs/testguest.md). */
+enum testguest_attack {
+    ATTACK_NONE,
+    ATTACK_PORTS,
+    ATTACK_STRING_IO,
+    ATTACK_MSR_APIC_BASE,
+    ATTACK_MSR_EFER,
+    ATTACK_MSR_PAT,
+    ATTACK_MSR_VMX,
+    ATTACK_MSR_UNKNOWN,
+    ATTACK_VMXON,
+    ATTACK_VMREAD,
+    ATTACK_INVEPT,
+    ATTACK_XSETBV,
+    ATTACK_CLI_HLT,
+    ATTACK_CLI_SPIN,
+    ATTACK_TRIPLE_FAULT,
+    ATTACK_HYPERCALLS,
+    ATTACK_IPI_FLOOD,
+    ATTACK_SELF_IPI,
+    ATTACK_INIT_SIPI,
+    ATTACK_IOAPIC,
+    ATTACK_LAPIC_ODD,
+    ATTACK_STRING_MMIO,
+    ATTACK_LOCKED_MMIO,
+    ATTACK_GPA_HOLE,
+    ATTACK_COUNT
+};
 
 struct testguest_options {
     enum testguest_mode mode;
     uint64_t work;      /* iterations of the compute loop per step */
     uint64_t iters;     /* 0 = forever */
-    uint64_t oob_after; /* mode=oob: iterations before the out-of-bounds write */
+    uint64_t oob_after; /* mode=oob/hostile: iterations before the misbehaviour */
+    enum testguest_attack attack; /* mode=hostile: which */
 };
 
 #define DEFAULT_WORK 2000
@@ -27,5 +57,6 @@ int testguest_parse_cmdline(const char *line, size_t len, struct testguest_optio
                             char err[CMDLINE_ERROR_MAX]);
 
 const char *testguest_mode_name(enum testguest_mode mode);
+const char *testguest_attack_name(enum testguest_attack attack);
 
 #endif

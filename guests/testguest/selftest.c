@@ -48,6 +48,15 @@ int main(void)
     accepts("mode=cpubound", MODE_CPUBOUND, 2000, 0, 100);
     accepts("mode=idle", MODE_IDLE, 2000, 0, 100);
     accepts("mode=oob oob_after=5", MODE_OOB, 2000, 0, 5);
+    {
+        struct testguest_options o;
+        char err[CMDLINE_ERROR_MAX];
+        const char *line = "mode=hostile attack=ipi-flood oob_after=3";
+        check(testguest_parse_cmdline(line, strlen(line), &o, err) == 0 && o.mode == MODE_HOSTILE &&
+                  o.attack == ATTACK_IPI_FLOOD && o.oob_after == 3 &&
+                  strcmp(testguest_attack_name(o.attack), "ipi-flood") == 0,
+              "an attack by name", line);
+    }
     accepts("mode=barrier work=500 iters=1000", MODE_BARRIER, 500, 1000, 100);
     accepts("  iters=3\twork=0   mode=cpubound  ", MODE_CPUBOUND, 0, 3, 100);
     accepts("mode=idle mode=barrier", MODE_BARRIER, 2000, 0, 100);
@@ -66,20 +75,23 @@ int main(void)
               "NUL ends the line", nul);
     }
 
-    rejects("mode=fast", "unknown mode (barrier, cpubound, oob, idle) in 'mode=fast'");
-    rejects("mode=", "unknown mode (barrier, cpubound, oob, idle) in 'mode='");
-    rejects("mode=barrierx", "unknown mode (barrier, cpubound, oob, idle) in 'mode=barrierx'");
+    rejects("mode=fast", "unknown mode (barrier, cpubound, oob, idle, hostile) in 'mode=fast'");
+    rejects("mode=", "unknown mode (barrier, cpubound, oob, idle, hostile) in 'mode='");
+    rejects("mode=barrierx", "unknown mode (barrier, cpubound, oob, idle, hostile) in 'mode=barrierx'");
     rejects("mode=barrier work=12x", "malformed number (decimal expected) in 'work=12x'");
     rejects("mode=barrier work=", "malformed number (decimal expected) in 'work='");
     rejects("mode=barrier iters=-1", "malformed number (decimal expected) in 'iters=-1'");
     rejects("mode=barrier iters=0x10", "malformed number (decimal expected) in 'iters=0x10'");
     rejects("mode=barrier iters=18446744073709551616",
             "malformed number (decimal expected) in 'iters=18446744073709551616'");
-    rejects("mode=barrier iter=5", "unknown option (mode, work, iters, oob_after) 'iter=5'");
+    rejects("mode=barrier iter=5", "unknown option (mode, work, iters, oob_after, attack) 'iter=5'");
     rejects("mode=barrier verbose", "expected key=value, got 'verbose'");
     rejects("=5 mode=barrier", "expected key=value, got '=5'");
-    rejects("work=5", "missing mode=barrier|cpubound|oob|idle in 'work=5'");
-    rejects("", "missing mode=barrier|cpubound|oob|idle in ''");
+    rejects("work=5", "missing mode=barrier|cpubound|oob|idle|hostile in 'work=5'");
+    rejects("", "missing mode=barrier|cpubound|oob|idle|hostile in ''");
+    rejects("mode=hostile attack=rowhammer", "unknown attack (docs/testguest.md) in 'attack=rowhammer'");
+    rejects("mode=hostile", "attack= goes with mode=hostile, and mode=hostile needs one: 'mode=hostile'");
+    rejects("mode=idle attack=ports", "attack= goes with mode=hostile, and mode=hostile needs one: 'mode=idle attack=ports'");
     rejects("mode=barrier work=123456789012345678901234567890123456789012345678901234567890",
             "malformed number (decimal expected) in 'work=12345678901234567890123456789012345'");
 

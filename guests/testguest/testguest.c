@@ -3,6 +3,8 @@
  * stats record for the hypervisor, and vCPU 0 reports on COM1. See docs/testguest.md. */
 #include "abi.h"
 #include "cmdline.h"
+#include "cpu.h"
+#include "hostile.h"
 
 #define COM1 0x3F8
 #define COM1_LSR (COM1 + 5)
@@ -11,35 +13,6 @@
 #define PROGRESS_EVERY_BARRIER 1000
 #define PROGRESS_EVERY_CPUBOUND 10000
 #define REPORT_EVERY 10000
-
-static inline uint64_t rdtsc(void)
-{
-    uint32_t lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((uint64_t)hi << 32) | lo;
-}
-
-static inline void outb(uint16_t port, uint8_t v)
-{
-    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline uint8_t inb(uint16_t port)
-{
-    uint8_t v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-
-static inline void cpu_pause(void)
-{
-    __asm__ volatile("pause" : : : "memory");
-}
-
-static inline void hypercall(uint64_t nr, uint64_t vcpu)
-{
-    __asm__ volatile("vmcall" : "+a"(nr) : "b"(vcpu) : "memory");
-}
 
 static void __attribute__((noreturn)) halt_forever(void)
 {
@@ -278,15 +251,29 @@ static void __attribute__((noreturn)) oob_write(struct vcpu_ctx *c)
     fail(c->vcpu, 1, "mode=oob: the out-of-bounds write did not fault");
 }
 
-/* cpubound and oob: the compute step only. In oob mode vCPU 0 writes beyond its memory
- * after oob_after iterations; the others keep computing until the partition is stopped. */
+/* cpubound, oob and hostile: the compute step only. In oob mode vCPU 0 writes beyond its
+ * memory after oob_after iterations; in hostile mode it carries out its attack then (and
+ * goes on computing if the attack returns); the others keep computing all along. */
 static void __attribute__((noreturn)) run_cpubound(struct vcpu_ctx *c)
 {
     uint64_t x = c->vcpu;
     int oob = c->opt.mode == MODE_OOB && c->vcpu == 0;
+    int hostile = c->opt.mode == MODE_HOSTILE && c->vcpu == 0;
     for (;;) {
         if (oob && c->iterations == c->opt.oob_after)
             oob_write(c);
+        if (hostile && c->iterations == c->opt.oob_after) {
+            struct line l;
+            line_start(&l, c->vcpu);
+            put_str(&l, "attack ");
+            put_str(&l, testguest_attack_name(c->opt.attack));
+            line_send(&l);
+            hostile_attack(c->opt.attack, c->info->vcpus, c->info->memory_size);
+            line_start(&l, c->vcpu);
+            put_str(&l, "survived ");
+            put_str(&l, testguest_attack_name(c->opt.attack));
+            line_send(&l);
+        }
         uint64_t t0 = run_clock_tick(&c->clock), d0 = c->clock.descheduled;
         x = compute_step(c->opt.work, x, &c->clock);
         uint64_t t1 = run_clock_tick(&c->clock), d1 = c->clock.descheduled;
@@ -336,9 +323,13 @@ void __attribute__((noreturn)) testguest_main(uint64_t vcpu, const volatile stru
         put_u64(&l, c.opt.iters);
         put_str(&l, " work=");
         put_u64(&l, c.opt.work);
-        if (c.opt.mode == MODE_OOB) {
+        if (c.opt.mode == MODE_OOB || c.opt.mode == MODE_HOSTILE) {
             put_str(&l, " oob_after=");
             put_u64(&l, c.opt.oob_after);
+        }
+        if (c.opt.mode == MODE_HOSTILE) {
+            put_str(&l, " attack=");
+            put_str(&l, testguest_attack_name(c.opt.attack));
         }
         line_send(&l);
     }
@@ -348,6 +339,7 @@ void __attribute__((noreturn)) testguest_main(uint64_t vcpu, const volatile stru
         run_barrier(&c);
     case MODE_CPUBOUND:
     case MODE_OOB:
+    case MODE_HOSTILE:
         run_cpubound(&c);
     case MODE_IDLE:
         run_idle(&c);

@@ -43,6 +43,9 @@ pub enum ExitOutcome {
     Sampled(vmx::spin_sample::Sample),
 }
 
+/// Unknown hypercalls a partition gets a log line for.
+const LOGGED_UNKNOWN_HYPERCALLS: u64 = 8;
+
 /// Handles one VM exit of `vcpu` (of `partition`, current on this pCPU) whose slot ends at
 /// `deadline`, with its guard at `guard_at`.
 pub fn handle_exit(
@@ -116,7 +119,14 @@ pub fn handle_exit(
                 }
                 Hypercall::GuestError => stop("guest-error", "the guest reported an error on its console".into()),
                 Hypercall::Unknown(call) => {
-                    log::warn!("[{}] unknown hypercall {call}", partition.name);
+                    // A few lines say what the guest does; a guest calling in a loop must not
+                    // turn the hypervisor's console into its own (counted in partition_stats).
+                    let seen = partition.unknown_hypercalls.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                    if seen < LOGGED_UNKNOWN_HYPERCALLS {
+                        log::warn!("[{}] unknown hypercall {call}", partition.name);
+                    } else if seen == LOGGED_UNKNOWN_HYPERCALLS {
+                        log::warn!("[{}] more unknown hypercalls: counted, no longer logged", partition.name);
+                    }
                     ExitOutcome::Resume
                 }
             }

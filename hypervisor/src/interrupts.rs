@@ -144,6 +144,15 @@ fn ist_for(vector: u8) -> u8 {
 }
 
 /// Fills the shared IDT (once, on the BSP, before any CPU loads it).
+/// Takes an interrupt that is pending in the LAPIC now, in root mode (the handlers of the
+/// hypervisor's own vectors only acknowledge them): `sti` takes effect after the next
+/// instruction, so `sti; nop; cli` opens a window of one instruction.
+pub fn take_pending() {
+    x86_64::instructions::interrupts::enable();
+    x86_64::instructions::nop();
+    x86_64::instructions::interrupts::disable();
+}
+
 pub fn build_idt(code_selector: u16) {
     for vector in 0..256usize {
         let handler = core::ptr::addr_of!(isr_stubs) as u64 + vector as u64 * STUB_SIZE;

@@ -45,6 +45,8 @@ pub struct Partition {
     pub devices: vmx::devices::PartitionDevices,
     pub done_vcpus: AtomicU64,
     pub hypercalls: AtomicU64,
+    /// Hypercalls with a number Phalanx does not know (the first few are logged).
+    pub unknown_hypercalls: AtomicU64,
     /// The payload and its boot parameters, kept to reload the partition on a reset.
     image: &'static [u8],
     pub payload: Payload,
@@ -97,6 +99,7 @@ impl Partition {
             devices: vmx::devices::PartitionDevices::new(vcpus, ioapic_id, payload == Payload::TestGuest),
             done_vcpus: AtomicU64::new(0),
             hypercalls: AtomicU64::new(0),
+            unknown_hypercalls: AtomicU64::new(0),
             image,
             payload,
             initial_states,

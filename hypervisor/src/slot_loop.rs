@@ -288,7 +288,13 @@ fn run_turn(
                 }
                 continue;
             }
-            ExitOutcome::Guard => pcpu.guard_exits += 1,
+            ExitOutcome::Guard => {
+                pcpu.guard_exits += 1;
+                // The boundary's interrupt, which the guest kept out (interrupts off: under
+                // Bochs they then do not exit), is pending: taken here, not as an exit out of
+                // the next vCPU's slot.
+                crate::interrupts::take_pending();
+            }
             ExitOutcome::Spin { yielded } => {
                 pcpu.ledger.note_pause_loop_exit(account_id);
                 if yielded {

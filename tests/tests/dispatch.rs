@@ -1,36 +1,10 @@
 //! Partitions under VMX with phase-locked gang dispatch, end to end under Bochs.
 
-use e2e::{Boot, Run};
-use serde_json::Value;
+use e2e::{pct, stats, Boot, Run};
 
-fn stats<'a>(run: &'a Run, partition: &str) -> &'a Value {
-    run.all("partition_stats")
-        .into_iter()
-        .find(|r| r["partition"] == partition)
-        .unwrap_or_else(|| panic!("no partition_stats for {partition}:\n{}", run.log))
-}
-
-fn pct(v: &Value) -> f64 {
-    v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a percentage: {v}"))
-}
-
-/// The partition's CPU share is within 2% of its reservation, less what the switches into its
-/// slots take: each of its turns starts `entry_latency_median_cycles` after the boundary (the
-/// previous owner's switch-out and the decision happen in its slot's time, charged to nobody
-/// in particular: docs/scheduling.md), 1.4% of a 4 ms slot under Bochs.
+/// Within 2% of its reservation (less the switch into its slots).
 fn assert_share(run: &Run, partition: &str, reserved_pct: f64) {
-    let s = stats(run, partition);
-    let share = pct(&s["cpu_share_pct"]);
-    let charged = (s["guest_cycles"].as_u64().unwrap() + s["on_behalf_cycles"].as_u64().unwrap()) as f64;
-    let capacity = charged * 100.0 / share;
-    let switching = s["entry_latency_median_cycles"].as_u64().unwrap() as f64 * s["slots"].as_u64().unwrap() as f64;
-    let switch_pct = switching * 100.0 / capacity;
-    let (low, high) = (reserved_pct * 0.98 - switch_pct, reserved_pct * 1.02);
-    assert!(
-        (low..=high).contains(&share),
-        "{partition}: measured CPU share {share}% is outside {low:.2}% ..= {high:.2}% (its {reserved_pct}% reservation \
-         +- 2%, less {switch_pct:.2}% for switching into its slots): {s}"
-    );
+    e2e::assert_share(run, partition, reserved_pct, 2.0);
 }
 
 #[test]

@@ -24,6 +24,11 @@ pub fn msr_access(cpu: &mut impl VcpuAccess, write: bool, vcpu: u32, tsc: u64) {
         (MsrAccess::TimeStampCounter, false) => tsc,
         (MsrAccess::VmcsField(field), false) => cpu.read_field(field),
         (MsrAccess::VmcsField(field), true) => {
+            let paging = cpu.read_field(x86::vmx::vmcs::guest::CR0) & (1 << 31) != 0;
+            if !msr::write_allowed(index, value, cpu.read_field(field), paging) {
+                cpu.inject_exception(EXCEPTION_GP, Some(0));
+                return;
+            }
             // EFER.LMA is the CPU's to set (it must match the "IA-32e mode guest" control).
             let value =
                 if index == IA32_EFER { (value & !EFER_LMA) | (cpu.read_field(field) & EFER_LMA) } else { value };

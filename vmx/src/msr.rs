@@ -74,6 +74,28 @@ pub fn access(msr: u32, vcpu: u32) -> MsrAccess {
     }
 }
 
+/// EFER bits a guest may hold: SCE, LME, LMA (the CPU's), NXE.
+const EFER_ALLOWED: u64 = 1 | (1 << 8) | EFER_LMA | (1 << 11);
+const EFER_LME: u64 = 1 << 8;
+
+fn canonical(address: u64) -> bool {
+    ((address as i64) << 16 >> 16) as u64 == address
+}
+
+/// Whether WRMSR of `value` to a VMCS-held `msr` is one the CPU would take (`current`: its
+/// value now; `paging`: CR0.PG). A write the CPU would answer with #GP must get #GP here too:
+/// written into the VMCS, it fails the next VM entry instead (a reserved PAT type, EFER
+/// reserved bits or a change of LME under paging, a non-canonical base).
+pub fn write_allowed(msr: u32, value: u64, current: u64, paging: bool) -> bool {
+    match msr {
+        // Memory types 0, 1, 4, 5, 6, 7 in each byte; 2, 3 and bits 3-7 are reserved.
+        IA32_PAT => value.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7)),
+        IA32_EFER => value & !EFER_ALLOWED == 0 && !(paging && (value ^ current) & EFER_LME != 0),
+        IA32_FS_BASE | IA32_GS_BASE | IA32_SYSENTER_ESP | IA32_SYSENTER_EIP => canonical(value),
+        _ => true,
+    }
+}
+
 /// Byte offset and bit of `msr` in a 4 KiB VMX MSR bitmap (SDM 25.6.9), for reads; the write
 /// bit is 2048 bytes further. `None` for MSRs outside the two ranges the bitmap covers
 /// (those always exit).
@@ -89,6 +111,21 @@ pub fn bitmap_position(msr: u32) -> Option<(usize, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_the_cpu_would_refuse_are_refused() {
+        assert!(write_allowed(IA32_PAT, 0x0007_0406_0007_0406, 0, true), "the power-on PAT");
+        assert!(!write_allowed(IA32_PAT, 0x0202_0202_0202_0202, 0, true), "type 2 is reserved");
+        assert!(!write_allowed(IA32_PAT, 0x0000_0000_0000_0008, 0, true), "bit 3 of a type");
+        let long_mode = (1 << 8) | EFER_LMA | (1 << 11) | 1;
+        assert!(write_allowed(IA32_EFER, long_mode, long_mode, true), "the same again");
+        assert!(!write_allowed(IA32_EFER, 0, long_mode, true), "LME off under paging");
+        assert!(write_allowed(IA32_EFER, 1 << 8, 0, false), "LME on before paging");
+        assert!(!write_allowed(IA32_EFER, long_mode | (1 << 12), long_mode, true), "SVME is not Intel's");
+        assert!(!write_allowed(IA32_FS_BASE, 0x0000_8000_0000_0000, 0, true), "non-canonical");
+        assert!(write_allowed(IA32_GS_BASE, 0xFFFF_8000_0000_0000, 0, true));
+        assert!(write_allowed(IA32_SYSENTER_CS, u64::MAX, 0, true));
+    }
 
     #[test]
     fn linux_early_boot_msrs_have_answers() {

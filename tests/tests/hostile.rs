@@ -1,0 +1,174 @@
+//! Hostile guests: a test-guest partition whose vCPU 0 attacks the machine (`mode=hostile
+//! attack=NAME`, guests/testguest/hostile.c) beside a well-behaved CPU-bound partition with a
+//! hard 30% of both pCPUs. Whatever the attack, the run ends normally, the attacker is either
+//! contained (its attack emulated or ignored, and it keeps running) or stopped (or reset)
+//! alone with a `partition_fault` naming it, and the well-behaved partition keeps running and
+//! keeps its share: within 1% of what it gets beside a well-behaved neighbour (the baseline
+//! run, `none`), and of its reservation less the measured switch into its slots.
+
+use e2e::{assert_share, pct, stats, Boot, Run};
+
+/// What a hostile partition's attack must come to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outcome {
+    /// It keeps running and prints "survived NAME".
+    Contained,
+    /// It keeps running but never finishes the attack (a vCPU that halts or spins forever).
+    Stuck,
+    /// Stopped with a fault of this reason.
+    Stopped(&'static str),
+    /// Faults with this reason and is reset, again and again (`on_fault = "reset"`).
+    Reset(&'static str),
+}
+
+const STEADY_PCT: f64 = 30.0;
+
+fn config(attack: &str, on_fault: &str) -> String {
+    let hostile = if attack == "none" {
+        "mode=cpubound work=500".to_string()
+    } else {
+        format!("mode=hostile attack={attack} oob_after={} work=500", if on_fault == "reset" { 0 } else { 50 })
+    };
+    format!(
+        r#"[hypervisor]
+major_frame_us = 20000
+policy = "gang"
+stats_interval_ms = 250
+run_ms = 1000
+
+[[partition]]
+name = "hostile"
+vcpus = 2
+pcpus = [0, 1]
+memory_mb = 16
+reservation = {{ budget_us = 10000, period_us = 20000 }}
+guest = {{ module = "testguest", cmdline = "{hostile}" }}
+on_fault = "{on_fault}"
+
+[[partition]]
+name = "steady"
+vcpus = 2
+pcpus = [0, 1]
+memory_mb = 16
+reservation = {{ budget_us = 6000, period_us = 20000 }}
+guest = {{ module = "testguest", cmdline = "mode=cpubound work=500" }}
+"#
+    )
+}
+
+fn boot(attack: &str, on_fault: &str) -> Run {
+    let root = e2e::repo_root();
+    let name = format!("hostile-{attack}");
+    let path = root.join("target/e2e").join(format!("{name}.toml"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, config(attack, on_fault)).unwrap();
+    Boot::new(&name, "bochs", 2, path.to_str().unwrap()).run()
+}
+
+/// The steady partition's share in the baseline run (a well-behaved neighbour), measured once
+/// per test binary.
+fn baseline_share() -> f64 {
+    static BASELINE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *BASELINE.get_or_init(|| {
+        let run = boot("none", "stop");
+        run.assert_clean_end();
+        assert!(run.all("partition_fault").is_empty(), "{}", run.log);
+        pct(&stats(&run, "steady")["cpu_share_pct"])
+    })
+}
+
+fn attack(name: &str, expected: Outcome) {
+    let on_fault = if matches!(expected, Outcome::Reset(_)) { "reset" } else { "stop" };
+    let run = boot(name, on_fault);
+    // The machine survives: no hypervisor exception or panic, the run ends on time.
+    run.assert_clean_end();
+    assert!(!run.all("run_end").is_empty(), "the run ends normally:\n{}", run.log);
+    assert!(run.log.contains(&format!("attack={name}")), "the attacker started:\n{}", run.log);
+    let faults = run.all("partition_fault");
+    assert!(faults.iter().all(|f| f["partition"] == "hostile"), "only the attacker faults: {faults:?}");
+    let hostile = stats(&run, "hostile");
+    let survived = run.log.contains(&format!("survived {name}"));
+    match expected {
+        Outcome::Contained | Outcome::Stuck => {
+            assert!(faults.is_empty(), "{name}: contained, not stopped: {faults:?}");
+            assert_eq!(hostile["state"], "running", "{hostile}");
+            assert_eq!(survived, expected == Outcome::Contained, "{name}: 'survived' line:\n{}", run.log);
+        }
+        Outcome::Stopped(reason) => {
+            assert_eq!(faults.len(), 1, "{faults:?}");
+            assert_eq!((faults[0]["reason"].as_str(), faults[0]["action"].as_str()), (Some(reason), Some("stopped")));
+            assert_eq!(hostile["state"], "stopped", "{hostile}");
+            assert!(!survived, "{name} was stopped before it finished");
+        }
+        Outcome::Reset(reason) => {
+            assert!(faults.len() >= 3, "a tight fault-and-reset loop: {faults:?}");
+            assert!(faults.iter().all(|f| f["reason"] == reason && f["action"] == "reset"), "{faults:?}");
+            assert_eq!(hostile["resets"].as_u64().unwrap(), run.all("partition_reset").len() as u64);
+        }
+    }
+    // The well-behaved partition keeps running and keeps its share.
+    let steady = stats(&run, "steady");
+    assert_eq!(steady["state"], "running", "{steady}");
+    let progress: Vec<u64> = run
+        .all("progress")
+        .iter()
+        .filter(|r| r["partition"] == "steady")
+        .map(|r| r["iterations"].as_u64().unwrap())
+        .collect();
+    assert!(progress.len() >= 3 && progress.windows(2).all(|w| w[1] > w[0]), "steady progresses: {progress:?}");
+    let got = pct(&steady["cpu_share_pct"]);
+    let baseline = baseline_share();
+    println!(
+        "hostile {name}: {} ({} faults), steady {got:.2}% (baseline {baseline:.2}%, deviation {:+.2}%)",
+        match expected {
+            Outcome::Contained | Outcome::Stuck => "contained",
+            Outcome::Stopped(_) => "stopped",
+            Outcome::Reset(_) => "reset",
+        },
+        faults.len(),
+        (got - baseline) * 100.0 / baseline
+    );
+    assert!(
+        (got - baseline).abs() <= baseline * 0.01,
+        "{name}: steady {got}% against {baseline}% beside a good neighbour"
+    );
+    // And of its reservation, less the switch into each slot.
+    assert_share(&run, "steady", STEADY_PCT, 1.0);
+}
+
+macro_rules! attacks {
+    ($($test:ident: $name:literal => $outcome:expr;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                attack($name, $outcome);
+            }
+        )*
+    };
+}
+
+attacks! {
+    legacy_ports_read_as_absent_and_writes_vanish: "ports" => Outcome::Contained;
+    string_io_is_refused: "string-io" => Outcome::Stopped("refused");
+    apic_base_relocation_is_ignored: "msr-apic-base" => Outcome::Contained;
+    efer_abuse_faults: "msr-efer" => Outcome::Stopped("triple-fault");
+    a_reserved_pat_type_faults: "msr-pat" => Outcome::Stopped("triple-fault");
+    vmx_msrs_fault: "msr-vmx" => Outcome::Stopped("triple-fault");
+    unknown_msrs_fault: "msr-unknown" => Outcome::Stopped("triple-fault");
+    vmxon_faults: "vmxon" => Outcome::Stopped("triple-fault");
+    vmread_faults: "vmread" => Outcome::Stopped("triple-fault");
+    invept_faults: "invept" => Outcome::Stopped("triple-fault");
+    a_bad_xsetbv_faults: "xsetbv" => Outcome::Stopped("triple-fault");
+    cli_hlt_forever_only_idles_its_own_slots: "cli-hlt" => Outcome::Stuck;
+    cli_spin_is_preempted_at_every_boundary: "cli-spin" => Outcome::Stuck;
+    a_triple_fault_reset_loop_stays_in_its_partition: "triple-fault" => Outcome::Reset("triple-fault");
+    every_hypercall_number_is_answered: "hypercalls" => Outcome::Contained;
+    an_ipi_flood_stays_in_its_partition: "ipi-flood" => Outcome::Contained;
+    a_self_ipi_storm_stays_in_its_vcpu: "self-ipi" => Outcome::Contained;
+    init_and_sipi_reach_only_its_own_vcpus: "init-sipi" => Outcome::Contained;
+    ioapic_entries_aim_only_at_its_own_vcpus: "ioapic" => Outcome::Contained;
+    odd_lapic_accesses_are_emulated_or_ignored: "lapic-odd" => Outcome::Contained;
+    string_instructions_on_the_lapic_are_refused: "string-mmio" => Outcome::Stopped("refused");
+    locked_lapic_accesses_are_refused: "locked-mmio" => Outcome::Stopped("refused");
+    memory_beyond_its_own_faults: "gpa-hole" => Outcome::Stopped("ept-violation");
+}
