@@ -2,7 +2,8 @@
 //! `scripts/fuzz`): the shipped and test configs, mutated by bytes, lines, values and keys,
 //! checked as the boot checks them (a 4-pCPU, 512 MiB machine with its modules). The loader
 //! never panics; a rejection is one line `fuzz.toml:LINE:COLUMN: ...` inside the text, at most
-//! a few hundred bytes; an accepted config can start: every vCPU has a home among its pCPUs,
+//! a few hundred bytes; an accepted config can start: its test-guest payloads load (the
+//! loader's checks run in the check), every vCPU has a home among its pCPUs,
 //! memory is placed inside the machine's without overlaps, and the tables and durations scale
 //! to the TSC cycles of any TSC below 100 GHz.
 
@@ -258,6 +259,8 @@ fn fuzz_the_config_check() {
         pcpus: 4,
         usable_memory: core::iter::once(16 * MIB..512 * MIB).collect(),
         modules: vec!["testguest".into(), "bzImage".into()],
+        // A flat image of the test guest's size: its payload checks run on every input.
+        module_images: vec![("testguest".into(), &[0x90u8; 9000][..])],
     };
     let (mut accepted, mut rejected) = (0u64, 0u64);
     let report = run("config", 2.0, 2_000, |rng| {

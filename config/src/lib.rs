@@ -35,6 +35,8 @@ pub struct Platform {
     pub usable_memory: Vec<core::ops::Range<u64>>,
     /// Names of the boot modules the guests' payloads can come from.
     pub modules: Vec<alloc::string::String>,
+    /// Their contents (payloads must load into their partitions).
+    pub module_images: Vec<(alloc::string::String, &'static [u8])>,
 }
 
 /// Parses and validates `text` (named `file_name` in errors). With `platform = None` (a host
@@ -46,6 +48,7 @@ pub fn load(file_name: &str, text: &str, platform: Option<&Platform>) -> Result<
             pcpus: Some(p.pcpus),
             usable_memory: Some(p.usable_memory.clone()),
             modules: Some(p.modules.clone()),
+            module_images: p.module_images.clone(),
         },
         None => Machine::default(),
     };

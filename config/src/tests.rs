@@ -35,6 +35,7 @@ fn platform(pcpus: u32, memory_mb: u64) -> Platform {
         pcpus,
         usable_memory: core::iter::once(16 * MIB..memory_mb * MIB).collect(),
         modules: vec!["bzImage".into(), "initrd.cpio".into(), "testguest".into()],
+        module_images: Vec::new(),
     }
 }
 
@@ -174,6 +175,7 @@ fn first_fit_skips_explicit_regions_and_aligns_to_2_mib() {
         pcpus: 2,
         usable_memory: vec![64 * MIB..256 * MIB, 17 * MIB..56 * MIB],
         modules: vec!["bzImage".into()],
+        module_images: Vec::new(),
     };
     let v = ok(&text, Some(&machine));
     assert_eq!(v.memory, vec![Placement::At(32 * MIB..48 * MIB), Placement::At(64 * MIB..128 * MIB)]);
@@ -510,6 +512,35 @@ fn explicit_memory_must_be_aligned_usable_and_unshared() {
         position(&text, "{ base", 0),
         "not both",
     );
+}
+
+/// A payload whose contents are known must load into its partition, with the loader's own
+/// checks: refused at the check, naming the partition, not stopped at start.
+#[test]
+fn payloads_that_cannot_load_are_refused_at_the_check() {
+    static TEST_GUEST: [u8; 3 << 20] = [0x90; 3 << 20]; // a 3 MiB flat image
+    let mut machine = platform(4, 1024);
+    machine.module_images = vec![("testguest".into(), &TEST_GUEST[..])];
+    let db_block = "vcpus = 2\npcpus = [0, 1]\nmemory_mb = 64\nreservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\" }";
+    let cases =
+        [(60, 64, "mode=idle", "at most 56"), (2, 2, "mode=idle", "too small"), (2, 64, "mode=idle é", "ASCII")];
+    for (vcpus, memory_mb, cmdline, words) in cases {
+        let to = format!(
+            "vcpus = {vcpus}\npcpus = [0, 1]\nmemory_mb = {memory_mb}\nreservation = {{ budget_us = 4000, period_us = 10000 }}\n\
+             guest = {{ module = \"testguest\", cmdline = \"{cmdline}\" }}"
+        );
+        let text = edit(BASE, db_block, &to);
+        let e = bad(&text, Some(&machine));
+        let at = position(&text, "\"testguest\"", 0);
+        assert_error(&e, ErrorKind::InvalidValue, Some("partition \"db\""), "guest.module", at, words);
+    }
+    let db = "guest = { module = \"bzImage\" }";
+    // It fits: accepted; and without its contents (the host check without --module) the
+    // payload is not looked at.
+    let text = edit(BASE, db, "guest = { module = \"testguest\", cmdline = \"mode=idle\" }");
+    ok(&text, Some(&machine));
+    let text = edit(BASE, db, "guest = { module = \"testguest\", cmdline = \"mode=idle é\" }");
+    ok(&text, Some(&platform(4, 1024)));
 }
 
 /// What the image would not act on is refused, each at its own key, not accepted and ignored.

@@ -23,6 +23,10 @@ pub struct Machine {
     pub usable_memory: Option<Vec<Range<u64>>>,
     /// Boot module names available as guest payloads; `None` skips the check.
     pub modules: Option<Vec<String>>,
+    /// The contents of the payload modules known here (all of them at boot; on the host, the
+    /// ones `phalanx-check --module` was given): each partition's payload must load into it
+    /// (`firmware::payload::fits`: size, load address, vCPUs, command line).
+    pub module_images: Vec<(String, &'static [u8])>,
 }
 
 /// A config that passed every check: nothing in it can fail at start.
@@ -115,6 +119,7 @@ impl Checker<'_> {
         self.device_conflicts(&partitions)?;
         self.enforced(&hypervisor)?;
         let memory = self.place_memory(&partitions)?;
+        self.payloads_fit(&partitions, &memory)?;
         let config = Config { hypervisor, groups, partitions };
         let tree = self.admit(&config, &group_index)?;
         // The pCPUs the machine has, or (on the host without --pcpus) the ones the config names.
@@ -560,6 +565,28 @@ impl Checker<'_> {
                     hypervisor.policy.as_str()
                 );
                 return refuse(policy.span(), "policy", &message);
+            }
+        }
+        Ok(())
+    }
+
+    /// Each partition's payload, where its contents are known, loads into the partition: the
+    /// loader's own checks, made before anything is started.
+    fn payloads_fit(&self, partitions: &[PartitionConfig], memory: &[Placement]) -> Result<(), ConfigError> {
+        for ((p, placement), raw) in partitions.iter().zip(memory).zip(&self.raw.partition) {
+            let module = &p.guest.module;
+            let Some((_, image)) = self.machine.module_images.iter().find(|(name, _)| name == module) else {
+                continue;
+            };
+            if let Err(why) = firmware::payload::fits(image, placement.size(), p.vcpus, &p.guest.cmdline) {
+                let raw = raw.get_ref();
+                return Err(self.r.at(
+                    raw.guest.get_ref().module.span(),
+                    partition_subject(raw),
+                    Some("guest.module"),
+                    ErrorKind::InvalidValue,
+                    format!("\"{module}\" does not load into this partition: {why}"),
+                ));
             }
         }
         Ok(())

@@ -11,4 +11,5 @@ pub mod linux;
 pub mod longmode;
 pub mod madt;
 pub mod mptable;
+pub mod payload;
 pub mod platform;

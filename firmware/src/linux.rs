@@ -223,37 +223,53 @@ pub struct LinuxLayout {
     pub initrd_gpa: Option<u64>,
 }
 
-/// Writes the kernel, zero page, command line, optional initrd, page tables and GDT into the
-/// partition's memory. Everything is checked before anything is written.
-pub fn load_linux(mem: &mut impl GuestMemory, p: &LinuxParams) -> Result<LinuxLayout, LinuxError> {
-    let k = p.kernel;
-    let size = mem.size();
+/// Where `kernel` (with an initrd of `initrd_len` bytes) goes in a partition of `size` bytes
+/// with a command line of `cmdline_len` bytes, or why it cannot: every check `load_linux`
+/// makes before it writes, so the config check can make them too.
+pub fn place_linux(
+    kernel: &BzImage,
+    size: u64,
+    cmdline_len: usize,
+    initrd_len: Option<usize>,
+) -> Result<LinuxLayout, LinuxError> {
+    let k = kernel;
     let cmdline_max = (k.cmdline_size as usize).min(CMDLINE_MAX);
-    if p.cmdline.len() > cmdline_max {
-        return Err(LinuxError::CmdlineTooLong { len: p.cmdline.len(), max: cmdline_max });
+    if cmdline_len > cmdline_max {
+        return Err(LinuxError::CmdlineTooLong { len: cmdline_len, max: cmdline_max });
     }
     // The preferred address, or the next alignment boundary above 16 MiB for a relocatable
     // kernel without one.
     let align = (k.kernel_alignment as u64).max(2 * MIB);
     let kernel_gpa = if k.pref_address != 0 { k.pref_address } else { (16 * MIB).div_ceil(align) * align };
-    let protected = &k.bytes[k.kernel_offset()..];
-    let kernel_end = kernel_gpa + (k.init_size as u64).max(protected.len() as u64);
+    let protected_len = (k.bytes.len() - k.kernel_offset()) as u64;
+    let kernel_end = kernel_gpa + (k.init_size as u64).max(protected_len);
     let mapped = size.min(IDENTITY_MAP_SIZE);
     if kernel_end > mapped {
         return Err(LinuxError::MemoryTooSmall { needed: kernel_end, size });
     }
     // The initrd goes at the top of memory, page-aligned, under the kernel's limit.
-    let initrd_gpa = match p.initrd {
+    let initrd_gpa = match initrd_len {
         None => None,
-        Some(initrd) => {
+        Some(len) => {
             let top = mapped.min(k.initrd_addr_max as u64 + 1);
-            let start = top.checked_sub(initrd.len() as u64).map(|s| s & !0xFFF);
+            let start = top.checked_sub(len as u64).map(|s| s & !0xFFF);
             match start {
                 Some(s) if s >= kernel_end => Some(s),
-                _ => return Err(LinuxError::InitrdDoesNotFit { len: initrd.len() }),
+                _ => return Err(LinuxError::InitrdDoesNotFit { len }),
             }
         }
     };
+    Ok(LinuxLayout { kernel_gpa, entry_gpa: kernel_gpa + STARTUP_64_OFFSET, initrd_gpa })
+}
+
+/// Writes the kernel, zero page, command line, optional initrd, page tables and GDT into the
+/// partition's memory. Everything is checked (`place_linux`) before anything is written.
+pub fn load_linux(mem: &mut impl GuestMemory, p: &LinuxParams) -> Result<LinuxLayout, LinuxError> {
+    let k = p.kernel;
+    let size = mem.size();
+    let layout = place_linux(k, size, p.cmdline.len(), p.initrd.map(<[u8]>::len))?;
+    let (kernel_gpa, initrd_gpa) = (layout.kernel_gpa, layout.initrd_gpa);
+    let protected = &k.bytes[k.kernel_offset()..];
 
     mem.write(kernel_gpa, protected)?;
     if let (Some(gpa), Some(initrd)) = (initrd_gpa, p.initrd) {
@@ -295,7 +311,7 @@ pub fn load_linux(mem: &mut impl GuestMemory, p: &LinuxParams) -> Result<LinuxLa
     write_identity_map(mem)?;
     mem.write(GDT_GPA, &gdt_bytes())?;
     mem.write(TSS_GPA, &[0u8; TSS_SIZE as usize])?;
-    Ok(LinuxLayout { kernel_gpa, entry_gpa: kernel_gpa + STARTUP_64_OFFSET, initrd_gpa })
+    Ok(layout)
 }
 
 /// The GDT Linux's 64-bit entry requires: `__BOOT_CS` = 0x10 (64-bit code), `__BOOT_DS` =

@@ -233,6 +233,31 @@ pub struct GuestStats {
 pub const GUEST_STATE_RUNNING: u64 = 1;
 pub const GUEST_STATE_DONE: u64 = 2;
 
+/// Every check `load_test_guest` makes before it writes, for an image of `image_len` bytes in
+/// a partition of `size` bytes (the config check makes them too).
+pub fn check_test_guest(image_len: usize, vcpus: u32, cmdline: &str, size: u64) -> Result<(), LoadError> {
+    if image_len == 0 {
+        return Err(LoadError::EmptyImage);
+    }
+    if vcpus == 0 {
+        return Err(LoadError::NoVcpus);
+    }
+    if vcpus > MAX_VCPUS {
+        return Err(LoadError::TooManyVcpus { vcpus, max: MAX_VCPUS });
+    }
+    if cmdline.len() > CMDLINE_MAX_LEN {
+        return Err(LoadError::CmdlineTooLong { len: cmdline.len(), max: CMDLINE_MAX_LEN });
+    }
+    if let Some(offset) = cmdline.bytes().position(|c| !(0x20..0x7f).contains(&c)) {
+        return Err(LoadError::CmdlineNotAscii { offset });
+    }
+    let needed = GUEST_IMAGE_GPA + image_len as u64;
+    if needed > size {
+        return Err(LoadError::MemoryTooSmall { size, needed, image_len });
+    }
+    Ok(())
+}
+
 /// Hypercalls (`vmcall`, RAX = number, RBX = vCPU index).
 pub const HYPERCALL_REPORT: u64 = 1;
 pub const HYPERCALL_DONE: u64 = 2;
@@ -264,26 +289,8 @@ impl GuestStats {
 /// [`PAGE_TABLES_GPA`], one PDPT, one PD: identity map of the first 1 GiB with 2 MiB pages),
 /// the GDT and the TSS. Checks everything fits before writing anything.
 pub fn load_test_guest(mem: &mut impl GuestMemory, p: &BootParams) -> Result<(), LoadError> {
-    if p.image.is_empty() {
-        return Err(LoadError::EmptyImage);
-    }
-    if p.vcpus == 0 {
-        return Err(LoadError::NoVcpus);
-    }
-    if p.vcpus > MAX_VCPUS {
-        return Err(LoadError::TooManyVcpus { vcpus: p.vcpus, max: MAX_VCPUS });
-    }
-    if p.cmdline.len() > CMDLINE_MAX_LEN {
-        return Err(LoadError::CmdlineTooLong { len: p.cmdline.len(), max: CMDLINE_MAX_LEN });
-    }
-    if let Some(offset) = p.cmdline.bytes().position(|c| !(0x20..0x7f).contains(&c)) {
-        return Err(LoadError::CmdlineNotAscii { offset });
-    }
     let size = mem.size();
-    let needed = GUEST_IMAGE_GPA + p.image.len() as u64;
-    if needed > size {
-        return Err(LoadError::MemoryTooSmall { size, needed, image_len: p.image.len() });
-    }
+    check_test_guest(p.image.len(), p.vcpus, p.cmdline, size)?;
 
     mem.write(GUEST_IMAGE_GPA, p.image)?;
 

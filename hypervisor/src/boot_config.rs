@@ -25,6 +25,13 @@ pub fn load(boot: &BootInfo, pcpus: u32) -> Result<Validated, String> {
         pcpus,
         usable_memory: boot.partition_memory.as_slice().to_vec(),
         modules: boot.modules.iter().map(|m| m.name.clone()).filter(|n| n != CONFIG_MODULE).collect(),
+        // Every payload is checked against its partition here, before anything starts.
+        module_images: boot
+            .modules
+            .iter()
+            .filter(|m| m.name != CONFIG_MODULE)
+            .map(|m| (m.name.clone(), m.bytes()))
+            .collect(),
     };
     config::load(CONFIG_MODULE, text, Some(&platform)).map_err(|e| format!("{e}"))
 }

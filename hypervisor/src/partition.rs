@@ -302,8 +302,8 @@ fn load_payload(
     cmdline: &str,
     vcpus: u32,
 ) -> Result<(Payload, Vec<VcpuState>), String> {
-    match firmware::linux::BzImage::parse(image) {
-        Ok(kernel) => {
+    match firmware::payload::classify(image).map_err(|e| format!("{e}"))? {
+        firmware::payload::Payload::Linux(kernel) => {
             let params = firmware::linux::LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None };
             let layout = firmware::linux::load_linux(window, &params).map_err(|e| format!("{e}"))?;
             firmware::mptable::write_mp_table(window, vcpus).map_err(|e| format!("{e}"))?;
@@ -312,12 +312,7 @@ fn load_payload(
             let waiting = firmware::linux::startup_ipi_state(0);
             Ok((Payload::Linux, (0..vcpus).map(|v| if v == 0 { boot } else { waiting }).collect()))
         }
-        // A bzImage this loader cannot boot is an error; anything without the header is
-        // taken as the flat test guest.
-        Err(e @ (firmware::linux::LinuxError::ProtocolTooOld { .. } | firmware::linux::LinuxError::No64BitEntry)) => {
-            Err(format!("{e}"))
-        }
-        Err(_) => {
+        firmware::payload::Payload::TestGuest => {
             let params = BootParams { image, cmdline, vcpus, tsc_hz: crate::tsc::hz() };
             firmware::longmode::load_test_guest(window, &params).map_err(|e| format!("{e}"))?;
             Ok((Payload::TestGuest, (0..vcpus).map(firmware::longmode::initial_vcpu_state).collect()))

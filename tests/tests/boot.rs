@@ -150,6 +150,17 @@ fn bochs_rejects_a_config_naming_pcpus_the_madt_does_not_list() {
 }
 
 #[test]
+fn bochs_rejects_a_payload_that_cannot_load_into_its_partition() {
+    // Valid without the module (the host check cannot see the kernel): the boot-time check
+    // runs the loader's own checks on the bzImage and refuses the partition by name.
+    let run = Boot::new("bochs-config-payload", "bochs", 2, "tests/configs/linux-too-small.toml").run();
+    assert_rejected_before_anything_started(
+        &run,
+        &["partitions.toml:14:", "partition \"linux\"", "`guest.module`", "needs", "MiB of guest memory"],
+    );
+}
+
+#[test]
 fn bochs_one_shot_timer_fallback_stays_phase_locked() {
     let run =
         Boot::new("bochs-one-shot", "bochs", 2, "guests/configs/default.toml").cmdline("phalanx.timer=one-shot").run();

@@ -1,4 +1,5 @@
-//! `phalanx-check FILE [--pcpus N] [--memory-mb M]`: the boot-time validation, on the host.
+//! `phalanx-check FILE [--pcpus N] [--memory-mb M] [--module NAME=PATH ...]`: the boot-time
+//! validation, on the host.
 //!
 //! Prints `FILE: ok (...)` and a per-partition summary and exits 0, or prints the error
 //! (`FILE:LINE:COL: partition "x": field `y`: ...`) and exits 1. Usage errors exit 2.
@@ -14,10 +15,12 @@ use reservations::{EffectiveReservation, Reservation};
 const HOST_CHECK_RESERVED_LOW_MB: u64 = 16;
 
 const USAGE: &str = concat!(
-    "usage: phalanx-check FILE [--pcpus N] [--memory-mb M]\n",
+    "usage: phalanx-check FILE [--pcpus N] [--memory-mb M] [--module NAME=PATH ...]\n",
     "  FILE           partition config (TOML, see docs/config.md)\n",
     "  --pcpus N      check pCPU indices against a machine with N pCPUs\n",
-    "  --memory-mb M  place memory in a machine with M MiB (the first 16 MiB kept for the hypervisor)",
+    "  --memory-mb M  place memory in a machine with M MiB (the first 16 MiB kept for the hypervisor)\n",
+    "  --module NAME=PATH  the boot module NAME is the file PATH: partitions whose guest.module it\n",
+    "                 is must be able to load it (size, load address, vCPUs, command line)",
 );
 
 fn main() -> ExitCode {
@@ -52,6 +55,13 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                 }
                 let end = mb.checked_mul(MIB).ok_or("--memory-mb: too large for a 64-bit address space")?;
                 machine.usable_memory = Some(core::iter::once(HOST_CHECK_RESERVED_LOW_MB * MIB..end).collect());
+            }
+            "--module" => {
+                let spec = it.next().ok_or("--module needs NAME=PATH")?;
+                let (name, path) = spec.split_once('=').ok_or_else(|| format!("--module {spec}: not NAME=PATH"))?;
+                let bytes = std::fs::read(path).map_err(|e| format!("--module {spec}: cannot read {path}: {e}"))?;
+                // The check runs once per process: the image lives until it exits.
+                machine.module_images.push((name.to_string(), Vec::leak(bytes)));
             }
             "-h" | "--help" => {
                 let _ = writeln!(std::io::stdout(), "{USAGE}");
