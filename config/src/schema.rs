@@ -264,6 +264,35 @@ pub const TRACE_EVENT_BYTES: u64 = 16;
 /// What all pCPUs' trace buffers together may take of the hypervisor's heap.
 pub const MAX_TRACE_BYTES: u64 = 8 << 20;
 
+/// The hypervisor's heap, besides the trace buffers: per-pCPU state, partitions, vCPUs,
+/// EPT tables (the image's heap is this plus [`MAX_TRACE_BYTES`]).
+pub const HEAP_BYTES: u64 = 16 << 20;
+
+/// What the image's heap holds, over-estimated from measurements (docs/config.md): the
+/// instruction decoder's tables, the console and boot structures; per pCPU its slot-entry
+/// log and dispatch tables; per partition its bitmaps and devices; per vCPU its VMCS, FXSAVE
+/// and MSR pages and its state; EPT tables per GiB of partition memory (2 MiB pages).
+pub const HEAP_FIXED_BYTES: u64 = 1 << 20;
+pub const HEAP_PER_PCPU_BYTES: u64 = 256 << 10;
+pub const HEAP_PER_PARTITION_BYTES: u64 = 64 << 10;
+pub const HEAP_PER_VCPU_BYTES: u64 = 16 << 10;
+pub const HEAP_EPT_PER_GIB_BYTES: u64 = 8 << 10;
+
+/// The heap a partition of `vcpus` vCPUs and `memory` bytes takes.
+pub fn heap_of_partition(vcpus: u32, memory: u64) -> u64 {
+    HEAP_PER_PARTITION_BYTES + vcpus as u64 * HEAP_PER_VCPU_BYTES + memory.div_ceil(1 << 30) * HEAP_EPT_PER_GIB_BYTES
+}
+
+impl Config {
+    /// The heap the image needs for this config on `pcpus` pCPUs, trace buffers included.
+    pub fn heap_estimate(&self, pcpus: u32) -> u64 {
+        let partitions: u64 = self.partitions.iter().map(|p| heap_of_partition(p.vcpus, p.memory.size())).sum();
+        HEAP_FIXED_BYTES
+            + pcpus as u64 * (HEAP_PER_PCPU_BYTES + self.hypervisor.trace_events * TRACE_EVENT_BYTES)
+            + partitions
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupConfig {
     pub name: String,

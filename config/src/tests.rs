@@ -543,6 +543,24 @@ fn payloads_that_cannot_load_are_refused_at_the_check() {
     ok(&text, Some(&platform(4, 1024)));
 }
 
+/// The image's heap holds what the accepted partitions need: more vCPUs than it can hold are
+/// refused at the partition that tips it over.
+#[test]
+fn partitions_the_heap_cannot_hold_are_refused() {
+    let many = |name: &str| {
+        format!(
+            "[[partition]]\nname = \"{name}\"\nvcpus = 254\npcpus = [0, 1]\nmemory_mb = 16\nreservation = {{ weight = 1 }}\n\
+             policy = \"round-robin-gang\"\nguest = {{ module = \"testguest\" }}\n\n"
+        )
+    };
+    let three = format!("[hypervisor]\nmajor_frame_us = 10000\n\n{}{}{}", many("a"), many("b"), many("c"));
+    let v = ok(&three, Some(&platform(2, 1024)));
+    assert!(v.config.heap_estimate(2) <= HEAP_BYTES, "three fit");
+    let four = format!("{three}{}", many("d"));
+    let e = bad(&four, Some(&platform(2, 1024)));
+    assert_error(&e, ErrorKind::Memory, Some("partition \"d\""), "vcpus", position(&four, "254", 3), "heap");
+}
+
 /// What the image would not act on is refused, each at its own key, not accepted and ignored.
 #[test]
 fn settings_the_image_does_not_enforce_yet_are_refused() {

@@ -127,10 +127,50 @@ impl Checker<'_> {
         let pcpus = self.machine.pcpus.unwrap_or(named_pcpus);
         let dispatch = dispatch_plan::plan(&config, &tree, pcpus).map_err(|f| self.plan_error(f))?;
         self.trace_fits(&config.hypervisor, pcpus)?;
+        self.heap_fits(&config, pcpus)?;
         Ok(Validated { config, memory, tree, dispatch })
     }
 
     /// Every pCPU gets a trace buffer of `trace_events`, all of them from the heap.
+    /// The image's heap holds what the partitions need (`Config::heap_estimate`, an
+    /// over-estimate): refused at the partition with which it would not.
+    fn heap_fits(&self, config: &Config, pcpus: u32) -> Result<(), ConfigError> {
+        let mut total = HEAP_FIXED_BYTES + pcpus as u64 * HEAP_PER_PCPU_BYTES;
+        let kib = |bytes: u64| bytes >> 10;
+        if total > HEAP_BYTES {
+            let span = self.raw.hypervisor.as_ref().map_or(0..0, Spanned::span);
+            let message = format!(
+                "the hypervisor's {} MiB heap cannot hold the state of {pcpus} pCPUs ({} KiB each)",
+                HEAP_BYTES / MIB,
+                kib(HEAP_PER_PCPU_BYTES)
+            );
+            return Err(self.r.at(span, hv_subject(), None, ErrorKind::Memory, message));
+        }
+        for (p, raw) in config.partitions.iter().zip(&self.raw.partition) {
+            total += heap_of_partition(p.vcpus, p.memory.size());
+            if total > HEAP_BYTES {
+                let raw = raw.get_ref();
+                let message = format!(
+                    "the hypervisor's {} MiB heap cannot hold this partition too: {} KiB per vCPU, {} KiB per \
+                     partition and {} KiB of EPT per GiB come to {} KiB with it",
+                    HEAP_BYTES / MIB,
+                    kib(HEAP_PER_VCPU_BYTES),
+                    kib(HEAP_PER_PARTITION_BYTES),
+                    kib(HEAP_EPT_PER_GIB_BYTES),
+                    kib(total)
+                );
+                return Err(self.r.at(
+                    raw.vcpus.span(),
+                    partition_subject(raw),
+                    Some("vcpus"),
+                    ErrorKind::Memory,
+                    message,
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn trace_fits(&self, hypervisor: &HypervisorConfig, pcpus: u32) -> Result<(), ConfigError> {
         let bytes = hypervisor.trace_events.saturating_mul(TRACE_EVENT_BYTES).saturating_mul(pcpus as u64);
         let Some(v) = self.raw.hypervisor.as_ref().and_then(|h| h.get_ref().trace_events.as_ref()) else {

@@ -83,6 +83,8 @@ pub struct Machine {
     /// Guest time between two spin-wait samples of a vCPU (TSC cycles; 0: no sampling).
     pub spin_sample_cycles: u64,
     pub schedule: Schedule,
+    /// What the config check estimated the heap would hold (`Config::heap_estimate`).
+    pub heap_estimate: u64,
 }
 
 impl Machine {
@@ -182,6 +184,7 @@ pub fn build(
     // The plan the config check made (in microseconds), run in TSC cycles.
     let tables = validated.dispatch.tables.scaled(tsc_per_us);
     let homes = validated.dispatch.homes.clone();
+    let heap_estimate = config.heap_estimate(tables.pcpus.len() as u32);
     let frame_cycles = tables.frame;
     let skew_bound = (config.hypervisor.policy == DispatchPolicy::RelaxedCo)
         .then(|| config.hypervisor.skew_bound_us.unwrap_or(config.hypervisor.major_frame_us / 10) * tsc_per_us);
@@ -204,6 +207,7 @@ pub fn build(
         frame_cycles,
         skew_bound,
         spin_sample_cycles: config.hypervisor.spin_sample_us * tsc_per_us,
+        heap_estimate,
         schedule,
     }))
 }

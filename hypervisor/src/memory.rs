@@ -17,9 +17,9 @@ use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
 pub const MULTIBOOT2_MAGIC: u32 = 0x36D7_6289;
 pub const MULTIBOOT1_MAGIC: u32 = 0x2BAD_B002;
 
-/// The hypervisor's own heap: per-CPU structures, VMCS/VMXON regions, EPT tables (16 MiB),
-/// and room for the largest trace the config check accepts.
-const HEAP_SIZE: u64 = (16 << 20) + config::MAX_TRACE_BYTES;
+/// The hypervisor's own heap: per-CPU structures, VMCS/VMXON regions, EPT tables (the config
+/// check refuses what would not fit), and room for the largest trace it accepts.
+const HEAP_SIZE: u64 = config::HEAP_BYTES + config::MAX_TRACE_BYTES;
 /// Real-mode IVT/BDA/EBDA, the AP trampoline and legacy ROMs: never handed out.
 const LOW_MEMORY_END: u64 = 0x10_0000;
 
@@ -219,6 +219,11 @@ pub fn init(magic: u32, info: u64) -> Result<BootInfo, &'static str> {
 
 /// Allocates zeroed, 4 KiB-aligned, never-freed memory from the heap (VMXON/VMCS regions,
 /// tables); identity mapping makes its address physical.
+/// Bytes of the heap in use now.
+pub fn heap_used() -> u64 {
+    HEAP.lock().used() as u64
+}
+
 pub fn alloc_zeroed_pages(pages: usize) -> &'static mut [u8] {
     let layout = core::alloc::Layout::from_size_align(pages * 4096, 4096).expect("page layout");
     // SAFETY: non-zero size layout; the memory is leaked on purpose.

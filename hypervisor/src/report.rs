@@ -152,6 +152,8 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         .fmt("hypervisor_pct", format_args!("{:.3}", percent(on_behalf + overhead)))
         .fmt("idle_pct", format_args!("{:.3}", percent(idle)))
         .u64("guard_exits", results.iter().map(|r| r.guard_exits).sum())
+        .u64("heap_used_bytes", crate::memory::heap_used())
+        .u64("heap_estimate_bytes", m.heap_estimate)
         // What spin-wait sampling cost (charged to the sampled partitions as exit handling).
         .u64("spin_sample_exits", sample_exits)
         .u64("spin_sample_mean_cycles", sample_cycles / sample_exits.max(1))

@@ -171,3 +171,12 @@ pub fn assert_share(run: &Run, partition: &str, reserved_pct: f64, tolerance_pct
          +- {tolerance_pct}%, less {switch_pct:.2}% for switching into its slots): {s}"
     );
 }
+
+/// The config check's estimate of the heap the image needs (`Config::heap_estimate`, which
+/// decides what it refuses) is not below what the run used.
+pub fn assert_heap_within_estimate(run: &Run) {
+    let accounting = run.one("accounting");
+    let (used, estimate) =
+        (accounting["heap_used_bytes"].as_u64().unwrap(), accounting["heap_estimate_bytes"].as_u64().unwrap());
+    assert!(used > 0 && used <= estimate, "heap used {used} bytes, estimated {estimate}: {accounting}");
+}

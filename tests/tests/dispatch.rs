@@ -34,6 +34,7 @@ fn gang_runs_two_partitions_with_low_waste_aligned_slots_and_exact_accounting() 
     // What is left is the few instructions between a pCPU's last charge and its end stamp.
     assert_eq!(accounting["debug_uncharged_cycles"], 0, "{accounting}");
     assert_eq!(accounting["spin_sample_exits"], 0, "no sampling configured: {accounting}");
+    e2e::assert_heap_within_estimate(&run);
     assert!(accounting["unaccounted_ppb"].as_u64().unwrap() <= 10_000, "{accounting}");
     assert!(run.all("progress").len() >= 2, "periodic progress records");
     assert!(run.log.contains("[barrier] testguest: vcpu0 mode=barrier"), "the guest's console reaches the log");
@@ -172,6 +173,7 @@ fn the_four_pcpu_example_runs_its_hierarchy_of_hard_and_weighted_partitions() {
     run.assert_clean_end();
     assert!(run.all("partition_fault").is_empty(), "{}", run.log);
     assert_eq!(run.all("partition_stats").len(), 4);
+    e2e::assert_heap_within_estimate(&run);
     // Hard reservations hold exactly; the weighted batch group shares what is left.
     assert_share(&run, "barrier", 50.0);
     assert_share(&run, "control", 20.0);
