@@ -180,3 +180,19 @@ pub fn assert_heap_within_estimate(run: &Run) {
         (accounting["heap_used_bytes"].as_u64().unwrap(), accounting["heap_estimate_bytes"].as_u64().unwrap());
     assert!(used > 0 && used <= estimate, "heap used {used} bytes, estimated {estimate}: {accounting}");
 }
+
+/// The partition is running at the end, and its periodic `progress` records (at least 3)
+/// show its iterations growing all along.
+pub fn assert_keeps_running(run: &Run, partition: &str) {
+    assert_eq!(stats(run, partition)["state"], "running", "{partition}");
+    let progress: Vec<u64> = run
+        .all("progress")
+        .iter()
+        .filter(|r| r["partition"] == partition)
+        .map(|r| r["iterations"].as_u64().unwrap())
+        .collect();
+    assert!(
+        progress.len() >= 3 && progress.windows(2).all(|w| w[1] > w[0]),
+        "{partition} keeps progressing: {progress:?}"
+    );
+}
