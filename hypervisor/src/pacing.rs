@@ -17,10 +17,12 @@ use crate::vectors::BOUNDARY_VECTOR;
 const TIMING_PCPU: usize = 0;
 /// The VMX-preemption timer fires this long after a boundary whose timer interrupt did not
 /// stop the guest: the guard that a guest cannot overrun its slot. Just long enough for the
-/// interrupt to win when it comes: a guest that disables interrupts under Bochs (where they
-/// then no longer exit) overran every slot by the guard, and 2,000 cycles took 2% of its
-/// neighbour's share.
+/// interrupt to win when it comes (at least 300 cycles, at least 2 us of a real CPU's
+/// interrupt latency): a guest that disables interrupts under Bochs (where they then no
+/// longer exit) overran every slot by the guard, and 2,000 cycles took 2% of its neighbour's
+/// share.
 const PREEMPTION_GUARD_CYCLES: u64 = 300;
+const PREEMPTION_GUARD_US: u64 = 2;
 
 /// The latest boundary the timing pCPU has signalled (TSC).
 static SIGNALLED_BOUNDARY: AtomicU64 = AtomicU64::new(0);
@@ -88,7 +90,7 @@ impl Pacing {
     /// signalled pCPU waits up to a whole frame for the IPI before the guard steps in.
     pub fn guard_deadline(&self, deadline: u64) -> u64 {
         if self.own_timer_ends(deadline) {
-            deadline + PREEMPTION_GUARD_CYCLES
+            deadline + PREEMPTION_GUARD_CYCLES.max(crate::tsc::us_to_cycles(PREEMPTION_GUARD_US))
         } else {
             deadline + machine().frame_cycles
         }
