@@ -107,6 +107,8 @@ const KEYS: &[&str] = &[
     "guest",
     "devices",
     "on_fault",
+    "on_reboot",
+    "on_poweroff",
     "major_frame_us",
     "run_ms",
     "stats_interval_ms",

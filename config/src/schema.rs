@@ -58,6 +58,8 @@ pub(crate) struct RawPartition {
     pub guest: Spanned<RawGuest>,
     pub devices: Option<Spanned<RawDevices>>,
     pub on_fault: Option<Spanned<OnFault>>,
+    pub on_reboot: Option<Spanned<OnReboot>>,
+    pub on_poweroff: Option<Spanned<OnPoweroff>>,
 }
 
 /// Exactly one of: `budget_us` + `period_us`, `share_percent`, `weight` (checked after
@@ -184,6 +186,30 @@ pub enum OnFault {
     Stop,
     /// Reload the guest payload and start it again from power-on.
     Reset,
+}
+
+/// What a guest's own reboot request (the ACPI reset register, port 0xCF9, the keyboard
+/// controller's reset line) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnReboot {
+    /// Reload the payload and start it again from power-on, as a PC reboots.
+    #[default]
+    Reset,
+    /// Stop the partition (its slots idle), as `on_fault = "stop"`.
+    Stop,
+}
+
+/// What a guest's own power-off (ACPI S5) does beyond stopping the partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPoweroff {
+    /// The partition stops (its slots idle); the run goes on.
+    #[default]
+    Stop,
+    /// The run ends at the next major-frame boundary, as if `run_ms` had come: for a
+    /// partition whose work is the experiment (a benchmark, a boot to measure).
+    EndRun,
 }
 
 /// A physical 16550 UART handed to a partition: its eight I/O ports and its IRQ.
@@ -349,6 +375,8 @@ pub struct PartitionConfig {
     pub guest: Guest,
     pub devices: Devices,
     pub on_fault: OnFault,
+    pub on_reboot: OnReboot,
+    pub on_poweroff: OnPoweroff,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

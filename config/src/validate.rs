@@ -66,6 +66,10 @@ const HYPERVISOR_PORTS: &[(u16, u16, &str)] = &[
     (0xcf8, 0xcff, "PCI configuration space"),
     (0x8900, 0x8900, "the Bochs shutdown port"),
     (0xb000, 0xb03f, "the ACPI PM block (power-off)"),
+    // Emulated in every partition (vmx::platform): its own PIC, clock and power control.
+    (0x64, 0x64, "the keyboard controller's reset line (emulated per partition)"),
+    (0x4d0, 0x4d1, "the PICs' edge/level control (emulated per partition)"),
+    (firmware::acpi::PM_BASE, firmware::acpi::PM_END - 1, "each partition's ACPI PM block (emulated)"),
 ];
 
 pub(crate) fn validate(r: &Reporter<'_>, raw: &RawConfig, machine: &Machine) -> Result<Validated, ConfigError> {
@@ -494,6 +498,8 @@ impl Checker<'_> {
             },
             devices: self.devices(p, &subject)?,
             on_fault: p.on_fault.as_ref().map_or(OnFault::Stop, |o| *o.get_ref()),
+            on_reboot: p.on_reboot.as_ref().map_or(OnReboot::Reset, |o| *o.get_ref()),
+            on_poweroff: p.on_poweroff.as_ref().map_or(OnPoweroff::Stop, |o| *o.get_ref()),
         })
     }
 
@@ -574,13 +580,6 @@ impl Checker<'_> {
             let refuse = |span: Range<usize>, field: &str, message: &str| {
                 Err(self.r.at(span, partition_subject(raw), Some(field), ErrorKind::InvalidValue, message))
             };
-            if let Some(initrd) = &raw.guest.get_ref().initrd {
-                return refuse(
-                    initrd.span(),
-                    "guest.initrd",
-                    "initrds are not loaded yet: build the initramfs into the kernel (docs/guests.md)",
-                );
-            }
             let devices = raw.devices.as_ref().map(Spanned::get_ref);
             if let Some(irq) = devices.and_then(|d| d.irqs.first()) {
                 return refuse(
@@ -615,10 +614,14 @@ impl Checker<'_> {
     fn payloads_fit(&self, partitions: &[PartitionConfig], memory: &[Placement]) -> Result<(), ConfigError> {
         for ((p, placement), raw) in partitions.iter().zip(memory).zip(&self.raw.partition) {
             let module = &p.guest.module;
-            let Some((_, image)) = self.machine.module_images.iter().find(|(name, _)| name == module) else {
+            let image_of = |wanted: &str| self.machine.module_images.iter().find(|(name, _)| name == wanted);
+            let Some((_, image)) = image_of(module) else {
                 continue;
             };
-            if let Err(why) = firmware::payload::fits(image, placement.size(), p.vcpus, &p.guest.cmdline) {
+            // An initrd named but not among the images (the host check without it) is assumed
+            // to fit; the loader's own check at boot has every module.
+            let initrd_len = p.guest.initrd.as_ref().map(|initrd| image_of(initrd).map_or(0, |(_, bytes)| bytes.len()));
+            if let Err(why) = firmware::payload::fits(image, initrd_len, placement.size(), p.vcpus, &p.guest.cmdline) {
                 let raw = raw.get_ref();
                 return Err(self.r.at(
                     raw.guest.get_ref().module.span(),

@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod linux;
 pub mod longmode;
 pub mod madt;

@@ -25,8 +25,9 @@ pub const BOOT_DS: u16 = 0x18;
 const BOOT_TSS: u16 = 0x20;
 /// The 640 KiB of conventional memory the e820 map reports as RAM below the EBDA.
 const LOW_RAM_END: u64 = 0x9_FC00;
-/// Legacy ROM/BIOS area, reported reserved (firmware tables such as an MP table go here).
-const BIOS_AREA: core::ops::Range<u64> = 0xF_0000..0x10_0000;
+/// Legacy ROM/BIOS area, reported reserved: the firmware tables go here (ACPI from 0xE0000,
+/// the MP table from 0xF0000).
+const BIOS_AREA: core::ops::Range<u64> = crate::acpi::ACPI_AREA_GPA..0x10_0000;
 const MIB: u64 = 1 << 20;
 
 // Setup-header offsets within the bzImage file and within `boot_params` (same offsets).
@@ -487,6 +488,36 @@ mod tests {
         let gdt = &mem.0[GDT_GPA as usize..GDT_GPA as usize + 48];
         assert_eq!(u64::from_le_bytes(gdt[16..24].try_into().unwrap()), 0x00AF_9B00_0000_FFFF);
         assert_eq!(u64::from_le_bytes(gdt[24..32].try_into().unwrap()), 0x00CF_9300_0000_FFFF);
+    }
+
+    #[test]
+    fn the_initrd_never_overlaps_the_kernel_the_zero_page_or_the_end_of_memory() {
+        let image = bzimage(4, &[1; 64]);
+        let mut k = BzImage::parse(&image).unwrap();
+        let kernel_end = 0x100_0000 + (4 << 20);
+        for initrd_addr_max in [u32::MAX, 0x37FF_FFFF, 0x17F_FFFF] {
+            k.initrd_addr_max = initrd_addr_max;
+            for size in [20 * MIB + 4096, 24 * MIB, 64 * MIB, 512 * MIB, 8192 * MIB] {
+                for len in [1usize, 4095, 4096, 4097, 3 << 20, 5 << 20, 40 << 20, 600 << 20] {
+                    match place_linux(&k, size, 10, Some(len)) {
+                        Ok(layout) => {
+                            let gpa = layout.initrd_gpa.unwrap();
+                            assert_eq!(gpa % 4096, 0);
+                            assert!(gpa >= kernel_end, "{gpa:#x} overlaps the kernel");
+                            assert!(gpa > ZERO_PAGE_GPA + 4096 && gpa > CMDLINE_GPA + CMDLINE_MAX as u64);
+                            let end = gpa + len as u64;
+                            assert!(end <= size.min(IDENTITY_MAP_SIZE), "{end:#x} past memory {size:#x}");
+                            assert!(end <= initrd_addr_max as u64 + 1, "{end:#x} past the kernel's limit");
+                        }
+                        Err(e) => {
+                            assert_eq!(e, LinuxError::InitrdDoesNotFit { len });
+                            let room = size.min(IDENTITY_MAP_SIZE).min(initrd_addr_max as u64 + 1) - kernel_end;
+                            assert!(len as u64 > room - 4095, "{len} refused with {room} bytes free");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -59,6 +59,13 @@ impl MadtBuilder {
         self
     }
 
+    /// An entry given as its bytes (type, length, body): for entry types without a method.
+    pub fn raw_entry(mut self, entry: &[u8]) -> Self {
+        debug_assert_eq!(entry.get(1).copied(), Some(entry.len() as u8));
+        self.bytes.extend_from_slice(entry);
+        self
+    }
+
     pub fn finish(mut self) -> Vec<u8> {
         let len = self.bytes.len() as u32;
         self.bytes[4..8].copy_from_slice(&len.to_le_bytes());

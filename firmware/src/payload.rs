@@ -35,13 +35,22 @@ pub fn classify(image: &[u8]) -> Result<Payload<'_>, LinuxError> {
     }
 }
 
-/// Whether `image` loads into a partition of `memory_size` bytes with `vcpus` vCPUs and
-/// `cmdline`: the loader's own checks, in its words.
-pub fn fits(image: &[u8], memory_size: u64, vcpus: u32, cmdline: &str) -> Result<PayloadKind, String> {
+/// Whether `image` (with an initrd of `initrd_len` bytes) loads into a partition of
+/// `memory_size` bytes with `vcpus` vCPUs and `cmdline`: the loader's own checks, in its words.
+pub fn fits(
+    image: &[u8],
+    initrd_len: Option<usize>,
+    memory_size: u64,
+    vcpus: u32,
+    cmdline: &str,
+) -> Result<PayloadKind, String> {
     match classify(image).map_err(|e| format!("{e}"))? {
-        Payload::Linux(kernel) => linux::place_linux(&kernel, memory_size, cmdline.len(), None)
+        Payload::Linux(kernel) => linux::place_linux(&kernel, memory_size, cmdline.len(), initrd_len)
             .map(|_| PayloadKind::Linux)
             .map_err(|e| format!("Linux: {e}")),
+        Payload::TestGuest if initrd_len.is_some() => {
+            Err("test guest: it takes no initrd (only a Linux bzImage does)".into())
+        }
         Payload::TestGuest => longmode::check_test_guest(image.len(), vcpus, cmdline, memory_size)
             .map(|_| PayloadKind::TestGuest)
             .map_err(|e| format!("test guest: {e}")),
@@ -57,11 +66,12 @@ mod tests {
     #[test]
     fn the_test_guest_fits_by_size_vcpus_and_command_line() {
         let image = [0x90u8; 8192];
-        assert_eq!(fits(&image, 16 * MIB, 2, "mode=idle"), Ok(PayloadKind::TestGuest));
-        let too_small = fits(&image, MIB + 4096, 2, "mode=idle").unwrap_err();
+        assert_eq!(fits(&image, None, 16 * MIB, 2, "mode=idle"), Ok(PayloadKind::TestGuest));
+        let too_small = fits(&image, None, MIB + 4096, 2, "mode=idle").unwrap_err();
         assert!(too_small.starts_with("test guest: ") && too_small.contains("too small"), "{too_small}");
-        assert!(fits(&image, 16 * MIB, 57, "mode=idle").unwrap_err().contains("at most 56"));
-        assert!(fits(&image, 16 * MIB, 2, "mode=idle é").unwrap_err().contains("ASCII"));
+        assert!(fits(&image, None, 16 * MIB, 57, "mode=idle").unwrap_err().contains("at most 56"));
+        assert!(fits(&image, None, 16 * MIB, 2, "mode=idle é").unwrap_err().contains("ASCII"));
+        assert!(fits(&image, Some(100), 16 * MIB, 2, "mode=idle").unwrap_err().contains("no initrd"));
     }
 
     #[test]
@@ -72,8 +82,11 @@ mod tests {
         let Ok(image) = std::fs::read(path) else {
             return;
         };
-        assert_eq!(fits(&image, 64 * MIB, 2, "console=ttyS0"), Ok(PayloadKind::Linux));
-        let small = fits(&image, 16 * MIB, 2, "console=ttyS0").unwrap_err();
+        assert_eq!(fits(&image, None, 64 * MIB, 2, "console=ttyS0"), Ok(PayloadKind::Linux));
+        assert_eq!(fits(&image, Some(8 << 20), 64 * MIB, 2, "console=ttyS0"), Ok(PayloadKind::Linux));
+        let small = fits(&image, None, 16 * MIB, 2, "console=ttyS0").unwrap_err();
         assert!(small.starts_with("Linux: "), "{small}");
+        let initrd = fits(&image, Some(60 << 20), 64 * MIB, 2, "console=ttyS0").unwrap_err();
+        assert!(initrd.contains("initrd of 62914560 bytes does not fit"), "{initrd}");
     }
 }

@@ -102,6 +102,30 @@ impl Platform {
     pub fn isa_irq_to_gsi(&self, irq: u8) -> u32 {
         self.overrides.iter().find(|o| o.isa_irq == irq).map_or(irq as u32, |o| o.gsi)
     }
+
+    /// Where ISA IRQ `irq` arrives and the IO-APIC redirection entry that delivers it as
+    /// `vector` to the CPU with APIC ID `apic_id`: fixed, physical destination, unmasked, with
+    /// the polarity and trigger mode the MADT's override gives (ISA's own, active high and
+    /// edge, where it gives none or says "conforms"). `None`: no IO-APIC has that GSI.
+    pub fn isa_irq_route(&self, irq: u8, vector: u8, apic_id: u8) -> Option<IrqRoute> {
+        let gsi = self.isa_irq_to_gsi(irq);
+        let flags = self.overrides.iter().find(|o| o.isa_irq == irq).map_or(0, |o| o.flags);
+        let io_apic = *self.io_apics.iter().filter(|a| a.gsi_base <= gsi).max_by_key(|a| a.gsi_base)?;
+        // MPS INTI flags: polarity in bits 0-1 and trigger mode in bits 2-3, 0b11 = active
+        // low / level (0b00 conforms to the bus: ISA is active high, edge).
+        let active_low = flags & 0b11 == 0b11;
+        let level = (flags >> 2) & 0b11 == 0b11;
+        let entry = vector as u64 | (active_low as u64) << 13 | (level as u64) << 15 | (apic_id as u64) << 56;
+        Some(IrqRoute { io_apic, pin: gsi - io_apic.gsi_base, entry })
+    }
+}
+
+/// An IO-APIC redirection entry to program: which IO-APIC, which pin, the 64-bit entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IrqRoute {
+    pub io_apic: IoApic,
+    pub pin: u32,
+    pub entry: u64,
 }
 
 #[cfg(test)]
@@ -123,6 +147,34 @@ mod tests {
         let madt = unsafe { Pin::new_unchecked(&*(raw as *const Madt)) };
         madt.header.validate(Signature::MADT).expect("valid MADT header and checksum");
         Platform::from_madt(madt)
+    }
+
+    #[test]
+    fn isa_irqs_route_through_their_override_with_its_polarity_and_trigger() {
+        let platform = Platform {
+            cpus: Vec::new(),
+            io_apics: vec![
+                IoApic { id: 2, address: 0xFEC0_0000, gsi_base: 0 },
+                IoApic { id: 3, address: 0xFEC1_0000, gsi_base: 24 },
+            ],
+            overrides: vec![
+                IrqOverride { isa_irq: 0, gsi: 2, flags: 0 },
+                IrqOverride { isa_irq: 9, gsi: 9, flags: 0b1111 }, // level, active low
+                IrqOverride { isa_irq: 4, gsi: 26, flags: 0b0101 }, // edge, active high, moved
+            ],
+            local_apic_address: 0xFEE0_0000,
+            has_8259: true,
+        };
+        let com2 = platform.isa_irq_route(3, 0x51, 1).unwrap();
+        assert_eq!((com2.io_apic.id, com2.pin, com2.entry), (2, 3, 0x51 | 1 << 56), "identity, edge, high");
+        let timer = platform.isa_irq_route(0, 0x50, 0).unwrap();
+        assert_eq!(timer.pin, 2);
+        let sci = platform.isa_irq_route(9, 0x52, 0).unwrap();
+        assert_eq!(sci.entry, 0x52 | 1 << 13 | 1 << 15, "active low, level");
+        let moved = platform.isa_irq_route(4, 0x53, 7).unwrap();
+        assert_eq!((moved.io_apic.id, moved.pin, moved.entry), (3, 2, 0x53 | 7 << 56), "on the second IO-APIC");
+        let none = Platform { io_apics: Vec::new(), ..platform };
+        assert_eq!(none.isa_irq_route(4, 0x53, 0), None);
     }
 
     #[test]

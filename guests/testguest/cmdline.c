@@ -34,6 +34,9 @@ static const char *const attack_names[] = {
     [ATTACK_STRING_MMIO] = "string-mmio",
     [ATTACK_LOCKED_MMIO] = "locked-mmio",
     [ATTACK_GPA_HOLE] = "gpa-hole",
+    [ATTACK_REBOOT_CF9] = "reboot-cf9",
+    [ATTACK_REBOOT_KBD] = "reboot-kbd",
+    [ATTACK_POWEROFF] = "poweroff",
 };
 _Static_assert(sizeof attack_names / sizeof attack_names[0] == ATTACK_COUNT, "a name per attack");
 

@@ -58,9 +58,10 @@ static void send_ipi(uint32_t destination, uint32_t command)
 }
 
 /* Everything a partition might poke at among the legacy ports: PICs, PIT, the speaker gate,
- * PCI configuration, the ACPI PM block (S5 on Bochs' PIIX4), the keyboard controller's and
- * port 0xCF9's and port 0x92's reset lines, Bochs' shutdown port, QEMU's debug exit. On the
- * real machine several of these would reset or power it off. */
+ * PCI configuration, Bochs' PIIX4 ACPI PM block (S5 there), port 0x92's reset line, Bochs'
+ * shutdown port, QEMU's debug exit. On the real machine several of these would reset or power
+ * it off. (The partition's own reset and power-off controls are the reboot-* and poweroff
+ * attacks.) */
 static void poke_ports(void)
 {
     outb(0x21, 0xFF);
@@ -73,8 +74,6 @@ static void poke_ports(void)
     (void)inl(0xCFC);
     outl(0xCFC, 0xFFFFFFFFu);
     outw(0xB004, 0x2000);
-    outb(0x64, 0xFE);
-    outb(0xCF9, 0x06);
     outb(0x92, 0x01);
     const char *shutdown = "Shutdown";
     for (const char *p = shutdown; *p; p++)
@@ -142,6 +141,21 @@ void hostile_attack(enum testguest_attack attack, uint64_t vcpus, uint64_t memor
         __asm__ volatile("cli");
         for (;;)
             __asm__ volatile("" : : : "memory");
+    /* The partition's own platform: the reset control port (the FADT's reset register), the
+     * keyboard controller's reset line, ACPI S5 in its PM1a control block (SLP_TYP 5 from its
+     * DSDT's _S5, SLP_EN). None of them returns. */
+    case ATTACK_REBOOT_CF9:
+        outb(0xCF9, 0x06);
+        for (;;)
+            cpu_pause();
+    case ATTACK_REBOOT_KBD:
+        outb(0x64, 0xFE);
+        for (;;)
+            cpu_pause();
+    case ATTACK_POWEROFF:
+        outw(0x604, (5 << 10) | (1 << 13));
+        for (;;)
+            cpu_pause();
     case ATTACK_TRIPLE_FAULT: {
         struct __attribute__((packed)) {
             uint16_t limit;

@@ -12,6 +12,7 @@ extern crate alloc;
 use crate::serial::{Uart, COM1};
 use alloc::collections::VecDeque;
 use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
 use spin::{Mutex, MutexGuard};
 
 /// Most bytes held while buffered; beyond it bytes are dropped and counted.
@@ -23,14 +24,25 @@ pub struct Console {
     uart: Uart,
     buffer: Option<VecDeque<u8>>,
     dropped: u64,
+    /// A partition's raw output (`write_raw`) left a line unfinished: the next line of the
+    /// hypervisor's own starts on a fresh one, so records are never spliced into guest text.
+    mid_line: bool,
 }
 
-impl Write for Console {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+impl Console {
+    /// Bytes out (buffered while partitions run), each LF preceded by a CR.
+    fn push_bytes(&mut self, bytes: &[u8]) {
         match &mut self.buffer {
-            None => self.uart.write_str(s),
+            None => {
+                for &b in bytes {
+                    if b == b'\n' {
+                        self.uart.write_byte(b'\r');
+                    }
+                    self.uart.write_byte(b);
+                }
+            }
             Some(buffer) => {
-                for b in s.bytes() {
+                for &b in bytes {
                     if buffer.len() >= BUFFER_LIMIT {
                         self.dropped += 1;
                     } else {
@@ -40,13 +52,39 @@ impl Write for Console {
                         buffer.push_back(b);
                     }
                 }
-                Ok(())
             }
+        }
+    }
+
+    fn begin_line(&mut self) {
+        if core::mem::take(&mut self.mid_line) {
+            self.push_bytes(b"\n");
         }
     }
 }
 
-static CONSOLE: Mutex<Console> = Mutex::new(Console { uart: Uart::new(COM1), buffer: None, dropped: 0 });
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        self.push_bytes(s.as_bytes());
+        Ok(())
+    }
+}
+
+static CONSOLE: Mutex<Console> =
+    Mutex::new(Console { uart: Uart::new(COM1), buffer: None, dropped: 0, mid_line: false });
+
+/// A partition's output as it wrote it, unprefixed and not held to whole lines: the console
+/// partition (`phalanx.console`) shows on the terminal as it would on its own serial port,
+/// prompts included.
+pub fn write_raw(bytes: &[u8]) {
+    let Some(&last) = bytes.last() else { return };
+    let mut console = lock();
+    // A lone CR would only make the log hard to read; LF gets its CR back on the way out.
+    for run in bytes.split(|&b| b == b'\r') {
+        console.push_bytes(run);
+    }
+    console.mid_line = last != b'\n';
+}
 
 pub fn init() {
     CONSOLE.lock().uart.init();
@@ -71,6 +109,58 @@ pub fn pump() -> bool {
         }
     }
     !buffer.is_empty()
+}
+
+/// Bytes typed at the console, taken from the UART by its receive interrupt (`on_input`)
+/// until `read_input` hands them on. Both run on the BSP: the interrupt comes there, and the
+/// reader runs with interrupts off, so the lock is never contended.
+static INPUT: Mutex<VecDeque<u8>> = Mutex::new(VecDeque::new());
+/// Typed bytes held at most; beyond it they are dropped and counted (as a UART overruns).
+const INPUT_LIMIT: usize = 64 * 1024;
+static INPUT_DROPPED: AtomicU64 = AtomicU64::new(0);
+static INPUT_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// Turns the UART's receive interrupt on (its IO-APIC entry is `host_irq`'s).
+pub fn enable_input_interrupt() {
+    lock().uart.enable_receive_interrupt();
+}
+
+/// The receive interrupt: everything the UART holds, into the input queue. The UART is read
+/// without the console's lock (receiving and transmitting use different registers), so an
+/// interrupt that comes while this CPU prints cannot deadlock.
+pub fn on_input() {
+    let uart = Uart::new(COM1);
+    let Some(mut input) = INPUT.try_lock() else { return };
+    while let Some(byte) = uart.read_byte() {
+        INPUT_RECEIVED.fetch_add(1, Ordering::Relaxed);
+        if input.len() < INPUT_LIMIT {
+            input.push_back(byte);
+        } else {
+            INPUT_DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Bytes typed at the console since the last call, into `out` (from the input queue, or the
+/// UART itself when its interrupt is not on); never blocks.
+pub fn read_input(out: &mut [u8]) -> usize {
+    on_input();
+    let Some(mut input) = INPUT.try_lock() else { return 0 };
+    let n = out.len().min(input.len());
+    for (slot, byte) in out.iter_mut().zip(input.drain(..n)) {
+        *slot = byte;
+    }
+    n
+}
+
+/// Typed bytes the console partition's UART could not take (its receive queue was full).
+pub fn count_input_dropped(bytes: u64) {
+    INPUT_DROPPED.fetch_add(bytes, Ordering::Relaxed);
+}
+
+/// Bytes typed at the console so far, and how many of them were dropped.
+pub fn input_counts() -> (u64, u64) {
+    (INPUT_RECEIVED.load(Ordering::Relaxed), INPUT_DROPPED.load(Ordering::Relaxed))
 }
 
 /// Drains the buffer synchronously and returns to direct output (end of a run).
@@ -118,6 +208,7 @@ impl log::Log for Logger {
 
     fn log(&self, record: &log::Record) {
         let mut uart = lock();
+        uart.begin_line();
         let _ = writeln!(uart, "[cpu{} {:5}] {}", crate::cpu::current_index(), record.level(), record.args());
     }
 
@@ -132,6 +223,7 @@ pub struct Record {
 impl Record {
     pub fn new(kind: &str) -> Self {
         let mut uart = lock();
+        uart.begin_line();
         let _ = write!(uart, "{{\"type\":");
         write_json_str(&mut *uart, kind);
         Self { uart }

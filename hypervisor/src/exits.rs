@@ -19,7 +19,7 @@ use crate::machine::machine;
 use crate::partition::{Fault, Partition};
 use crate::pcpu::kick;
 use crate::vcpu::Vcpu;
-use crate::vectors::{BOUNDARY_VECTOR, DISPATCH_VECTOR, KICK_VECTOR};
+use crate::vectors::{BOUNDARY_VECTOR, CONSOLE_INPUT_VECTOR, DISPATCH_VECTOR, KICK_VECTOR};
 use crate::vmcs::{self, control, guest, ro};
 
 /// What the slot loop does after an exit.
@@ -57,6 +57,8 @@ pub fn handle_exit(
     guard_at: u64,
 ) -> ExitOutcome {
     let rip = vmcs::read(guest::RIP);
+    vcpu.last_exit_rip = rip;
+    vcpu.exits += 1;
     let vcpu_index = vcpu.index;
     let stop = |reason: &'static str, detail: String| {
         partition.stop(Fault { vcpu: vcpu_index, reason, detail, rip });
@@ -67,7 +69,9 @@ pub fn handle_exit(
             let info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32;
             if let Some(vector) = vmx::exit::interrupt_vector(info) {
                 crate::trace::record_here(EventKind::HostInterrupt, vcpu.partition, vcpu.index, vector as u32);
-                if ![DISPATCH_VECTOR, KICK_VECTOR, BOUNDARY_VECTOR].contains(&vector) {
+                if vector == CONSOLE_INPUT_VECTOR {
+                    crate::console::on_input();
+                } else if ![DISPATCH_VECTOR, KICK_VECTOR, BOUNDARY_VECTOR].contains(&vector) {
                     log::warn!("unexpected interrupt vector {vector:#x} while a guest ran");
                 }
                 crate::apic::eoi();
@@ -134,8 +138,8 @@ pub fn handle_exit(
         Handler::PortIo => {
             let access = IoAccess::decode(vmcs::read(ro::EXIT_QUALIFICATION));
             let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
-            match partition.devices.port_io(&mut cpu, vcpu_index, &mut vcpu.lapic, access) {
-                Ok(effects) => apply(partition, vcpu_index, effects),
+            match partition.devices.port_io(&mut cpu, vcpu_index, &mut vcpu.lapic, access, crate::tsc::now()) {
+                Ok(effects) => apply(partition, vcpu_index, effects, rip),
                 Err(detail) => stop("refused", detail),
             }
         }
@@ -156,7 +160,8 @@ pub fn handle_exit(
         }
         Handler::Msr => {
             let write = reason == ExitReason::Wrmsr;
-            emulate::msr_access(&mut CurrentVcpu::of(vcpu, partition), write, vcpu_index, crate::tsc::now());
+            let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
+            emulate::msr_access(&mut cpu, write, vcpu_index, crate::tsc::now(), &mut vcpu.lapic);
             ExitOutcome::Resume
         }
         Handler::SkipInstruction => {
@@ -172,7 +177,7 @@ pub fn handle_exit(
             if reason == ExitReason::EptViolation {
                 let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
                 match partition.devices.mmio(&mut cpu, vcpu_index, &mut vcpu.lapic, gpa, crate::tsc::now()) {
-                    Some(Ok(effects)) => return apply(partition, vcpu_index, effects),
+                    Some(Ok(effects)) => return apply(partition, vcpu_index, effects, rip),
                     Some(Err(detail)) => return stop("refused", detail),
                     None => {}
                 }
@@ -190,8 +195,9 @@ pub fn handle_exit(
     }
 }
 
-/// Does what a device exit left for the hypervisor: console output, siblings to look at.
-fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects) -> ExitOutcome {
+/// Does what a device exit (of the instruction at `rip`) left for the hypervisor: console
+/// output, siblings to look at, a reset or power-off the guest asked for.
+fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects, rip: u64) -> ExitOutcome {
     if let Some(byte) = effects.console {
         partition.console_byte(byte);
     }
@@ -200,6 +206,10 @@ fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects) -> ExitOutcom
     }
     if let Some(ipi) = effects.unsupported_ipi {
         log::warn!("[{}] vCPU {vcpu}: IPI {ipi:?} is not supported yet", partition.name);
+    }
+    if let Some(request) = effects.power {
+        partition.power_request(vcpu, request, rip);
+        return ExitOutcome::Stopped;
     }
     ExitOutcome::Resume
 }

@@ -7,8 +7,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Once;
 
 use crate::vectors::{
-    BOUNDARY_VECTOR, DISPATCH_VECTOR, IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI, KICK_VECTOR, PHASE_TEST_VECTOR,
-    SPURIOUS_VECTOR,
+    BOUNDARY_VECTOR, CONSOLE_INPUT_VECTOR, DISPATCH_VECTOR, IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI, KICK_VECTOR,
+    PHASE_TEST_VECTOR, SPURIOUS_VECTOR,
 };
 
 /// Registered by the layers above at start-up, so this one never calls up by name.
@@ -231,6 +231,10 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
         }
         // They exist to make a guest exit or wake `hlt`: acknowledging them is all.
         DISPATCH_VECTOR | KICK_VECTOR | BOUNDARY_VECTOR => crate::apic::eoi(),
+        CONSOLE_INPUT_VECTOR => {
+            crate::console::on_input();
+            crate::apic::eoi();
+        }
         SPURIOUS_VECTOR => {}
         _ => {
             log::warn!("unexpected interrupt vector {vector:#x}");

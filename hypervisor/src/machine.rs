@@ -8,6 +8,7 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Once;
 
 use config::{DispatchPolicy, Placement, Validated};
@@ -17,7 +18,7 @@ use vmx::vmcs_image::PartitionContext;
 use vmx::ControlSet;
 
 use crate::memory::BootInfo;
-use crate::partition::{Fault, Partition, Payload};
+use crate::partition::{Fault, Partition, Payload, PayloadImages};
 
 /// Table pages come from the hypervisor heap (identity-mapped: address = physical).
 struct HeapFrames;
@@ -85,9 +86,28 @@ pub struct Machine {
     pub schedule: Schedule,
     /// What the config check estimated the heap would hold (`Config::heap_estimate`).
     pub heap_estimate: u64,
+    /// The partition whose COM1 receives what is typed at the hypervisor's console
+    /// (`phalanx.console=NAME`).
+    pub console_input: Option<usize>,
+    /// An end earlier than `schedule.end` (a partition with `on_poweroff = "end-run"` powered
+    /// off); `u64::MAX`: none.
+    early_end: AtomicU64,
 }
 
 impl Machine {
+    /// When the run ends (TSC): `run_ms` after `t0`, or earlier once `end_early` was called.
+    pub fn run_end(&self) -> u64 {
+        self.schedule.end.min(self.early_end.load(Ordering::Acquire))
+    }
+
+    /// Ends the run at the second major-frame boundary after `now`: every pCPU sees the new
+    /// end before the frame it ends in begins, so all stop at that same boundary.
+    pub fn end_early(&self, now: u64) {
+        let frames_done = now.saturating_sub(self.schedule.t0) / self.frame_cycles.max(1);
+        let end = self.schedule.t0 + (frames_done + 2) * self.frame_cycles;
+        self.early_end.fetch_min(end, Ordering::AcqRel);
+    }
+
     /// How many distinct pCPUs partition `id`'s vCPUs are homed on.
     pub fn pcpus_held(&self, id: usize) -> usize {
         self.homes[id].iter().collect::<alloc::collections::BTreeSet<_>>().len()
@@ -134,21 +154,33 @@ pub fn build(
     controls: ControlSet,
     force_interrupts_on: bool,
     length: RunLength,
+    console_input: Option<&str>,
 ) -> Result<&'static Machine, String> {
     let config = &validated.config;
+    let console_input = match console_input {
+        None => None,
+        Some(name) => Some(config.partitions.iter().position(|p| p.name == name).ok_or_else(|| {
+            let names: Vec<&str> = config.partitions.iter().map(|p| p.name.as_str()).collect();
+            alloc::format!("phalanx.console={name}: no such partition (the config has: {})", names.join(", "))
+        })?),
+    };
     let features = controls.caps.features();
     let sizes = PageSizes { huge_1g: features.ept_1g_pages, large_2m: features.ept_2m_pages };
     // Tables are scaled by a whole number of cycles per microsecond (exact, so the plan the
     // check made is the plan that runs): rounded, not truncated, or a TSC calibrated a hair
     // under 10 MHz (Bochs: 9,999,500 Hz) would run every slot 10% short.
     let tsc_per_us = ((crate::tsc::hz() + 500_000) / 1_000_000).max(1);
+    let clock = crate::platform::host_wall_clock();
     let mut partitions = Vec::new();
     for (id, (p, placement)) in config.partitions.iter().zip(&validated.memory).enumerate() {
         // Validated against this boot's memory map and modules (`boot_config::load`): memory is
         // placed and the module is there.
         let Placement::At(memory) = placement.clone() else { unreachable!("validated with the boot's memory map") };
-        let module =
-            boot.modules.iter().find(|m| m.name == p.guest.module).expect("validated against the boot's modules");
+        let module_bytes = |name: &str| {
+            boot.modules.iter().find(|m| m.name == name).expect("validated against the boot's modules").bytes()
+        };
+        let payload =
+            PayloadImages { image: module_bytes(&p.guest.module), initrd: p.guest.initrd.as_deref().map(module_bytes) };
         let size = memory.end - memory.start;
         let mut ept = Ept::new(&mut HeapFrames).map_err(|e| format!("partition {}: {e}", p.name))?;
         ept.map(&mut IdentityPhys, &mut HeapFrames, 0, memory.start, size, Access::all(), MemoryType::WriteBack, sizes)
@@ -156,7 +188,7 @@ pub fn build(
         let (io_bitmap_a, io_bitmap_b) = io_bitmaps(&p.devices.ioports);
         let context = PartitionContext { eptp: ept.eptp(false), io_bitmap_a, io_bitmap_b, msr_bitmap: msr_bitmap() };
         Box::leak(Box::new(ept));
-        partitions.push(Partition::load(id, p, memory, module.bytes(), context)?);
+        partitions.push(Partition::load(id, p, memory, payload, context, clock)?);
     }
 
     // Application processors of SMP Linux start in real mode, which needs unrestricted guest:
@@ -208,6 +240,8 @@ pub fn build(
         skew_bound,
         spin_sample_cycles: config.hypervisor.spin_sample_us * tsc_per_us,
         heap_estimate,
+        console_input,
+        early_end: AtomicU64::new(u64::MAX),
         schedule,
     }))
 }

@@ -16,6 +16,7 @@ mod cpu;
 mod exits;
 mod freestanding;
 mod guest_entry;
+mod host_irq;
 mod interrupts;
 mod machine;
 mod memory;
@@ -224,7 +225,7 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
 
     let lead_us =
         boot_option(&boot.cmdline, "phalanx.dispatch_lead_us").and_then(|v| v.parse().ok()).unwrap_or(DISPATCH_LEAD_US);
-    run_partitions(&validated, &boot, cpus, lead_us);
+    run_partitions(&validated, &boot, &platform, cpus, lead_us);
     power::end_run(false)
 }
 
@@ -235,7 +236,13 @@ const DEFAULT_RUN_MS: u64 = 2_000;
 
 /// Builds the machine (partitions loaded, the checked plan in TSC cycles), releases every
 /// pCPU into dispatch at a common `t0`, and prints the results when the run ends.
-fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: usize, lead_us: u64) {
+fn run_partitions(
+    validated: &config::Validated,
+    boot: &memory::BootInfo,
+    platform: &firmware::platform::Platform,
+    cpus: usize,
+    lead_us: u64,
+) {
     if validated.config.partitions.is_empty() {
         log::info!("the config has no partitions: nothing to run");
         return;
@@ -257,8 +264,15 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         debug_uncharged_cycles: debug_cycles("phalanx.debug.uncharged_cycles"),
         debug_switch_in_cycles: debug_cycles("phalanx.debug.switch_in_cycles"),
     };
-    let machine = machine::build(validated, boot, controls, force_interrupts_on, length)
+    let console_input = boot_option(&boot.cmdline, "phalanx.console");
+    let machine = machine::build(validated, boot, controls, force_interrupts_on, length, console_input)
         .unwrap_or_else(|e| fatal("partitions", &e));
+    if machine.console_input.is_some() {
+        // Typed bytes are taken as they arrive, by the BSP (pCPU 0, which hands them on).
+        host_irq::route_isa_irq(platform, serial::COM1_IRQ, vectors::CONSOLE_INPUT_VECTOR, apic::id() as u8)
+            .unwrap_or_else(|e| fatal("console", &e));
+        console::enable_input_interrupt();
+    }
     let schedule = machine.schedule;
     for p in &machine.partitions {
         Record::new("partition_start")
@@ -280,9 +294,15 @@ fn run_partitions(validated: &config::Validated, boot: &memory::BootInfo, cpus: 
         fatal("dispatch", &alloc::format!("pCPUs {stuck:?} did not finish the run"));
     }
     console::stop_buffering();
-    report::final_records(cpus, schedule.end - schedule.t0);
+    report::final_records(cpus, machine.run_end() - schedule.t0);
     trace::dump(cpus, schedule.t0);
-    Record::new("run_end").u64("run_ms", run_ms).str("policy", machine.policy.as_str()).emit();
+    let ended_early = machine.run_end() < schedule.end;
+    let ran_ms = if ended_early { tsc::cycles_to_us(machine.run_end() - schedule.t0) / 1000 } else { run_ms };
+    Record::new("run_end")
+        .u64("run_ms", ran_ms)
+        .bool("ended_early", ended_early)
+        .str("policy", machine.policy.as_str())
+        .emit();
 }
 
 /// The machine's VMX control set for `policy`, with one record saying which path each

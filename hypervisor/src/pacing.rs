@@ -34,8 +34,8 @@ pub enum Pacing {
     /// any pCPU, where it sends the others an IPI.
     Timing { clock: BoundaryClock, next_signal: u64 },
     /// `ipi-gang`'s other pCPUs: a boundary has come when the timing pCPU says so; the end
-    /// of the run (`end`, not always a boundary) by their own timer.
-    Signalled { end: u64 },
+    /// of the run (`Machine::run_end`, not always a boundary) by their own timer.
+    Signalled,
 }
 
 impl Pacing {
@@ -47,7 +47,7 @@ impl Pacing {
                 let next_signal = clock.next_after(t0);
                 Pacing::Timing { clock, next_signal }
             }
-            (config::DispatchPolicy::IpiGang, _) => Pacing::Signalled { end: m.schedule.end },
+            (config::DispatchPolicy::IpiGang, _) => Pacing::Signalled,
             _ => Pacing::OwnTimer,
         }
     }
@@ -56,7 +56,9 @@ impl Pacing {
     #[inline]
     pub fn boundary_reached(&self, deadline: u64, now: u64) -> bool {
         match self {
-            Pacing::Signalled { end } if deadline < *end => SIGNALLED_BOUNDARY.load(Ordering::Acquire) >= deadline,
+            Pacing::Signalled if deadline < machine().run_end() => {
+                SIGNALLED_BOUNDARY.load(Ordering::Acquire) >= deadline
+            }
             _ => now >= deadline,
         }
     }
@@ -64,7 +66,7 @@ impl Pacing {
     /// Whether this pCPU's own timer ends the slot that ends at `deadline`.
     pub fn own_timer_ends(&self, deadline: u64) -> bool {
         match self {
-            Pacing::Signalled { end } => deadline >= *end,
+            Pacing::Signalled => deadline >= machine().run_end(),
             _ => true,
         }
     }

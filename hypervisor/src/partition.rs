@@ -12,12 +12,17 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use reservations::trace::EventKind;
 use spin::Mutex;
 
-use config::OnFault;
+use config::{OnFault, OnPoweroff, OnReboot};
 use firmware::longmode::{BootParams, GuestMemory, GuestMemoryError, GuestStats, VcpuState, STATS_RECORD_SIZE};
+use vmx::platform::PowerRequest;
 use vmx::vmcs_image::PartitionContext;
 
 /// Longest guest console line held before it is printed anyway (JSON records fit).
 const GUEST_LINE_MAX: usize = 4096;
+
+/// The reasons of stops the guest asked for itself, reported as such rather than as faults.
+const REASON_POWEROFF: &str = "poweroff";
+const REASON_REBOOT: &str = "reboot";
 
 /// Why a partition was stopped.
 #[derive(Debug, Clone)]
@@ -35,6 +40,8 @@ pub struct Partition {
     pub memory: Range<u64>,
     pub vcpus: u32,
     pub on_fault: OnFault,
+    pub on_reboot: OnReboot,
+    pub on_poweroff: OnPoweroff,
     pub context: PartitionContext,
     pub stopped: AtomicBool,
     pub fault: Mutex<Option<Fault>>,
@@ -48,7 +55,7 @@ pub struct Partition {
     /// Hypercalls with a number Phalanx does not know (the first few are logged).
     pub unknown_hypercalls: AtomicU64,
     /// The payload and its boot parameters, kept to reload the partition on a reset.
-    image: &'static [u8],
+    images: PayloadImages,
     pub payload: Payload,
     /// Each vCPU's power-on register state.
     pub initial_states: Vec<VcpuState>,
@@ -68,13 +75,14 @@ pub struct Partition {
 
 impl Partition {
     /// Partition `id` as `config` describes it, in host-physical `memory` (cleared, then
-    /// loaded with `image`), entered through `context`.
+    /// loaded with `images`), entered through `context`.
     pub fn load(
         id: usize,
         config: &config::PartitionConfig,
         memory: Range<u64>,
-        image: &'static [u8],
+        images: PayloadImages,
         context: PartitionContext,
+        clock: vmx::platform::WallClock,
     ) -> Result<Partition, String> {
         let size = memory.end - memory.start;
         // SAFETY: the partition's memory range, placed by validation inside usable RAM that
@@ -82,7 +90,7 @@ impl Partition {
         unsafe { core::ptr::write_bytes(memory.start as *mut u8, 0, size as usize) };
         let mut window = HostWindow { base: memory.start, size };
         let vcpus = config.vcpus;
-        let (payload, initial_states) = load_payload(&mut window, image, &config.guest.cmdline, vcpus)
+        let (payload, initial_states) = load_payload(&mut window, images, &config.guest.cmdline, vcpus)
             .map_err(|e| format!("partition {} ({}): {e}", config.name, config.guest.module))?;
         let ioapic_id = firmware::mptable::ioapic_id(vcpus);
         Ok(Partition {
@@ -91,16 +99,18 @@ impl Partition {
             memory,
             vcpus,
             on_fault: config.on_fault,
+            on_reboot: config.on_reboot,
+            on_poweroff: config.on_poweroff,
             context,
             stopped: AtomicBool::new(false),
             fault: Mutex::new(None),
             fault_unreported: AtomicBool::new(false),
             console: Mutex::new(String::new()),
-            devices: vmx::devices::PartitionDevices::new(vcpus, ioapic_id, payload == Payload::TestGuest),
+            devices: vmx::devices::PartitionDevices::new(vcpus, ioapic_id, payload == Payload::TestGuest, clock),
             done_vcpus: AtomicU64::new(0),
             hypercalls: AtomicU64::new(0),
             unknown_hypercalls: AtomicU64::new(0),
-            image,
+            images,
             payload,
             initial_states,
             cmdline: config.guest.cmdline.clone(),
@@ -150,6 +160,25 @@ impl Partition {
         self.stop_and_maybe_reset(fault, false);
     }
 
+    /// What the guest asked of its platform: a reboot resets it (or stops it, as its
+    /// `on_reboot` says); S5 stops it for good. Reported in its own slot, as a fault is.
+    pub fn power_request(&self, vcpu: u32, request: PowerRequest, rip: u64) {
+        match request {
+            PowerRequest::PowerOff => {
+                let detail = "ACPI S5 (SLP_EN with the _S5 sleep type)".into();
+                self.stop_and_maybe_reset(Fault { vcpu, reason: REASON_POWEROFF, detail, rip }, false);
+                if self.on_poweroff == OnPoweroff::EndRun {
+                    let m = crate::machine::machine();
+                    m.end_early(crate::tsc::now());
+                }
+            }
+            PowerRequest::Reset { via } => {
+                let fault = Fault { vcpu, reason: REASON_REBOOT, detail: via.into(), rip };
+                self.stop_and_maybe_reset(fault, self.on_reboot == OnReboot::Reset)
+            }
+        }
+    }
+
     fn stop_and_maybe_reset(&self, fault: Fault, reset: bool) {
         let mut slot = self.fault.lock();
         if slot.is_none() {
@@ -183,28 +212,44 @@ impl Partition {
             return;
         }
         let Some(fault) = fault else { return };
-        log::error!(
-            "partition {} stopped: vCPU {} {} ({}) at RIP {:#x}; other partitions keep their reservations",
-            self.name,
-            fault.vcpu,
-            fault.reason,
-            fault.detail,
-            fault.rip
-        );
-        crate::console::Record::new("partition_fault")
-            .str("partition", &self.name)
-            .u64("vcpu", fault.vcpu as u64)
-            .str("reason", fault.reason)
-            .str("detail", &fault.detail)
-            .fmt("rip", format_args!("{:#x}", fault.rip))
-            .str(
-                "action",
-                match self.on_fault {
-                    OnFault::Reset if !self.refused.load(Ordering::Acquire) => "reset",
-                    _ => "stopped",
-                },
-            )
-            .emit();
+        // Every stop that is not for good is followed by a reset.
+        let action = if self.refused.load(Ordering::Acquire) { "stopped" } else { "reset" };
+        match fault.reason {
+            REASON_POWEROFF => {
+                log::info!("partition {} powered off ({}); its slots stay idle", self.name, fault.detail);
+                crate::console::Record::new("partition_poweroff")
+                    .str("partition", &self.name)
+                    .u64("vcpu", fault.vcpu as u64)
+                    .emit();
+            }
+            REASON_REBOOT => {
+                log::info!("partition {} asked to reboot (through the {}): {action}", self.name, fault.detail);
+                crate::console::Record::new("partition_reboot")
+                    .str("partition", &self.name)
+                    .u64("vcpu", fault.vcpu as u64)
+                    .str("via", &fault.detail)
+                    .str("action", action)
+                    .emit();
+            }
+            _ => {
+                log::error!(
+                    "partition {} stopped: vCPU {} {} ({}) at RIP {:#x}; other partitions keep their reservations",
+                    self.name,
+                    fault.vcpu,
+                    fault.reason,
+                    fault.detail,
+                    fault.rip
+                );
+                crate::console::Record::new("partition_fault")
+                    .str("partition", &self.name)
+                    .u64("vcpu", fault.vcpu as u64)
+                    .str("reason", fault.reason)
+                    .str("detail", &fault.detail)
+                    .fmt("rip", format_args!("{:#x}", fault.rip))
+                    .str("action", action)
+                    .emit();
+            }
+        }
     }
 
     /// Called by the home pCPU of vCPU `vcpu` (outside the guest) once per generation while a
@@ -223,7 +268,7 @@ impl Partition {
         // information, page tables, statistics). The rest of its memory is its own and is
         // left as it was.
         let mut window = HostWindow { base: self.memory.start, size: self.memory.end - self.memory.start };
-        if let Err(e) = load_payload(&mut window, self.image, &self.cmdline, self.vcpus) {
+        if let Err(e) = load_payload(&mut window, self.images, &self.cmdline, self.vcpus) {
             log::error!("partition {}: reset failed, it stays stopped: {e}", self.name);
             return true;
         }
@@ -239,8 +284,13 @@ impl Partition {
         true
     }
 
-    /// A byte the guest wrote to its virtual UART; whole lines go to the console.
+    /// A byte the guest wrote to its virtual UART: whole lines go to the console, prefixed
+    /// with the partition's name; the console partition's (`phalanx.console`) go as they are.
     pub fn console_byte(&self, byte: u8) {
+        if crate::machine::machine().console_input == Some(self.id) {
+            crate::console::write_raw(&[byte]);
+            return;
+        }
         let mut line = self.console.lock();
         match byte {
             b'\n' => {
@@ -293,27 +343,37 @@ impl Payload {
     }
 }
 
-/// Loads `image` into the partition's memory as the kind of payload it is (a bzImage goes
-/// through the Linux boot protocol, anything else is the flat test guest) and returns each
-/// vCPU's initial state.
+/// A partition's boot modules: its payload and, for a Linux kernel, an initrd.
+#[derive(Clone, Copy)]
+pub struct PayloadImages {
+    pub image: &'static [u8],
+    pub initrd: Option<&'static [u8]>,
+}
+
+/// Loads the payload into the partition's memory as the kind of payload it is (a bzImage goes
+/// through the Linux boot protocol, with its initrd and the firmware tables, MP and ACPI;
+/// anything else is the flat test guest) and returns each vCPU's initial state.
 fn load_payload(
     window: &mut HostWindow,
-    image: &[u8],
+    images: PayloadImages,
     cmdline: &str,
     vcpus: u32,
 ) -> Result<(Payload, Vec<VcpuState>), String> {
-    match firmware::payload::classify(image).map_err(|e| format!("{e}"))? {
+    match firmware::payload::classify(images.image).map_err(|e| format!("{e}"))? {
         firmware::payload::Payload::Linux(kernel) => {
-            let params = firmware::linux::LinuxParams { kernel: &kernel, cmdline, initrd: None, acpi_rsdp: None };
-            let layout = firmware::linux::load_linux(window, &params).map_err(|e| format!("{e}"))?;
+            let ioapic_id = firmware::mptable::ioapic_id(vcpus);
+            let rsdp = firmware::acpi::write_acpi_tables(window, vcpus, ioapic_id).map_err(|e| format!("{e}"))?;
             firmware::mptable::write_mp_table(window, vcpus).map_err(|e| format!("{e}"))?;
+            let params =
+                firmware::linux::LinuxParams { kernel: &kernel, cmdline, initrd: images.initrd, acpi_rsdp: Some(rsdp) };
+            let layout = firmware::linux::load_linux(window, &params).map_err(|e| format!("{e}"))?;
             let boot = firmware::linux::boot_vcpu_state(&layout);
             // Application processors wait for a start-up IPI; this state is replaced then.
             let waiting = firmware::linux::startup_ipi_state(0);
             Ok((Payload::Linux, (0..vcpus).map(|v| if v == 0 { boot } else { waiting }).collect()))
         }
         firmware::payload::Payload::TestGuest => {
-            let params = BootParams { image, cmdline, vcpus, tsc_hz: crate::tsc::hz() };
+            let params = BootParams { image: images.image, cmdline, vcpus, tsc_hz: crate::tsc::hz() };
             firmware::longmode::load_test_guest(window, &params).map_err(|e| format!("{e}"))?;
             Ok((Payload::TestGuest, (0..vcpus).map(firmware::longmode::initial_vcpu_state).collect()))
         }

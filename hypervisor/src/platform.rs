@@ -56,3 +56,37 @@ pub fn discover(acpi_root: Option<(u8, u64)>) -> Result<Discovered, String> {
         .map(|gas| gas.address as u16);
     Ok(Discovered { platform, source, pm1a_control_port })
 }
+
+/// The host's time of day, read once from its RTC: what every partition's emulated RTC starts
+/// from (`vmx::platform`). A host RTC that reads as no date gives the Unix epoch.
+pub fn host_wall_clock() -> vmx::platform::WallClock {
+    const UPDATE_IN_PROGRESS: u8 = 0x80;
+    const REGISTERS: [u8; 8] = [0x00, 0x02, 0x04, 0x07, 0x08, 0x09, firmware::acpi::RTC_CENTURY_INDEX, 0x0B];
+    // Read twice until both agree, outside an update (the registers change mid-read otherwise).
+    let mut previous = None;
+    let registers = loop {
+        while read_cmos(0x0A) & UPDATE_IN_PROGRESS != 0 {
+            core::hint::spin_loop();
+        }
+        let now = REGISTERS.map(read_cmos);
+        if previous == Some(now) {
+            break now;
+        }
+        previous = Some(now);
+    };
+    let tsc = crate::tsc::now();
+    let tsc_hz = crate::tsc::hz();
+    let seconds = vmx::platform::rtc_to_unix_seconds(registers).unwrap_or(0);
+    vmx::platform::WallClock { unix_seconds_at_tsc_zero: seconds.saturating_sub(tsc / tsc_hz.max(1)), tsc_hz }
+}
+
+fn read_cmos(index: u8) -> u8 {
+    use x86_64::instructions::port::Port;
+    // SAFETY: the RTC's index and data ports; the hypervisor is their only user (partitions
+    // get an emulated RTC, and the config refuses to pass these ports through). NMIs stay
+    // enabled (bit 7 clear).
+    unsafe {
+        Port::<u8>::new(0x70).write(index & 0x7F);
+        Port::<u8>::new(0x71).read()
+    }
+}

@@ -35,6 +35,14 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
     for p in &m.partitions {
         p.report_fault();
     }
+    if let Some(id) = m.console_input {
+        let (received, dropped) = crate::console::input_counts();
+        Record::new("console_input")
+            .str("partition", &m.partitions[id].name)
+            .u64("bytes", received)
+            .u64("dropped", dropped)
+            .emit();
+    }
     for p in &m.partitions {
         let totals = stats.partitions.get(p.id).copied().unwrap_or_default();
         let guest_stats: Vec<_> = (0..p.vcpus).map(|v| p.guest_stats(v)).collect();

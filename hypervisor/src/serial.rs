@@ -1,13 +1,16 @@
-//! COM1 16550 UART, polled.
+//! COM1 16550 UART, polled both ways.
 
 use x86_64::instructions::port::Port;
 
 pub const COM1: u16 = 0x3F8;
+/// COM1's ISA IRQ.
+pub const COM1_IRQ: u8 = 4;
 
 pub struct Uart {
     base: u16,
 }
 
+const LSR_DATA_READY: u8 = 1 << 0;
 const LSR_THR_EMPTY: u8 = 1 << 5;
 const LSR_TRANSMITTER_EMPTY: u8 = 1 << 6;
 
@@ -52,6 +55,18 @@ impl Uart {
     /// Writes a byte without checking for room (after `transmitter_ready`).
     pub fn write_byte_now(&self, byte: u8) {
         self.out(0, byte);
+    }
+
+    /// Raises the interrupt line when a byte arrives (IER receive-data; MCR OUT2 connects the
+    /// line on PCs). DTR and RTS stay on.
+    pub fn enable_receive_interrupt(&self) {
+        self.out(1, 0x01);
+        self.out(4, 0x0B);
+    }
+
+    /// A received byte, if one is waiting.
+    pub fn read_byte(&self) -> Option<u8> {
+        (self.inb(5) & LSR_DATA_READY != 0).then(|| self.inb(0))
     }
 
     /// Waits until the last byte has left the shift register (before ending the machine,

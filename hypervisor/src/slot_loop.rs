@@ -43,7 +43,7 @@ fn timer_mode() -> TimerMode {
 /// The dispatch loop of one pCPU, from `t0` to the end of the run.
 pub fn run_pcpu(cpu: usize) {
     let m = machine();
-    let (t0, end) = (m.schedule.t0, m.schedule.end);
+    let t0 = m.schedule.t0;
     // pCPU 0 prints progress records between turns at this interval.
     let mut next_progress = t0 + m.schedule.progress_interval;
     let mode = timer_mode();
@@ -60,6 +60,8 @@ pub fn run_pcpu(cpu: usize) {
     loop {
         let mut now = crate::tsc::now();
         pacing.signal_due(cpu, cpus, now);
+        // Read each turn: a partition's power-off may end the run early (`end_early`).
+        let end = m.run_end();
         if now >= end {
             pcpu.charge(Account::Overhead, mark, now);
             break;
@@ -80,6 +82,9 @@ pub fn run_pcpu(cpu: usize) {
             report_progress(now - t0);
         }
         let _ = crate::console::pump();
+        if cpu == 0 {
+            forward_console_input(m);
+        }
         if take_attention(cpu) || pcpu.vcpus.iter().any(|v| v.halted) {
             pcpu.follow_starts();
             pcpu.wake_halted(now);
@@ -122,6 +127,20 @@ pub fn run_pcpu(cpu: usize) {
     }
     apic::mask_timer();
     pcpu.ledger.close(crate::tsc::now());
+    // After the ledger closed: the run's accounting covers `t0` to the end only.
+    for v in &pcpu.vcpus {
+        let partition = &m.partitions[v.partition];
+        crate::console::Record::new("vcpu_end")
+            .str("partition", &partition.name)
+            .u64("vcpu", v.index as u64)
+            .u64("pcpu", cpu as u64)
+            .bool("started", partition.devices.is_started(v.index))
+            .bool("halted", v.halted)
+            .u64("exits", v.exits)
+            .fmt("last_exit_rip", format_args!("{:#x}", v.last_exit_rip))
+            .fmt("pending_vector", format_args!("{:?}", v.lapic.deliverable()))
+            .emit();
+    }
     *crate::percpu::of(cpu).dispatch_result.lock() = Some(PcpuResult {
         injected_uncharged: injected,
         ledger: pcpu.ledger,
@@ -131,6 +150,24 @@ pub fn run_pcpu(cpu: usize) {
         guard_exits: pcpu.guard_exits,
         yields: pcpu.yields,
     });
+}
+
+/// What was typed at the hypervisor's console goes to the COM1 of the partition named by
+/// `phalanx.console` (its interrupt kicks the vCPU it is routed to). Bytes beyond its receive
+/// queue are dropped, as a UART overruns.
+fn forward_console_input(m: &crate::machine::Machine) {
+    let Some(id) = m.console_input else { return };
+    let mut typed = [0u8; 64];
+    let n = crate::console::read_input(&mut typed);
+    if n == 0 {
+        return;
+    }
+    let partition = &m.partitions[id];
+    let (taken, kicks) = partition.devices.receive_console(&typed[..n]);
+    crate::console::count_input_dropped((n - taken) as u64);
+    for target in kicks.iter() {
+        crate::pcpu::kick(id, target);
+    }
 }
 
 /// Nothing to run: halt the pCPU until the slot that ends at `deadline` is over, or until

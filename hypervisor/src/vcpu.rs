@@ -36,6 +36,10 @@ pub struct Vcpu {
     pub sample_cache: SampleCache,
     /// The guest opened its spin-wait measurement window (`HYPERCALL_SPIN_WINDOW`).
     pub in_spin_window: bool,
+    /// Guest RIP at its last exit and how many exits it has had: where it is at the end of
+    /// a run (the `vcpu_end` record), for a guest that hangs.
+    pub last_exit_rip: u64,
+    pub exits: u64,
 }
 
 const FXSAVE_SIZE: usize = 512;
@@ -70,6 +74,8 @@ impl Vcpu {
             sample_clock: SampleClock::new(0, 0, 0),
             sample_cache: SampleCache::default(),
             in_spin_window: false,
+            last_exit_rip: 0,
+            exits: 0,
         }
     }
 

@@ -9,6 +9,9 @@ pub const DISPATCH_VECTOR: u8 = 0x41;
 pub const KICK_VECTOR: u8 = 0x42;
 /// `ipi-gang`: the timing pCPU's signal that a slot boundary has come.
 pub const BOUNDARY_VECTOR: u8 = 0x43;
+/// The console UART's receive interrupt (ISA IRQ 4 through the IO-APIC, to the BSP), while a
+/// partition takes the console's input (`phalanx.console`).
+pub const CONSOLE_INPUT_VECTOR: u8 = 0x44;
 /// Spurious-interrupt vector programmed into the LAPIC.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 

@@ -62,12 +62,39 @@ impl<'a> Boot<'a> {
         Boot { cpu_model, ..self }
     }
 
+    /// Emulator wall-clock limit in seconds (300 unless set).
+    pub fn timeout_s(self, timeout_s: u32) -> Self {
+        Boot { timeout_s, ..self }
+    }
+
     pub fn run(&self) -> Run {
+        let status = self.command(None).status().expect("run scripts/phalanx boot");
+        self.finish(status)
+    }
+
+    /// Boots with the console of `partition` open for input (`scripts/phalanx boot --console`)
+    /// and runs `session` while the machine runs: it can wait for output and type lines.
+    pub fn run_typing(&self, partition: &str, session: impl FnOnce(&Console)) -> Run {
+        let mut command = self.command(Some(partition));
+        // A log left by an earlier run must not answer the session's first wait.
+        let _ = std::fs::remove_file(self.dir().join("serial.log"));
+        let mut child = command.spawn().expect("run scripts/phalanx boot");
+        session(&Console { dir: self.dir() });
+        let status = child.wait().expect("wait for scripts/phalanx boot");
+        self.finish(status)
+    }
+
+    fn dir(&self) -> PathBuf {
+        repo_root().join("target/e2e").join(self.name)
+    }
+
+    fn command(&self, console: Option<&str>) -> Command {
         ensure_image();
         let root = repo_root();
-        let dir = root.join("target/e2e").join(self.name);
+        let dir = self.dir();
         std::fs::create_dir_all(&dir).unwrap();
-        let status = Command::new(root.join("scripts/phalanx"))
+        let mut command = Command::new(root.join("scripts/phalanx"));
+        command
             .args(["boot", "--emulator", self.emulator, "--cpus", &self.cpus.to_string()])
             .args(["--timeout", &self.timeout_s.to_string(), "--out"])
             .arg(&dir)
@@ -75,9 +102,15 @@ impl<'a> Boot<'a> {
             .arg(root.join(self.config))
             .args(["--cmdline", self.cmdline])
             .args(["--megs", &self.megs.to_string()])
-            .args(["--cpu-model", self.cpu_model])
-            .status()
-            .expect("run scripts/phalanx boot");
+            .args(["--cpu-model", self.cpu_model]);
+        if let Some(partition) = console {
+            command.args(["--console", partition]);
+        }
+        command
+    }
+
+    fn finish(&self, status: std::process::ExitStatus) -> Run {
+        let dir = self.dir();
         let timed_out = dir.join("timed_out").exists();
         assert!(status.success() || timed_out, "scripts/phalanx boot failed for {}", self.name);
         let log = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
@@ -91,6 +124,36 @@ impl<'a> Boot<'a> {
         let records = parse_records(&log);
         let exit_status = std::fs::read_to_string(dir.join("exit_status")).ok().and_then(|s| s.trim().parse().ok());
         Run { dir, log, records, timed_out, exit_status }
+    }
+}
+
+/// A running machine's console (`Boot::run_typing`): its serial log so far, and its input.
+pub struct Console {
+    dir: PathBuf,
+}
+
+impl Console {
+    /// Waits until the serial log holds `text`; false after `timeout`.
+    pub fn wait_for(&self, text: &str, timeout: std::time::Duration) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            let log = std::fs::read(self.dir.join("serial.log")).unwrap_or_default();
+            if String::from_utf8_lossy(&log).contains(text) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        false
+    }
+
+    /// Types `line` and Enter into the console.
+    pub fn type_line(&self, line: &str) {
+        use std::io::Write;
+        let mut input = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("console.in"))
+            .expect("the console relay's input FIFO");
+        input.write_all(format!("{line}\n").as_bytes()).expect("type into the console");
     }
 }
 

@@ -19,6 +19,11 @@ enum Outcome {
     Stopped(&'static str),
     /// Faults with this reason and is reset, again and again (`on_fault = "reset"`).
     Reset(&'static str),
+    /// Asks its platform to reboot through this mechanism and is reset, again and again (the
+    /// default `on_reboot = "reset"`), with no fault.
+    Rebooted(&'static str),
+    /// Powers itself off (ACPI S5): stopped, with no fault.
+    PoweredOff,
 }
 
 const STEADY_PCT: f64 = 30.0;
@@ -105,6 +110,20 @@ fn attack(name: &str, expected: Outcome) {
             assert!(faults.iter().all(|f| f["reason"] == reason && f["action"] == "reset"), "{faults:?}");
             assert_eq!(hostile["resets"].as_u64().unwrap(), run.all("partition_reset").len() as u64);
         }
+        Outcome::Rebooted(via) => {
+            assert!(faults.is_empty(), "{name}: a reboot is not a fault: {faults:?}");
+            let reboots = run.all("partition_reboot");
+            assert!(reboots.len() >= 3, "a tight reboot loop: {reboots:?}");
+            assert!(reboots.iter().all(|r| r["via"] == via && r["action"] == "reset"), "{reboots:?}");
+            assert_eq!(hostile["resets"].as_u64().unwrap(), run.all("partition_reset").len() as u64);
+            assert!(!survived, "{name} does not come back from a reboot");
+        }
+        Outcome::PoweredOff => {
+            assert!(faults.is_empty(), "{name}: a power-off is not a fault: {faults:?}");
+            assert_eq!(run.one("partition_poweroff")["partition"], "hostile");
+            assert_eq!(hostile["state"], "stopped", "{hostile}");
+            assert_eq!(run.one("run_end")["ended_early"], false, "on_poweroff defaults to \"stop\"");
+        }
     }
     // The well-behaved partition keeps running and keeps its share.
     e2e::assert_keeps_running(&run, "steady");
@@ -115,7 +134,8 @@ fn attack(name: &str, expected: Outcome) {
         "hostile {name}: {} ({} faults), steady {got:.2}% (baseline {baseline:.2}%, deviation {:+.2}%)",
         match expected {
             Outcome::Contained | Outcome::Stuck => "contained",
-            Outcome::Stopped(_) => "stopped",
+            Outcome::Stopped(_) | Outcome::PoweredOff => "stopped",
+            Outcome::Rebooted(_) => "reset",
             Outcome::Reset(_) => "reset",
         },
         faults.len(),
@@ -164,4 +184,7 @@ attacks! {
     string_instructions_on_the_lapic_are_refused: "string-mmio" => Outcome::Stopped("refused");
     locked_lapic_accesses_are_refused: "locked-mmio" => Outcome::Stopped("refused");
     memory_beyond_its_own_faults: "gpa-hole" => Outcome::Stopped("ept-violation");
+    a_reboot_through_0xcf9_resets_only_its_partition: "reboot-cf9" => Outcome::Rebooted("reset control (0xcf9)");
+    a_reboot_through_the_keyboard_controller_resets_only_its_partition: "reboot-kbd" => Outcome::Rebooted("keyboard controller");
+    a_power_off_stops_only_its_partition: "poweroff" => Outcome::PoweredOff;
 }

@@ -1,14 +1,21 @@
 //! What a partition sees through CPUID: the host's answers, minus what Phalanx does not give
-//! guests (VMX, MONITOR/MWAIT, XSAVE/AVX state it does not switch, TSC-deadline and x2APIC it
-//! does not virtualize), plus the hypervisor bit, a leaf naming Phalanx, the vCPU's own APIC
-//! ID, and the true TSC rate (leaves 0x15/0x16: emulators report a model's nominal rate, and a
-//! guest that believes it keeps the wrong time).
+//! guests (VMX, MONITOR/MWAIT, XSAVE/AVX state it does not switch, x2APIC it does not
+//! virtualize), plus the hypervisor bit, the TSC-deadline timer (emulated by `vlapic`), a leaf naming Phalanx, the vCPU's own APIC
+//! ID, an always-running APIC timer (ARAT), and the true TSC rate (leaves 0x15/0x16: emulators
+//! report a model's nominal rate, and a guest that believes it keeps the wrong time). Every
+//! feature bit left in stands for MSRs that work (`msr`): a bit whose MSRs Phalanx does not
+//! give is taken out, so a distribution kernel never meets a #GP it did not expect.
 
 /// CPUID.1:ECX bits.
+/// 64-bit debug store (its MSRs, with DS).
+const ECX_DTES64: u32 = 1 << 2;
 const ECX_MONITOR: u32 = 1 << 3;
 const ECX_VMX: u32 = 1 << 5;
 const ECX_SMX: u32 = 1 << 6;
 const ECX_EST: u32 = 1 << 7;
+/// Thermal monitor 2 and direct cache access: their MSRs are the host's.
+const ECX_TM2: u32 = 1 << 8;
+const ECX_DCA: u32 = 1 << 18;
 /// Perfmon and debug capability MSR (IA32_PERF_CAPABILITIES): no PMU is given to partitions.
 const ECX_PDCM: u32 = 1 << 15;
 const ECX_X2APIC: u32 = 1 << 21;
@@ -17,14 +24,29 @@ const ECX_XSAVE: u32 = 1 << 26;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_AVX: u32 = 1 << 28;
 const ECX_HYPERVISOR: u32 = 1 << 31;
-/// CPUID.1:EDX: debug store, thermal-monitor MSRs (ACPI), TM: hardware Phalanx does not give.
+/// CPUID.1:EDX: machine-check exception and architecture (their MSRs, MCG_CAP/MCG_STATUS and
+/// the banks, are not emulated: a kernel with MCE support panics on the #GP), debug store,
+/// thermal-monitor MSRs (ACPI), TM: hardware Phalanx does not give.
+const EDX_MCE: u32 = 1 << 7;
+const EDX_MCA: u32 = 1 << 14;
 const EDX_DS: u32 = 1 << 21;
 const EDX_ACPI_THERMAL: u32 = 1 << 22;
 const EDX_TM: u32 = 1 << 29;
-/// CPUID.7.0:EBX: IA32_TSC_ADJUST (not emulated), and bits needing XSAVE state: AVX2, AVX-512F.
+/// CPUID.7.0:EBX: IA32_TSC_ADJUST (emulated, fixed at 0: `msr`), and bits needing XSAVE
+/// state: AVX2, AVX-512F.
 const EBX7_TSC_ADJUST: u32 = 1 << 1;
 const EBX7_AVX2: u32 = 1 << 5;
 const EBX7_AVX512F: u32 = 1 << 16;
+/// CPUID.7.0: features whose MSRs are not emulated: SGX, MPX (BNDCFGS, and XSAVE state),
+/// Intel PT (EBX); WAITPKG (UMWAIT_CONTROL), CET shadow stacks (ECX); CET IBT, and the
+/// speculation controls (SPEC_CTRL, PRED_CMD, FLUSH_CMD, ARCH_CAPABILITIES,
+/// CORE_CAPABILITIES, SSBD) (EDX). Linux then uses retpolines and software mitigations.
+const EBX7_HIDDEN: u32 = (1 << 2) | (1 << 14) | (1 << 25);
+const ECX7_HIDDEN: u32 = (1 << 5) | (1 << 7);
+const EDX7_HIDDEN: u32 = (1 << 20) | (0b11_1111 << 26);
+
+/// CPUID.6:EAX: the APIC timer always runs.
+const EAX6_ARAT: u32 = 1 << 2;
 
 /// Leaf 0x4000_0000: max hypervisor leaf and the 12-byte vendor signature.
 pub const HYPERVISOR_LEAF: u32 = 0x4000_0000;
@@ -62,23 +84,32 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidResult, cpu: &GuestCpu) -> Cpu
         0 => r.eax = r.eax.max(0x16),
         1 => {
             r.ecx &= !(ECX_VMX
+                | ECX_DTES64
+                | ECX_TM2
+                | ECX_DCA
                 | ECX_SMX
                 | ECX_MONITOR
                 | ECX_EST
                 | ECX_PDCM
                 | ECX_X2APIC
-                | ECX_TSC_DEADLINE
                 | ECX_XSAVE
                 | ECX_OSXSAVE
                 | ECX_AVX);
-            r.ecx |= ECX_HYPERVISOR;
-            r.edx &= !(EDX_DS | EDX_ACPI_THERMAL | EDX_TM);
+            r.ecx |= ECX_HYPERVISOR | ECX_TSC_DEADLINE;
+            r.edx &= !(EDX_MCE | EDX_MCA | EDX_DS | EDX_ACPI_THERMAL | EDX_TM);
             r.ebx = (r.ebx & 0x00FF_FFFF) | ((apic_id as u32) << 24);
         }
-        // MONITOR/MWAIT, power management and the architectural PMU: absent.
-        5 | 6 | 0xA => r = CpuidResult::default(),
+        // MONITOR/MWAIT and the architectural PMU: absent.
+        5 | 0xA => r = CpuidResult::default(),
+        // Power management: only ARAT, the LAPIC timer runs in every idle state (it is the
+        // hypervisor's, on the TSC). With it and the frequencies of leaves 0x15/0x16, Linux
+        // needs no PIT: it neither calibrates against one nor routes its timer through one.
+        6 => r = CpuidResult { eax: EAX6_ARAT, ..CpuidResult::default() },
         7 if subleaf == 0 => {
-            r.ebx &= !(EBX7_TSC_ADJUST | EBX7_AVX2 | EBX7_AVX512F);
+            r.ebx &= !(EBX7_AVX2 | EBX7_AVX512F | EBX7_HIDDEN);
+            r.ebx |= EBX7_TSC_ADJUST;
+            r.ecx &= !ECX7_HIDDEN;
+            r.edx &= !EDX7_HIDDEN;
             if !cpu.invpcid {
                 r.ebx &= !EBX7_INVPCID;
             }
@@ -132,10 +163,13 @@ mod tests {
         let r = filter(1, 0, HOST_LEAF1, &cpu(3));
         assert_eq!(r.ecx & ECX_VMX, 0);
         assert_ne!(r.ecx & ECX_HYPERVISOR, 0);
-        assert_eq!(r.ecx & (ECX_MONITOR | ECX_XSAVE | ECX_AVX | ECX_TSC_DEADLINE | ECX_X2APIC), 0);
+        assert_eq!(r.ecx & (ECX_MONITOR | ECX_XSAVE | ECX_AVX | ECX_X2APIC), 0);
+        let bare = filter(1, 0, CpuidResult::default(), &cpu(0));
+        assert_ne!(bare.ecx & ECX_TSC_DEADLINE, 0, "the TSC-deadline timer is emulated, whatever the host has");
         assert_eq!(r.ebx >> 24, 3, "initial APIC ID is the vCPU's");
         assert_eq!(r.ebx & 0xFF_FFFF, HOST_LEAF1.ebx & 0xFF_FFFF);
-        assert_eq!(r.edx, HOST_LEAF1.edx & !(EDX_DS | EDX_ACPI_THERMAL | EDX_TM), "no thermal or debug-store MSRs");
+        let hidden = EDX_MCE | EDX_MCA | EDX_DS | EDX_ACPI_THERMAL | EDX_TM;
+        assert_eq!(r.edx, HOST_LEAF1.edx & !hidden, "no machine-check, thermal or debug-store MSRs");
     }
 
     #[test]
@@ -157,8 +191,18 @@ mod tests {
         let calibrated = GuestCpu { tsc_hz: 9_999_512, ..cpu(0) };
         assert_eq!(filter(0x16, 0, CpuidResult::default(), &calibrated).eax, 10, "rounded, not truncated");
         assert!(filter(0, 0, CpuidResult { eax: 0xD, ..Default::default() }, &cpu(0)).eax >= 0x16);
+        let all = CpuidResult { eax: u32::MAX, ebx: u32::MAX, ecx: u32::MAX, edx: u32::MAX };
+        let leaf6 = filter(6, 0, all, &cpu(0));
+        assert_eq!(leaf6, CpuidResult { eax: EAX6_ARAT, ..Default::default() }, "ARAT only: no PIT needed");
         let leaf7 = filter(7, 0, CpuidResult { ebx: u32::MAX, ..Default::default() }, &cpu(0));
-        assert_eq!(leaf7.ebx & (EBX7_TSC_ADJUST | EBX7_AVX2 | EBX7_AVX512F), 0);
+        assert_eq!(leaf7.ebx & (EBX7_AVX2 | EBX7_AVX512F), 0);
+        let leaf7 = filter(7, 0, CpuidResult::default(), &cpu(0));
+        assert_ne!(leaf7.ebx & EBX7_TSC_ADJUST, 0, "TSC_ADJUST, emulated, whatever the host says");
+        let leaf7 = filter(7, 0, all, &cpu(0));
+        assert_eq!(leaf7.edx & (1 << 29), 0, "no ARCH_CAPABILITIES MSR");
+        assert_eq!(leaf7.edx & (1 << 26), 0, "no SPEC_CTRL / PRED_CMD MSRs");
+        assert_eq!((leaf7.ebx & EBX7_HIDDEN, leaf7.ecx & ECX7_HIDDEN, leaf7.edx & EDX7_HIDDEN), (0, 0, 0));
+        assert_ne!(leaf7.edx & (1 << 10), 0, "MD_CLEAR (VERW) needs no MSR: kept");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The devices a partition's vCPUs share, and the exits that reach them: its COM1
-//! (`vuart`) with the interrupt line into its IO-APIC (`vioapic`), the IO-APIC's MMIO window,
+//! (`vuart`) with the interrupt line into its IO-APIC (`vioapic`), the PC platform devices
+//! (`platform`: PICs, RTC, PCI host bridge, ACPI power and reset), the IO-APIC's MMIO window,
 //! each vCPU's xAPIC MMIO page (`vlapic`, decoded with `mmio`), and the routing of IPIs and
 //! start-ups between sibling vCPUs. Shared between the pCPUs that run the siblings: each
 //! sibling's pending IPIs and start-up vector are lock-free sets its own pCPU takes before it
@@ -18,6 +19,7 @@ use spin::Mutex;
 
 use crate::exit::IoAccess;
 use crate::mmio::{self, MmioAccess, MmioOperation};
+use crate::platform::{PlatformDevices, PowerRequest, WallClock};
 use crate::vcpu_access::{gpr, VcpuAccess};
 use crate::vioapic::{VirtualIoApic, IOAPIC_BASE_ADDRESS};
 use crate::vlapic::{reg, Destination, IcrCommand, VirtualLapic};
@@ -68,11 +70,14 @@ pub struct DeviceEffects {
     pub console: Option<u8>,
     /// An IPI Phalanx does not deliver (NMI, SMI, ...), for a warning.
     pub unsupported_ipi: Option<IcrCommand>,
+    /// The guest asked for a reset or a power-off.
+    pub power: Option<PowerRequest>,
 }
 
 pub struct PartitionDevices {
     vcpus: u32,
     uart: Mutex<VirtualUart>,
+    platform: Mutex<PlatformDevices>,
     ioapic: Mutex<VirtualIoApic>,
     /// The UART's interrupt line as last seen (interrupts are its rising edges).
     uart_line: AtomicBool,
@@ -89,11 +94,12 @@ pub struct PartitionDevices {
 
 impl PartitionDevices {
     /// Devices for `vcpus` vCPUs; `all_started`: every vCPU runs from power-on (else only
-    /// vCPU 0 does and the others wait for a start-up IPI).
-    pub fn new(vcpus: u32, ioapic_id: u8, all_started: bool) -> Self {
+    /// vCPU 0 does and the others wait for a start-up IPI); `clock`: the time of day.
+    pub fn new(vcpus: u32, ioapic_id: u8, all_started: bool, clock: WallClock) -> Self {
         let devices = PartitionDevices {
             vcpus,
             uart: Mutex::new(VirtualUart::new()),
+            platform: Mutex::new(PlatformDevices::new(clock)),
             ioapic: Mutex::new(VirtualIoApic::new(ioapic_id)),
             uart_line: AtomicBool::new(false),
             pending_ipis: (0..vcpus).map(|_| [const { AtomicU64::new(0) }; 4]).collect(),
@@ -105,12 +111,15 @@ impl PartitionDevices {
         devices
     }
 
-    /// Which vCPUs run after a reset (see `new`). The devices' registers keep what the guest
-    /// last programmed: it reinitialises them when it boots.
+    /// Which vCPUs run after a reset (see `new`); the platform devices return to their
+    /// power-on state (a reboot finds its PICs masked and its power control idle). The UART
+    /// and IO-APIC keep what the guest last programmed: it reinitialises them when it boots.
     pub fn power_on(&self, all_started: bool) {
         for (v, started) in self.started.iter().enumerate() {
             started.store(all_started || v == 0, Ordering::Release);
         }
+        let mut platform = self.platform.lock();
+        *platform = PlatformDevices::new(platform.clock());
     }
 
     pub fn is_started(&self, vcpu: u32) -> bool {
@@ -144,21 +153,35 @@ impl PartitionDevices {
         }
     }
 
-    /// IN/OUT by vCPU `vcpu` (whose LAPIC is `lapic`): COM1, or absent hardware elsewhere.
-    /// String I/O is not emulated (`Err`).
+    /// IN/OUT by vCPU `vcpu` (whose LAPIC is `lapic`) at TSC `now`: COM1, the platform
+    /// devices, or absent hardware elsewhere. String I/O is not emulated (`Err`).
     pub fn port_io(
         &self,
         cpu: &mut impl VcpuAccess,
         vcpu: u32,
         lapic: &mut VirtualLapic,
         access: IoAccess,
+        now: u64,
     ) -> Result<DeviceEffects, String> {
         if access.string || access.rep {
             return Err(format!("string I/O on port {:#x} is not emulated", access.port));
         }
         let mut effects = DeviceEffects::default();
         if !(COM1..COM1 + 8).contains(&access.port) {
-            crate::emulate::absent_port(cpu, access);
+            if PlatformDevices::claims(access.port) {
+                let mut platform = self.platform.lock();
+                if access.input {
+                    let value = platform.read(access.port, access.size, now).unwrap_or(u32::MAX);
+                    let rax = cpu.gpr(gpr::RAX);
+                    cpu.set_gpr(gpr::RAX, crate::emulate::in_result(rax, access.size, value as u64));
+                } else {
+                    let value = cpu.gpr(gpr::RAX) as u32;
+                    effects.power = platform.write(access.port, access.size, value).flatten();
+                }
+                cpu.skip_instruction();
+            } else {
+                crate::emulate::absent_port(cpu, access);
+            }
             return Ok(effects);
         }
         let offset = access.port - COM1;
@@ -181,6 +204,28 @@ impl PartitionDevices {
         }
         cpu.skip_instruction();
         Ok(effects)
+    }
+
+    /// Bytes typed at the host's console for this partition, into its COM1's receiver: how
+    /// many it took (the rest did not fit its queue) and which vCPUs must look at the
+    /// interrupt it raised now.
+    pub fn receive_console(&self, bytes: &[u8]) -> (usize, Kicks) {
+        let (taken, interrupt) = {
+            let mut uart = self.uart.lock();
+            let taken = bytes.iter().take_while(|&&b| uart.receive(b)).count();
+            (taken, uart.interrupt())
+        };
+        let mut effects = DeviceEffects::default();
+        if !self.uart_line.swap(interrupt, Ordering::AcqRel) && interrupt {
+            if let Some((vector, destination)) = self.ioapic.lock().assert_pin(COM1_IRQ) {
+                let command = IcrCommand::Fixed { vector, destination };
+                // No vCPU sends it: every target takes it from its pending set.
+                for target in self.targets(u32::MAX, command) {
+                    self.post(target, vector, &mut effects);
+                }
+            }
+        }
+        (taken, effects.kicks)
     }
 
     /// An access to guest-physical `gpa` the EPT does not map, by vCPU `vcpu`: `None` when no
@@ -271,10 +316,15 @@ impl PartitionDevices {
             if target == sender {
                 lapic.accept(vector);
             } else {
-                self.pending_ipis[target as usize][vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::AcqRel);
-                effects.kicks.add(target);
+                self.post(target, vector, effects);
             }
         }
+    }
+
+    /// `vector` into `target`'s pending set, for its pCPU to take (with a kick).
+    fn post(&self, target: u32, vector: u8, effects: &mut DeviceEffects) {
+        self.pending_ipis[target as usize][vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::AcqRel);
+        effects.kicks.add(target);
     }
 
     /// The vCPUs `command` from `sender` addresses (APIC ID = vCPU index; logical IDs as each
@@ -333,4 +383,4 @@ fn decode_device_access(cpu: &impl VcpuAccess, gpa: u64) -> Result<MmioAccess, S
 
 #[cfg(test)]
 #[path = "devices_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -5,6 +5,8 @@ use super::*;
 use crate::vcpu_access::{gpr, MockVcpu};
 
 const CODE: u64 = 0x8000;
+/// The time of day every test partition starts from.
+pub(crate) const CLOCK: WallClock = WallClock { unix_seconds_at_tsc_zero: 0, tsc_hz: 10_000_000 };
 const PAGE_TABLES: u64 = 0x10_0000;
 
 /// A vCPU of a partition with 2 MiB of memory, paging on, and `code` at RIP.
@@ -40,12 +42,12 @@ fn out(devices: &PartitionDevices, lapic: &mut VirtualLapic, port: u16, value: u
     let mut cpu = MockVcpu { instruction_length: 1, ..MockVcpu::default() };
     cpu.gprs[gpr::RAX as usize] = value as u64;
     let access = IoAccess { port, size: 1, input: false, string: false, rep: false };
-    devices.port_io(&mut cpu, 0, lapic, access).unwrap()
+    devices.port_io(&mut cpu, 0, lapic, access, 0).unwrap()
 }
 
 #[test]
 fn a_com1_byte_reaches_the_console_and_its_interrupt_the_routed_sibling() {
-    let devices = PartitionDevices::new(2, 2, true);
+    let devices = PartitionDevices::new(2, 2, true, CLOCK);
     let mut l = lapics(2);
     // IO-APIC pin 4 -> vector 0x24, physical destination vCPU 1 (as Linux programs it).
     store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x10 + 2 * COM1_IRQ as u32);
@@ -66,7 +68,7 @@ fn a_com1_byte_reaches_the_console_and_its_interrupt_the_routed_sibling() {
 
 #[test]
 fn logical_fixed_ipis_fan_out_to_every_addressed_sibling_and_self() {
-    let devices = PartitionDevices::new(3, 3, true);
+    let devices = PartitionDevices::new(3, 3, true, CLOCK);
     let mut l = lapics(3);
     for v in 0..3u32 {
         // Flat logical model: vCPU v answers to bit v.
@@ -87,7 +89,7 @@ fn logical_fixed_ipis_fan_out_to_every_addressed_sibling_and_self() {
 
 #[test]
 fn a_startup_ipi_starts_a_waiting_sibling_once() {
-    let devices = PartitionDevices::new(2, 2, false);
+    let devices = PartitionDevices::new(2, 2, false, CLOCK);
     assert!(devices.is_started(0) && !devices.is_started(1));
     let mut l = lapics(2);
     store(&devices, &mut l[0], 0, LAPIC_PAGE + reg::ICR_HIGH as u64, 1 << 24);
@@ -105,7 +107,7 @@ fn a_startup_ipi_starts_a_waiting_sibling_once() {
 
 #[test]
 fn lapic_reads_zero_extend_32_bit_and_merge_narrower_loads() {
-    let devices = PartitionDevices::new(1, 1, true);
+    let devices = PartitionDevices::new(1, 1, true, CLOCK);
     let mut lapic = VirtualLapic::new(0);
     // mov eax, [rax]
     let mut cpu = vcpu_running(&[0x8B, 0x00]);
@@ -122,7 +124,7 @@ fn lapic_reads_zero_extend_32_bit_and_merge_narrower_loads() {
 
 #[test]
 fn other_memory_is_no_device_and_undecodable_instructions_are_refused() {
-    let devices = PartitionDevices::new(1, 1, true);
+    let devices = PartitionDevices::new(1, 1, true, CLOCK);
     let mut lapic = VirtualLapic::new(0);
     let mut cpu = vcpu_running(&[0x89, 0x08]);
     assert!(devices.mmio(&mut cpu, 0, &mut lapic, 0x4000_0000, 0).is_none());
@@ -138,17 +140,63 @@ fn other_memory_is_no_device_and_undecodable_instructions_are_refused() {
 
 #[test]
 fn string_io_is_refused_and_absent_ports_float_high() {
-    let devices = PartitionDevices::new(1, 1, true);
+    let devices = PartitionDevices::new(1, 1, true, CLOCK);
     let mut lapic = VirtualLapic::new(0);
     let mut cpu = MockVcpu::default();
     let string = IoAccess { port: COM1, size: 1, input: false, string: true, rep: true };
-    assert!(devices.port_io(&mut cpu, 0, &mut lapic, string).is_err());
+    assert!(devices.port_io(&mut cpu, 0, &mut lapic, string, 0).is_err());
     let read = IoAccess { port: 0x61, size: 1, input: true, string: false, rep: false };
-    devices.port_io(&mut cpu, 0, &mut lapic, read).unwrap();
+    devices.port_io(&mut cpu, 0, &mut lapic, read, 0).unwrap();
     assert_eq!(cpu.gprs[gpr::RAX as usize], 0xFF);
     // The UART's scratch register reads back what was written.
     out(&devices, &mut lapic, COM1 + 7, 0x5A);
     let scratch = IoAccess { port: COM1 + 7, size: 1, input: true, string: false, rep: false };
-    devices.port_io(&mut cpu, 0, &mut lapic, scratch).unwrap();
+    devices.port_io(&mut cpu, 0, &mut lapic, scratch, 0).unwrap();
     assert_eq!(cpu.gprs[gpr::RAX as usize] & 0xFF, 0x5A);
+}
+
+#[test]
+fn console_input_reaches_com1_and_its_interrupt_the_routed_vcpu() {
+    let devices = PartitionDevices::new(2, 2, true, CLOCK);
+    let mut l = lapics(2);
+    // IO-APIC pin 4 -> vector 0x24, physical destination vCPU 1; the guest enables the
+    // received-data interrupt.
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x10 + 2 * COM1_IRQ as u32);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 0x24);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x11 + 2 * COM1_IRQ as u32);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 1 << 24);
+    out(&devices, &mut l[0], COM1 + 1, 0x01);
+    let (taken, kicks) = devices.receive_console(b"ls\n");
+    assert_eq!((taken, kicks.iter().collect::<Vec<_>>()), (3, vec![1]), "vCPU 1's pCPU must look at it");
+    devices.take_ipis(1, &mut l[1]);
+    assert_eq!(l[1].deliverable(), Some(0x24));
+    // More input while the line is up raises no second edge.
+    assert!(devices.receive_console(b"x").1.is_empty());
+    let mut cpu = MockVcpu { instruction_length: 1, ..MockVcpu::default() };
+    let read = IoAccess { port: COM1, size: 1, input: true, string: false, rep: false };
+    let typed: Vec<u8> = (0..4)
+        .map(|_| {
+            devices.port_io(&mut cpu, 1, &mut l[1], read, 0).unwrap();
+            cpu.gprs[gpr::RAX as usize] as u8
+        })
+        .collect();
+    assert_eq!(typed, b"ls\nx");
+}
+
+#[test]
+fn platform_ports_are_emulated_and_a_reset_comes_back_as_a_power_request() {
+    let devices = PartitionDevices::new(1, 1, true, CLOCK);
+    let mut lapic = VirtualLapic::new(0);
+    out(&devices, &mut lapic, 0x21, 0xFB);
+    let mut cpu = MockVcpu { instruction_length: 1, ..MockVcpu::default() };
+    let read = IoAccess { port: 0x21, size: 1, input: true, string: false, rep: false };
+    devices.port_io(&mut cpu, 0, &mut lapic, read, 0).unwrap();
+    assert_eq!(cpu.gprs[gpr::RAX as usize] & 0xFF, 0xFB, "the PIC keeps its mask");
+    let effects = out(&devices, &mut lapic, 0xCF9, 0x06);
+    assert!(matches!(effects.power, Some(PowerRequest::Reset { .. })), "{effects:?}");
+    assert_eq!(out(&devices, &mut lapic, 0x21, 0x00).power, None);
+    // A reset brings the platform back to power-on: the PICs masked again.
+    devices.power_on(true);
+    devices.port_io(&mut cpu, 0, &mut lapic, read, 0).unwrap();
+    assert_eq!(cpu.gprs[gpr::RAX as usize] & 0xFF, 0xFF);
 }

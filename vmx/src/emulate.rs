@@ -6,12 +6,13 @@ use crate::cpuid::{self, CpuidResult};
 use crate::exit::IoAccess;
 use crate::msr::{self, MsrAccess, EFER_LMA, IA32_EFER};
 use crate::vcpu_access::{gpr, VcpuAccess};
+use crate::vlapic::VirtualLapic;
 
 const EXCEPTION_GP: u8 = 13;
 
 /// RDMSR/WRMSR of an MSR the bitmap does not pass through (`vmx::msr` decides which) by vCPU
 /// `vcpu`; `tsc` is the time stamp counter now. A refused access gets #GP and RIP stays.
-pub fn msr_access(cpu: &mut impl VcpuAccess, write: bool, vcpu: u32, tsc: u64) {
+pub fn msr_access(cpu: &mut impl VcpuAccess, write: bool, vcpu: u32, tsc: u64, lapic: &mut VirtualLapic) {
     let index = cpu.gpr(gpr::RCX) as u32;
     let value = (cpu.gpr(gpr::RDX) << 32) | (cpu.gpr(gpr::RAX) & 0xFFFF_FFFF);
     let read = match (msr::access(index, vcpu), write) {
@@ -19,9 +20,19 @@ pub fn msr_access(cpu: &mut impl VcpuAccess, write: bool, vcpu: u32, tsc: u64) {
             cpu.inject_exception(EXCEPTION_GP, Some(0));
             return;
         }
-        (MsrAccess::Constant(v), false) => v,
+        (MsrAccess::Fixed(fixed), true) if value != fixed => {
+            cpu.inject_exception(EXCEPTION_GP, Some(0));
+            return;
+        }
+        (MsrAccess::Constant(v) | MsrAccess::Fixed(v), false) => v,
+        (MsrAccess::Fixed(_), true) => 0,
         (MsrAccess::Constant(_), true) => 0,
         (MsrAccess::TimeStampCounter, false) => tsc,
+        (MsrAccess::TscDeadline, false) => lapic.tsc_deadline(),
+        (MsrAccess::TscDeadline, true) => {
+            lapic.set_tsc_deadline(value);
+            0
+        }
         (MsrAccess::VmcsField(field), false) => cpu.read_field(field),
         (MsrAccess::VmcsField(field), true) => {
             let paging = cpu.read_field(x86::vmx::vmcs::guest::CR0) & (1 << 31) != 0;
@@ -126,7 +137,7 @@ mod tests {
         cpu.fields.insert(guest::IA32_EFER_FULL, 0x500); // LME | LMA
         cpu.gprs[gpr::RCX as usize] = IA32_EFER as u64;
         cpu.gprs[gpr::RAX as usize] = 0x901; // SCE | LME | NXE, LMA clear
-        msr_access(&mut cpu, true, 0, 0);
+        msr_access(&mut cpu, true, 0, 0, &mut VirtualLapic::new(0));
         assert_eq!(cpu.fields[&guest::IA32_EFER_FULL], 0xD01, "LMA stays as the CPU set it");
         assert_eq!(cpu.rip, 0x1002);
     }
@@ -136,10 +147,45 @@ mod tests {
         for (msr, write) in [(0xC001_0000u32, false), (msr::IA32_TSC, true)] {
             let mut cpu = cpu_at(0x1000, 2);
             cpu.gprs[gpr::RCX as usize] = msr as u64;
-            msr_access(&mut cpu, write, 0, 0);
+            msr_access(&mut cpu, write, 0, 0, &mut VirtualLapic::new(0));
             assert_eq!(cpu.injected, [(EXCEPTION_GP, Some(0))], "{msr:#x}");
             assert_eq!(cpu.rip, 0x1000, "a faulting instruction is not skipped");
         }
+    }
+
+    #[test]
+    fn tsc_adjust_reads_zero_and_only_zero_can_be_written() {
+        let access = |write: bool, value: u64| {
+            let mut cpu = cpu_at(0x1000, 2);
+            cpu.gprs[gpr::RCX as usize] = msr::IA32_TSC_ADJUST as u64;
+            cpu.gprs[gpr::RAX as usize] = value;
+            cpu.gprs[gpr::RDX as usize] = if write { 0 } else { u64::MAX };
+            msr_access(&mut cpu, write, 0, 0, &mut VirtualLapic::new(0));
+            cpu
+        };
+        let read = access(false, u64::MAX);
+        assert_eq!((read.gprs[gpr::RDX as usize], read.gprs[gpr::RAX as usize], read.rip), (0, 0, 0x1002));
+        let write_zero = access(true, 0);
+        assert!(write_zero.injected.is_empty() && write_zero.rip == 0x1002, "writing 0 again is fine");
+        let adjust = access(true, 5);
+        assert_eq!((adjust.injected.as_slice(), adjust.rip), (&[(EXCEPTION_GP, Some(0))][..], 0x1000), "no offsetting");
+    }
+
+    #[test]
+    fn the_tsc_deadline_msr_arms_the_vcpus_lapic_timer() {
+        let mut lapic = VirtualLapic::new(0);
+        lapic.write(crate::vlapic::reg::SVR, 0x1FF, 0);
+        lapic.write(crate::vlapic::reg::LVT_TIMER, (0b10 << 17) | 0xEC, 0);
+        let mut cpu = cpu_at(0x1000, 2);
+        cpu.gprs[gpr::RCX as usize] = msr::IA32_TSC_DEADLINE as u64;
+        cpu.gprs[gpr::RDX as usize] = 1;
+        cpu.gprs[gpr::RAX as usize] = 0x2345;
+        msr_access(&mut cpu, true, 0, 0, &mut lapic);
+        assert_eq!((lapic.timer_deadline(), cpu.rip), (Some(0x1_0000_2345), 0x1002));
+        let mut cpu = cpu_at(0x1000, 2);
+        cpu.gprs[gpr::RCX as usize] = msr::IA32_TSC_DEADLINE as u64;
+        msr_access(&mut cpu, false, 0, 0, &mut lapic);
+        assert_eq!((cpu.gprs[gpr::RDX as usize], cpu.gprs[gpr::RAX as usize]), (1, 0x2345));
     }
 
     #[test]
@@ -147,13 +193,13 @@ mod tests {
         let mut cpu = cpu_at(0, 2);
         cpu.gprs[gpr::RCX as usize] = msr::IA32_TSC as u64;
         cpu.gprs[gpr::RAX as usize] = u64::MAX;
-        msr_access(&mut cpu, false, 0, 0x1234_5678_9ABC_DEF0);
+        msr_access(&mut cpu, false, 0, 0x1234_5678_9ABC_DEF0, &mut VirtualLapic::new(0));
         assert_eq!((cpu.gprs[gpr::RDX as usize], cpu.gprs[gpr::RAX as usize]), (0x1234_5678, 0x9ABC_DEF0));
         // The APIC base says which vCPU is the boot processor.
         let bsp = |vcpu| {
             let mut cpu = cpu_at(0, 2);
             cpu.gprs[gpr::RCX as usize] = msr::IA32_APIC_BASE as u64;
-            msr_access(&mut cpu, false, vcpu, 0);
+            msr_access(&mut cpu, false, vcpu, 0, &mut VirtualLapic::new(0));
             cpu.gprs[gpr::RAX as usize] & (1 << 8) != 0
         };
         assert!(bsp(0) && !bsp(1));

@@ -80,7 +80,7 @@ fn random_vcpu(rng: &mut Rng) -> MockVcpu {
 
 #[test]
 fn fuzz_device_memory_accesses() {
-    let devices = PartitionDevices::new(4, 4, true);
+    let devices = PartitionDevices::new(4, 4, true, crate::devices::tests::CLOCK);
     let mut lapics: Vec<VirtualLapic> = (0..4).map(VirtualLapic::new).collect();
     let (mut emulated, mut refused) = (0u64, 0u64);
     let report = run("mmio", SECONDS, 2_000, |rng| {
@@ -113,18 +113,24 @@ fn fuzz_device_memory_accesses() {
 
 #[test]
 fn fuzz_port_io() {
-    let devices = PartitionDevices::new(2, 2, true);
+    let devices = PartitionDevices::new(2, 2, true, crate::devices::tests::CLOCK);
     let mut lapics: Vec<VirtualLapic> = (0..2).map(VirtualLapic::new).collect();
     let report = run("port-io", SECONDS, 2_000, |rng| {
         let mut cpu = MockVcpu { instruction_length: 1 + rng.below(3), ..MockVcpu::default() };
         cpu.gprs[gpr::RAX as usize] = rng.u64();
-        // COM1's ports often: that is where the state is.
+        // COM1's and the platform devices' ports often: that is where the state is.
+        const PLATFORM: [u64; 16] =
+            [0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x64, 0x70, 0x71, 0xCF8, 0xCF9, 0xCFC, 0xCFE, 0x600, 0x602, 0x604, 0x608];
         let qualification = rng.u64() & 0xFFFF_0000_003F;
-        let qualification =
-            if rng.chance(50) { (qualification & 0x3F) | (0x3F8 + rng.below(8)) << 16 } else { qualification };
+        let port = match rng.below(4) {
+            0 | 1 => Some(0x3F8 + rng.below(8)),
+            2 => Some(PLATFORM[rng.below(PLATFORM.len() as u64) as usize]),
+            _ => None,
+        };
+        let qualification = port.map_or(qualification, |port| (qualification & 0x3F) | port << 16);
         let access = IoAccess::decode(qualification);
         let vcpu = rng.below(2) as u32;
-        match devices.port_io(&mut cpu, vcpu, &mut lapics[vcpu as usize], access) {
+        match devices.port_io(&mut cpu, vcpu, &mut lapics[vcpu as usize], access, rng.u64()) {
             Ok(_) if cpu.rip != cpu.instruction_length => Err("emulated, but RIP did not move past it".into()),
             Err(_) if !(access.string || access.rep) => Err(format!("{access:?} refused")),
             _ => Ok(()),

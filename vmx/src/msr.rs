@@ -15,6 +15,8 @@ pub const SWITCHED: [u32; 6] = [
 
 pub const IA32_TSC: u32 = 0x10;
 pub const IA32_APIC_BASE: u32 = 0x1B;
+pub const IA32_TSC_ADJUST: u32 = 0x3B;
+pub const IA32_TSC_DEADLINE: u32 = 0x6E0;
 /// Microcode signature: written with 0 before CPUID, then read back.
 pub const IA32_BIOS_SIGN_ID: u32 = 0x8B;
 pub const IA32_MTRRCAP: u32 = 0xFE;
@@ -44,8 +46,12 @@ pub enum MsrAccess {
     Constant(u64),
     /// A VMCS guest-state field (the VMCS encoding), read and written there.
     VmcsField(u32),
+    /// A value the guest cannot change: writing it again is accepted, any other value is #GP.
+    Fixed(u64),
     /// The time stamp counter (reads return RDTSC; writes are refused: no TSC offsetting).
     TimeStampCounter,
+    /// The vCPU's LAPIC timer deadline (`vlapic`, TSC-deadline mode).
+    TscDeadline,
     /// Not available to partitions: #GP.
     Refused,
 }
@@ -62,6 +68,12 @@ pub fn access(msr: u32, vcpu: u32) -> MsrAccess {
         IA32_SYSENTER_ESP => MsrAccess::VmcsField(guest::IA32_SYSENTER_ESP),
         IA32_SYSENTER_EIP => MsrAccess::VmcsField(guest::IA32_SYSENTER_EIP),
         IA32_TSC => MsrAccess::TimeStampCounter,
+        // Every guest TSC is the host's (no offsetting): its adjustment is 0 and stays 0. With
+        // TSC_ADJUST in CPUID (and an invariant TSC), Linux trusts the TSC without a
+        // clocksource watchdog, which would otherwise compare it with jiffies that lag while
+        // the partition is off its pCPUs. Linux writes it only when it finds it non-zero.
+        IA32_TSC_ADJUST => MsrAccess::Fixed(0),
+        IA32_TSC_DEADLINE => MsrAccess::TscDeadline,
         IA32_APIC_BASE => {
             MsrAccess::Constant(APIC_BASE_ADDRESS | APIC_BASE_ENABLE | if vcpu == 0 { APIC_BASE_BSP } else { 0 })
         }
@@ -135,12 +147,14 @@ mod tests {
         assert_eq!(access(IA32_PAT, 0), MsrAccess::VmcsField(x86::vmx::vmcs::guest::IA32_PAT_FULL));
         assert_eq!(access(IA32_MTRRCAP, 0), MsrAccess::Constant(0));
         assert_eq!(access(IA32_TSC, 0), MsrAccess::TimeStampCounter);
+        assert_eq!(access(IA32_TSC_DEADLINE, 1), MsrAccess::TscDeadline);
+        assert_eq!(access(IA32_TSC_ADJUST, 0), MsrAccess::Fixed(0));
         assert_eq!(access(IA32_BIOS_SIGN_ID, 0), MsrAccess::Constant(0));
     }
 
     #[test]
     fn everything_else_is_refused_including_vmx_and_the_hosts_own() {
-        for msr in [0x3A, 0x480, 0x48D, 0x6E0, 0x199, 0xE7, 0xE8] {
+        for msr in [0x3A, 0x480, 0x48D, 0x179, 0x17A, 0x48, 0x10A, 0x199, 0xE7, 0xE8] {
             assert_eq!(access(msr, 0), MsrAccess::Refused, "MSR {msr:#x}");
         }
     }

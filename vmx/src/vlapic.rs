@@ -1,7 +1,8 @@
 //! A partition vCPU's local APIC in xAPIC (MMIO) mode: the register file, the timer (counting
-//! at the TSC rate CPUID 0x15 reports as the crystal, divided), interrupt acceptance by
-//! priority, EOI, and the interrupt-command register turned into commands for the hypervisor.
-//! Pure: time is a TSC value the caller passes in.
+//! at the TSC rate CPUID 0x15 reports as the crystal, divided; or, in TSC-deadline mode, armed
+//! through IA32_TSC_DEADLINE, a WRMSR exit instead of a decoded MMIO write), interrupt
+//! acceptance by priority, EOI, and the interrupt-command register turned into commands for the
+//! hypervisor. Pure: time is a TSC value the caller passes in (the guest's TSC is the host's).
 
 /// Register offsets in the 4 KiB xAPIC page.
 pub mod reg {
@@ -35,6 +36,9 @@ pub mod reg {
 
 const LVT_MASKED: u32 = 1 << 16;
 const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+/// The LVT timer's mode field (bits 17-18) and its TSC-deadline value.
+const LVT_TIMER_MODE: u32 = 0b11 << 17;
+const LVT_TIMER_TSC_DEADLINE: u32 = 0b10 << 17;
 const SVR_ENABLED: u32 = 1 << 8;
 /// Version 0x14 (integrated APIC), 6 LVT entries (max LVT index 5).
 const VERSION_VALUE: u32 = 0x0005_0014;
@@ -185,6 +189,7 @@ impl VirtualLapic {
             reg::ICR_LOW => self.icr_low & !(1 << 12), // delivery status: always idle
             reg::ICR_HIGH => self.icr_high,
             reg::TIMER_INITIAL => self.timer_initial,
+            reg::TIMER_CURRENT if self.tsc_deadline_mode() => 0,
             reg::TIMER_CURRENT => match self.timer_deadline {
                 Some(deadline) if deadline > now => ((deadline - now) / self.divisor()).min(u32::MAX as u64) as u32,
                 _ => 0,
@@ -220,6 +225,8 @@ impl VirtualLapic {
                 self.icr_low = value;
                 return Some(self.icr_command());
             }
+            // In TSC-deadline mode the initial count is not used (SDM 10.5.4.1).
+            reg::TIMER_INITIAL if self.tsc_deadline_mode() => {}
             reg::TIMER_INITIAL => {
                 self.timer_initial = value;
                 self.timer_start = now;
@@ -229,7 +236,15 @@ impl VirtualLapic {
             o => {
                 if let Some(i) = lvt_index(o) {
                     let masked = if self.software_enabled() { 0 } else { LVT_MASKED };
+                    let old_mode = self.lvt[i] & LVT_TIMER_MODE;
                     self.lvt[i] = (value & 0x0007_17FF) | masked;
+                    // Entering or leaving TSC-deadline mode disarms the timer.
+                    let deadline = LVT_TIMER_TSC_DEADLINE;
+                    if o == reg::LVT_TIMER && old_mode != self.lvt[i] & LVT_TIMER_MODE {
+                        if old_mode == deadline || self.lvt[i] & LVT_TIMER_MODE == deadline {
+                            self.timer_deadline = None;
+                        }
+                    }
                 }
             }
         }
@@ -265,6 +280,28 @@ impl VirtualLapic {
             Destination::SelfOnly => self.id == sender,
             Destination::AllIncludingSelf => true,
             Destination::AllExcludingSelf => self.id != sender,
+        }
+    }
+
+    fn tsc_deadline_mode(&self) -> bool {
+        self.lvt[1] & LVT_TIMER_MODE == LVT_TIMER_TSC_DEADLINE
+    }
+
+    /// IA32_TSC_DEADLINE as the guest reads it: the armed deadline, 0 when disarmed or fired
+    /// (or outside TSC-deadline mode).
+    pub fn tsc_deadline(&self) -> u64 {
+        if self.tsc_deadline_mode() {
+            self.timer_deadline.unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    /// A write of IA32_TSC_DEADLINE: arms the timer for that TSC (one already past fires at
+    /// once), 0 disarms it; ignored outside TSC-deadline mode (SDM 10.5.4.1).
+    pub fn set_tsc_deadline(&mut self, deadline: u64) {
+        if self.tsc_deadline_mode() {
+            self.timer_deadline = (deadline != 0).then_some(deadline);
         }
     }
 
@@ -333,6 +370,29 @@ mod tests {
         assert_eq!(l.read(reg::LVT_TIMER, 0), LVT_MASKED);
         assert_eq!(l.read(reg::DFR, 0), 0xFFFF_FFFF);
         assert!(!l.software_enabled());
+    }
+
+    #[test]
+    fn tsc_deadline_mode_arms_by_msr_fires_once_and_ignores_the_count() {
+        let mut l = enabled(0);
+        l.set_tsc_deadline(5_000);
+        assert_eq!(l.timer_deadline(), None, "ignored outside TSC-deadline mode");
+        l.write(reg::LVT_TIMER, LVT_TIMER_TSC_DEADLINE | 0xEC, 0);
+        l.write(reg::TIMER_INITIAL, 1000, 100);
+        assert_eq!(l.timer_deadline(), None, "the initial count is not used");
+        l.set_tsc_deadline(5_000);
+        assert_eq!((l.tsc_deadline(), l.read(reg::TIMER_CURRENT, 100)), (5_000, 0));
+        l.advance(4_999);
+        assert_eq!(l.deliverable(), None);
+        l.advance(5_000);
+        assert_eq!(l.deliverable(), Some(0xEC));
+        assert_eq!((l.tsc_deadline(), l.timer_deadline()), (0, None), "fired: reads 0, not re-armed");
+        l.set_tsc_deadline(9_000);
+        l.set_tsc_deadline(0);
+        assert_eq!(l.timer_deadline(), None, "0 disarms");
+        l.set_tsc_deadline(9_000);
+        l.write(reg::LVT_TIMER, 0xEC, 0);
+        assert_eq!(l.timer_deadline(), None, "leaving TSC-deadline mode disarms");
     }
 
     #[test]
