@@ -16,9 +16,16 @@ import select
 import signal
 import sys
 import termios
+import time
 import tty
 
 QUIT = b"\x1d"  # Ctrl-]
+# Typed bytes go to the machine at most this many at a time, this often (wall clock): the
+# emulated UART holds 16, and under Bochs the hypervisor may take their interrupt late (Bochs
+# takes external-interrupt exits only while the guest has interrupts enabled). A person types
+# slower than this; a pasted line arrives in well under a second.
+INPUT_CHUNK = 8
+INPUT_INTERVAL_S = 0.02
 
 
 def main():
@@ -56,10 +63,18 @@ def main():
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     log = open(args.log, "ab", buffering=0)
+    pending = bytearray()  # typed, not yet handed to the machine
+    next_input = 0.0
     try:
         while not stopping:
+            now = time.monotonic()
+            if pending and now >= next_input:
+                os.write(master, pending[:INPUT_CHUNK])
+                del pending[:INPUT_CHUNK]
+                next_input = now + INPUT_INTERVAL_S
+            timeout = max(0.0, next_input - now) if pending else 0.2
             try:
-                ready, _, _ = select.select(sources, [], [], 0.2)
+                ready, _, _ = select.select(sources, [], [], timeout)
             except InterruptedError:
                 continue
             for fd in ready:
@@ -72,12 +87,12 @@ def main():
                 if fd == master:
                     log.write(data)
                     if args.interactive:
-                        os.write(1, data.replace(b"\n", b"\r\n") if stdin_attrs else data)
+                        os.write(1, data)  # the hypervisor's lines already end in CR LF
                 elif fd == 0 and QUIT in data:
                     stopping.append(True)
                     break
                 else:
-                    os.write(master, data)
+                    pending += data
         # Drain what the machine printed last.
         while select.select([master], [], [], 0.1)[0]:
             try:

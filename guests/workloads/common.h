@@ -19,6 +19,8 @@
 #include <cpuid.h>
 #include <x86intrin.h>
 
+#include "line.h"
+
 #define MAX_THREADS 256
 
 struct options {
@@ -34,20 +36,10 @@ struct options {
 static void emit(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void emit(const char *fmt, ...)
 {
-    char line[1024];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    write_line(fmt, ap);
     va_end(ap);
-    if (n < 0) return;
-    if ((size_t)n > sizeof line - 2) n = sizeof line - 2;
-    line[n++] = '\n';
-    for (int off = 0; off < n;) {
-        ssize_t w = write(STDOUT_FILENO, line + off, (size_t)(n - off));
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return;
-        off += (int)w;
-    }
 }
 
 static void __attribute__((noreturn)) fail(const char *name, const char *fmt, ...)

@@ -26,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "line.h"
+
 #define DEFAULT_ROUNDS 2000u
 #define MAX_THREADS CPU_SETSIZE
 #define BARRIER_TIMEOUT_S 30
@@ -54,20 +56,10 @@ static struct worker workers[MAX_THREADS];
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
 {
-    char line[1024];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    write_line(fmt, ap);
     va_end(ap);
-    if (n < 0) return;
-    if ((size_t)n > sizeof line - 2) n = sizeof line - 2;
-    line[n++] = '\n';
-    for (int off = 0; off < n;) {
-        ssize_t w = write(STDOUT_FILENO, line + off, (size_t)(n - off));
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return;
-        off += (int)w;
-    }
 }
 
 /* Records the first failure only; later ones are consequences. */

@@ -57,9 +57,11 @@ impl Uart {
         self.out(0, byte);
     }
 
-    /// Raises the interrupt line when a byte arrives (IER receive-data; MCR OUT2 connects the
-    /// line on PCs). DTR and RTS stay on.
+    /// Raises the interrupt line as soon as a byte arrives (IER receive-data; the FIFO's
+    /// trigger level at 1 byte, so 15 more fit before an overrun however late the interrupt
+    /// is taken; MCR OUT2 connects the line on PCs). DTR and RTS stay on.
     pub fn enable_receive_interrupt(&self) {
+        self.out(2, 0x01);
         self.out(1, 0x01);
         self.out(4, 0x0B);
     }

@@ -38,6 +38,15 @@ fn store(devices: &PartitionDevices, lapic: &mut VirtualLapic, vcpu: u32, gpa: u
     effects
 }
 
+/// IO-APIC pin 4 (COM1) -> `vector`, physical destination `vcpu`, as Linux programs it (by
+/// vCPU 0).
+fn route_com1(devices: &PartitionDevices, lapic: &mut VirtualLapic, vector: u32, vcpu: u32) {
+    store(devices, lapic, 0, IOAPIC_PAGE, 0x10 + 2 * COM1_IRQ as u32);
+    store(devices, lapic, 0, IOAPIC_PAGE + 0x10, vector);
+    store(devices, lapic, 0, IOAPIC_PAGE, 0x11 + 2 * COM1_IRQ as u32);
+    store(devices, lapic, 0, IOAPIC_PAGE + 0x10, vcpu << 24);
+}
+
 fn out(devices: &PartitionDevices, lapic: &mut VirtualLapic, port: u16, value: u8) -> DeviceEffects {
     let mut cpu = MockVcpu { instruction_length: 1, ..MockVcpu::default() };
     cpu.gprs[gpr::RAX as usize] = value as u64;
@@ -49,11 +58,7 @@ fn out(devices: &PartitionDevices, lapic: &mut VirtualLapic, port: u16, value: u
 fn a_com1_byte_reaches_the_console_and_its_interrupt_the_routed_sibling() {
     let devices = PartitionDevices::new(2, 2, true, CLOCK);
     let mut l = lapics(2);
-    // IO-APIC pin 4 -> vector 0x24, physical destination vCPU 1 (as Linux programs it).
-    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x10 + 2 * COM1_IRQ as u32);
-    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 0x24);
-    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x11 + 2 * COM1_IRQ as u32);
-    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 1 << 24);
+    route_com1(&devices, &mut l[0], 0x24, 1);
     // IER: transmit-holding-register-empty interrupt on; the THR is empty: a rising edge.
     let effects = out(&devices, &mut l[0], COM1 + 1, 0x02);
     assert_eq!(effects.kicks.iter().collect::<Vec<_>>(), [1], "vCPU 1's pCPU must look at it");
@@ -159,12 +164,8 @@ fn string_io_is_refused_and_absent_ports_float_high() {
 fn console_input_reaches_com1_and_its_interrupt_the_routed_vcpu() {
     let devices = PartitionDevices::new(2, 2, true, CLOCK);
     let mut l = lapics(2);
-    // IO-APIC pin 4 -> vector 0x24, physical destination vCPU 1; the guest enables the
-    // received-data interrupt.
-    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x10 + 2 * COM1_IRQ as u32);
-    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 0x24);
-    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x11 + 2 * COM1_IRQ as u32);
-    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 1 << 24);
+    route_com1(&devices, &mut l[0], 0x24, 1);
+    // The guest enables the received-data interrupt.
     out(&devices, &mut l[0], COM1 + 1, 0x01);
     let (taken, kicks) = devices.receive_console(b"ls\n");
     assert_eq!((taken, kicks.iter().collect::<Vec<_>>()), (3, vec![1]), "vCPU 1's pCPU must look at it");
