@@ -276,4 +276,8 @@ impl VcpuAccess for CurrentVcpu<'_> {
     fn read_physical(&self, gpa: u64, out: &mut [u8]) -> Option<()> {
         self.partition.read_guest_bytes(gpa, out)
     }
+
+    fn write_physical(&mut self, gpa: u64, bytes: &[u8]) -> Option<()> {
+        self.partition.write_guest_bytes(gpa, bytes)
+    }
 }

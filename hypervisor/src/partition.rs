@@ -138,6 +138,18 @@ impl Partition {
         Some(())
     }
 
+    /// Writes `bytes` into guest-physical memory, `None` (nothing written) outside the partition.
+    pub fn write_guest_bytes(&self, gpa: u64, bytes: &[u8]) -> Option<()> {
+        let size = self.memory.end - self.memory.start;
+        if gpa.checked_add(bytes.len() as u64)? > size {
+            return None;
+        }
+        // SAFETY: bounds-checked inside the partition's own identity-mapped memory, which the
+        // guest owns (a string input it asked for).
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.memory.start + gpa) as *mut u8, bytes.len()) };
+        Some(())
+    }
+
     /// Relaxed co-scheduling: whether `vcpu` ran more than `bound` guest cycles ahead of its
     /// slowest sibling, and must wait for it (shared counters, read without locks or IPIs).
     pub fn co_stopped(&self, vcpu: u32, bound: u64) -> bool {

@@ -154,7 +154,8 @@ impl PartitionDevices {
     }
 
     /// IN/OUT by vCPU `vcpu` (whose LAPIC is `lapic`) at TSC `now`: COM1, the platform
-    /// devices, or absent hardware elsewhere. String I/O is not emulated (`Err`).
+    /// devices, or absent hardware elsewhere; INS/OUTS one element per exit (`string_io`).
+    /// `Err` when a string instruction's memory cannot be reached.
     pub fn port_io(
         &self,
         cpu: &mut impl VcpuAccess,
@@ -163,47 +164,142 @@ impl PartitionDevices {
         access: IoAccess,
         now: u64,
     ) -> Result<DeviceEffects, String> {
-        if access.string || access.rep {
-            return Err(format!("string I/O on port {:#x} is not emulated", access.port));
-        }
         let mut effects = DeviceEffects::default();
-        if !(COM1..COM1 + 8).contains(&access.port) {
-            if PlatformDevices::claims(access.port) {
-                let mut platform = self.platform.lock();
-                if access.input {
-                    let value = platform.read(access.port, access.size, now).unwrap_or(u32::MAX);
-                    let rax = cpu.gpr(gpr::RAX);
-                    cpu.set_gpr(gpr::RAX, crate::emulate::in_result(rax, access.size, value as u64));
-                } else {
-                    let value = cpu.gpr(gpr::RAX) as u32;
-                    effects.power = platform.write(access.port, access.size, value).flatten();
-                }
-                cpu.skip_instruction();
-            } else {
-                crate::emulate::absent_port(cpu, access);
-            }
+        if access.string {
+            self.string_io(cpu, vcpu, lapic, access, now, &mut effects)?;
             return Ok(effects);
         }
-        let offset = access.port - COM1;
-        let interrupt = {
-            let mut uart = self.uart.lock();
-            if access.input {
-                let rax = cpu.gpr(gpr::RAX);
-                cpu.set_gpr(gpr::RAX, crate::emulate::in_result(rax, access.size, uart.read(offset) as u64));
-            } else {
-                effects.console = uart.write(offset, cpu.gpr(gpr::RAX) as u8);
-            }
-            uart.interrupt()
-        };
-        // The UART's line into its IO-APIC pin: a rising edge is an interrupt.
-        if !self.uart_line.swap(interrupt, Ordering::AcqRel) && interrupt {
-            let routed = self.ioapic.lock().assert_pin(COM1_IRQ);
-            if let Some((vector, destination)) = routed {
-                self.deliver(vcpu, lapic, IcrCommand::Fixed { vector, destination }, &mut effects);
-            }
+        if access.input {
+            let value = self.port_read(vcpu, lapic, access.port, access.size, now, &mut effects);
+            let rax = cpu.gpr(gpr::RAX);
+            cpu.set_gpr(gpr::RAX, crate::emulate::in_result(rax, access.size, value as u64));
+        } else {
+            let value = cpu.gpr(gpr::RAX) as u32;
+            self.port_write(vcpu, lapic, access.port, access.size, value, &mut effects);
         }
         cpu.skip_instruction();
         Ok(effects)
+    }
+
+    /// INS or OUTS, one element: it moves between the port and guest memory at the linear
+    /// address the exit reports (through the guest's page tables), RSI or RDI steps by its
+    /// size (down under RFLAGS.DF), and with REP, RCX counts down and RIP stays until the count
+    /// is done, so the CPU executes the instruction again for the next element, interruptible
+    /// in between as on the CPU. Slow (an exit per element), but a driver's probe or a
+    /// `rep outsb` to a UART runs instead of stopping its partition.
+    fn string_io(
+        &self,
+        cpu: &mut impl VcpuAccess,
+        vcpu: u32,
+        lapic: &mut VirtualLapic,
+        access: IoAccess,
+        now: u64,
+        effects: &mut DeviceEffects,
+    ) -> Result<(), String> {
+        use x86::vmx::vmcs::{guest, ro};
+        const RFLAGS_DF: u64 = 1 << 10;
+        // VM-exit instruction information, bits 9:7: address size (16, 32 or 64 bits).
+        let address_mask = match (cpu.read_field(ro::VMEXIT_INSTRUCTION_INFO) >> 7) & 0b111 {
+            0 => 0xFFFF,
+            1 => 0xFFFF_FFFF,
+            _ => u64::MAX,
+        };
+        let count = cpu.gpr(gpr::RCX) & address_mask;
+        if access.rep && count == 0 {
+            cpu.skip_instruction();
+            return Ok(());
+        }
+        let size = access.size.clamp(1, 4) as usize;
+        let linear = cpu.read_field(ro::GUEST_LINEAR_ADDR);
+        let mut element = [0u8; 4];
+        // Byte by byte: an element may straddle a page boundary.
+        let gpas = (0..size as u64)
+            .map(|i| guest_physical(cpu, linear + i))
+            .collect::<Option<Vec<u64>>>()
+            .ok_or_else(|| format!("string I/O on port {:#x}: {linear:#x} is not mapped", access.port))?;
+        let unreachable = || format!("string I/O on port {:#x}: {linear:#x} is outside the partition", access.port);
+        let pointer = if access.input {
+            let value = self.port_read(vcpu, lapic, access.port, access.size, now, effects);
+            element = value.to_le_bytes();
+            for (i, &gpa) in gpas.iter().enumerate() {
+                cpu.write_physical(gpa, &element[i..i + 1]).ok_or_else(unreachable)?;
+            }
+            gpr::RDI
+        } else {
+            for (i, &gpa) in gpas.iter().enumerate() {
+                cpu.read_physical(gpa, &mut element[i..i + 1]).ok_or_else(unreachable)?;
+            }
+            self.port_write(vcpu, lapic, access.port, access.size, u32::from_le_bytes(element), effects);
+            gpr::RSI
+        };
+        let step =
+            if cpu.read_field(guest::RFLAGS) & RFLAGS_DF != 0 { (size as u64).wrapping_neg() } else { size as u64 };
+        let advanced = |register: u64| (register & !address_mask) | (register.wrapping_add(step) & address_mask);
+        cpu.set_gpr(pointer, advanced(cpu.gpr(pointer)));
+        if access.rep {
+            let rcx = cpu.gpr(gpr::RCX);
+            cpu.set_gpr(gpr::RCX, (rcx & !address_mask) | ((count - 1) & address_mask));
+            if count > 1 {
+                return Ok(()); // RIP stays: the next element is the next exit
+            }
+        }
+        cpu.skip_instruction();
+        Ok(())
+    }
+
+    /// An IN of `size` bytes from `port` (all ones where nothing answers).
+    fn port_read(
+        &self,
+        vcpu: u32,
+        lapic: &mut VirtualLapic,
+        port: u16,
+        size: u8,
+        now: u64,
+        effects: &mut DeviceEffects,
+    ) -> u32 {
+        if (COM1..COM1 + 8).contains(&port) {
+            let (value, interrupt) = {
+                let mut uart = self.uart.lock();
+                (uart.read(port - COM1) as u32, uart.interrupt())
+            };
+            self.uart_line_changed(vcpu, lapic, interrupt, effects);
+            return value;
+        }
+        self.platform.lock().read(port, size, now).unwrap_or(u32::MAX)
+    }
+
+    /// An OUT of `size` bytes of `value` to `port` (dropped where nothing answers).
+    fn port_write(
+        &self,
+        vcpu: u32,
+        lapic: &mut VirtualLapic,
+        port: u16,
+        size: u8,
+        value: u32,
+        effects: &mut DeviceEffects,
+    ) {
+        if (COM1..COM1 + 8).contains(&port) {
+            let interrupt = {
+                let mut uart = self.uart.lock();
+                effects.console = uart.write(port - COM1, value as u8);
+                uart.interrupt()
+            };
+            self.uart_line_changed(vcpu, lapic, interrupt, effects);
+            return;
+        }
+        if let Some(power) = self.platform.lock().write(port, size, value) {
+            effects.power = power;
+        }
+    }
+
+    /// The UART's line into its IO-APIC pin after an access: a rising edge is an interrupt.
+    fn uart_line_changed(&self, vcpu: u32, lapic: &mut VirtualLapic, interrupt: bool, effects: &mut DeviceEffects) {
+        if !self.uart_line.swap(interrupt, Ordering::AcqRel) && interrupt {
+            let routed = self.ioapic.lock().assert_pin(COM1_IRQ);
+            if let Some((vector, destination)) = routed {
+                self.deliver(vcpu, lapic, IcrCommand::Fixed { vector, destination }, effects);
+            }
+        }
     }
 
     /// Bytes typed at the host's console for this partition, into its COM1's receiver: how
@@ -358,6 +454,21 @@ impl PartitionDevices {
         started.store(true, Ordering::Release);
         true
     }
+}
+
+/// The guest-physical address of `linear` as the vCPU's paging has it: itself without
+/// paging, through the 4-level tables in IA-32e mode; `None` when not mapped (or under 32-bit
+/// paging, which no guest uses for string I/O).
+fn guest_physical(cpu: &impl VcpuAccess, linear: u64) -> Option<u64> {
+    use x86::vmx::vmcs::guest;
+    const CR0_PG: u64 = 1 << 31;
+    if cpu.read_field(guest::CR0) & CR0_PG == 0 {
+        return Some(linear & 0xFFFF_FFFF);
+    }
+    if cpu.read_field(guest::IA32_EFER_FULL) & crate::msr::EFER_LMA == 0 {
+        return None;
+    }
+    mmio::translate(cpu.read_field(guest::CR3), linear, |a| cpu.read_physical_u64(a))
 }
 
 /// The instruction at the guest's RIP that accessed device memory at `gpa`, decoded (fetched

@@ -13,7 +13,7 @@ const PAGE_TABLES: u64 = 0x10_0000;
 fn vcpu_running(code: &[u8]) -> MockVcpu {
     let mut cpu = MockVcpu::with_memory(2 << 20);
     cpu.identity_paging(PAGE_TABLES);
-    cpu.write_physical(CODE, code);
+    cpu.poke(CODE, code);
     cpu.rip = CODE;
     cpu
 }
@@ -144,12 +144,14 @@ fn other_memory_is_no_device_and_undecodable_instructions_are_refused() {
 }
 
 #[test]
-fn string_io_is_refused_and_absent_ports_float_high() {
+fn string_io_outside_the_partition_is_refused_and_absent_ports_float_high() {
     let devices = PartitionDevices::new(1, 1, true, CLOCK);
     let mut lapic = VirtualLapic::new(0);
-    let mut cpu = MockVcpu::default();
+    let mut cpu = MockVcpu { gprs: [1; 16], ..MockVcpu::default() };
     let string = IoAccess { port: COM1, size: 1, input: false, string: true, rep: true };
-    assert!(devices.port_io(&mut cpu, 0, &mut lapic, string, 0).is_err());
+    let err = devices.port_io(&mut cpu, 0, &mut lapic, string, 0).unwrap_err();
+    assert!(err.contains("outside the partition"), "{err}");
+    let mut cpu = MockVcpu::default();
     let read = IoAccess { port: 0x61, size: 1, input: true, string: false, rep: false };
     devices.port_io(&mut cpu, 0, &mut lapic, read, 0).unwrap();
     assert_eq!(cpu.gprs[gpr::RAX as usize], 0xFF);
@@ -200,4 +202,54 @@ fn platform_ports_are_emulated_and_a_reset_comes_back_as_a_power_request() {
     devices.power_on(true);
     devices.port_io(&mut cpu, 0, &mut lapic, read, 0).unwrap();
     assert_eq!(cpu.gprs[gpr::RAX as usize] & 0xFF, 0xFF);
+}
+
+/// `rep outsb` and `rep insb` through the guest's page tables, one element per exit.
+#[test]
+fn string_io_moves_one_element_per_exit_until_the_count_is_done() {
+    use x86::vmx::vmcs::{guest, ro};
+    let devices = PartitionDevices::new(1, 1, true, CLOCK);
+    let mut lapic = VirtualLapic::new(0);
+    let mut cpu = vcpu_running(&[0xF3, 0x6E]); // rep outsb
+    cpu.instruction_length = 2;
+    cpu.fields.insert(guest::CR0, 1 << 31);
+    cpu.fields.insert(guest::IA32_EFER_FULL, crate::msr::EFER_LMA);
+    cpu.fields.insert(ro::VMEXIT_INSTRUCTION_INFO, 2 << 7); // 64-bit addresses
+    cpu.poke(0x9000, b"ok\n");
+    cpu.gprs[gpr::RSI as usize] = 0x9000;
+    cpu.gprs[gpr::RCX as usize] = 3;
+    let outsb = IoAccess { port: COM1, size: 1, input: false, string: true, rep: true };
+    let mut sent = Vec::new();
+    for exit in 0..3 {
+        cpu.fields.insert(ro::GUEST_LINEAR_ADDR, cpu.gprs[gpr::RSI as usize]);
+        let effects = devices.port_io(&mut cpu, 0, &mut lapic, outsb, 0).unwrap();
+        sent.extend(effects.console);
+        let done = exit == 2;
+        assert_eq!(cpu.rip, if done { CODE + 2 } else { CODE }, "RIP moves on only after the last element");
+    }
+    assert_eq!(sent, b"ok\n");
+    assert_eq!((cpu.gprs[gpr::RSI as usize], cpu.gprs[gpr::RCX as usize]), (0x9003, 0));
+    // `rep insb` from the RTC's CMOS RAM, backwards (DF), with 32-bit addresses.
+    out(&devices, &mut lapic, 0x70, 0x40);
+    out(&devices, &mut lapic, 0x71, 0xA7);
+    out(&devices, &mut lapic, 0x70, 0x40);
+    let mut cpu = vcpu_running(&[0xF3, 0x6C]); // rep insb
+    cpu.instruction_length = 2;
+    cpu.fields.insert(guest::RFLAGS, 1 << 10);
+    cpu.fields.insert(ro::VMEXIT_INSTRUCTION_INFO, 1 << 7);
+    cpu.gprs[gpr::RDI as usize] = 0xFFFF_FFFF_0000_9001;
+    cpu.gprs[gpr::RCX as usize] = 0xFFFF_FFFF_0000_0002;
+    let insb = IoAccess { port: 0x71, size: 1, input: true, string: true, rep: true };
+    for _ in 0..2 {
+        cpu.fields.insert(ro::GUEST_LINEAR_ADDR, cpu.gprs[gpr::RDI as usize] & 0xFFFF_FFFF);
+        devices.port_io(&mut cpu, 0, &mut lapic, insb, 0).unwrap();
+    }
+    assert_eq!(&cpu.memory[0x9000..0x9002], &[0xA7, 0xA7]);
+    assert_eq!(cpu.gprs[gpr::RDI as usize], 0xFFFF_FFFF_0000_8FFF, "down by one each, within 32 bits");
+    assert_eq!((cpu.gprs[gpr::RCX as usize], cpu.rip), (0xFFFF_FFFF_0000_0000, CODE + 2));
+    // A count of zero does nothing but move on.
+    let mut cpu = vcpu_running(&[0xF3, 0x6C]);
+    cpu.instruction_length = 2;
+    devices.port_io(&mut cpu, 0, &mut lapic, insb, 0).unwrap();
+    assert_eq!(cpu.rip, CODE + 2);
 }

@@ -356,7 +356,7 @@ mod tests {
         let mut cpu = MockVcpu::with_memory(0x40_0000);
         cpu.identity_paging(0x1000);
         let code_gpa = 0x20_0000 - 4; // the loop straddles a page boundary
-        cpu.write_physical(code_gpa, &TESTGUEST_LOOP);
+        cpu.poke(code_gpa, &TESTGUEST_LOOP);
         cpu.set_rip(code_gpa + 12); // on the jmp
         assert_eq!(sample(&cpu, true), Sample::Spinning);
         cpu.set_rip(code_gpa + 14);
@@ -371,17 +371,17 @@ mod tests {
         let mut cpu = MockVcpu::with_memory(0x40_0000);
         cpu.identity_paging(0x1000);
         let code_gpa = 0x20_0000 - 4;
-        cpu.write_physical(code_gpa, &TESTGUEST_LOOP);
+        cpu.poke(code_gpa, &TESTGUEST_LOOP);
         let mut cache = SampleCache::default();
         cpu.set_rip(code_gpa + 12);
         assert_eq!(cache.sample(&cpu, true), Sample::Spinning);
         assert_eq!(cache.sample(&cpu, true), Sample::Spinning);
         assert_eq!((cache.hits, cache.misses), (1, 1));
         // New code at the same address (the PAUSE made a NOP pair): classified again.
-        cpu.write_physical(code_gpa + 10, &[0x90, 0x90, 0xEB, 0xF2]);
+        cpu.poke(code_gpa + 10, &[0x90, 0x90, 0xEB, 0xF2]);
         cpu.set_rip(code_gpa + 10);
         assert_eq!(cache.sample(&cpu, true), Sample::Working);
-        cpu.write_physical(code_gpa + 10, &[0xF3, 0x90]);
+        cpu.poke(code_gpa + 10, &[0xF3, 0x90]);
         assert_eq!(cache.sample(&cpu, true), Sample::Spinning, "the bytes at RIP changed back");
         // Another address space, same RIP, other code: its own entry.
         cpu.fields.insert(x86::vmx::vmcs::guest::CR3, 0x30_0000);

@@ -36,6 +36,8 @@ pub trait VcpuAccess {
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
     /// Guest-physical memory into `out`; `None` (nothing read) outside the partition.
     fn read_physical(&self, gpa: u64, out: &mut [u8]) -> Option<()>;
+    /// `bytes` into guest-physical memory; `None` (nothing written) outside the partition.
+    fn write_physical(&mut self, gpa: u64, bytes: &[u8]) -> Option<()>;
 
     /// Advances RIP past the instruction that exited.
     fn skip_instruction(&mut self) {
@@ -70,7 +72,8 @@ impl MockVcpu {
         MockVcpu { memory: alloc::vec![0; memory_size], ..MockVcpu::default() }
     }
 
-    pub fn write_physical(&mut self, gpa: u64, bytes: &[u8]) {
+    /// Test set-up: `bytes` at `gpa` (panics outside the memory).
+    pub fn poke(&mut self, gpa: u64, bytes: &[u8]) {
         self.memory[gpa as usize..gpa as usize + bytes.len()].copy_from_slice(bytes);
     }
 
@@ -79,10 +82,10 @@ impl MockVcpu {
     pub fn identity_paging(&mut self, at: u64) {
         const PRESENT_WRITABLE: u64 = 0b11;
         const LARGE: u64 = 1 << 7;
-        self.write_physical(at, &(at + 0x1000 | PRESENT_WRITABLE).to_le_bytes());
-        self.write_physical(at + 0x1000, &(at + 0x2000 | PRESENT_WRITABLE).to_le_bytes());
+        self.poke(at, &((at + 0x1000) | PRESENT_WRITABLE).to_le_bytes());
+        self.poke(at + 0x1000, &((at + 0x2000) | PRESENT_WRITABLE).to_le_bytes());
         for i in 0..512u64 {
-            self.write_physical(at + 0x2000 + i * 8, &(i << 21 | PRESENT_WRITABLE | LARGE).to_le_bytes());
+            self.poke(at + 0x2000 + i * 8, &((i << 21) | PRESENT_WRITABLE | LARGE).to_le_bytes());
         }
         self.fields.insert(x86::vmx::vmcs::guest::CR3, at);
     }
@@ -124,6 +127,12 @@ impl VcpuAccess for MockVcpu {
     fn read_physical(&self, gpa: u64, out: &mut [u8]) -> Option<()> {
         let end = gpa.checked_add(out.len() as u64)?;
         out.copy_from_slice(self.memory.get(gpa as usize..end as usize)?);
+        Some(())
+    }
+
+    fn write_physical(&mut self, gpa: u64, bytes: &[u8]) -> Option<()> {
+        let end = gpa.checked_add(bytes.len() as u64)?;
+        self.memory.get_mut(gpa as usize..end as usize)?.copy_from_slice(bytes);
         Some(())
     }
 }
