@@ -135,10 +135,15 @@ pub struct Console {
 impl Console {
     /// Waits until the serial log holds `text`; false after `timeout`.
     pub fn wait_for(&self, text: &str, timeout: std::time::Duration) -> bool {
+        self.wait_for_count(text, 1, timeout)
+    }
+
+    /// Waits until the serial log holds `text` at least `count` times; false after `timeout`.
+    pub fn wait_for_count(&self, text: &str, count: usize, timeout: std::time::Duration) -> bool {
         let start = std::time::Instant::now();
         while start.elapsed() < timeout {
             let log = std::fs::read(self.dir.join("serial.log")).unwrap_or_default();
-            if String::from_utf8_lossy(&log).contains(text) {
+            if String::from_utf8_lossy(&log).matches(text).count() >= count {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(250));

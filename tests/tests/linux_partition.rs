@@ -150,25 +150,40 @@ fn smp_linux_is_refused_without_unrestricted_guest_and_the_rest_runs() {
 
 /// What is typed at the hypervisor's console reaches the console partition's COM1 (receiver,
 /// received-data interrupt through its IO-APIC): a command typed into the guest's shell runs,
-/// and its output comes back on the console.
+/// and its output comes back on the console. Then Linux reboots through the FADT's reset
+/// register: the partition is reset (`on_reboot` defaults to "reset"), boots again to its
+/// shell, and `exit` powers it off.
 #[test]
-fn console_input_reaches_the_guest_shell() {
+fn console_input_reaches_the_guest_shell_and_linux_reboots_its_partition() {
     use std::time::Duration;
+    const SHELL: &str = "interactive shell on the console";
+    let commands = [
+        "echo hello-$((6*7)) from $(cat /proc/sys/kernel/ostype)",
+        // /init chose the triple-fault reset (for runs without a hypervisor): ACPI instead.
+        "echo acpi > /sys/kernel/reboot/type; reboot -f",
+        "exit",
+    ];
     let boot = Boot::new("linux-console", "bochs", 2, "tests/configs/linux-console.toml");
     let run = boot.run_typing("linux", |console| {
-        assert!(console.wait_for("interactive shell on the console", Duration::from_secs(240)), "no shell");
+        assert!(console.wait_for(SHELL, Duration::from_secs(240)), "no shell");
         // The command's text does not contain its output: only the shell can have printed it.
-        console.type_line("echo hello-$((6*7)) from $(cat /proc/sys/kernel/ostype)");
+        console.type_line(commands[0]);
         assert!(console.wait_for("hello-42 from Linux", Duration::from_secs(120)), "no output");
-        console.type_line("exit");
+        console.type_line(commands[1]);
+        assert!(console.wait_for_count(SHELL, 2, Duration::from_secs(240)), "no shell after the reboot");
+        console.type_line(commands[2]);
     });
     run.assert_clean_end();
-    assert_eq!(run.one("partition_poweroff")["partition"], "linux", "exit ends the machine:\n{}", run.log);
     // The console partition's output is not prefixed: it reads as its own serial port would.
     assert!(run.log.lines().any(|l| l.starts_with("hello-42 from Linux")), "{}", run.log);
+    let reboot = run.one("partition_reboot");
+    assert_eq!((reboot["via"].as_str(), reboot["action"].as_str()), (Some("reset control (0xcf9)"), Some("reset")));
+    assert_eq!(run.one("partition_reset")["resets"], 1);
+    assert!(run.all("partition_fault").is_empty(), "{}", run.log);
+    assert_eq!(run.one("partition_poweroff")["partition"], "linux", "exit ends the machine:\n{}", run.log);
     let input = run.one("console_input");
     assert_eq!(input["partition"], "linux");
     assert_eq!(input["dropped"], 0, "{input}");
-    let typed = "echo hello-$((6*7)) from $(cat /proc/sys/kernel/ostype)\n".len() + "exit\n".len();
+    let typed: usize = commands.iter().map(|c| c.len() + 1).sum();
     assert_eq!(input["bytes"], typed as u64, "every byte typed arrived: {input}");
 }
