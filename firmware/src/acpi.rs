@@ -84,22 +84,14 @@ const INTI_ACTIVE_HIGH: u16 = 0b01;
 const INTI_LEVEL: u16 = 0b11 << 2;
 const ENTRY_LOCAL_APIC_NMI: u8 = 4;
 
-/// The DSDT's AML: `Name (_S5, Package (4) { 5, 5, 0, 0 })` (SLP_TYPa, SLP_TYPb, reserved).
+/// The DSDT's AML: `Name (_S5, Package (4) { 5, 5, 0, 0 })` (SLP_TYPa, SLP_TYPb, reserved):
+/// NameOp "_S5_", PackageOp with PkgLength 8 and 4 elements, BytePrefix 5 twice, Zero twice.
+#[rustfmt::skip]
 const DSDT_AML: [u8; 14] = [
-    0x08,
-    b'_',
-    b'S',
-    b'5',
-    b'_', // NameOp "_S5_"
-    0x12,
-    0x08,
-    0x04, // PackageOp, PkgLength 8, 4 elements
-    0x0A,
-    S5_SLEEP_TYPE as u8,
-    0x0A,
-    S5_SLEEP_TYPE as u8, // BytePrefix 5, BytePrefix 5
-    0x00,
-    0x00, // Zero, Zero
+    0x08, b'_', b'S', b'5', b'_',
+    0x12, 0x08, 0x04,
+    0x0A, S5_SLEEP_TYPE as u8, 0x0A, S5_SLEEP_TYPE as u8,
+    0x00, 0x00,
 ];
 
 /// An ACPI Generic Address Structure for `bits` wide I/O at `port`.
@@ -116,11 +108,12 @@ fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)))
 }
 
-/// A table with the standard header; `finish` patches length and checksum.
-struct Sdt(Vec<u8>);
+/// A table with the standard header (ACPI 5.2.6), its body appended to `.0`; `finish`
+/// patches length and checksum. Every table built here and the MADT (`madt`) use it.
+pub(crate) struct Sdt(pub(crate) Vec<u8>);
 
 impl Sdt {
-    fn new(signature: &[u8; 4], revision: u8) -> Self {
+    pub(crate) fn new(signature: &[u8; 4], revision: u8) -> Self {
         let mut b = Vec::with_capacity(256);
         b.extend_from_slice(signature);
         b.extend_from_slice(&[0; 4]); // length
@@ -135,7 +128,7 @@ impl Sdt {
         Sdt(b)
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         let len = self.0.len() as u32;
         self.0[4..8].copy_from_slice(&len.to_le_bytes());
         self.0[9] = checksum(&self.0);
