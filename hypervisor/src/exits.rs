@@ -172,6 +172,26 @@ pub fn handle_exit(
             CurrentVcpu::of(vcpu, partition).inject_exception(6, None);
             ExitOutcome::Resume
         }
+        Handler::ApicAccess => {
+            let qualification = vmcs::read(ro::EXIT_QUALIFICATION);
+            let Some(offset) = vmx::exit::apic_access_offset(qualification) else {
+                let detail =
+                    alloc::format!("an xAPIC access Phalanx does not emulate (qualification {qualification:#x})");
+                return stop("refused", detail);
+            };
+            let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
+            let gpa = vmx::devices::LAPIC_PAGE + offset as u64;
+            match partition.devices.mmio(&mut cpu, vcpu_index, &mut vcpu.lapic, gpa, crate::tsc::now()) {
+                Some(Ok(effects)) => apply(partition, vcpu_index, effects, rip),
+                Some(Err(detail)) => stop("refused", detail),
+                None => unreachable!("the xAPIC page is a device page"),
+            }
+        }
+        Handler::ApicWrite => {
+            let offset = vmx::exit::apic_write_offset(vmcs::read(ro::EXIT_QUALIFICATION));
+            let effects = partition.devices.apic_write(vcpu_index, &mut vcpu.lapic, offset, crate::tsc::now());
+            apply(partition, vcpu_index, effects, rip)
+        }
         Handler::MemoryFault => {
             let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL);
             if reason == ExitReason::EptViolation {

@@ -14,6 +14,7 @@ use spin::Once;
 use config::{DispatchPolicy, Placement, Validated};
 use ept::{Access, Ept, FrameAllocator, MemoryType, PageSizes, PhysMemory};
 use sched::DispatchTables;
+use vmx::devices::LAPIC_PAGE;
 use vmx::vmcs_image::PartitionContext;
 use vmx::ControlSet;
 
@@ -66,6 +67,13 @@ fn msr_bitmap() -> u64 {
         page[byte + 2048] &= !(1 << bit);
     }
     page.as_ptr() as u64
+}
+
+/// The one APIC-access page every partition's EPT maps at its xAPIC address (allocated at
+/// the first call). The CPU only compares addresses with it; nothing reads or writes it.
+fn apic_access_page() -> u64 {
+    static PAGE: Once<u64> = Once::new();
+    *PAGE.call_once(|| crate::memory::alloc_zeroed_pages(1).as_ptr() as u64)
 }
 
 pub struct Machine {
@@ -185,8 +193,34 @@ pub fn build(
         let mut ept = Ept::new(&mut HeapFrames).map_err(|e| format!("partition {}: {e}", p.name))?;
         ept.map(&mut IdentityPhys, &mut HeapFrames, 0, memory.start, size, Access::all(), MemoryType::WriteBack, sizes)
             .map_err(|e| format!("partition {}: EPT: {e}", p.name))?;
+        // Under APIC virtualization the xAPIC's guest-physical page maps to the APIC-access
+        // page: the CPU recognizes accesses by that host-physical address after EPT.
+        let apic_access_page = if controls.paths.apic_virtualization {
+            let page = apic_access_page();
+            let read_write = Access::READ | Access::WRITE;
+            ept.map(
+                &mut IdentityPhys,
+                &mut HeapFrames,
+                LAPIC_PAGE,
+                page,
+                4096,
+                read_write,
+                MemoryType::WriteBack,
+                sizes,
+            )
+            .map_err(|e| format!("partition {}: EPT (xAPIC page): {e}", p.name))?;
+            page
+        } else {
+            0
+        };
         let (io_bitmap_a, io_bitmap_b) = io_bitmaps(&p.devices.ioports);
-        let context = PartitionContext { eptp: ept.eptp(false), io_bitmap_a, io_bitmap_b, msr_bitmap: msr_bitmap() };
+        let context = PartitionContext {
+            eptp: ept.eptp(false),
+            io_bitmap_a,
+            io_bitmap_b,
+            msr_bitmap: msr_bitmap(),
+            apic_access_page,
+        };
         Box::leak(Box::new(ept));
         partitions.push(Partition::load(id, p, memory, payload, context, clock)?);
     }

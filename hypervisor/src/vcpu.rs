@@ -103,8 +103,12 @@ impl Vcpu {
         }
         // The syscall MSRs and KERNEL_GS_BASE: loaded at entry, stored at exit, so each vCPU
         // keeps its own while sharing the pCPU (the hypervisor never uses them).
-        let vcpu =
-            VcpuContext { vpid: self.vpid, msr_area: self.switched_msrs, msr_count: vmx::msr::SWITCHED.len() as u32 };
+        let vcpu = VcpuContext {
+            vpid: self.vpid,
+            msr_area: self.switched_msrs,
+            msr_count: vmx::msr::SWITCHED.len() as u32,
+            virtual_apic_page: self.lapic.page_address(),
+        };
         let image = InitialVmcs::new(
             controls,
             *context,
@@ -123,7 +127,8 @@ impl Vcpu {
 
         // The EPT may have been used with other mappings on this CPU: drop stale translations.
         vmcs::invept(context.eptp, controls.paths.invept_single_context);
-        self.lapic = vmx::vlapic::VirtualLapic::new(self.index as u8);
+        // In place: its register page is the virtual-APIC page the VMCS now names.
+        self.lapic.reset();
         self.interrupt_window = false;
         let fx = (self.regs.guest_fx, self.regs.host_fx);
         self.regs = GuestRegs { guest_fx: fx.0, host_fx: fx.1, rdi: state.rdi, rsi: state.rsi, ..Default::default() };
@@ -156,6 +161,8 @@ impl Vcpu {
 
     /// Before an entry: if the virtual LAPIC has a deliverable interrupt, inject it when the
     /// guest can take it, else ask for an exit as soon as it can (interrupt-window exiting).
+    /// Under APIC virtualization the same, naming the injected vector as in service (SVI), so
+    /// that the CPU virtualizes the guest's EOI of it without an exit.
     pub fn deliver_interrupts(&mut self, controls: &ControlSet) {
         const VALID: u64 = 1 << 31;
         // The common case (nothing pending, no window asked for) costs no VMCS access.
@@ -168,6 +175,10 @@ impl Vcpu {
                 if interruptible {
                     if let Some(vector) = self.lapic.acknowledge() {
                         vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, VALID | vector as u64);
+                        if controls.paths.apic_virtualization {
+                            // The guest's EOI is virtualized: it clears the ISR bit SVI names.
+                            vmcs::write(guest::INTERRUPT_STATUS, self.lapic.interrupt_status() as u64);
+                        }
                         crate::trace::record_here(EventKind::Inject, self.partition, self.index, vector as u32);
                     }
                 }

@@ -90,6 +90,10 @@ impl VmxCapabilities {
             "ept" => allowed1(&mut c.procbased2, 1),
             "ept_accessed_dirty" => c.ept_vpid &= !(1 << 21),
             "invept_single_context" => c.ept_vpid &= !(1 << 25),
+            "tpr_shadow" => allowed1(&mut c.procbased, 21),
+            "apic_access" => allowed1(&mut c.procbased2, 0),
+            "apic_register_virtualization" => allowed1(&mut c.procbased2, 8),
+            "virtual_interrupt_delivery" => allowed1(&mut c.procbased2, 9),
             _ => return None,
         }
         Some(c)

@@ -61,11 +61,22 @@ pub struct Paths {
     /// RDTSCP and INVPCID enabled for guests (CPUID hides them otherwise).
     pub rdtscp: bool,
     pub invpcid: bool,
+    /// The CPU virtualizes each vCPU's xAPIC (TPR shadow, APIC-access page, APIC-register
+    /// virtualization, virtual-interrupt delivery): reads, TPR and EOI writes and interrupt
+    /// delivery happen in the guest without an exit; other writes exit trap-like with the
+    /// offset (no instruction decode). Otherwise every xAPIC access is an EPT violation and a
+    /// decoded instruction, and interrupts are injected at entry.
+    pub apic_virtualization: bool,
 }
 
 impl Paths {
     /// Each path as (feature, the path in use), in a stable order, for the capability record.
     pub fn named(&self) -> [(&'static str, &'static str); 7] {
+        let apic = if self.apic_virtualization {
+            "apic-register virtualization + virtual-interrupt delivery"
+        } else {
+            "emulated (EPT violation + decode, injection at entry)"
+        };
         [
             ("spin_exits", self.spin_exits.name()),
             (
@@ -77,7 +88,7 @@ impl Paths {
             ("invept", if self.invept_single_context { "single-context" } else { "all-context" }),
             // Never used, whatever the CPU offers: listed so the record says so.
             ("ept_accessed_dirty", "not used"),
-            ("apic_virtualization", "not used (xAPIC emulated: EPT violation + decode)"),
+            ("apic_virtualization", apic),
         ]
     }
 }
@@ -153,6 +164,10 @@ impl ControlSet {
             SpinExits::None
         };
 
+        // All four or none: virtual-interrupt delivery is what removes the EOI and injection
+        // exits, and it needs the other three (SDM 26.2.1.1).
+        let apic_virtualization =
+            f.tpr_shadow && f.apic_access && f.apic_register_virtualization && f.virtual_interrupt_delivery;
         let pinbased = negotiate(
             ControlKind::PinBased,
             caps.pinbased,
@@ -174,15 +189,24 @@ impl ControlSet {
                 | PrimaryControls::RDPMC_EXITING
                 | PrimaryControls::SECONDARY_CONTROLS)
                 .bits()
-                | pause,
+                | pause
+                | if apic_virtualization { PrimaryControls::USE_TPR_SHADOW.bits() } else { 0 },
             0,
         )?;
         let pause_loop =
             if spin_exits == SpinExits::PauseLoop { SecondaryControls::PAUSE_LOOP_EXITING.bits() } else { 0 };
+        let apic_secondary = if apic_virtualization {
+            (SecondaryControls::VIRTUALIZE_APIC
+                | SecondaryControls::VIRTUALIZE_APIC_REGISTER
+                | SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY)
+                .bits()
+        } else {
+            0
+        };
         let secondary = negotiate(
             ControlKind::SecondaryProcessorBased,
             caps.procbased2,
-            SecondaryControls::ENABLE_EPT.bits() | pause_loop,
+            SecondaryControls::ENABLE_EPT.bits() | pause_loop | apic_secondary,
             (SecondaryControls::ENABLE_VPID
                 | SecondaryControls::UNRESTRICTED_GUEST
                 | SecondaryControls::ENABLE_RDTSCP
@@ -221,6 +245,7 @@ impl ControlSet {
             invept_single_context: f.invept_single_context,
             rdtscp: secondary & SecondaryControls::ENABLE_RDTSCP.bits() != 0,
             invpcid: secondary & SecondaryControls::ENABLE_INVPCID.bits() != 0,
+            apic_virtualization,
         };
         Ok(ControlSet { pinbased, primary, secondary, exit, entry, caps: *caps, paths })
     }
@@ -248,6 +273,32 @@ mod tests {
             assert!(set.paths.vpid && set.paths.unrestricted_guest, "{model}: every Bochs model has both");
             let yielding = ControlSet::negotiate(caps, Wants { yield_on_spin: true }).unwrap();
             assert_ne!(yielding.paths.spin_exits, SpinExits::None, "{model}");
+        }
+    }
+
+    #[test]
+    fn the_apic_is_virtualized_where_the_cpu_offers_all_four_controls() {
+        let skylake = fixtures::bochs("corei7_skylake_x");
+        let set = ControlSet::negotiate(&skylake, Wants::default()).unwrap();
+        assert!(set.paths.apic_virtualization);
+        assert!(bit(set.primary, PrimaryControls::USE_TPR_SHADOW.bits()));
+        let apic = SecondaryControls::VIRTUALIZE_APIC
+            | SecondaryControls::VIRTUALIZE_APIC_REGISTER
+            | SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY;
+        assert_eq!(set.secondary & apic.bits(), apic.bits());
+        assert!(!bit(set.secondary, SecondaryControls::VIRTUALIZE_X2APIC.bits()));
+        // corei3_cnl lacks APIC-register virtualization and virtual-interrupt delivery; a
+        // debug option can take either away: the xAPIC is then emulated.
+        let without = [fixtures::bochs("corei3_cnl"), skylake.without("virtual_interrupt_delivery").unwrap()];
+        for caps in without.iter().chain([&MINIMAL_VTX]) {
+            let set = ControlSet::negotiate(caps, Wants::default()).unwrap();
+            assert!(!set.paths.apic_virtualization);
+            assert!(!bit(set.primary, PrimaryControls::USE_TPR_SHADOW.bits()));
+            assert_eq!(set.secondary & apic.bits(), 0);
+            assert!(set
+                .paths
+                .named()
+                .contains(&("apic_virtualization", "emulated (EPT violation + decode, injection at entry)")));
         }
     }
 

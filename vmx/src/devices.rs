@@ -383,6 +383,29 @@ impl PartitionDevices {
             MmioOperation::WriteImmediate { value } => value & mask,
         };
         let command = lapic.write(offset, value as u32, now);
+        self.lapic_written(vcpu, lapic, offset, command, effects);
+    }
+
+    /// An APIC-write VM exit of vCPU `vcpu` (APIC-register virtualization): the guest wrote
+    /// the xAPIC register at `offset` and the CPU put the value in the vCPU's register page;
+    /// what the write does (an IPI, the timer, a logical ID) is done here.
+    pub fn apic_write(&self, vcpu: u32, lapic: &mut VirtualLapic, offset: u32, now: u64) -> DeviceEffects {
+        let mut effects = DeviceEffects::default();
+        let command = lapic.trapped_write(offset & !0xF, now);
+        self.lapic_written(vcpu, lapic, offset & !0xF, command, &mut effects);
+        effects
+    }
+
+    /// The effects of a write to the xAPIC register at `offset` beyond the register itself:
+    /// the logical ID siblings address, the IPI an ICR write sends.
+    fn lapic_written(
+        &self,
+        vcpu: u32,
+        lapic: &mut VirtualLapic,
+        offset: u32,
+        command: Option<IcrCommand>,
+        effects: &mut DeviceEffects,
+    ) {
         if offset == reg::LDR {
             self.logical_ids[vcpu as usize].store(lapic.logical_id(), Ordering::Release);
         }

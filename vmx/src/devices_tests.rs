@@ -93,6 +93,22 @@ fn logical_fixed_ipis_fan_out_to_every_addressed_sibling_and_self() {
 }
 
 #[test]
+fn apic_write_exits_send_the_ipi_and_track_the_logical_id_the_cpu_wrote() {
+    // Under APIC-register virtualization the CPU writes the page and exits with the offset.
+    let devices = PartitionDevices::new(2, 2, true, CLOCK);
+    let mut l = lapics(2);
+    l[1].cpu_writes(reg::LDR, 1 << 25);
+    devices.apic_write(1, &mut l[1], reg::LDR, 0);
+    l[0].cpu_writes(reg::ICR_HIGH, 0b10 << 24);
+    assert!(devices.apic_write(0, &mut l[0], reg::ICR_HIGH, 0).kicks.iter().next().is_none());
+    l[0].cpu_writes(reg::ICR_LOW, 0x0000_0840); // logical, fixed, 0x40
+    let effects = devices.apic_write(0, &mut l[0], reg::ICR_LOW + 4, 0);
+    assert_eq!(effects.kicks.iter().collect::<Vec<_>>(), [1], "the offset within the register is ignored");
+    devices.take_ipis(1, &mut l[1]);
+    assert_eq!(l[1].deliverable(), Some(0x40));
+}
+
+#[test]
 fn a_startup_ipi_starts_a_waiting_sibling_once() {
     let devices = PartitionDevices::new(2, 2, false, CLOCK);
     assert!(devices.is_started(0) && !devices.is_started(1));

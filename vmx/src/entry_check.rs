@@ -10,7 +10,7 @@
 //! RFLAGS, RIP, segment registers (protected, IA-32e and, with unrestricted guest, real
 //! mode), descriptor tables, activity and interruptibility state, the static pending-debug
 //! rules and the link pointer. Not covered: fields Phalanx never writes (posted interrupts,
-//! virtual-interrupt delivery, VM functions, PML, SMM dual-monitor, MPX, CET, PKRS, Intel PT),
+//! the TPR threshold rules without virtual-interrupt delivery, VM functions, PML, SMM dual-monitor, MPX, CET, PKRS, Intel PT),
 //! the pending-debug rules that depend on RFLAGS.TF and RTM, EFER.NXE against CPUID, and
 //! 57-bit canonical addresses (the 48-bit rule is used: stricter on LA57 CPUs).
 
@@ -136,11 +136,14 @@ fn check_controls(v: &InitialVmcs) -> Check {
             "must be 4 KiB aligned within the physical-address width",
         )?;
     }
-    rule(
-        !has(c.primary, PrimaryControls::USE_TPR_SHADOW.bits()),
-        "primary processor-based controls",
-        "TPR shadow needs a virtual-APIC page, which Phalanx does not set up",
-    )?;
+    let tpr_shadow = has(c.primary, PrimaryControls::USE_TPR_SHADOW.bits());
+    if tpr_shadow {
+        rule(
+            page_aligned_phys(v, v.vcpu.virtual_apic_page),
+            "virtual-APIC address",
+            "must be 4 KiB aligned within the physical-address width",
+        )?;
+    }
     let nmi_exiting = has(c.pinbased, PinbasedControls::NMI_EXITING.bits());
     let virtual_nmis = has(c.pinbased, PinbasedControls::VIRTUAL_NMIS.bits());
     rule(nmi_exiting || !virtual_nmis, "pin-based controls", "virtual NMIs require NMI exiting")?;
@@ -154,15 +157,33 @@ fn check_controls(v: &InitialVmcs) -> Check {
         "pin-based controls",
         "posted interrupts need a descriptor, which Phalanx does not set up",
     )?;
-    let apic_virtualization = SecondaryControls::VIRTUALIZE_APIC
-        | SecondaryControls::VIRTUALIZE_X2APIC
+    let needs_tpr_shadow = SecondaryControls::VIRTUALIZE_X2APIC
         | SecondaryControls::VIRTUALIZE_APIC_REGISTER
         | SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY;
     rule(
-        secondary & apic_virtualization.bits() == 0,
+        tpr_shadow || secondary & needs_tpr_shadow.bits() == 0,
         "secondary processor-based controls",
-        "APIC virtualization needs pages Phalanx does not set up",
+        "x2APIC virtualization, APIC-register virtualization and virtual-interrupt delivery require \"use TPR shadow\"",
     )?;
+    let apic_accesses = has(secondary, SecondaryControls::VIRTUALIZE_APIC.bits());
+    rule(
+        !(apic_accesses && has(secondary, SecondaryControls::VIRTUALIZE_X2APIC.bits())),
+        "secondary processor-based controls",
+        "\"virtualize x2APIC mode\" and \"virtualize APIC accesses\" exclude each other",
+    )?;
+    rule(
+        !has(secondary, SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY.bits())
+            || has(c.pinbased, PinbasedControls::EXTERNAL_INTERRUPT_EXITING.bits()),
+        "secondary processor-based controls",
+        "virtual-interrupt delivery requires external-interrupt exiting",
+    )?;
+    if apic_accesses {
+        rule(
+            page_aligned_phys(v, v.partition.apic_access_page),
+            "APIC-access address",
+            "must be 4 KiB aligned within the physical-address width",
+        )?;
+    }
 
     let ept = has(secondary, SecondaryControls::ENABLE_EPT.bits());
     if has(secondary, SecondaryControls::ENABLE_VPID.bits()) {
@@ -641,6 +662,34 @@ mod tests {
             (|v| v.host.tr_selector = 0, "host TR selector"),
             (|v| v.host.cr4 &= !(1 << 13), "host CR4"),
             (|v| v.guest.link_pointer = 0, "VMCS link pointer"),
+        ];
+        for (breaks, field) in broken {
+            let mut v = good;
+            breaks(&mut v);
+            let err = check(&v).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn apic_virtualization_rules_are_checked() {
+        let good = image(&fixtures::bochs("corei7_skylake_x"), &initial_vcpu_state(0), false);
+        assert!(good.controls.paths.apic_virtualization);
+        assert_eq!(check(&good), Ok(()));
+        type Breakage = (fn(&mut InitialVmcs), &'static str);
+        let broken: [Breakage; 5] = [
+            (|v| v.vcpu.virtual_apic_page |= 0x80, "virtual-APIC address"),
+            (|v| v.partition.apic_access_page = 1 << 50, "APIC-access address"),
+            (|v| v.controls.primary &= !PrimaryControls::USE_TPR_SHADOW.bits(), "secondary processor-based controls"),
+            // Virtual-interrupt delivery without external-interrupt exiting (which Bochs allows).
+            (
+                |v| v.controls.pinbased &= !PinbasedControls::EXTERNAL_INTERRUPT_EXITING.bits(),
+                "secondary processor-based controls",
+            ),
+            (
+                |v| v.controls.secondary |= SecondaryControls::VIRTUALIZE_X2APIC.bits(),
+                "secondary processor-based controls",
+            ),
         ];
         for (breaks, field) in broken {
             let mut v = good;

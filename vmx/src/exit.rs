@@ -27,7 +27,10 @@ pub enum ExitReason {
     MonitorTrapFlag,
     Pause,
     MachineCheck,
+    /// An xAPIC access the CPU does not virtualize (fault-like: RIP is at the instruction).
     ApicAccess,
+    /// A virtualized xAPIC write with effects beyond the register page (trap-like: done).
+    ApicWrite,
     EptViolation,
     EptMisconfiguration,
     PreemptionTimer,
@@ -63,6 +66,7 @@ impl ExitReason {
             40 => ExitReason::Pause,
             41 => ExitReason::MachineCheck,
             44 => ExitReason::ApicAccess,
+            56 => ExitReason::ApicWrite,
             48 => ExitReason::EptViolation,
             49 => ExitReason::EptMisconfiguration,
             52 => ExitReason::PreemptionTimer,
@@ -96,6 +100,7 @@ impl ExitReason {
             ExitReason::Pause => 40,
             ExitReason::MachineCheck => 41,
             ExitReason::ApicAccess => 44,
+            ExitReason::ApicWrite => 56,
             ExitReason::EptViolation => 48,
             ExitReason::EptMisconfiguration => 49,
             ExitReason::PreemptionTimer => 52,
@@ -130,6 +135,7 @@ impl ExitReason {
             ExitReason::Pause => "pause",
             ExitReason::MachineCheck => "machine-check",
             ExitReason::ApicAccess => "apic-access",
+            ExitReason::ApicWrite => "apic-write",
             ExitReason::EptViolation => "ept-violation",
             ExitReason::EptMisconfiguration => "ept-misconfiguration",
             ExitReason::PreemptionTimer => "preemption-timer",
@@ -158,12 +164,13 @@ impl ExitReason {
             ExitReason::TripleFault => Handler::GuestFault,
             ExitReason::InvalidGuestState | ExitReason::MsrLoading | ExitReason::MachineCheck => Handler::EntryFailure,
             ExitReason::InterruptWindow => Handler::InterruptWindow,
+            ExitReason::ApicAccess => Handler::ApicAccess,
+            ExitReason::ApicWrite => Handler::ApicWrite,
             ExitReason::ExceptionOrNmi
             | ExitReason::InitSignal
             | ExitReason::StartupIpi
             | ExitReason::CrAccess
             | ExitReason::MonitorTrapFlag
-            | ExitReason::ApicAccess
             | ExitReason::Other(_) => Handler::Refused,
         }
     }
@@ -180,6 +187,11 @@ pub enum Handler {
     /// The guest can take an interrupt now: the pending one is injected at the next entry.
     InterruptWindow,
     Halt,
+    /// An xAPIC access under APIC virtualization that the CPU left to the hypervisor: the
+    /// instruction is decoded and emulated, as without APIC virtualization.
+    ApicAccess,
+    /// A guest write the CPU put in the virtual-APIC page: its effects (an IPI, the timer).
+    ApicWrite,
     /// PAUSE-loop exiting: a vCPU is spinning.
     PauseLoop,
     Hypercall,
@@ -223,6 +235,19 @@ impl IoAccess {
     }
 }
 
+/// The register offset of an APIC-access exit (SDM Table 28-6) when the access was a data
+/// read or write by an instruction (access types 0 and 1): the only kinds the hypervisor
+/// emulates; an instruction fetch from the xAPIC page or an access during event delivery is not.
+pub fn apic_access_offset(qualification: u64) -> Option<u32> {
+    let access_type = (qualification >> 12) & 0xF;
+    (access_type <= 1).then_some((qualification & 0xFFF) as u32)
+}
+
+/// The register offset of an APIC-write exit (SDM 29.4.3.3).
+pub fn apic_write_offset(qualification: u64) -> u32 {
+    (qualification & 0xFFF) as u32
+}
+
 /// VM-exit interruption information (SDM Table 25-19) for external-interrupt exits with
 /// "acknowledge interrupt on exit".
 pub fn interrupt_vector(interruption_info: u32) -> Option<u8> {
@@ -254,6 +279,10 @@ mod tests {
         assert_eq!(ExitReason::from_raw(10).handler(), Handler::Cpuid);
         assert_eq!(ExitReason::from_raw(33).handler(), Handler::EntryFailure);
         assert_eq!(ExitReason::from_raw(7).handler(), Handler::InterruptWindow);
+        assert_eq!(ExitReason::from_raw(44).handler(), Handler::ApicAccess);
+        assert_eq!(ExitReason::from_raw(56).handler(), Handler::ApicWrite);
+        // EOI-induced exits never come (no EOI-exit bitmap bit is set): refused if they did.
+        assert_eq!(ExitReason::from_raw(45).handler(), Handler::Refused);
         // A guest trying VMX itself gets #UD, not access to the hypervisor's VMX.
         for vmx in [19, 20, 24, 27, 50, 53] {
             assert_eq!(ExitReason::from_raw(vmx).handler(), Handler::InjectUndefined, "reason {vmx}");
@@ -273,6 +302,15 @@ mod tests {
         // `rep outsb`
         let q = (0x3F8u64 << 16) | (1 << 5) | (1 << 4);
         assert!(IoAccess::decode(q).rep && IoAccess::decode(q).string);
+    }
+
+    #[test]
+    fn apic_exit_qualifications_give_the_offset() {
+        assert_eq!(apic_access_offset(0x0390), Some(0x390), "a read of the current count");
+        assert_eq!(apic_access_offset(0x1300), Some(0x300), "a write");
+        assert_eq!(apic_access_offset(0x2080), None, "an instruction fetch");
+        assert_eq!(apic_access_offset(0x3000), None, "during event delivery");
+        assert_eq!(apic_write_offset(0x310), 0x310);
     }
 
     #[test]

@@ -168,8 +168,14 @@ pub const PHYSICAL_ADDRESS_BITS: u8 = 46;
 pub fn initial_vmcs(caps: &VmxCapabilities, state: &VcpuState, bochs: bool) -> InitialVmcs {
     let controls = ControlSet::negotiate(caps, Wants::default()).expect("a CPU that runs partitions");
     let eptp = 0x30_0000 | 6 | 3 << 3;
-    let partition = PartitionContext { eptp, io_bitmap_a: 0x31_0000, io_bitmap_b: 0x31_1000, msr_bitmap: 0x31_2000 };
-    let vcpu = VcpuContext { vpid: 1, msr_area: 0x32_0000, msr_count: 5 };
+    let partition = PartitionContext {
+        eptp,
+        io_bitmap_a: 0x31_0000,
+        io_bitmap_b: 0x31_1000,
+        msr_bitmap: 0x31_2000,
+        apic_access_page: 0x31_3000,
+    };
+    let vcpu = VcpuContext { vpid: 1, msr_area: 0x32_0000, msr_count: 5, virtual_apic_page: 0x32_1000 };
     InitialVmcs::new(&controls, partition, vcpu, host_state(caps), state, PHYSICAL_ADDRESS_BITS, bochs)
 }
 

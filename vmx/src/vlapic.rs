@@ -4,6 +4,10 @@
 //! acceptance by priority, EOI, and the interrupt-command register turned into commands for the
 //! hypervisor. Pure: time is a TSC value the caller passes in (the guest's TSC is the host's).
 
+extern crate alloc;
+
+use alloc::boxed::Box;
+
 /// Register offsets in the 4 KiB xAPIC page.
 pub mod reg {
     pub const ID: u32 = 0x020;
@@ -80,22 +84,31 @@ pub enum IcrCommand {
     },
 }
 
+/// The register file laid out as the xAPIC page is (each register a 32-bit word at its
+/// offset), page-aligned so that the same page is the VMCS's virtual-APIC page when the CPU
+/// virtualizes the APIC: the processor then reads and writes TPR, ISR, IRR and EOI here itself,
+/// and this model and the hardware see one state. Boxed, so its address stays put when the
+/// vCPU that holds it moves.
+#[repr(C, align(4096))]
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApicPage([u32; 1024]);
+
+impl core::fmt::Debug for ApicPage {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("ApicPage { .. }")
+    }
+}
+
+/// Register offsets whose word groups hold one bit per vector (8 registers, 16 bytes apart).
+const VECTOR_BITMAPS: [u32; 3] = [reg::ISR, reg::TMR, reg::IRR];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualLapic {
     id: u8,
-    tpr: u32,
-    ldr: u32,
-    dfr: u32,
-    svr: u32,
-    isr: [u32; 8],
-    irr: [u32; 8],
-    tmr: [u32; 8],
-    esr: u32,
-    icr_low: u32,
-    icr_high: u32,
-    lvt: [u32; 7],
-    timer_initial: u32,
-    timer_divide_config: u32,
+    regs: Box<ApicPage>,
+    /// The LVT timer's mode as last written through [`VirtualLapic::write`]: a write the CPU
+    /// already put in the page (an APIC-write exit) still sees the mode it leaves.
+    timer_mode: u32,
     /// TSC at which the current count started, and when it reaches zero.
     timer_start: u64,
     timer_deadline: Option<u64>,
@@ -105,39 +118,67 @@ fn lvt_index(offset: u32) -> Option<usize> {
     LVT_REGISTERS.iter().position(|&r| r == offset)
 }
 
-fn highest(bits: &[u32; 8]) -> Option<u8> {
-    (0..8).rev().find(|&i| bits[i] != 0).map(|i| (i as u32 * 32 + 31 - bits[i].leading_zeros()) as u8)
-}
-
-fn set(bits: &mut [u32; 8], vector: u8) {
-    bits[vector as usize / 32] |= 1 << (vector % 32);
-}
-
-fn clear(bits: &mut [u32; 8], vector: u8) {
-    bits[vector as usize / 32] &= !(1 << (vector % 32));
+/// Word `index` (0..8) of the vector bitmap at `base`.
+fn word(base: u32, index: usize) -> usize {
+    (base / 4) as usize + index * 4
 }
 
 impl VirtualLapic {
     /// The power-on state (SDM 11.4.7.1): everything masked, software-disabled.
     pub fn new(apic_id: u8) -> Self {
-        VirtualLapic {
+        let mut lapic = VirtualLapic {
             id: apic_id,
-            tpr: 0,
-            ldr: 0,
-            dfr: 0xFFFF_FFFF,
-            svr: 0xFF,
-            isr: [0; 8],
-            irr: [0; 8],
-            tmr: [0; 8],
-            esr: 0,
-            icr_low: 0,
-            icr_high: 0,
-            lvt: [LVT_MASKED; 7],
-            timer_initial: 0,
-            timer_divide_config: 0,
+            regs: Box::new(ApicPage([0; 1024])),
+            timer_mode: 0,
             timer_start: 0,
             timer_deadline: None,
+        };
+        lapic.reset();
+        lapic
+    }
+
+    /// Back to the power-on state in place (the page keeps its address).
+    pub fn reset(&mut self) {
+        self.regs.0.fill(0);
+        self.set_reg(reg::ID, (self.id as u32) << 24);
+        self.set_reg(reg::VERSION, VERSION_VALUE);
+        self.set_reg(reg::DFR, 0xFFFF_FFFF);
+        self.set_reg(reg::SVR, 0xFF);
+        for lvt in LVT_REGISTERS {
+            self.set_reg(lvt, LVT_MASKED);
         }
+        self.timer_mode = 0;
+        self.timer_start = 0;
+        self.timer_deadline = None;
+    }
+
+    /// The register page, for the VMCS's virtual-APIC address (the hypervisor's memory is
+    /// identity-mapped: this is also its physical address).
+    pub fn page_address(&self) -> u64 {
+        &*self.regs as *const ApicPage as u64
+    }
+
+    fn reg(&self, offset: u32) -> u32 {
+        self.regs.0[(offset / 4) as usize]
+    }
+
+    fn set_reg(&mut self, offset: u32, value: u32) {
+        self.regs.0[(offset / 4) as usize] = value;
+    }
+
+    fn highest(&self, base: u32) -> Option<u8> {
+        (0..8).rev().find_map(|i| {
+            let bits = self.regs.0[word(base, i)];
+            (bits != 0).then(|| (i as u32 * 32 + 31 - bits.leading_zeros()) as u8)
+        })
+    }
+
+    fn set_bit(&mut self, base: u32, vector: u8) {
+        self.regs.0[word(base, vector as usize / 32)] |= 1 << (vector % 32);
+    }
+
+    fn clear_bit(&mut self, base: u32, vector: u8) {
+        self.regs.0[word(base, vector as usize / 32)] &= !(1 << (vector % 32));
     }
 
     pub fn id(&self) -> u8 {
@@ -146,16 +187,17 @@ impl VirtualLapic {
 
     /// Logical ID (flat model) for logical-destination IPIs.
     pub fn logical_id(&self) -> u8 {
-        (self.ldr >> 24) as u8
+        (self.reg(reg::LDR) >> 24) as u8
     }
 
     pub fn software_enabled(&self) -> bool {
-        self.svr & SVR_ENABLED != 0
+        self.reg(reg::SVR) & SVR_ENABLED != 0
     }
 
     /// TSC cycles per timer tick: the divide configuration (bits 0,1,3) selects 1..128.
     fn divisor(&self) -> u64 {
-        let code = (self.timer_divide_config & 0b11) | ((self.timer_divide_config >> 1) & 0b100);
+        let config = self.reg(reg::TIMER_DIVIDE);
+        let code = (config & 0b11) | ((config >> 1) & 0b100);
         if code == 0b111 {
             1
         } else {
@@ -164,9 +206,10 @@ impl VirtualLapic {
     }
 
     fn ppr(&self) -> u32 {
-        let isrv = highest(&self.isr).map_or(0, |v| v as u32);
-        if (self.tpr & 0xF0) >= (isrv & 0xF0) {
-            self.tpr & 0xFF
+        let tpr = self.reg(reg::TPR);
+        let isrv = self.highest(reg::ISR).map_or(0, |v| v as u32);
+        if (tpr & 0xF0) >= (isrv & 0xF0) {
+            tpr & 0xFF
         } else {
             isrv & 0xF0
         }
@@ -174,92 +217,105 @@ impl VirtualLapic {
 
     pub fn read(&self, offset: u32, now: u64) -> u32 {
         match offset {
-            reg::ID => (self.id as u32) << 24,
-            reg::VERSION => VERSION_VALUE,
-            reg::TPR => self.tpr,
             reg::APR | reg::RRD | reg::EOI => 0,
             reg::PPR => self.ppr(),
-            reg::LDR => self.ldr,
-            reg::DFR => self.dfr,
-            reg::SVR => self.svr,
-            o @ reg::ISR..=0x170 => self.isr[((o - reg::ISR) / 16) as usize],
-            o @ reg::TMR..=0x1F0 => self.tmr[((o - reg::TMR) / 16) as usize],
-            o @ reg::IRR..=0x270 => self.irr[((o - reg::IRR) / 16) as usize],
-            reg::ESR => self.esr,
-            reg::ICR_LOW => self.icr_low & !(1 << 12), // delivery status: always idle
-            reg::ICR_HIGH => self.icr_high,
-            reg::TIMER_INITIAL => self.timer_initial,
             reg::TIMER_CURRENT if self.tsc_deadline_mode() => 0,
             reg::TIMER_CURRENT => match self.timer_deadline {
                 Some(deadline) if deadline > now => ((deadline - now) / self.divisor()).min(u32::MAX as u64) as u32,
                 _ => 0,
             },
-            reg::TIMER_DIVIDE => self.timer_divide_config,
-            o => lvt_index(o).map_or(0, |i| self.lvt[i]),
+            reg::ID | reg::VERSION | reg::TPR | reg::LDR | reg::DFR | reg::SVR | reg::ESR | reg::ICR_HIGH => {
+                self.reg(offset)
+            }
+            reg::ICR_LOW => self.reg(offset) & !(1 << 12), // delivery status: always idle
+            reg::TIMER_INITIAL | reg::TIMER_DIVIDE => self.reg(offset),
+            o if VECTOR_BITMAPS.iter().any(|&base| (base..base + 0x80).contains(&o)) => self.reg(o),
+            o if lvt_index(o).is_some() => self.reg(o),
+            _ => 0,
         }
     }
 
     /// A guest write; returns what an ICR write asks for.
     pub fn write(&mut self, offset: u32, value: u32, now: u64) -> Option<IcrCommand> {
         match offset {
-            reg::TPR => self.tpr = value & 0xFF,
+            reg::TPR => self.set_reg(reg::TPR, value & 0xFF),
             reg::EOI => {
-                if let Some(v) = highest(&self.isr) {
-                    clear(&mut self.isr, v);
+                if let Some(v) = self.highest(reg::ISR) {
+                    self.clear_bit(reg::ISR, v);
                 }
             }
-            reg::LDR => self.ldr = value & 0xFF00_0000,
-            reg::DFR => self.dfr = value | 0x0FFF_FFFF,
+            reg::LDR => self.set_reg(reg::LDR, value & 0xFF00_0000),
+            reg::DFR => self.set_reg(reg::DFR, value | 0x0FFF_FFFF),
             reg::SVR => {
-                self.svr = value & 0x13FF;
+                self.set_reg(reg::SVR, value & 0x13FF);
                 if !self.software_enabled() {
                     // Disabling masks every LVT entry (SDM 11.4.7.2).
-                    for l in &mut self.lvt {
-                        *l |= LVT_MASKED;
+                    for lvt in LVT_REGISTERS {
+                        self.set_reg(lvt, self.reg(lvt) | LVT_MASKED);
                     }
                 }
             }
-            reg::ESR => self.esr = 0,
-            reg::ICR_HIGH => self.icr_high = value & 0xFF00_0000,
+            reg::ESR => self.set_reg(reg::ESR, 0),
+            reg::ICR_HIGH => self.set_reg(reg::ICR_HIGH, value & 0xFF00_0000),
             reg::ICR_LOW => {
-                self.icr_low = value;
+                self.set_reg(reg::ICR_LOW, value);
                 return Some(self.icr_command());
             }
             // In TSC-deadline mode the initial count is not used (SDM 10.5.4.1).
-            reg::TIMER_INITIAL if self.tsc_deadline_mode() => {}
+            reg::TIMER_INITIAL if self.tsc_deadline_mode() => self.set_reg(reg::TIMER_INITIAL, 0),
             reg::TIMER_INITIAL => {
-                self.timer_initial = value;
+                self.set_reg(reg::TIMER_INITIAL, value);
                 self.timer_start = now;
                 self.timer_deadline = (value != 0).then(|| now + value as u64 * self.divisor());
             }
-            reg::TIMER_DIVIDE => self.timer_divide_config = value & 0b1011,
-            o => {
-                if let Some(i) = lvt_index(o) {
-                    let masked = if self.software_enabled() { 0 } else { LVT_MASKED };
-                    let old_mode = self.lvt[i] & LVT_TIMER_MODE;
-                    self.lvt[i] = (value & 0x0007_17FF) | masked;
+            reg::TIMER_DIVIDE => self.set_reg(reg::TIMER_DIVIDE, value & 0b1011),
+            o if lvt_index(o).is_some() => {
+                let masked = if self.software_enabled() { 0 } else { LVT_MASKED };
+                let entry = (value & 0x0007_17FF) | masked;
+                self.set_reg(o, entry);
+                if o == reg::LVT_TIMER {
                     // Entering or leaving TSC-deadline mode disarms the timer.
-                    let deadline = LVT_TIMER_TSC_DEADLINE;
-                    if o == reg::LVT_TIMER && old_mode != self.lvt[i] & LVT_TIMER_MODE {
-                        if old_mode == deadline || self.lvt[i] & LVT_TIMER_MODE == deadline {
-                            self.timer_deadline = None;
-                        }
+                    let (old_mode, new_mode) = (self.timer_mode, entry & LVT_TIMER_MODE);
+                    if old_mode != new_mode
+                        && (old_mode == LVT_TIMER_TSC_DEADLINE || new_mode == LVT_TIMER_TSC_DEADLINE)
+                    {
+                        self.timer_deadline = None;
                     }
+                    self.timer_mode = new_mode;
                 }
             }
+            // Read-only or reserved: the write is dropped (the page keeps the register's value).
+            _ => {}
         }
         None
     }
 
+    /// A write the CPU has already made to the register page (an APIC-write VM exit, trap-like,
+    /// under APIC-register virtualization): its effects, as [`VirtualLapic::write`] of the value
+    /// the page holds. Registers the CPU does not virtualize never get here.
+    pub fn trapped_write(&mut self, offset: u32, now: u64) -> Option<IcrCommand> {
+        match offset {
+            // Virtualized without an exit (the CPU itself clears ISR and updates TPR/PPR).
+            reg::TPR | reg::EOI => None,
+            reg::ID | reg::VERSION => {
+                // Read-only: put back what the CPU overwrote.
+                self.set_reg(reg::ID, (self.id as u32) << 24);
+                self.set_reg(reg::VERSION, VERSION_VALUE);
+                None
+            }
+            o => self.write(o, self.reg(o), now),
+        }
+    }
+
     fn icr_command(&self) -> IcrCommand {
-        let low = self.icr_low;
+        let (low, high) = (self.reg(reg::ICR_LOW), self.reg(reg::ICR_HIGH));
         let vector = low as u8;
         let destination = match (low >> 18) & 0b11 {
             1 => Destination::SelfOnly,
             2 => Destination::AllIncludingSelf,
             3 => Destination::AllExcludingSelf,
-            _ if low & (1 << 11) != 0 => Destination::Logical((self.icr_high >> 24) as u8),
-            _ => Destination::Physical((self.icr_high >> 24) as u8),
+            _ if low & (1 << 11) != 0 => Destination::Logical((high >> 24) as u8),
+            _ => Destination::Physical((high >> 24) as u8),
         };
         match (low >> 8) & 0b111 {
             0 | 1 => IcrCommand::Fixed { vector, destination },
@@ -268,7 +324,7 @@ impl VirtualLapic {
             5 if low & (1 << 14) == 0 && low & (1 << 15) != 0 => IcrCommand::Unsupported { icr: 0 },
             5 => IcrCommand::Init { destination },
             6 => IcrCommand::Startup { vector, destination },
-            _ => IcrCommand::Unsupported { icr: ((self.icr_high as u64) << 32) | low as u64 },
+            _ => IcrCommand::Unsupported { icr: ((high as u64) << 32) | low as u64 },
         }
     }
 
@@ -284,7 +340,7 @@ impl VirtualLapic {
     }
 
     fn tsc_deadline_mode(&self) -> bool {
-        self.lvt[1] & LVT_TIMER_MODE == LVT_TIMER_TSC_DEADLINE
+        self.timer_mode == LVT_TIMER_TSC_DEADLINE
     }
 
     /// IA32_TSC_DEADLINE as the guest reads it: the armed deadline, 0 when disarmed or fired
@@ -317,12 +373,13 @@ impl VirtualLapic {
         if now < deadline {
             return;
         }
-        let lvt = self.lvt[1];
+        let lvt = self.reg(reg::LVT_TIMER);
         if lvt & LVT_MASKED == 0 {
-            set(&mut self.irr, lvt as u8);
+            self.accept(lvt as u8);
         }
-        self.timer_deadline = if lvt & LVT_TIMER_PERIODIC != 0 && self.timer_initial != 0 {
-            let period = self.timer_initial as u64 * self.divisor();
+        let initial = self.reg(reg::TIMER_INITIAL);
+        self.timer_deadline = if lvt & LVT_TIMER_PERIODIC != 0 && initial != 0 {
+            let period = initial as u64 * self.divisor();
             let missed = (now - deadline) / period;
             Some(deadline + (missed + 1) * period)
         } else {
@@ -333,21 +390,40 @@ impl VirtualLapic {
     /// An interrupt arrives (IPI or routed device interrupt).
     pub fn accept(&mut self, vector: u8) {
         if vector >= 16 {
-            set(&mut self.irr, vector);
+            self.set_bit(reg::IRR, vector);
         }
+    }
+
+    /// The VMCS guest interrupt status under virtual-interrupt delivery (SDM 29.1.1): the
+    /// servicing vector (SVI, high byte: the highest in service), which EOI virtualization
+    /// clears from the page, and no requesting vector (RVI 0): the hypervisor acknowledges and
+    /// injects interrupts itself. Bochs 2.7 does not evaluate pending virtual interrupts at
+    /// VM entry (SDM 26.3.2.5), so an RVI it was given would wait for the guest's next EOI or
+    /// TPR write; injecting works the same on every CPU.
+    pub fn interrupt_status(&self) -> u16 {
+        (self.highest(reg::ISR).unwrap_or(0) as u16) << 8
     }
 
     /// The vector that would be delivered now, if any (its priority class above the PPR).
     pub fn deliverable(&self) -> Option<u8> {
-        let v = highest(&self.irr)?;
+        let v = self.highest(reg::IRR)?;
         (self.software_enabled() && (v as u32 & 0xF0) > (self.ppr() & 0xF0)).then_some(v)
     }
 
-    /// The guest takes the deliverable interrupt: IRR -> ISR.
+    /// What the CPU does to the register page under APIC virtualization, for tests: a guest
+    /// write it virtualizes (the value lands in the page as written).
+    #[cfg(test)]
+    pub(crate) fn cpu_writes(&mut self, offset: u32, value: u32) {
+        self.set_reg(offset, value);
+    }
+
+    /// The guest takes the deliverable interrupt: IRR -> ISR, and the page's PPR follows (it
+    /// is what virtual-interrupt delivery compares with).
     pub fn acknowledge(&mut self) -> Option<u8> {
         let v = self.deliverable()?;
-        clear(&mut self.irr, v);
-        set(&mut self.isr, v);
+        self.clear_bit(reg::IRR, v);
+        self.set_bit(reg::ISR, v);
+        self.set_reg(reg::PPR, self.ppr());
         Some(v)
     }
 }
@@ -441,6 +517,65 @@ mod tests {
         assert_eq!(l.read(reg::PPR, 0), 0x50);
         l.write(reg::TPR, 0, 0);
         assert_eq!(l.read(reg::IRR + 0x20, 0), 1 << 1, "IRR word 2 holds vector 0x41");
+    }
+
+    #[test]
+    fn the_register_page_is_laid_out_as_the_xapic_page() {
+        let mut l = enabled(3);
+        l.accept(0x41);
+        l.write(reg::TPR, 0x20, 0);
+        let page = &l.regs.0;
+        assert_eq!(page[0x20 / 4], 3 << 24, "ID");
+        assert_eq!(page[0x80 / 4], 0x20, "TPR, where the CPU's TPR shadow is");
+        assert_eq!(page[0x220 / 4], 1 << 1, "IRR bit 0x41: word 2 at 0x220");
+        assert_eq!(l.page_address() % 4096, 0, "page-aligned: usable as the virtual-APIC page");
+        let address = l.page_address();
+        l.reset();
+        assert_eq!((l.page_address(), l.read(reg::IRR + 0x20, 0)), (address, 0), "reset in place");
+    }
+
+    #[test]
+    fn interrupt_status_names_the_vector_in_service_as_the_cpu_changes_the_page() {
+        let mut l = enabled(0);
+        l.accept(0x41);
+        l.accept(0x61);
+        assert_eq!(l.interrupt_status(), 0, "nothing in service; never a requesting vector");
+        assert_eq!(l.acknowledge(), Some(0x61));
+        assert_eq!(l.interrupt_status(), 0x6100, "SVI: the vector just injected");
+        assert_eq!(l.regs.0[reg::PPR as usize / 4], 0x60, "the page's PPR follows");
+        assert_eq!(l.deliverable(), None, "0x41 waits below the in-service 0x61");
+        // EOI virtualization: the CPU clears the ISR bit SVI names.
+        l.cpu_writes(reg::ISR + 0x30, 0);
+        assert_eq!((l.interrupt_status(), l.deliverable()), (0, Some(0x41)));
+        assert_eq!(l.acknowledge(), Some(0x41));
+        l.accept(0x51);
+        assert_eq!(l.acknowledge(), Some(0x51), "nested above 0x41");
+        assert_eq!(l.interrupt_status(), 0x5100);
+    }
+
+    #[test]
+    fn trapped_writes_take_effect_from_what_the_cpu_put_in_the_page() {
+        let mut l = enabled(1);
+        l.cpu_writes(reg::LVT_TIMER, LVT_TIMER_TSC_DEADLINE | 0xEC);
+        assert_eq!(l.trapped_write(reg::LVT_TIMER, 0), None);
+        l.set_tsc_deadline(7_000);
+        assert_eq!(l.timer_deadline(), Some(7_000), "TSC-deadline mode, entered through the page");
+        l.cpu_writes(reg::LVT_TIMER, 0xEC);
+        l.trapped_write(reg::LVT_TIMER, 0);
+        assert_eq!(l.timer_deadline(), None, "leaving it disarms, though the page already held the new mode");
+        l.cpu_writes(reg::ICR_HIGH, 0 << 24);
+        assert_eq!(l.trapped_write(reg::ICR_HIGH, 0), None);
+        l.cpu_writes(reg::ICR_LOW, 0x0000_00FD);
+        assert_eq!(
+            l.trapped_write(reg::ICR_LOW, 0),
+            Some(IcrCommand::Fixed { vector: 0xFD, destination: Destination::Physical(0) })
+        );
+        l.cpu_writes(reg::ID, 7 << 24);
+        l.trapped_write(reg::ID, 0);
+        assert_eq!(l.read(reg::ID, 0), 1 << 24, "read-only: put back");
+        l.cpu_writes(reg::SVR, 0xFF);
+        l.trapped_write(reg::SVR, 0);
+        assert_eq!(l.read(reg::LVT_TIMER, 0) & LVT_MASKED, LVT_MASKED, "disabling masks the LVTs");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct PartitionContext {
     pub io_bitmap_a: u64,
     pub io_bitmap_b: u64,
     pub msr_bitmap: u64,
+    /// The APIC-access page the partition's EPT maps at the xAPIC's guest-physical address
+    /// (written only with APIC virtualization; never read or written by anyone).
+    pub apic_access_page: u64,
 }
 
 /// The executing pCPU's own state, which VM exits return to.
@@ -73,6 +76,9 @@ pub struct VcpuContext {
     /// The VM-entry MSR-load / VM-exit MSR-store area (host-physical) and its entry count.
     pub msr_area: u64,
     pub msr_count: u32,
+    /// The vCPU's virtual-APIC page: its `VirtualLapic` register page (written only with
+    /// APIC virtualization).
+    pub virtual_apic_page: u64,
 }
 
 /// Every field the hypervisor writes before a vCPU's first VM entry.
@@ -170,6 +176,19 @@ impl InitialVmcs {
         }
         if c.pause_loop_exiting() {
             f.extend([(control::PLE_GAP, PLE_GAP), (control::PLE_WINDOW, PLE_WINDOW)]);
+        }
+        if c.paths.apic_virtualization {
+            f.extend([
+                (control::VIRT_APIC_ADDR_FULL, self.vcpu.virtual_apic_page),
+                (control::APIC_ACCESS_ADDR_FULL, self.partition.apic_access_page),
+                (control::TPR_THRESHOLD, 0),
+                // No EOI exits: no vector needs its EOI seen (no level-triggered sources).
+                (control::EOI_EXIT0_FULL, 0),
+                (control::EOI_EXIT1_FULL, 0),
+                (control::EOI_EXIT2_FULL, 0),
+                (control::EOI_EXIT3_FULL, 0),
+                (guest::INTERRUPT_STATUS, 0),
+            ]);
         }
         let (area, count) = (self.vcpu.msr_area, self.vcpu.msr_count as u64);
         f.extend([
@@ -283,6 +302,12 @@ mod tests {
         }
         let minimal = encodings(&image(&MINIMAL_VTX, &state, false));
         assert!(!minimal.contains(&control::VPID) && !minimal.contains(&control::PLE_GAP));
+        // The APIC pages only where the CPU virtualizes the APIC.
+        assert!(skylake.contains(&control::VIRT_APIC_ADDR_FULL) && skylake.contains(&guest::INTERRUPT_STATUS));
+        for caps in [fixtures::bochs("corei3_cnl"), MINIMAL_VTX] {
+            let fields = encodings(&image(&caps, &state, false));
+            assert!(!fields.contains(&control::APIC_ACCESS_ADDR_FULL) && !fields.contains(&guest::INTERRUPT_STATUS));
+        }
     }
 
     #[test]
