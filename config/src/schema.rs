@@ -292,16 +292,16 @@ pub const MAX_TRACE_BYTES: u64 = 8 << 20;
 
 /// The hypervisor's heap, besides the trace buffers: per-pCPU state, partitions, vCPUs,
 /// EPT tables (the image's heap is this plus [`MAX_TRACE_BYTES`]).
-pub const HEAP_BYTES: u64 = 16 << 20;
+pub const HEAP_BYTES: u64 = 20 << 20;
 
 /// What the image's heap holds, over-estimated from measurements (docs/config.md): the
 /// instruction decoder's tables, the console and boot structures; per pCPU its slot-entry
-/// log and dispatch tables; per partition its bitmaps and devices; per vCPU its VMCS, FXSAVE
+/// log and dispatch tables; per partition its bitmaps and devices; per vCPU its VMCS, FXSAVE,
 /// and MSR pages and its state; EPT tables per GiB of partition memory (2 MiB pages).
 pub const HEAP_FIXED_BYTES: u64 = 1 << 20;
 pub const HEAP_PER_PCPU_BYTES: u64 = 256 << 10;
 pub const HEAP_PER_PARTITION_BYTES: u64 = 64 << 10;
-pub const HEAP_PER_VCPU_BYTES: u64 = 16 << 10;
+pub const HEAP_PER_VCPU_BYTES: u64 = 24 << 10;
 pub const HEAP_EPT_PER_GIB_BYTES: u64 = 8 << 10;
 
 /// The heap a partition of `vcpus` vCPUs and `memory` bytes takes.

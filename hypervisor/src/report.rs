@@ -59,6 +59,14 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         let sampled = vmx::spin_sample::spinning_pct(totals.spin_samples_spinning, totals.spin_samples);
         // The same, over the stretch the guest measured itself (its measurement window).
         let windowed = vmx::spin_sample::spinning_pct(totals.window_spin_samples_spinning, totals.window_spin_samples);
+        // What exits cost the stretch the guest measured (its window): how often it left
+        // guest mode per second of its own time, and the share of its time spent handling them.
+        let window_guest = totals.window_guest_cycles;
+        let window_exit_rate =
+            (window_guest > 0).then(|| alloc::format!("{}", totals.window_exits * crate::tsc::hz() / window_guest));
+        let window_handling = totals.window_exit_handling_cycles;
+        let window_handling_pct =
+            (window_guest > 0).then(|| window_handling as f64 * 100.0 / (window_guest + window_handling) as f64);
         // Only the test guest keeps its own spin figure where the hypervisor can read it.
         let guest_spin_pct = (p.payload == crate::partition::Payload::TestGuest)
             .then(|| guest_spin as f64 * 100.0 / (guest_spin + guest_busy).max(1) as f64);
@@ -110,6 +118,9 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("spin_window_samples", totals.window_spin_samples)
             .str("spin_window_pct", &pct_or_not_measured(windowed.map(|s| s.0)))
             .str("spin_window_ci95_pp", &pct_or_not_measured(windowed.map(|s| s.1)))
+            .u64("window_exits", totals.window_exits)
+            .str("window_exits_per_guest_s", window_exit_rate.as_deref().unwrap_or("not measured"))
+            .str("window_exit_handling_pct", &pct_or_not_measured(window_handling_pct))
             .u64("slots", totals.slots)
             .u64("gang_slots_measured", skews.len() as u64)
             .u64("skew_median_cycles", skew_median)

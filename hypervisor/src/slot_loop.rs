@@ -273,6 +273,11 @@ fn run_turn(
             pcpu.spin_sample.cycles += entry - stretch_start;
         }
         pcpu.charge(stretch_account, stretch_start, entry);
+        // The handling of the previous exit, if it was one, for the window figures below.
+        let handled = match stretch_account {
+            Account::OnBehalf(_, Work::ExitHandling) => entry - stretch_start,
+            _ => 0,
+        };
         if first_entry {
             first_entry = false;
             // The first entry into the slot only (a vCPU that halted and was woken re-enters).
@@ -302,6 +307,9 @@ fn run_turn(
             break TurnEnd::Stopped;
         }
         pcpu.ledger.note_exit(account_id);
+        if pcpu.vcpus[index].in_spin_window {
+            pcpu.ledger.note_window_stretch(account_id, exit - entry, handled);
+        }
         let raw = vmcs::read(ro::EXIT_REASON) as u32;
         let reason = ExitReason::from_raw(raw);
         let slot = (reason.number() as usize).min(EXIT_REASONS - 1);

@@ -71,6 +71,11 @@ pub struct PartitionStats {
     /// opens it around the stretch it measures itself: `HYPERCALL_SPIN_WINDOW`).
     pub window_spin_samples: u64,
     pub window_spin_samples_spinning: u64,
+    /// Inside the vCPUs' measurement windows: guest cycles, the exits that ended them and the
+    /// cycles spent handling those exits (what the guest's measured stretch cost in exits).
+    pub window_guest_cycles: u64,
+    pub window_exits: u64,
+    pub window_exit_handling_cycles: u64,
     pub slots: u64,
 }
 
@@ -97,6 +102,9 @@ impl PartitionStats {
         self.spin_samples_spinning += other.spin_samples_spinning;
         self.window_spin_samples += other.window_spin_samples;
         self.window_spin_samples_spinning += other.window_spin_samples_spinning;
+        self.window_guest_cycles += other.window_guest_cycles;
+        self.window_exits += other.window_exits;
+        self.window_exit_handling_cycles += other.window_exit_handling_cycles;
         self.slots += other.slots;
     }
 }
@@ -200,6 +208,17 @@ impl Ledger {
     pub fn note_exit(&mut self, id: PartitionId) {
         if let Some(s) = self.partitions.get_mut(id as usize) {
             s.exits += 1;
+        }
+    }
+
+    /// A stretch of `id`'s guest time that ended in an exit, and the handling of the exit
+    /// before it, both inside the vCPU's measurement window (already charged by `charge`;
+    /// counted again here by window).
+    pub fn note_window_stretch(&mut self, id: PartitionId, guest_cycles: u64, previous_exit_handling_cycles: u64) {
+        if let Some(s) = self.partitions.get_mut(id as usize) {
+            s.window_guest_cycles += guest_cycles;
+            s.window_exits += 1;
+            s.window_exit_handling_cycles += previous_exit_handling_cycles;
         }
     }
 

@@ -452,6 +452,19 @@ fn spin_samples_inside_a_window_are_counted_apart_and_merged() {
 }
 
 #[test]
+fn window_stretches_count_exits_and_their_cost_apart_and_merge() {
+    let mut a = Ledger::new(0, 2, 0);
+    let mut b = Ledger::new(1, 2, 0);
+    a.note_window_stretch(0, 9_000, 0);
+    a.note_window_stretch(0, 8_000, 1_000);
+    b.note_window_stretch(0, 5_000, 500);
+    let s = MachineStats::from_ledgers(&[a, b]).partitions;
+    assert_eq!((s[0].window_guest_cycles, s[0].window_exits, s[0].window_exit_handling_cycles), (22_000, 3, 1_500));
+    assert_eq!(s[1], PartitionStats::default(), "only the partition whose window it was");
+    assert_eq!(s[0].exits, 0, "counted by window, not as exits again");
+}
+
+#[test]
 fn slot_switch_is_work_on_the_partitions_behalf() {
     let mut ledger = Ledger::new(0, 1, 1_000);
     assert_eq!(ledger.charge(Account::OnBehalf(0, Work::SlotSwitch), 1_000, 1_300), Tiling::Exact);

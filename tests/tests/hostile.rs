@@ -61,13 +61,16 @@ guest = {{ module = "testguest", cmdline = "mode=cpubound work=500" }}
     )
 }
 
-fn boot(attack: &str, on_fault: &str) -> Run {
+/// The CPU's APIC virtualization taken away: the xAPIC emulated, every access decoded.
+const EMULATED_APIC: &str = "phalanx.debug.vmx_without=virtual_interrupt_delivery";
+
+fn boot(attack: &str, on_fault: &str, cmdline: &str) -> Run {
     let root = e2e::repo_root();
-    let name = format!("hostile-{attack}");
+    let name = format!("hostile-{attack}{}", if cmdline.is_empty() { "" } else { "-emulated-apic" });
     let path = root.join("target/e2e").join(format!("{name}.toml"));
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, config(attack, on_fault)).unwrap();
-    Boot::new(&name, "bochs", 2, path.to_str().unwrap()).run()
+    Boot::new(&name, "bochs", 2, path.to_str().unwrap()).cmdline(cmdline).run()
 }
 
 /// The steady partition's share in the baseline run (a well-behaved neighbour), measured once
@@ -75,16 +78,16 @@ fn boot(attack: &str, on_fault: &str) -> Run {
 fn baseline_share() -> f64 {
     static BASELINE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *BASELINE.get_or_init(|| {
-        let run = boot("none", "stop");
+        let run = boot("none", "stop", "");
         run.assert_clean_end();
         assert!(run.all("partition_fault").is_empty(), "{}", run.log);
         pct(&stats(&run, "steady")["cpu_share_pct"])
     })
 }
 
-fn attack(name: &str, expected: Outcome) {
+fn attack(name: &str, expected: Outcome, cmdline: &str) {
     let on_fault = if matches!(expected, Outcome::Reset(_)) { "reset" } else { "stop" };
-    let run = boot(name, on_fault);
+    let run = boot(name, on_fault, cmdline);
     // The machine survives: no hypervisor exception or panic, the run ends on time.
     run.assert_clean_end();
     assert!(!run.all("run_end").is_empty(), "the run ends normally:\n{}", run.log);
@@ -149,15 +152,19 @@ fn attack(name: &str, expected: Outcome) {
     assert_share(&run, "steady", STEADY_PCT, 1.0);
 }
 
+/// `test: "attack" => outcome;` runs the attack on the default CPU (Bochs skylake_x, whose
+/// APIC the CPU virtualizes); `... => outcome, emulated APIC;` with the xAPIC emulated.
 macro_rules! attacks {
-    ($($test:ident: $name:literal => $outcome:expr;)*) => {
+    ($($test:ident: $name:literal => $outcome:expr $(, emulated $emulated:ident)?;)*) => {
         $(
             #[test]
             fn $test() {
-                attack($name, $outcome);
+                attack($name, $outcome, attacks!(@cmdline $($emulated)?));
             }
         )*
     };
+    (@cmdline) => { "" };
+    (@cmdline apic) => { EMULATED_APIC };
 }
 
 attacks! {
@@ -177,12 +184,19 @@ attacks! {
     a_triple_fault_reset_loop_stays_in_its_partition: "triple-fault" => Outcome::Reset("triple-fault");
     every_hypercall_number_is_answered: "hypercalls" => Outcome::Contained;
     an_ipi_flood_stays_in_its_partition: "ipi-flood" => Outcome::Contained;
-    a_self_ipi_storm_stays_in_its_vcpu: "self-ipi" => Outcome::Contained;
+    // The attacker never enables its APIC nor sets up an IDT. The emulated xAPIC delivers
+    // nothing while software-disabled; the CPU's self-IPI virtualization delivers regardless
+    // (as hardware does), and the attacker's own vCPU triple-faults.
+    a_self_ipi_storm_stays_in_its_vcpu: "self-ipi" => Outcome::Stopped("triple-fault");
+    a_self_ipi_storm_on_an_emulated_apic_is_not_delivered: "self-ipi" => Outcome::Contained, emulated apic;
     init_and_sipi_reach_only_its_own_vcpus: "init-sipi" => Outcome::Contained;
     ioapic_entries_aim_only_at_its_own_vcpus: "ioapic" => Outcome::Contained;
     odd_lapic_accesses_are_emulated_or_ignored: "lapic-odd" => Outcome::Contained;
     string_instructions_on_the_lapic_are_refused: "string-mmio" => Outcome::Stopped("refused");
-    locked_lapic_accesses_are_refused: "locked-mmio" => Outcome::Stopped("refused");
+    // A locked add to the TPR: the CPU virtualizes it like any TPR write; emulation refuses
+    // locked accesses to device memory.
+    locked_lapic_accesses_are_virtualized_by_the_cpu: "locked-mmio" => Outcome::Contained;
+    locked_lapic_accesses_are_refused_when_emulated: "locked-mmio" => Outcome::Stopped("refused"), emulated apic;
     memory_beyond_its_own_faults: "gpa-hole" => Outcome::Stopped("ept-violation");
     a_reboot_through_0xcf9_resets_only_its_partition: "reboot-cf9" => Outcome::Rebooted("reset control (0xcf9)");
     a_reboot_through_the_keyboard_controller_resets_only_its_partition: "reboot-kbd" => Outcome::Rebooted("keyboard controller");

@@ -394,14 +394,17 @@ impl VirtualLapic {
         }
     }
 
-    /// The VMCS guest interrupt status under virtual-interrupt delivery (SDM 29.1.1): the
-    /// servicing vector (SVI, high byte: the highest in service), which EOI virtualization
-    /// clears from the page, and no requesting vector (RVI 0): the hypervisor acknowledges and
-    /// injects interrupts itself. Bochs 2.7 does not evaluate pending virtual interrupts at
-    /// VM entry (SDM 26.3.2.5), so an RVI it was given would wait for the guest's next EOI or
-    /// TPR write; injecting works the same on every CPU.
+    /// The VMCS guest interrupt status under virtual-interrupt delivery (SDM 29.1.1), as the
+    /// register page has it: the servicing vector (SVI, high byte: the highest in service),
+    /// whose ISR bit EOI virtualization clears, and the requesting one (RVI, low byte: the
+    /// highest requested; 0 while the APIC is software-disabled). The hypervisor injects
+    /// interrupts itself and writes this after each injection, so the CPU's own deliveries
+    /// (a virtualized self-IPI, a pending RVI at the guest's EOI) and its stay in step: Bochs
+    /// 2.7 does not evaluate pending virtual interrupts at VM entry (SDM 26.3.2.5), so RVI
+    /// alone would wait for the guest's next EOI or TPR write.
     pub fn interrupt_status(&self) -> u16 {
-        (self.highest(reg::ISR).unwrap_or(0) as u16) << 8
+        let rvi = if self.software_enabled() { self.highest(reg::IRR).unwrap_or(0) } else { 0 };
+        (self.highest(reg::ISR).unwrap_or(0) as u16) << 8 | rvi as u16
     }
 
     /// The vector that would be delivered now, if any (its priority class above the PPR).
@@ -535,22 +538,25 @@ mod tests {
     }
 
     #[test]
-    fn interrupt_status_names_the_vector_in_service_as_the_cpu_changes_the_page() {
+    fn interrupt_status_follows_the_page_as_the_hypervisor_and_the_cpu_change_it() {
         let mut l = enabled(0);
         l.accept(0x41);
         l.accept(0x61);
-        assert_eq!(l.interrupt_status(), 0, "nothing in service; never a requesting vector");
+        assert_eq!(l.interrupt_status(), 0x0061, "RVI: the highest requested; nothing in service");
         assert_eq!(l.acknowledge(), Some(0x61));
-        assert_eq!(l.interrupt_status(), 0x6100, "SVI: the vector just injected");
+        assert_eq!(l.interrupt_status(), 0x6141, "SVI: the vector just injected; 0x41 still requested");
         assert_eq!(l.regs.0[reg::PPR as usize / 4], 0x60, "the page's PPR follows");
         assert_eq!(l.deliverable(), None, "0x41 waits below the in-service 0x61");
         // EOI virtualization: the CPU clears the ISR bit SVI names.
         l.cpu_writes(reg::ISR + 0x30, 0);
-        assert_eq!((l.interrupt_status(), l.deliverable()), (0, Some(0x41)));
-        assert_eq!(l.acknowledge(), Some(0x41));
+        assert_eq!((l.interrupt_status(), l.deliverable()), (0x0041, Some(0x41)));
+        // Virtual-interrupt delivery of RVI by the CPU: IRR -> ISR in the page.
+        l.cpu_writes(reg::IRR + 0x20, 0);
+        l.cpu_writes(reg::ISR + 0x20, 1 << 1);
+        assert_eq!((l.interrupt_status(), l.deliverable()), (0x4100, None), "nothing left to inject");
+        l.write(reg::SVR, 0xFF, 0);
         l.accept(0x51);
-        assert_eq!(l.acknowledge(), Some(0x51), "nested above 0x41");
-        assert_eq!(l.interrupt_status(), 0x5100);
+        assert_eq!(l.interrupt_status() & 0xFF, 0, "a software-disabled APIC requests nothing");
     }
 
     #[test]
