@@ -16,6 +16,7 @@ extern crate alloc;
 
 pub mod dispatch_plan;
 mod error;
+pub mod irq_plan;
 mod schema;
 mod validate;
 

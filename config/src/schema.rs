@@ -303,16 +303,22 @@ pub const HEAP_PER_PCPU_BYTES: u64 = 256 << 10;
 pub const HEAP_PER_PARTITION_BYTES: u64 = 64 << 10;
 pub const HEAP_PER_VCPU_BYTES: u64 = 24 << 10;
 pub const HEAP_EPT_PER_GIB_BYTES: u64 = 8 << 10;
+/// Per owned device IRQ: its state and latency samples (`hypervisor/src/device_irq.rs`).
+pub const HEAP_PER_IRQ_BYTES: u64 = 20 << 10;
 
-/// The heap a partition of `vcpus` vCPUs and `memory` bytes takes.
-pub fn heap_of_partition(vcpus: u32, memory: u64) -> u64 {
-    HEAP_PER_PARTITION_BYTES + vcpus as u64 * HEAP_PER_VCPU_BYTES + memory.div_ceil(1 << 30) * HEAP_EPT_PER_GIB_BYTES
+/// The heap a partition of `vcpus` vCPUs and `memory` bytes owning `irqs` device IRQs takes.
+pub fn heap_of_partition(vcpus: u32, memory: u64, irqs: usize) -> u64 {
+    HEAP_PER_PARTITION_BYTES
+        + vcpus as u64 * HEAP_PER_VCPU_BYTES
+        + memory.div_ceil(1 << 30) * HEAP_EPT_PER_GIB_BYTES
+        + irqs as u64 * HEAP_PER_IRQ_BYTES
 }
 
 impl Config {
     /// The heap the image needs for this config on `pcpus` pCPUs, trace buffers included.
     pub fn heap_estimate(&self, pcpus: u32) -> u64 {
-        let partitions: u64 = self.partitions.iter().map(|p| heap_of_partition(p.vcpus, p.memory.size())).sum();
+        let partitions: u64 =
+            self.partitions.iter().map(|p| heap_of_partition(p.vcpus, p.memory.size(), p.devices.irqs.len())).sum();
         HEAP_FIXED_BYTES
             + pcpus as u64 * (HEAP_PER_PCPU_BYTES + self.hypervisor.trace_events * TRACE_EVENT_BYTES)
             + partitions

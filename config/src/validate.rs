@@ -10,9 +10,9 @@ use core::ops::{Range, RangeInclusive};
 use reservations::{AdmissionError, Field, GroupSpec, NodeRef, PartitionSpec, Problem, Tree, TreeSpec};
 use toml::Spanned;
 
-use crate::dispatch_plan;
 use crate::error::{ConfigError, ErrorKind, Reporter};
 use crate::schema::*;
+use crate::{dispatch_plan, irq_plan};
 
 /// What is known about the machine the config will run on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -38,6 +38,8 @@ pub struct Validated {
     pub tree: Tree,
     /// The dispatch tables (in microseconds) and vCPU homes the image runs.
     pub dispatch: dispatch_plan::DispatchPlan,
+    /// The device IRQs the partitions own: host vector and pCPU of each.
+    pub irqs: irq_plan::IrqPlan,
 }
 
 pub const MIB: u64 = 1 << 20;
@@ -132,7 +134,8 @@ impl Checker<'_> {
         let dispatch = dispatch_plan::plan(&config, &tree, pcpus).map_err(|f| self.plan_error(f))?;
         self.trace_fits(&config.hypervisor, pcpus)?;
         self.heap_fits(&config, pcpus)?;
-        Ok(Validated { config, memory, tree, dispatch })
+        let irqs = irq_plan::IrqPlan::new(&config, &dispatch.homes).map_err(|f| self.plan_error(f))?;
+        Ok(Validated { config, memory, tree, dispatch, irqs })
     }
 
     /// Every pCPU gets a trace buffer of `trace_events`, all of them from the heap.
@@ -151,15 +154,16 @@ impl Checker<'_> {
             return Err(self.r.at(span, hv_subject(), None, ErrorKind::Memory, message));
         }
         for (p, raw) in config.partitions.iter().zip(&self.raw.partition) {
-            total += heap_of_partition(p.vcpus, p.memory.size());
+            total += heap_of_partition(p.vcpus, p.memory.size(), p.devices.irqs.len());
             if total > HEAP_BYTES {
                 let raw = raw.get_ref();
                 let message = format!(
                     "the hypervisor's {} MiB heap cannot hold this partition too: {} KiB per vCPU, {} KiB per \
-                     partition and {} KiB of EPT per GiB come to {} KiB with it",
+                     partition, {} KiB per device IRQ and {} KiB of EPT per GiB come to {} KiB with it",
                     HEAP_BYTES / MIB,
                     kib(HEAP_PER_VCPU_BYTES),
                     kib(HEAP_PER_PARTITION_BYTES),
+                    kib(HEAP_PER_IRQ_BYTES),
                     kib(HEAP_EPT_PER_GIB_BYTES),
                     kib(total)
                 );
@@ -581,20 +585,14 @@ impl Checker<'_> {
                 Err(self.r.at(span, partition_subject(raw), Some(field), ErrorKind::InvalidValue, message))
             };
             let devices = raw.devices.as_ref().map(Spanned::get_ref);
-            if let Some(irq) = devices.and_then(|d| d.irqs.first()) {
+            // ISA interrupts are edges, latched and delivered; a PCI line (GSI 16 and up) is
+            // level-triggered and must be masked until the guest's EOI, which is not done yet.
+            if let Some(irq) = devices.and_then(|d| d.irqs.iter().find(|i| *i.get_ref() >= 16)) {
                 return refuse(
                     irq.span(),
                     "devices.irqs",
-                    "device interrupts are not routed to partitions yet: pass the device's ports through \
-                     (devices.ioports) and poll it",
-                );
-            }
-            if let Some(serial) = devices.and_then(|d| d.serial.as_ref()) {
-                return refuse(
-                    serial.span(),
-                    "devices.serial",
-                    "a UART's interrupt is not routed to partitions yet: pass its ports through \
-                     (devices.ioports = [\"0x2f8-0x2ff\"] for com2) and poll it",
+                    "PCI interrupts (GSI 16 and up, level-triggered) are not routed to partitions yet: \
+                     ISA IRQs 1-15 are",
                 );
             }
             if let Some(policy) = raw.policy.as_ref().filter(|_| !hypervisor.policy.aligned()) {
@@ -816,6 +814,7 @@ impl Checker<'_> {
             "policy" => raw.policy.as_ref().map_or(raw.vcpus.span(), Spanned::span),
             "pcpus" => raw.pcpus.span(),
             "vcpus" => raw.vcpus.span(),
+            "devices.irqs" => raw.devices.as_ref().map_or(raw.vcpus.span(), Spanned::span),
             _ => raw.reservation.span(),
         };
         let field = if f.field == "policy" && raw.policy.is_none() { "vcpus" } else { f.field };

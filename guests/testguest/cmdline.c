@@ -37,6 +37,7 @@ static const char *const attack_names[] = {
     [ATTACK_REBOOT_CF9] = "reboot-cf9",
     [ATTACK_REBOOT_KBD] = "reboot-kbd",
     [ATTACK_POWEROFF] = "poweroff",
+    [ATTACK_IRQ_STORM] = "irq-storm",
 };
 _Static_assert(sizeof attack_names / sizeof attack_names[0] == ATTACK_COUNT, "a name per attack");
 

@@ -37,6 +37,7 @@ enum testguest_attack {
     ATTACK_REBOOT_CF9,
     ATTACK_REBOOT_KBD,
     ATTACK_POWEROFF,
+    ATTACK_IRQ_STORM,
     ATTACK_COUNT
 };
 

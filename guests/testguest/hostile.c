@@ -156,6 +156,15 @@ void hostile_attack(enum testguest_attack attack, uint64_t vcpus, uint64_t memor
         outw(0x604, (5 << 10) | (1 << 13));
         for (;;)
             cpu_pause();
+    /* Owns COM2 (its ports pass through, its IRQ 3 is routed to the partition): loopback and
+     * OUT2 (which gates a PC UART's interrupt line) on, then the transmit-empty interrupt
+     * enabled and disabled as fast as it can: every enable is an edge on IRQ 3. Forever. */
+    case ATTACK_IRQ_STORM:
+        outb(0x2F8 + 4, 0x18);
+        for (;;) {
+            outb(0x2F8 + 1, 0x00);
+            outb(0x2F8 + 1, 0x02);
+        }
     case ATTACK_TRIPLE_FAULT: {
         struct __attribute__((packed)) {
             uint16_t limit;

@@ -30,6 +30,9 @@ pub enum ExitOutcome {
     /// A host interrupt (the slot timer, a sibling pCPU's kick) stopped the guest; enter it
     /// again. Its handling is the hypervisor's own time.
     HostInterrupt,
+    /// A device interrupt `owner` owns stopped the guest (whoever's it is): latched, to be
+    /// raised at the owner, whose work it is; enter the guest again.
+    DeviceInterrupt { owner: usize },
     /// The VMX-preemption timer stopped the guest past its slot boundary (the guard).
     Guard,
     /// A spin exit (PAUSE-loop exit, or a PAUSE under PAUSE exiting); `yielded`: the policy
@@ -69,12 +72,16 @@ pub fn handle_exit(
             let info = vmcs::read(ro::VMEXIT_INTERRUPTION_INFO) as u32;
             if let Some(vector) = vmx::exit::interrupt_vector(info) {
                 crate::trace::record_here(EventKind::HostInterrupt, vcpu.partition, vcpu.index, vector as u32);
+                let device = machine().device_irqs.arrive(vector, crate::tsc::now(), Some(partition.id));
                 if vector == CONSOLE_INPUT_VECTOR {
                     crate::console::on_input();
-                } else if ![DISPATCH_VECTOR, KICK_VECTOR, BOUNDARY_VECTOR].contains(&vector) {
+                } else if device.is_none() && ![DISPATCH_VECTOR, KICK_VECTOR, BOUNDARY_VECTOR].contains(&vector) {
                     log::warn!("unexpected interrupt vector {vector:#x} while a guest ran");
                 }
                 crate::apic::eoi();
+                if let Some(owner) = device {
+                    return ExitOutcome::DeviceInterrupt { owner };
+                }
             }
             ExitOutcome::HostInterrupt
         }

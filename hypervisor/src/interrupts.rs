@@ -7,13 +7,20 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Once;
 
 use crate::vectors::{
-    BOUNDARY_VECTOR, CONSOLE_INPUT_VECTOR, DISPATCH_VECTOR, IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI, KICK_VECTOR,
-    PHASE_TEST_VECTOR, SPURIOUS_VECTOR,
+    BOUNDARY_VECTOR, CONSOLE_INPUT_VECTOR, DEVICE_VECTOR_FIRST, DEVICE_VECTOR_LAST, DISPATCH_VECTOR, IST_DOUBLE_FAULT,
+    IST_MACHINE_CHECK, IST_NMI, KICK_VECTOR, PHASE_TEST_VECTOR, SPURIOUS_VECTOR,
 };
 
 /// Registered by the layers above at start-up, so this one never calls up by name.
 static PHASE_TEST_TICK: Once<fn()> = Once::new();
 static END_RUN_AFTER_BSP_EXCEPTION: Once<fn() -> !> = Once::new();
+static DEVICE_INTERRUPT: Once<fn(u8)> = Once::new();
+
+/// `arrived` runs for every device vector (`config::irq_plan`) taken in root mode, before the
+/// EOI.
+pub fn on_device_interrupt(arrived: fn(u8)) {
+    DEVICE_INTERRUPT.call_once(|| arrived);
+}
 
 /// `tick` runs on every phase-test timer interrupt (before the EOI).
 pub fn on_phase_test_tick(tick: fn()) {
@@ -236,6 +243,10 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
             crate::apic::eoi();
         }
         SPURIOUS_VECTOR => {}
+        DEVICE_VECTOR_FIRST..=DEVICE_VECTOR_LAST if DEVICE_INTERRUPT.is_completed() => {
+            (DEVICE_INTERRUPT.get().expect("registered"))(vector);
+            crate::apic::eoi();
+        }
         _ => {
             log::warn!("unexpected interrupt vector {vector:#x}");
             crate::apic::eoi();

@@ -97,6 +97,8 @@ pub struct Machine {
     /// The partition whose COM1 receives what is typed at the hypervisor's console
     /// (`phalanx.console=NAME`).
     pub console_input: Option<usize>,
+    /// The device IRQs partitions own, and their delivery (`device_irq`).
+    pub device_irqs: crate::device_irq::DeviceIrqs,
     /// An end earlier than `schedule.end` (a partition with `on_poweroff = "end-run"` powered
     /// off); `u64::MAX`: none.
     early_end: AtomicU64,
@@ -263,6 +265,7 @@ pub fn build(
         debug_uncharged_cycles: length.debug_uncharged_cycles,
         debug_switch_in_cycles: length.debug_switch_in_cycles,
     };
+    let device_irqs = crate::device_irq::DeviceIrqs::new(validated.irqs.clone(), partitions.len());
     Ok(MACHINE.call_once(|| Machine {
         partitions,
         tables,
@@ -275,6 +278,7 @@ pub fn build(
         spin_sample_cycles: config.hypervisor.spin_sample_us * tsc_per_us,
         heap_estimate,
         console_input,
+        device_irqs,
         early_end: AtomicU64::new(u64::MAX),
         schedule,
     }))

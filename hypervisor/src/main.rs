@@ -13,6 +13,7 @@ mod boot;
 mod boot_config;
 mod console;
 mod cpu;
+mod device_irq;
 mod exits;
 mod freestanding;
 mod guest_entry;
@@ -273,6 +274,7 @@ fn run_partitions(
             .unwrap_or_else(|e| fatal("console", &e));
         console::enable_input_interrupt();
     }
+    device_irq::route(platform, machine);
     let schedule = machine.schedule;
     for p in &machine.partitions {
         Record::new("partition_start")

@@ -118,6 +118,8 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("spin_window_samples", totals.window_spin_samples)
             .str("spin_window_pct", &pct_or_not_measured(windowed.map(|s| s.0)))
             .str("spin_window_ci95_pp", &pct_or_not_measured(windowed.map(|s| s.1)))
+            .u64("irqs", totals.irqs)
+            .u64("irq_demux_cycles", totals.irq_demux_cycles)
             .u64("window_exits", totals.window_exits)
             .str("window_exits_per_guest_s", window_exit_rate.as_deref().unwrap_or("not measured"))
             .str("window_exit_handling_pct", &pct_or_not_measured(window_handling_pct))
@@ -157,6 +159,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
     let percent = |cycles: u64| cycles as f64 * 100.0 / elapsed.max(1) as f64;
     let sample_exits: u64 = results.iter().map(|r| r.spin_sample.count).sum();
     let sample_cycles: u64 = results.iter().map(|r| r.spin_sample.cycles).sum();
+    m.device_irqs.report(&m.partitions);
     Record::new("accounting")
         .u64("pcpus", cpus as u64)
         .u64("elapsed_cycles", elapsed)

@@ -75,6 +75,14 @@ pub fn run_pcpu(cpu: usize) {
             next_injection = (next_injection + m.frame_cycles).max(mark);
             now = mark;
         }
+        // Device interrupts that arrived in root mode (idle, between turns), raised at their
+        // owners, each charged for its own.
+        crate::device_irq::deliver(|owner, from, to| {
+            pcpu.charge(Account::Overhead, mark, from);
+            pcpu.charge(Account::OnBehalf(owner as reservations::PartitionId, Work::IrqDemux), from, to);
+            pcpu.ledger.note_irq(owner as reservations::PartitionId);
+            mark = to;
+        });
         // Between turns the pCPU works for nobody in particular: statistics, the console,
         // starts and wake-ups of the vCPUs homed here. The hypervisor's own time.
         if cpu == 0 && now >= next_progress {
@@ -139,6 +147,11 @@ pub fn run_pcpu(cpu: usize) {
             .u64("exits", v.exits)
             .fmt("last_exit_rip", format_args!("{:#x}", v.last_exit_rip))
             .fmt("pending_vector", format_args!("{:?}", v.lapic.deliverable()))
+            .fmt("irr", format_args!("{:x?}", v.lapic.vectors().0))
+            .fmt("isr", format_args!("{:x?}", v.lapic.vectors().1))
+            .u64("tpr", v.lapic.read(vmx::vlapic::reg::TPR, 0) as u64)
+            .fmt("lvt_timer", format_args!("{:#x}", v.lapic.read(vmx::vlapic::reg::LVT_TIMER, 0)))
+            .fmt("timer_deadline", format_args!("{:?}", v.lapic.timer_deadline()))
             .emit();
     }
     *crate::percpu::of(cpu).dispatch_result.lock() = Some(PcpuResult {
@@ -259,6 +272,7 @@ fn run_turn(
         let vcpu = &mut pcpu.vcpus[index];
         vcpu.interrupt_due(&partition.devices, now);
         vcpu.deliver_interrupts(&m.controls);
+        m.device_irqs.entering(partition_id, &vcpu.lapic, now);
         // Exit by the slot boundary (guard), when the guest's own timer is due, or for the next
         // spin-wait sample.
         let wake = vcpu.lapic.timer_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));
@@ -322,6 +336,13 @@ fn run_turn(
             // interrupted partition's.
             ExitOutcome::HostInterrupt => {
                 stretch_account = Account::Overhead;
+                continue;
+            }
+            // Raised at its owner now (and whatever else arrived meanwhile), charged to the
+            // owner: the partition it happened to stop does not pay for it.
+            ExitOutcome::DeviceInterrupt { owner } => {
+                crate::device_irq::deliver(|raised, _, _| pcpu.ledger.note_irq(raised as reservations::PartitionId));
+                stretch_account = Account::OnBehalf(owner as reservations::PartitionId, Work::IrqDemux);
                 continue;
             }
             ExitOutcome::Sampled(sample) => {

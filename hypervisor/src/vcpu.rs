@@ -161,9 +161,7 @@ impl Vcpu {
 
     /// Before an entry: if the virtual LAPIC has a deliverable interrupt, inject it when the
     /// guest can take it, else ask for an exit as soon as it can (interrupt-window exiting).
-    /// Under APIC virtualization the same, then the guest interrupt status (SVI: the vector
-    /// just injected, so the CPU virtualizes its EOI without an exit; RVI: what is still
-    /// requested).
+    /// Under APIC virtualization the same: the CPU virtualizes the registers, not delivery.
     pub fn deliver_interrupts(&mut self, controls: &ControlSet) {
         const VALID: u64 = 1 << 31;
         // The common case (nothing pending, no window asked for) costs no VMCS access.
@@ -176,11 +174,6 @@ impl Vcpu {
                 if interruptible {
                     if let Some(vector) = self.lapic.acknowledge() {
                         vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, VALID | vector as u64);
-                        if controls.paths.apic_virtualization {
-                            // The guest's EOI is virtualized: it clears the ISR bit SVI names;
-                            // RVI keeps what is still requested.
-                            vmcs::write(guest::INTERRUPT_STATUS, self.lapic.interrupt_status() as u64);
-                        }
                         crate::trace::record_here(EventKind::Inject, self.partition, self.index, vector as u32);
                     }
                 }

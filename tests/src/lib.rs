@@ -76,10 +76,27 @@ impl<'a> Boot<'a> {
     /// and runs `session` while the machine runs: it can wait for output and type lines.
     pub fn run_typing(&self, partition: &str, session: impl FnOnce(&Console)) -> Run {
         let mut command = self.command(Some(partition));
-        // A log left by an earlier run must not answer the session's first wait.
-        let _ = std::fs::remove_file(self.dir().join("serial.log"));
+        let console = Console { dir: self.dir(), log: "serial.log", input: "console.in" };
+        self.run_session(&mut command, &console, session)
+    }
+
+    /// Boots with the machine's second UART, COM2, connected (`scripts/phalanx boot --com2`)
+    /// and runs `session` on it while the machine runs: what the machine sends there, and
+    /// lines to send it.
+    pub fn run_with_com2(&self, session: impl FnOnce(&Console)) -> Run {
+        let mut command = self.command(None);
+        command.arg("--com2");
+        let com2 = Console { dir: self.dir(), log: "com2.log", input: "com2.in" };
+        self.run_session(&mut command, &com2, session)
+    }
+
+    fn run_session(&self, command: &mut Command, port: &Console, session: impl FnOnce(&Console)) -> Run {
+        // Logs left by an earlier run must not answer the session's first wait.
+        for log in ["serial.log", port.log] {
+            let _ = std::fs::remove_file(self.dir().join(log));
+        }
         let mut child = command.spawn().expect("run scripts/phalanx boot");
-        session(&Console { dir: self.dir() });
+        session(port);
         let status = child.wait().expect("wait for scripts/phalanx boot");
         self.finish(status)
     }
@@ -127,12 +144,20 @@ impl<'a> Boot<'a> {
     }
 }
 
-/// A running machine's console (`Boot::run_typing`): its serial log so far, and its input.
+/// A running machine's serial port (its console, `Boot::run_typing`, or COM2,
+/// `Boot::run_with_com2`): what it sent so far, and its input.
 pub struct Console {
     dir: PathBuf,
+    log: &'static str,
+    input: &'static str,
 }
 
 impl Console {
+    /// Everything the port sent so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.join(self.log)).unwrap_or_default()).into_owned()
+    }
+
     /// Waits until the serial log holds `text`; false after `timeout`.
     pub fn wait_for(&self, text: &str, timeout: std::time::Duration) -> bool {
         self.wait_for_count(text, 1, timeout)
@@ -142,8 +167,7 @@ impl Console {
     pub fn wait_for_count(&self, text: &str, count: usize, timeout: std::time::Duration) -> bool {
         let start = std::time::Instant::now();
         while start.elapsed() < timeout {
-            let log = std::fs::read(self.dir.join("serial.log")).unwrap_or_default();
-            if String::from_utf8_lossy(&log).matches(text).count() >= count {
+            if self.output().matches(text).count() >= count {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(250));
@@ -151,13 +175,11 @@ impl Console {
         false
     }
 
-    /// Types `line` and Enter into the console.
+    /// Types `line` and Enter into the port.
     pub fn type_line(&self, line: &str) {
         use std::io::Write;
-        let mut input = std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.dir.join("console.in"))
-            .expect("the console relay's input FIFO");
+        let mut input =
+            std::fs::OpenOptions::new().write(true).open(self.dir.join(self.input)).expect("the relay's input FIFO");
         input.write_all(format!("{line}\n").as_bytes()).expect("type into the console");
     }
 }

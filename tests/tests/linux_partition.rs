@@ -122,16 +122,16 @@ fn smp_linux_runs_the_barrier_workload_in_a_partition() {
 }
 
 /// APIC virtualization, against the same run with it taken away (the emulated xAPIC: every
-/// access an EPT violation and a decoded instruction, every EOI an exit). Both finish the
-/// BARRIER workload gang-scheduled beside a CPU-bound partition; with it, register writes exit
-/// trap-like (APIC-write exits, no decode), the xAPIC page costs no EPT violation, and the
-/// workload's measured stretch leaves guest mode less often and spends far less time in exits.
+/// access an EPT violation and a decoded instruction). Both finish the BARRIER workload
+/// gang-scheduled beside a CPU-bound partition; with it, register reads cost no exit and
+/// writes exit trap-like (APIC-write exits, no decode), the xAPIC page costs no EPT violation,
+/// and the workload's measured stretch spends far less of its time handling exits.
 #[test]
-fn apic_virtualization_takes_eoi_and_register_exits_out_of_the_barrier_stretch() {
+fn apic_virtualization_takes_the_decoding_out_of_the_barrier_stretch() {
     let config = "tests/configs/linux-barrier-gang.toml";
     let virtualized = Boot::new("linux-apicv", "bochs", 2, config).run();
     let emulated = Boot::new("linux-apic-emulated", "bochs", 2, config)
-        .cmdline("phalanx.debug.vmx_without=virtual_interrupt_delivery")
+        .cmdline("phalanx.debug.vmx_without=apic_register_virtualization")
         .run();
     let exits = |run: &Run, reason: u64| {
         run.all("exit_stats").iter().find(|e| e["reason"] == reason).map_or(0, |e| e["count"].as_u64().unwrap())
@@ -150,12 +150,9 @@ fn apic_virtualization_takes_eoi_and_register_exits_out_of_the_barrier_stretch()
     };
     assert_eq!(
         virtualized.one("vmx_paths")["apic_virtualization"],
-        "apic-register virtualization + virtual-interrupt delivery"
+        "apic-register virtualization (writes trap, no decode)"
     );
-    assert_eq!(
-        emulated.one("vmx_paths")["apic_virtualization"],
-        "emulated (EPT violation + decode, injection at entry)"
-    );
+    assert_eq!(emulated.one("vmx_paths")["apic_virtualization"], "emulated (EPT violation + decode)");
     // APIC-write exits (56) only with it; EPT violations (48) only for the IO-APIC with it.
     assert!(exits(&virtualized, 56) > 100 && exits(&emulated, 56) == 0);
     assert!(
@@ -164,13 +161,13 @@ fn apic_virtualization_takes_eoi_and_register_exits_out_of_the_barrier_stretch()
         exits(&virtualized, 48),
         exits(&emulated, 48)
     );
+    // As many exits either way (EOIs and ICR writes still exit, trap-like), each far cheaper:
+    // 3.10% of the stretch handling exits against 4.07-5.23% emulated when this was written.
     let (rate, handling) = window(&virtualized);
     let (emulated_rate, emulated_handling) = window(&emulated);
-    // 413 vs 641 exits per guest second, 0.79% vs 4.02% of the stretch when this was written.
-    assert!(rate < 0.8 * emulated_rate, "exits per guest second: {rate} virtualized vs {emulated_rate} emulated");
     assert!(
-        handling < 0.5 * emulated_handling,
-        "exit handling: {handling}% virtualized vs {emulated_handling}% emulated"
+        handling < 0.9 * emulated_handling,
+        "exit handling: {handling}% virtualized vs {emulated_handling}% emulated ({rate} vs {emulated_rate} exits per guest s)"
     );
 }
 

@@ -62,6 +62,14 @@ impl Kicks {
     }
 }
 
+/// Where a raised IO-APIC pin went: the vector the guest routed it to (`None`: the pin is
+/// masked, the edge is lost as on hardware) and the vCPUs that must look at it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RaisedIrq {
+    pub vector: Option<u8>,
+    pub kicks: Kicks,
+}
+
 /// What a device exit leaves for the hypervisor to do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeviceEffects {
@@ -311,17 +319,28 @@ impl PartitionDevices {
             let taken = bytes.iter().take_while(|&&b| uart.receive(b)).count();
             (taken, uart.interrupt())
         };
+        let kicks = if !self.uart_line.swap(interrupt, Ordering::AcqRel) && interrupt {
+            self.raise_irq(COM1_IRQ).kicks
+        } else {
+            Kicks::default()
+        };
+        (taken, kicks)
+    }
+
+    /// An edge on the partition's IO-APIC pin `pin` from outside any vCPU (a device the
+    /// partition owns, its console input): routed as the guest programmed the pin, into the
+    /// pending set of every vCPU it addresses (their pCPUs take it before their next entry).
+    pub fn raise_irq(&self, pin: usize) -> RaisedIrq {
         let mut effects = DeviceEffects::default();
-        if !self.uart_line.swap(interrupt, Ordering::AcqRel) && interrupt {
-            if let Some((vector, destination)) = self.ioapic.lock().assert_pin(COM1_IRQ) {
-                let command = IcrCommand::Fixed { vector, destination };
-                // No vCPU sends it: every target takes it from its pending set.
-                for target in self.targets(u32::MAX, command) {
-                    self.post(target, vector, &mut effects);
-                }
+        let routed = self.ioapic.lock().assert_pin(pin);
+        if let Some((vector, destination)) = routed {
+            let command = IcrCommand::Fixed { vector, destination };
+            // No vCPU sends it: every target takes it from its pending set.
+            for target in self.targets(u32::MAX, command) {
+                self.post(target, vector, &mut effects);
             }
         }
-        (taken, effects.kicks)
+        RaisedIrq { vector: routed.map(|(vector, _)| vector), kicks: effects.kicks }
     }
 
     /// An access to guest-physical `gpa` the EPT does not map, by vCPU `vcpu`: `None` when no

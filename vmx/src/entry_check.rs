@@ -683,7 +683,10 @@ mod tests {
             (|v| v.controls.primary &= !PrimaryControls::USE_TPR_SHADOW.bits(), "secondary processor-based controls"),
             // Virtual-interrupt delivery without external-interrupt exiting (which Bochs allows).
             (
-                |v| v.controls.pinbased &= !PinbasedControls::EXTERNAL_INTERRUPT_EXITING.bits(),
+                |v| {
+                    v.controls.secondary |= SecondaryControls::VIRTUAL_INTERRUPT_DELIVERY.bits();
+                    v.controls.pinbased &= !PinbasedControls::EXTERNAL_INTERRUPT_EXITING.bits();
+                },
                 "secondary processor-based controls",
             ),
             (

@@ -7,6 +7,7 @@
 extern crate alloc;
 
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 
 /// Register offsets in the 4 KiB xAPIC page.
 pub mod reg {
@@ -295,8 +296,8 @@ impl VirtualLapic {
     /// the page holds. Registers the CPU does not virtualize never get here.
     pub fn trapped_write(&mut self, offset: u32, now: u64) -> Option<IcrCommand> {
         match offset {
-            // Virtualized without an exit (the CPU itself clears ISR and updates TPR/PPR).
-            reg::TPR | reg::EOI => None,
+            // Virtualized without an exit (TPR shadow).
+            reg::TPR => None,
             reg::ID | reg::VERSION => {
                 // Read-only: put back what the CPU overwrote.
                 self.set_reg(reg::ID, (self.id as u32) << 24);
@@ -394,17 +395,19 @@ impl VirtualLapic {
         }
     }
 
-    /// The VMCS guest interrupt status under virtual-interrupt delivery (SDM 29.1.1), as the
-    /// register page has it: the servicing vector (SVI, high byte: the highest in service),
-    /// whose ISR bit EOI virtualization clears, and the requesting one (RVI, low byte: the
-    /// highest requested; 0 while the APIC is software-disabled). The hypervisor injects
-    /// interrupts itself and writes this after each injection, so the CPU's own deliveries
-    /// (a virtualized self-IPI, a pending RVI at the guest's EOI) and its stay in step: Bochs
-    /// 2.7 does not evaluate pending virtual interrupts at VM entry (SDM 26.3.2.5), so RVI
-    /// alone would wait for the guest's next EOI or TPR write.
-    pub fn interrupt_status(&self) -> u16 {
-        let rvi = if self.software_enabled() { self.highest(reg::IRR).unwrap_or(0) } else { 0 };
-        (self.highest(reg::ISR).unwrap_or(0) as u16) << 8 | rvi as u16
+    /// The vectors requested (IRR) and in service (ISR), lowest first: where a guest that hangs
+    /// left its interrupts (the `vcpu_end` record).
+    pub fn vectors(&self) -> (Vec<u8>, Vec<u8>) {
+        let set = |base: u32| {
+            (16..=255u8).filter(|&v| self.regs.0[word(base, v as usize / 32)] & 1 << (v % 32) != 0).collect()
+        };
+        (set(reg::IRR), set(reg::ISR))
+    }
+
+    /// Whether `vector` is requested or in service here (it has reached this APIC).
+    pub fn holds(&self, vector: u8) -> bool {
+        let bit = 1 << (vector % 32);
+        [reg::IRR, reg::ISR].iter().any(|&base| self.regs.0[word(base, vector as usize / 32)] & bit != 0)
     }
 
     /// The vector that would be delivered now, if any (its priority class above the PPR).
@@ -420,13 +423,11 @@ impl VirtualLapic {
         self.set_reg(offset, value);
     }
 
-    /// The guest takes the deliverable interrupt: IRR -> ISR, and the page's PPR follows (it
-    /// is what virtual-interrupt delivery compares with).
+    /// The guest takes the deliverable interrupt: IRR -> ISR.
     pub fn acknowledge(&mut self) -> Option<u8> {
         let v = self.deliverable()?;
         self.clear_bit(reg::IRR, v);
         self.set_bit(reg::ISR, v);
-        self.set_reg(reg::PPR, self.ppr());
         Some(v)
     }
 }
@@ -538,28 +539,6 @@ mod tests {
     }
 
     #[test]
-    fn interrupt_status_follows_the_page_as_the_hypervisor_and_the_cpu_change_it() {
-        let mut l = enabled(0);
-        l.accept(0x41);
-        l.accept(0x61);
-        assert_eq!(l.interrupt_status(), 0x0061, "RVI: the highest requested; nothing in service");
-        assert_eq!(l.acknowledge(), Some(0x61));
-        assert_eq!(l.interrupt_status(), 0x6141, "SVI: the vector just injected; 0x41 still requested");
-        assert_eq!(l.regs.0[reg::PPR as usize / 4], 0x60, "the page's PPR follows");
-        assert_eq!(l.deliverable(), None, "0x41 waits below the in-service 0x61");
-        // EOI virtualization: the CPU clears the ISR bit SVI names.
-        l.cpu_writes(reg::ISR + 0x30, 0);
-        assert_eq!((l.interrupt_status(), l.deliverable()), (0x0041, Some(0x41)));
-        // Virtual-interrupt delivery of RVI by the CPU: IRR -> ISR in the page.
-        l.cpu_writes(reg::IRR + 0x20, 0);
-        l.cpu_writes(reg::ISR + 0x20, 1 << 1);
-        assert_eq!((l.interrupt_status(), l.deliverable()), (0x4100, None), "nothing left to inject");
-        l.write(reg::SVR, 0xFF, 0);
-        l.accept(0x51);
-        assert_eq!(l.interrupt_status() & 0xFF, 0, "a software-disabled APIC requests nothing");
-    }
-
-    #[test]
     fn trapped_writes_take_effect_from_what_the_cpu_put_in_the_page() {
         let mut l = enabled(1);
         l.cpu_writes(reg::LVT_TIMER, LVT_TIMER_TSC_DEADLINE | 0xEC);
@@ -579,6 +558,11 @@ mod tests {
         l.cpu_writes(reg::ID, 7 << 24);
         l.trapped_write(reg::ID, 0);
         assert_eq!(l.read(reg::ID, 0), 1 << 24, "read-only: put back");
+        l.accept(0x41);
+        assert_eq!(l.acknowledge(), Some(0x41));
+        l.cpu_writes(reg::EOI, 0);
+        l.trapped_write(reg::EOI, 0);
+        assert_eq!(l.vectors(), (vec![], vec![]), "an EOI trap retires the vector in service");
         l.cpu_writes(reg::SVR, 0xFF);
         l.trapped_write(reg::SVR, 0);
         assert_eq!(l.read(reg::LVT_TIMER, 0) & LVT_MASKED, LVT_MASKED, "disabling masks the LVTs");

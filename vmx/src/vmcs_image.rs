@@ -181,13 +181,9 @@ impl InitialVmcs {
             f.extend([
                 (control::VIRT_APIC_ADDR_FULL, self.vcpu.virtual_apic_page),
                 (control::APIC_ACCESS_ADDR_FULL, self.partition.apic_access_page),
+                // No TPR-below-threshold exits (an interrupt the TPR held back is injected at
+                // the next exit; Linux keeps its TPR fixed).
                 (control::TPR_THRESHOLD, 0),
-                // No EOI exits: no vector needs its EOI seen (no level-triggered sources).
-                (control::EOI_EXIT0_FULL, 0),
-                (control::EOI_EXIT1_FULL, 0),
-                (control::EOI_EXIT2_FULL, 0),
-                (control::EOI_EXIT3_FULL, 0),
-                (guest::INTERRUPT_STATUS, 0),
             ]);
         }
         let (area, count) = (self.vcpu.msr_area, self.vcpu.msr_count as u64);
@@ -303,10 +299,12 @@ mod tests {
         let minimal = encodings(&image(&MINIMAL_VTX, &state, false));
         assert!(!minimal.contains(&control::VPID) && !minimal.contains(&control::PLE_GAP));
         // The APIC pages only where the CPU virtualizes the APIC.
-        assert!(skylake.contains(&control::VIRT_APIC_ADDR_FULL) && skylake.contains(&guest::INTERRUPT_STATUS));
+        assert!(skylake.contains(&control::VIRT_APIC_ADDR_FULL) && skylake.contains(&control::APIC_ACCESS_ADDR_FULL));
         for caps in [fixtures::bochs("corei3_cnl"), MINIMAL_VTX] {
             let fields = encodings(&image(&caps, &state, false));
-            assert!(!fields.contains(&control::APIC_ACCESS_ADDR_FULL) && !fields.contains(&guest::INTERRUPT_STATUS));
+            assert!(
+                !fields.contains(&control::APIC_ACCESS_ADDR_FULL) && !fields.contains(&control::VIRT_APIC_ADDR_FULL)
+            );
         }
     }
 
