@@ -600,6 +600,15 @@ fn settings_the_image_does_not_enforce_yet_are_refused_and_owned_irqs_are_planne
         at,
         "not routed to partitions yet",
     );
+    // COM1's IRQ is the console's, alone or through com3, which shares it.
+    for (to, field, at, words) in [
+        ("devices = { irqs = [4] }", "devices.irqs", "4]", "hypervisor's console"),
+        ("devices = { serial = \"com3\" }", "devices.serial", "\"com3\"", "shares IRQ 4 with com1"),
+    ] {
+        let text = edit(BASE, db, &format!("{db}\n{to}"));
+        let e = bad(&text, None);
+        assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), field, position(&text, at, 0), words);
+    }
     let v = ok(&edit(BASE, db, &format!("{db}\ndevices = {{ serial = \"com2\", irqs = [5] }}")), None);
     let routes: Vec<(u32, usize, u8)> = v.irqs.routes().iter().map(|r| (r.irq, r.partition, r.vector)).collect();
     assert_eq!(routes, [(3, 1, 0x50), (5, 1, 0x51)], "com2's IRQ 3 and IRQ 5, one host vector each");

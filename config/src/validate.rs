@@ -554,6 +554,7 @@ impl Checker<'_> {
             let message = match *irq.get_ref() {
                 0 => Some("IRQ 0 is the PIT, which the hypervisor keeps"),
                 2 => Some("IRQ 2 is the PIC cascade, never a device"),
+                4 => Some("IRQ 4 is COM1's, the hypervisor's console (its input interrupt)"),
                 n if n > 255 => Some("IRQs (GSIs) go up to 255"),
                 _ => None,
             };
@@ -566,6 +567,14 @@ impl Checker<'_> {
             let port = *serial.get_ref();
             if port == SerialPort::Com1 {
                 return Err(conflict(serial.span(), "devices.serial", "com1 is the hypervisor's console".into()));
+            }
+            if port.irq() == SerialPort::Com1.irq() {
+                let message = format!(
+                    "{} shares IRQ {} with com1, the hypervisor's console (an ISA edge cannot be shared)",
+                    port.as_str(),
+                    port.irq()
+                );
+                return Err(conflict(serial.span(), "devices.serial", message));
             }
             devices.serial = Some(port);
             devices.ioports.push(port.ports());
