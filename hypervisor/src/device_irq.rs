@@ -65,9 +65,11 @@ impl Case {
         self.max = self.max.max(cycles);
     }
 
-    /// The sample at `fraction` of the sorted samples (0 without any).
+    /// The sample at `fraction` of the samples, sorted (0 without any).
     fn quantile(&mut self, fraction: f64) -> u64 {
-        self.samples.sort_unstable();
+        if !self.samples.is_sorted() {
+            self.samples.sort_unstable();
+        }
         let index = ((self.samples.len() as f64 * fraction) as usize).min(self.samples.len().saturating_sub(1));
         self.samples.get(index).copied().unwrap_or(0)
     }
@@ -137,7 +139,9 @@ impl DeviceIrqs {
         partitions: &[crate::partition::Partition],
         mut raised: impl FnMut(usize, vmx::devices::Kicks),
     ) {
-        if !self.pending.swap(false, Ordering::AcqRel) {
+        // Read before writing: every pCPU asks on every pass of its slot loop, and a write
+        // each time would bounce the line between them.
+        if !self.pending.load(Ordering::Acquire) || !self.pending.swap(false, Ordering::AcqRel) {
             return;
         }
         for (index, route) in self.plan.routes().iter().enumerate() {
