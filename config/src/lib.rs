@@ -17,12 +17,14 @@ extern crate alloc;
 pub mod dispatch_plan;
 mod error;
 pub mod irq_plan;
+mod live;
 mod schema;
 mod validate;
 
 use alloc::vec::Vec;
 
 pub use error::{line_column, ConfigError, ErrorKind};
+pub use live::{ChangeError, LiveConfig};
 pub use schema::*;
 pub use validate::{parse_port_range, Machine, Validated, MEMORY_ALIGN, MIB};
 

@@ -12,7 +12,7 @@ pub use reservations::{ChildPolicy, NestedPolicy, Reservation};
 
 // ---------------------------------------------------------------- the file, as written
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields, expecting = "a config with [hypervisor], [[group]] and [[partition]] tables")]
 pub(crate) struct RawConfig {
     pub hypervisor: Option<Spanned<RawHypervisor>>,
@@ -22,7 +22,7 @@ pub(crate) struct RawConfig {
     pub partition: Vec<Spanned<RawPartition>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields, expecting = "a [hypervisor] table")]
 pub(crate) struct RawHypervisor {
     pub major_frame_us: Option<Spanned<u64>>,
@@ -32,9 +32,10 @@ pub(crate) struct RawHypervisor {
     pub skew_bound_us: Option<Spanned<u64>>,
     pub spin_sample_us: Option<Spanned<u64>>,
     pub trace_events: Option<Spanned<u64>>,
+    pub control: Option<Spanned<ControlChannel>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields, expecting = "a [[group]] table")]
 pub(crate) struct RawGroup {
     pub name: Spanned<String>,
@@ -44,7 +45,7 @@ pub(crate) struct RawGroup {
     pub policy: Option<Spanned<RawChildPolicy>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields, expecting = "a [[partition]] table")]
 pub(crate) struct RawPartition {
     pub name: Spanned<String>,
@@ -65,7 +66,7 @@ pub(crate) struct RawPartition {
 /// Exactly one of: `budget_us` + `period_us`, `share_percent`, `weight` (checked after
 /// parsing, with a message that says so, rather than by an untagged enum whose serde error
 /// would only say "did not match any variant").
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(
     deny_unknown_fields,
     expecting = "a table: { budget_us = B, period_us = P }, { share_percent = S } or { weight = W }"
@@ -77,14 +78,14 @@ pub(crate) struct RawReservation {
     pub weight: Option<Spanned<u32>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields, expecting = "a table: { base = 0x..., size_mb = N }")]
 pub(crate) struct RawMemory {
     pub base: Spanned<u64>,
     pub size_mb: Spanned<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields, expecting = r#"a table: { module = "name", cmdline = "..." }"#)]
 pub(crate) struct RawGuest {
     pub module: Spanned<String>,
@@ -92,7 +93,7 @@ pub(crate) struct RawGuest {
     pub initrd: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields, expecting = r#"a table: { ioports = [...], irqs = [...], serial = "comN" }"#)]
 pub(crate) struct RawDevices {
     #[serde(default)]
@@ -212,6 +213,25 @@ pub enum OnPoweroff {
     EndRun,
 }
 
+/// Where the hypervisor takes commands while it runs (`scripts/phalanx ctl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlChannel {
+    /// The machine's second UART (ports 0x2f8-0x2ff, IRQ 3), kept by the hypervisor.
+    Com2,
+    /// No control channel: the run ends after `run_ms` (or runs until a partition ends it).
+    None,
+}
+
+impl ControlChannel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlChannel::Com2 => "com2",
+            ControlChannel::None => "none",
+        }
+    }
+}
+
 /// A physical 16550 UART handed to a partition: its eight I/O ports and its IRQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -258,8 +278,12 @@ pub struct HypervisorConfig {
     pub major_frame_us: u64,
     pub policy: DispatchPolicy,
     pub stats_interval_ms: u64,
-    /// End the run and print final statistics after this long; `None`: the image's default (2 s).
+    /// End the run and print final statistics after this long; `None`: run until the control
+    /// channel's `end` (or a partition with `on_poweroff = "end-run"` powers off).
     pub run_ms: Option<u64>,
+    /// Where commands come from while the machine runs. Left out: COM2 when no partition owns
+    /// its ports or IRQ, else none.
+    pub control: ControlChannel,
     /// Only for `relaxed-co`: the skew between a partition's vCPUs that triggers co-stop.
     pub skew_bound_us: Option<u64>,
     /// Guest time between two spin-wait samples of a vCPU; 0: no sampling.

@@ -1010,3 +1010,94 @@ fn command_lines_the_loaders_cannot_take_are_rejected() {
     assert!(!e.to_string().contains('\0'), "{e}");
     ok(&edit(BASE, "cmdline = \"console=ttyS0\"", &format!("cmdline = \"{}\"", "x".repeat(4095))), None);
 }
+
+fn live(text: &str) -> LiveConfig {
+    let machine = Machine { pcpus: Some(2), ..Machine::default() };
+    LiveConfig::load("partitions.toml", text, &machine).unwrap_or_else(|e| panic!("{e}"))
+}
+
+const WEB_4000: &str = "reservation = { budget_us = 4000, period_us = 10000 }\nguest = { module = \"bzImage\", cmdline";
+
+#[test]
+fn a_live_reservation_change_is_planned_as_the_file_would_be() {
+    let before = live(BASE);
+    let hard = |budget_us| Reservation::Hard { budget_us, period_us: 10000 };
+    let after = before.with_reservation("web", hard(2000)).unwrap_or_else(|e| panic!("{e}"));
+    // Exactly what the check makes of a file that says so.
+    let edited = edit(BASE, WEB_4000, &WEB_4000.replace("4000", "2000"));
+    let machine = Machine { pcpus: Some(2), ..Machine::default() };
+    let expected = load_for("partitions.toml", &edited, &machine).unwrap();
+    assert_eq!(after.validated, expected);
+    assert_ne!(after.validated.dispatch.tables, before.validated.dispatch.tables, "new tables");
+    assert_eq!(after.validated.dispatch.homes, before.validated.dispatch.homes, "no vCPU moves");
+    assert_eq!(after.validated.config.partitions[0].reservation, hard(2000));
+    // Changes build on each other; the original is untouched.
+    let again = after.with_reservation("db", hard(8000)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.validated.config.partitions[0].reservation, hard(2000));
+    assert_eq!(before.validated.config.partitions[0].reservation, hard(4000));
+}
+
+#[test]
+fn a_refused_live_change_prints_the_checks_own_error_at_the_reservations_line() {
+    let before = live(BASE);
+    let over = Reservation::Hard { budget_us: 7000, period_us: 10000 };
+    let Err(ChangeError::Refused(e)) = before.with_reservation("web", over) else { panic!("over-admission accepted") };
+    let edited = edit(BASE, WEB_4000, &WEB_4000.replace("4000", "7000"));
+    let machine = Machine { pcpus: Some(2), ..Machine::default() };
+    let from_file = load_for("partitions.toml", &edited, &machine).unwrap_err();
+    assert_eq!(e.to_string(), from_file.to_string(), "the same one-line error");
+    assert_error(
+        &e,
+        ErrorKind::Admission,
+        Some("partition \"db\""),
+        "reservation",
+        position(BASE, "{ budget_us = 4000", 1),
+        "pCPU 0 is over-admitted",
+    );
+    // A period that does not divide the frame: the field and the changed node's line.
+    let odd = Reservation::Hard { budget_us: 1000, period_us: 3000 };
+    let Err(ChangeError::Refused(e)) = before.with_reservation("web", odd) else { panic!("accepted") };
+    assert_eq!((e.subject.as_deref(), e.field.as_deref()), (Some("partition \"web\""), Some("reservation.period_us")));
+    assert_eq!(e.line, position(BASE, "{ budget_us = 4000", 0).0);
+    let Err(ChangeError::UnknownNode(name)) = before.with_reservation("nobody", odd) else { panic!("accepted") };
+    assert_eq!(name, "nobody");
+}
+
+#[test]
+fn a_group_can_be_changed_live_and_its_children_still_fit() {
+    let text = format!(
+        "{}\n[[group]]\nname = \"g\"\nreservation = {{ share_percent = 50 }}\n",
+        edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"g\"\n")
+    );
+    let before = live(&text);
+    let after = before.with_reservation("g", Reservation::FixedShare { percent: 60 }).unwrap();
+    assert_eq!(after.validated.config.groups[0].reservation, Reservation::FixedShare { percent: 60 });
+    // Shrunk below its child's 40%, the group is refused with the child's error.
+    let Err(ChangeError::Refused(e)) = before.with_reservation("g", Reservation::FixedShare { percent: 30 }) else {
+        panic!("accepted")
+    };
+    assert_eq!(e.kind, ErrorKind::Admission, "{e}");
+}
+
+#[test]
+fn com2_is_the_control_channel_unless_a_partition_owns_it() {
+    assert_eq!(ok(BASE, None).config.hypervisor.control, ControlChannel::Com2);
+    let web = "name = \"web\"";
+    let owning = edit(BASE, web, &format!("{web}\ndevices = {{ serial = \"com2\" }}"));
+    assert_eq!(ok(&owning, None).config.hypervisor.control, ControlChannel::None, "left out: none");
+    let asked = edit(&owning, "policy = \"gang\"", "policy = \"gang\"\ncontrol = \"com2\"");
+    let e = bad(&asked, None);
+    assert_error(
+        &e,
+        ErrorKind::DeviceConflict,
+        Some("partition \"web\""),
+        "devices",
+        position(&asked, "{ serial", 0),
+        "control channel",
+    );
+    let by_irq = edit(BASE, web, &format!("{web}\ndevices = {{ irqs = [3] }}"));
+    let asked = edit(&by_irq, "policy = \"gang\"", "policy = \"gang\"\ncontrol = \"com2\"");
+    assert_eq!(bad(&asked, None).kind, ErrorKind::DeviceConflict);
+    let none = edit(&owning, "policy = \"gang\"", "policy = \"gang\"\ncontrol = \"none\"");
+    assert_eq!(ok(&none, None).config.hypervisor.control, ControlChannel::None);
+}

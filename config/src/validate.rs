@@ -123,6 +123,7 @@ impl Checker<'_> {
             .map(|p| self.partition(p.get_ref(), p.span(), &group_index))
             .collect::<Result<Vec<_>, _>>()?;
         self.device_conflicts(&partitions)?;
+        let hypervisor = self.control_channel(hypervisor, &partitions)?;
         self.enforced(&hypervisor)?;
         let memory = self.place_memory(&partitions)?;
         self.payloads_fit(&partitions, &memory)?;
@@ -233,7 +234,7 @@ impl Checker<'_> {
                 return Err(invalid(
                     v.span(),
                     "run_ms",
-                    "must be at least 1 ms (leave it out for the default 2000 ms)".into(),
+                    "must be at least 1 ms (leave it out to run until `scripts/phalanx ctl end`)".into(),
                 ))
             }
             Some(v) if *v.get_ref() > MAX_DURATION_MS => {
@@ -289,6 +290,8 @@ impl Checker<'_> {
             policy,
             stats_interval_ms,
             run_ms,
+            // Settled once the partitions' devices are known (`control_channel`).
+            control: raw.and_then(|h| h.control.as_ref()).map_or(ControlChannel::Com2, |c| *c.get_ref()),
             skew_bound_us,
             spin_sample_us,
             trace_events,
@@ -584,6 +587,49 @@ impl Checker<'_> {
         devices.irqs.sort_unstable();
         devices.irqs.dedup();
         Ok(devices)
+    }
+
+    /// COM2 is the control channel unless a partition owns its ports or IRQ: asked for
+    /// (`control = "com2"`), such a partition is refused; left out, the machine has none.
+    fn control_channel(
+        &self,
+        mut hypervisor: HypervisorConfig,
+        partitions: &[PartitionConfig],
+    ) -> Result<HypervisorConfig, ConfigError> {
+        let com2 = SerialPort::Com2;
+        let owner = partitions.iter().enumerate().find(|(_, p)| {
+            p.devices.irqs.contains(&com2.irq())
+                || p.devices
+                    .ioports
+                    .iter()
+                    .any(|r| *r.start() <= *com2.ports().end() && *com2.ports().start() <= *r.end())
+        });
+        let asked = self.raw.hypervisor.as_ref().and_then(|h| h.get_ref().control.as_ref());
+        match (owner, asked) {
+            (Some(_), None) => hypervisor.control = ControlChannel::None,
+            (Some((i, p)), Some(c)) if *c.get_ref() == ControlChannel::Com2 => {
+                let raw = self.raw.partition[i].get_ref();
+                let span = raw.devices.as_ref().map_or(raw.name.span(), Spanned::span);
+                let message = format!(
+                    "COM2 (ports {:#x}-{:#x}, IRQ {}) is the hypervisor's control channel ([hypervisor] control = \"com2\" \
+                     on line {}): set control = \"none\" to pass it to partition \"{}\"",
+                    com2.ports().start(),
+                    com2.ports().end(),
+                    com2.irq(),
+                    crate::error::line_column(self.r.text, c.span().start).0,
+                    p.name
+                );
+                return Err(self.r.at(
+                    span,
+                    partition_subject(raw),
+                    Some("devices"),
+                    ErrorKind::DeviceConflict,
+                    message,
+                ));
+            }
+            _ => {}
+        }
+        Ok(hypervisor)
     }
 
     /// Settings the schema knows that the image would not act on are refused rather than

@@ -47,7 +47,8 @@ fn describe(reservation: &Reservation) -> String {
 }
 
 /// One `config` record plus one `partition_plan` record per partition.
-pub fn report_accepted(validated: &Validated) {
+/// `check_cycles`: what the check took (parse, validation, planning, payload checks).
+pub fn report_accepted(validated: &Validated, check_cycles: u64) {
     let c = &validated.config;
     Record::new("config")
         .str("status", "accepted")
@@ -56,6 +57,7 @@ pub fn report_accepted(validated: &Validated) {
         .u64("groups", c.groups.len() as u64)
         .str("policy", c.hypervisor.policy.as_str())
         .u64("major_frame_us", c.hypervisor.major_frame_us)
+        .u64("check_cycles", check_cycles)
         .emit();
     for (partition, placement) in c.partitions.iter().zip(&validated.memory) {
         let base = match placement {

@@ -9,10 +9,10 @@
 
 extern crate alloc;
 
-use crate::serial::{Uart, COM1};
+use crate::json::JsonObject;
+use crate::serial::{InputQueue, Uart, COM1};
 use alloc::collections::VecDeque;
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU64, Ordering};
 use spin::{Mutex, MutexGuard};
 
 /// Most bytes held while buffered; beyond it bytes are dropped and counted.
@@ -111,56 +111,32 @@ pub fn pump() -> bool {
     !buffer.is_empty()
 }
 
-/// Bytes typed at the console, taken from the UART by its receive interrupt (`on_input`)
-/// until `read_input` hands them on. Both run on the BSP: the interrupt comes there, and the
-/// reader runs with interrupts off, so the lock is never contended.
-static INPUT: Mutex<VecDeque<u8>> = Mutex::new(VecDeque::new());
-/// Typed bytes held at most; beyond it they are dropped and counted (as a UART overruns).
-const INPUT_LIMIT: usize = 64 * 1024;
-static INPUT_DROPPED: AtomicU64 = AtomicU64::new(0);
-static INPUT_RECEIVED: AtomicU64 = AtomicU64::new(0);
+/// Bytes typed at the console (COM1), while a partition takes them (`phalanx.console`).
+static INPUT: InputQueue = InputQueue::new(COM1);
 
 /// Turns the UART's receive interrupt on (its IO-APIC entry is `host_irq`'s).
 pub fn enable_input_interrupt() {
     lock().uart.enable_receive_interrupt();
 }
 
-/// The receive interrupt: everything the UART holds, into the input queue. The UART is read
-/// without the console's lock (receiving and transmitting use different registers), so an
-/// interrupt that comes while this CPU prints cannot deadlock.
+/// The console's receive interrupt.
 pub fn on_input() {
-    let uart = Uart::new(COM1);
-    let Some(mut input) = INPUT.try_lock() else { return };
-    while let Some(byte) = uart.read_byte() {
-        INPUT_RECEIVED.fetch_add(1, Ordering::Relaxed);
-        if input.len() < INPUT_LIMIT {
-            input.push_back(byte);
-        } else {
-            INPUT_DROPPED.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    INPUT.on_interrupt();
 }
 
-/// Bytes typed at the console since the last call, into `out` (from the input queue, or the
-/// UART itself when its interrupt is not on); never blocks.
+/// Bytes typed at the console since the last call, into `out`; never blocks.
 pub fn read_input(out: &mut [u8]) -> usize {
-    on_input();
-    let Some(mut input) = INPUT.try_lock() else { return 0 };
-    let n = out.len().min(input.len());
-    for (slot, byte) in out.iter_mut().zip(input.drain(..n)) {
-        *slot = byte;
-    }
-    n
+    INPUT.read(out)
 }
 
 /// Typed bytes the console partition's UART could not take (its receive queue was full).
 pub fn count_input_dropped(bytes: u64) {
-    INPUT_DROPPED.fetch_add(bytes, Ordering::Relaxed);
+    INPUT.count_dropped(bytes);
 }
 
 /// Bytes typed at the console so far, and how many of them were dropped.
 pub fn input_counts() -> (u64, u64) {
-    (INPUT_RECEIVED.load(Ordering::Relaxed), INPUT_DROPPED.load(Ordering::Relaxed))
+    INPUT.counts()
 }
 
 /// Drains the buffer synchronously and returns to direct output (end of a run).
@@ -215,105 +191,29 @@ impl log::Log for Logger {
     fn flush(&self) {}
 }
 
-/// One JSON record line under construction; emitted by [`Record::emit`].
-pub struct Record {
-    uart: MutexGuard<'static, Console>,
-}
+/// The console, locked for one line.
+pub struct ConsoleLine(MutexGuard<'static, Console>);
 
-impl Record {
-    pub fn new(kind: &str) -> Self {
-        let mut uart = lock();
-        uart.begin_line();
-        let _ = write!(uart, "{{\"type\":");
-        write_json_str(&mut *uart, kind);
-        Self { uart }
-    }
-
-    fn key(&mut self, key: &str) {
-        let _ = write!(self.uart, ",");
-        write_json_str(&mut *self.uart, key);
-        let _ = write!(self.uart, ":");
-    }
-
-    pub fn u64(mut self, key: &str, value: u64) -> Self {
-        self.key(key);
-        let _ = write!(self.uart, "{value}");
-        self
-    }
-
-    pub fn bool(mut self, key: &str, value: bool) -> Self {
-        self.key(key);
-        let _ = write!(self.uart, "{value}");
-        self
-    }
-
-    pub fn str(mut self, key: &str, value: &str) -> Self {
-        self.key(key);
-        write_json_str(&mut *self.uart, value);
-        self
-    }
-
-    /// A string value produced by formatting (escaped like any string).
-    pub fn fmt(mut self, key: &str, value: core::fmt::Arguments) -> Self {
-        self.key(key);
-        let _ = write!(self.uart, "\"");
-        let _ = JsonEscaper(&mut *self.uart).write_fmt(value);
-        let _ = write!(self.uart, "\"");
-        self
-    }
-
-    /// `"key":[v0,v1,...]`
-    pub fn u64_list(mut self, key: &str, values: impl IntoIterator<Item = u64>) -> Self {
-        self.key(key);
-        let _ = write!(self.uart, "[");
-        for (i, v) in values.into_iter().enumerate() {
-            let _ = write!(self.uart, "{}{v}", if i == 0 { "" } else { "," });
-        }
-        let _ = write!(self.uart, "]");
-        self
-    }
-
-    /// `"key":["a","b",...]`
-    pub fn str_list<'a>(mut self, key: &str, values: impl IntoIterator<Item = &'a str>) -> Self {
-        self.key(key);
-        let _ = write!(self.uart, "[");
-        for (i, v) in values.into_iter().enumerate() {
-            if i > 0 {
-                let _ = write!(self.uart, ",");
-            }
-            write_json_str(&mut *self.uart, v);
-        }
-        let _ = write!(self.uart, "]");
-        self
-    }
-
-    pub fn emit(mut self) {
-        let _ = write!(self.uart, "}}\n");
-    }
-}
-
-fn write_json_str(out: &mut Console, s: &str) {
-    let _ = out.write_str("\"");
-    let _ = JsonEscaper(out).write_str(s);
-    let _ = out.write_str("\"");
-}
-
-struct JsonEscaper<'a>(&'a mut Console);
-
-impl Write for JsonEscaper<'_> {
+impl Write for ConsoleLine {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        for c in s.chars() {
-            match c {
-                '"' => self.0.write_str("\\\"")?,
-                '\\' => self.0.write_str("\\\\")?,
-                '\n' => self.0.write_str("\\n")?,
-                '\r' => self.0.write_str("\\r")?,
-                '\t' => self.0.write_str("\\t")?,
-                c if (c as u32) < 0x20 => write!(self.0, "\\u{:04x}", c as u32)?,
-                c => self.0.write_char(c)?,
-            }
-        }
-        Ok(())
+        self.0.write_str(s)
+    }
+}
+
+/// One JSON record line under construction, written under the console's lock (lines from
+/// different CPUs never interleave); `emit` ends it.
+pub type Record = JsonObject<ConsoleLine>;
+
+impl JsonObject<ConsoleLine> {
+    pub fn new(kind: &str) -> Self {
+        let mut console = lock();
+        console.begin_line();
+        JsonObject::begin(ConsoleLine(console)).str("type", kind)
+    }
+
+    pub fn emit(self) {
+        let mut line = self.end();
+        let _ = line.write_str("\n");
     }
 }
 

@@ -19,6 +19,7 @@ mod freestanding;
 mod guest_entry;
 mod host_irq;
 mod interrupts;
+mod json;
 mod machine;
 mod memory;
 mod pacing;
@@ -119,6 +120,7 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
 
     // The config is validated against this machine before anything else starts: a rejected
     // config starts nothing.
+    let check_start = tsc::now();
     let validated = match boot_config::load(&boot, apic_ids.len() as u32) {
         Ok(v) => v,
         Err(error) => {
@@ -126,7 +128,7 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
             power::end_run(true)
         }
     };
-    boot_config::report_accepted(&validated);
+    boot_config::report_accepted(&validated, tsc::now() - check_start);
 
     // SMP: every AP sets up its own GDT/TSS/IDT and LAPIC and reports in.
     for ap in smp::start_aps(&apic_ids) {

@@ -15,6 +15,7 @@
 extern crate alloc;
 
 pub mod dispatch;
+pub mod epoch;
 pub mod nested;
 pub mod plan;
 pub mod rng;
@@ -22,6 +23,7 @@ pub mod spec;
 pub mod turns;
 
 pub use dispatch::{BoundaryClock, Decision, DispatchEntry, DispatchTables, PcpuDispatcher, PcpuTable, VcpuRef};
+pub use epoch::Epoch;
 pub use nested::{Gang, NestedPolicy, PerPcpuRoundRobin, RoundRobinGang, SubSlice};
 pub use plan::{plan_gang, plan_independent, IndependentConfig, Owner, Plan, PlanConfig, Slot};
 pub use spec::{EffectiveReservation, FlatPartition, PartitionId, PlanError, Tick};

@@ -535,3 +535,64 @@ fn the_boundary_clock_ticks_at_every_boundary_of_any_pcpu() {
     assert_eq!(clock.next_after(1_539), 1_540);
     assert_eq!(clock.next_after(1_540), 1_600);
 }
+
+/// Three gang partitions on four pCPUs, A's budget 1 ms then 4 ms of 10 ms.
+fn epoch_tables(a_budget: Tick) -> DispatchTables {
+    let parts = vec![
+        part(0, "a", &[0, 1, 2, 3], 4, true, hard(a_budget, 10_000)),
+        part(1, "b", &[0, 1, 2, 3], 4, true, hard(2_000, 5_000)),
+        part(2, "c", &[2, 3], 2, true, hard(1_000, 10_000)),
+    ];
+    let plan = plan_gang(&parts, &PlanConfig::new(4, 10_000)).unwrap();
+    DispatchTables::compile(&plan, &parts).unwrap()
+}
+
+#[test]
+fn every_pcpu_switches_tables_at_the_one_release_boundary() {
+    use crate::epoch::Epoch;
+    use crate::turns::{SlotTurns, TurnEnd};
+    let t0 = 1_000;
+    let first = Epoch::first(epoch_tables(1_000), t0);
+    // Published 23.5 ms into the run with 2 frames of lead: released at the 5th frame boundary.
+    let second = first.successor(epoch_tables(4_000), t0 + 23_500, 20_000);
+    assert_eq!(second.release, t0 + 50_000);
+    assert_eq!(second.number, 1);
+    assert_ne!(first.tables, second.tables);
+    let mut rng = SplitMix64::new(7);
+    for pcpu in 0..4 {
+        // Each pCPU notices its boundaries a little late, by its own amounts.
+        let mut turns = SlotTurns::start(first.dispatcher(pcpu), t0, t0);
+        let mut epoch = &first;
+        let mut switched_at = None;
+        let mut boundaries = Vec::new();
+        while boundaries.last().is_none_or(|&b| b < t0 + 80_000) {
+            let deadline = turns.decision().next_deadline;
+            let now = deadline + rng.below(40);
+            turns.turn_ended(now, Some(TurnEnd::Deadline), |_| true, []);
+            boundaries.push(deadline);
+            if epoch.number == 0 && second.starts_at(deadline) {
+                switched_at = Some(deadline);
+                epoch = &second;
+                turns = SlotTurns::start(second.dispatcher(pcpu), second.release, now);
+            }
+            // What runs now is what the epoch in force says for this moment.
+            let offset = (now - epoch.release) % epoch.tables.frame;
+            let entry = epoch.tables.pcpus[pcpu].entries.iter().find(|e| e.offset <= offset && offset < e.end).unwrap();
+            assert_eq!(turns.decision().run, entry.run, "pCPU {pcpu} at {now}");
+        }
+        assert_eq!(switched_at, Some(second.release), "pCPU {pcpu} switched at the release, not before or after");
+        assert!(boundaries.contains(&second.release), "pCPU {pcpu}'s old slots end exactly at the release");
+        // After the switch, its boundaries are the new tables' offsets from the release.
+        let new_offsets: Vec<Tick> = second.tables.pcpus[pcpu].entries.iter().map(|e| e.end).collect();
+        for b in boundaries.iter().filter(|&&b| b > second.release) {
+            assert!(new_offsets.contains(&((b - second.release - 1) % 10_000 + 1)), "pCPU {pcpu}: {b}");
+        }
+    }
+    // A pCPU that was stalled past the release still starts the new tables, in step.
+    let stalled = second.release + 12_345;
+    assert!(second.starts_at(stalled));
+    let turns = SlotTurns::start(second.dispatcher(0), second.release, stalled);
+    let offset = 2_345;
+    let entry = second.tables.pcpus[0].entries.iter().find(|e| e.offset <= offset && offset < e.end).unwrap();
+    assert_eq!(turns.decision().next_deadline, second.release + 10_000 + entry.end);
+}
