@@ -150,11 +150,11 @@ class Run:
 
 # Event kinds of the `trace` records' wire format (docs/records.md).
 TURN_START, TURN_END, VM_ENTRY, VM_EXIT, IDLE_START, IDLE_END = 1, 2, 3, 4, 5, 6
-INJECT, HOST_INTERRUPT, KICK, FAULT, RESET, BOUNDARY_IPI = 7, 8, 9, 10, 11, 12
+INJECT, HOST_INTERRUPT, KICK, FAULT, RESET, BOUNDARY_IPI, PHASE_CHANGE = 7, 8, 9, 10, 11, 12, 13
 KIND_NAMES = {TURN_START: "turn_start", TURN_END: "turn_end", VM_ENTRY: "vm_entry", VM_EXIT: "vm_exit",
               IDLE_START: "idle_start", IDLE_END: "idle_end", INJECT: "inject",
               HOST_INTERRUPT: "host_interrupt", KICK: "kick", FAULT: "fault", RESET: "reset",
-              BOUNDARY_IPI: "boundary_ipi"}
+              BOUNDARY_IPI: "boundary_ipi", PHASE_CHANGE: "phase_change"}
 NO_PARTITION = 0xFFFF
 TURN_END_REASONS = {0: "deadline", 1: "halted", 2: "yielded", 3: "stopped"}
 

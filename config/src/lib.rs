@@ -14,6 +14,7 @@
 
 extern crate alloc;
 
+pub mod control;
 pub mod dispatch_plan;
 mod error;
 pub mod irq_plan;
@@ -46,7 +47,16 @@ pub struct Platform {
 /// check without a machine description) pCPU existence and memory fit against the machine are
 /// skipped; everything else is checked.
 pub fn load(file_name: &str, text: &str, platform: Option<&Platform>) -> Result<Validated, ConfigError> {
-    let machine = match platform {
+    load_for(file_name, text, &machine_of(platform))
+}
+
+/// Like [`load`] on the machine that runs it, keeping what run-time changes are checked with.
+pub fn load_live(file_name: &str, text: &str, platform: &Platform) -> Result<LiveConfig, ConfigError> {
+    LiveConfig::load(file_name, text, &machine_of(Some(platform)))
+}
+
+fn machine_of(platform: Option<&Platform>) -> Machine {
+    match platform {
         Some(p) => Machine {
             pcpus: Some(p.pcpus),
             usable_memory: Some(p.usable_memory.clone()),
@@ -54,8 +64,7 @@ pub fn load(file_name: &str, text: &str, platform: Option<&Platform>) -> Result<
             module_images: p.module_images.clone(),
         },
         None => Machine::default(),
-    };
-    load_for(file_name, text, &machine)
+    }
 }
 
 /// The config file's bytes as text; invalid UTF-8 is an error at the line and column of the

@@ -6,7 +6,7 @@ extern crate alloc;
 
 use alloc::format;
 use alloc::string::String;
-use config::{Placement, Reservation, Validated};
+use config::{LiveConfig, Placement, Reservation, Validated};
 
 use crate::console::Record;
 use crate::memory::BootInfo;
@@ -14,7 +14,7 @@ use crate::memory::BootInfo;
 pub const CONFIG_MODULE: &str = "partitions.toml";
 
 /// Loads and validates the config; `Err` carries the one-line reason (file:line:col: ...).
-pub fn load(boot: &BootInfo, pcpus: u32) -> Result<Validated, String> {
+pub fn load(boot: &BootInfo, pcpus: u32) -> Result<LiveConfig, String> {
     let module = boot.modules.iter().find(|m| m.name == CONFIG_MODULE).ok_or_else(|| {
         format!(
             "no `{CONFIG_MODULE}` boot module: add `module2 /boot/{CONFIG_MODULE} {CONFIG_MODULE}` to the GRUB entry"
@@ -33,10 +33,11 @@ pub fn load(boot: &BootInfo, pcpus: u32) -> Result<Validated, String> {
             .map(|m| (m.name.clone(), m.bytes()))
             .collect(),
     };
-    config::load(CONFIG_MODULE, text, Some(&platform)).map_err(|e| format!("{e}"))
+    config::load_live(CONFIG_MODULE, text, &platform).map_err(|e| format!("{e}"))
 }
 
-fn describe(reservation: &Reservation) -> String {
+/// A reservation in words, as records and replies show it.
+pub fn describe(reservation: &Reservation) -> String {
     match reservation {
         Reservation::Hard { budget_us, period_us } => {
             format!("hard {budget_us} us / {period_us} us ({}%)", budget_us * 100 / (*period_us).max(1))
@@ -57,6 +58,7 @@ pub fn report_accepted(validated: &Validated, check_cycles: u64) {
         .u64("groups", c.groups.len() as u64)
         .str("policy", c.hypervisor.policy.as_str())
         .u64("major_frame_us", c.hypervisor.major_frame_us)
+        .str("control", c.hypervisor.control.as_str())
         .u64("check_cycles", check_cycles)
         .emit();
     for (partition, placement) in c.partitions.iter().zip(&validated.memory) {

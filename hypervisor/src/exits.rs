@@ -19,7 +19,7 @@ use crate::machine::machine;
 use crate::partition::{Fault, Partition};
 use crate::pcpu::kick;
 use crate::vcpu::Vcpu;
-use crate::vectors::{BOUNDARY_VECTOR, CONSOLE_INPUT_VECTOR, DISPATCH_VECTOR, KICK_VECTOR};
+use crate::vectors::{BOUNDARY_VECTOR, CONSOLE_INPUT_VECTOR, CONTROL_INPUT_VECTOR, DISPATCH_VECTOR, KICK_VECTOR};
 use crate::vmcs::{self, control, guest, ro};
 
 /// What the slot loop does after an exit.
@@ -75,6 +75,8 @@ pub fn handle_exit(
                 let device = machine().device_irqs.arrive(vector, crate::tsc::now(), Some(partition.id));
                 if vector == CONSOLE_INPUT_VECTOR {
                     crate::console::on_input();
+                } else if vector == CONTROL_INPUT_VECTOR {
+                    crate::serial::COM2_INPUT.on_interrupt();
                 } else if device.is_none() && ![DISPATCH_VECTOR, KICK_VECTOR, BOUNDARY_VECTOR].contains(&vector) {
                     log::warn!("unexpected interrupt vector {vector:#x} while a guest ran");
                 }

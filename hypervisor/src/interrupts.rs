@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Once;
 
 use crate::vectors::{
-    BOUNDARY_VECTOR, CONSOLE_INPUT_VECTOR, DEVICE_VECTOR_FIRST, DEVICE_VECTOR_LAST, DISPATCH_VECTOR, IST_DOUBLE_FAULT,
+    BOUNDARY_VECTOR, CONSOLE_INPUT_VECTOR, CONTROL_INPUT_VECTOR, DEVICE_VECTOR_FIRST, DEVICE_VECTOR_LAST, DISPATCH_VECTOR, IST_DOUBLE_FAULT,
     IST_MACHINE_CHECK, IST_NMI, KICK_VECTOR, PHASE_TEST_VECTOR, SPURIOUS_VECTOR,
 };
 
@@ -240,6 +240,10 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
         DISPATCH_VECTOR | KICK_VECTOR | BOUNDARY_VECTOR => crate::apic::eoi(),
         CONSOLE_INPUT_VECTOR => {
             crate::console::on_input();
+            crate::apic::eoi();
+        }
+        CONTROL_INPUT_VECTOR => {
+            crate::serial::COM2_INPUT.on_interrupt();
             crate::apic::eoi();
         }
         SPURIOUS_VECTOR => {}

@@ -11,15 +11,16 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Once;
 
-use config::{DispatchPolicy, Placement, Validated};
+use config::{DispatchPolicy, LiveConfig, Placement, Validated};
 use ept::{Access, Ept, FrameAllocator, MemoryType, PageSizes, PhysMemory};
-use sched::DispatchTables;
+use sched::Epoch;
 use vmx::devices::LAPIC_PAGE;
 use vmx::vmcs_image::PartitionContext;
 use vmx::ControlSet;
 
 use crate::memory::BootInfo;
 use crate::partition::{Fault, Partition, Payload, PayloadImages};
+use crate::phases::{EpochPlan, Phases};
 
 /// Table pages come from the hypervisor heap (identity-mapped: address = physical).
 struct HeapFrames;
@@ -78,7 +79,13 @@ fn apic_access_page() -> u64 {
 
 pub struct Machine {
     pub partitions: Vec<Partition>,
-    pub tables: DispatchTables,
+    /// The dispatch tables in force, and a change of them once published (`phases`).
+    pub phases: Phases,
+    /// The config as it runs, which run-time changes are checked against (pCPU 0's, through
+    /// the control channel).
+    pub live: spin::Mutex<LiveConfig>,
+    /// Tables are planned in microseconds and run in TSC cycles: this many per microsecond.
+    pub tsc_per_us: u64,
     pub policy: DispatchPolicy,
     pub controls: ControlSet,
     /// Enter vCPUs with RFLAGS.IF set: the Bochs workaround (`phalanx.bochs=1`, which
@@ -100,8 +107,32 @@ pub struct Machine {
     /// The device IRQs partitions own, and their delivery (`device_irq`).
     pub device_irqs: crate::device_irq::DeviceIrqs,
     /// An end earlier than `schedule.end` (a partition with `on_poweroff = "end-run"` powered
-    /// off); `u64::MAX`: none.
+    /// off, or the control channel's `end`); `u64::MAX`: none.
     early_end: AtomicU64,
+    /// What ended the run early (`EndCause` as a number).
+    end_cause: core::sync::atomic::AtomicU8,
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EndCause {
+    /// `run_ms` passed.
+    RunMs = 0,
+    /// A partition with `on_poweroff = "end-run"` powered off.
+    Poweroff = 1,
+    /// The control channel's `end`.
+    Control = 2,
+}
+
+impl EndCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndCause::RunMs => "run_ms",
+            EndCause::Poweroff => "poweroff",
+            EndCause::Control => "control",
+        }
+    }
 }
 
 impl Machine {
@@ -111,11 +142,23 @@ impl Machine {
     }
 
     /// Ends the run at the second major-frame boundary after `now`: every pCPU sees the new
-    /// end before the frame it ends in begins, so all stop at that same boundary.
-    pub fn end_early(&self, now: u64) {
+    /// end before the frame it ends in begins, so all stop at that same boundary. Returns it.
+    pub fn end_early(&self, now: u64, cause: EndCause) -> u64 {
         let frames_done = now.saturating_sub(self.schedule.t0) / self.frame_cycles.max(1);
         let end = self.schedule.t0 + (frames_done + 2) * self.frame_cycles;
-        self.early_end.fetch_min(end, Ordering::AcqRel);
+        if end < self.early_end.fetch_min(end, Ordering::AcqRel) {
+            self.end_cause.store(cause as u8, Ordering::Release);
+        }
+        self.run_end()
+    }
+
+    /// What ended the run (`run_ms` unless something ended it earlier).
+    pub fn end_cause(&self) -> EndCause {
+        match self.end_cause.load(Ordering::Acquire) {
+            1 => EndCause::Poweroff,
+            2 => EndCause::Control,
+            _ => EndCause::RunMs,
+        }
     }
 
     /// How many distinct pCPUs partition `id`'s vCPUs are homed on.
@@ -124,8 +167,9 @@ impl Machine {
     }
 }
 
-/// The run in TSC cycles: its release time (`t0`, every pCPU's first slot boundary), its end,
-/// and how often pCPU 0 prints progress records.
+/// The run in TSC cycles: its release time (`t0`, every pCPU's first slot boundary), its end
+/// (`u64::MAX`: until the control channel's `end`), and how often pCPU 0 prints progress
+/// records.
 #[derive(Debug, Clone, Copy)]
 pub struct Schedule {
     pub t0: u64,
@@ -144,7 +188,8 @@ pub struct Schedule {
 #[derive(Debug, Clone, Copy)]
 pub struct RunLength {
     pub lead: u64,
-    pub run: u64,
+    /// `None`: until it is ended (the control channel's `end`, a partition's power-off).
+    pub run: Option<u64>,
     pub progress_interval: u64,
     pub debug_uncharged_cycles: u64,
     pub debug_switch_in_cycles: u64,
@@ -159,13 +204,14 @@ pub fn machine() -> &'static Machine {
 /// Loads every partition and takes the dispatch plan the config check made (in TSC cycles).
 /// `Err` names the partition.
 pub fn build(
-    validated: &Validated,
+    live: LiveConfig,
     boot: &BootInfo,
     controls: ControlSet,
     force_interrupts_on: bool,
     length: RunLength,
     console_input: Option<&str>,
 ) -> Result<&'static Machine, String> {
+    let validated = &live.validated;
     let config = &validated.config;
     let console_input = match console_input {
         None => None,
@@ -260,26 +306,43 @@ pub fn build(
     let t0 = crate::tsc::now() + length.lead;
     let schedule = Schedule {
         t0,
-        end: t0 + length.run,
+        end: length.run.map_or(u64::MAX, |run| t0 + run),
         progress_interval: length.progress_interval,
         debug_uncharged_cycles: length.debug_uncharged_cycles,
         debug_switch_in_cycles: length.debug_switch_in_cycles,
     };
     let device_irqs = crate::device_irq::DeviceIrqs::new(validated.irqs.clone(), partitions.len());
+    let phases = Phases::new(Epoch::first(tables, t0), epoch_plan(validated, 0, t0));
+    let policy = config.hypervisor.policy;
+    let spin_sample_cycles = config.hypervisor.spin_sample_us * tsc_per_us;
     Ok(MACHINE.call_once(|| Machine {
         partitions,
-        tables,
-        policy: config.hypervisor.policy,
+        phases,
+        live: spin::Mutex::new(live),
+        tsc_per_us,
+        policy,
         controls,
         force_interrupts_on,
         homes,
         frame_cycles,
         skew_bound,
-        spin_sample_cycles: config.hypervisor.spin_sample_us * tsc_per_us,
+        spin_sample_cycles,
         heap_estimate,
         console_input,
         device_irqs,
         early_end: AtomicU64::new(u64::MAX),
+        end_cause: core::sync::atomic::AtomicU8::new(EndCause::RunMs as u8),
         schedule,
     }))
+}
+
+/// What `validated` asks of each partition, as epoch `number` released at `release`.
+pub fn epoch_plan(validated: &Validated, number: u32, release: u64) -> EpochPlan {
+    let flat = validated.tree.flatten();
+    let requested_ppm = (0..validated.config.partitions.len())
+        .map(|id| flat.iter().find(|f| f.id as usize == id).map_or(0, |f| f.reservation.ppm()))
+        .collect();
+    let reservations =
+        validated.config.partitions.iter().map(|p| crate::boot_config::describe(&p.reservation)).collect();
+    EpochPlan { number, release, reservations, requested_ppm }
 }

@@ -12,6 +12,7 @@ mod apic;
 mod boot;
 mod boot_config;
 mod console;
+mod control;
 mod cpu;
 mod device_irq;
 mod exits;
@@ -27,6 +28,7 @@ mod partition;
 mod pcpu;
 mod percpu;
 mod phase;
+mod phases;
 mod platform;
 mod power;
 mod report;
@@ -121,14 +123,14 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
     // The config is validated against this machine before anything else starts: a rejected
     // config starts nothing.
     let check_start = tsc::now();
-    let validated = match boot_config::load(&boot, apic_ids.len() as u32) {
-        Ok(v) => v,
+    let live = match boot_config::load(&boot, apic_ids.len() as u32) {
+        Ok(live) => live,
         Err(error) => {
             boot_config::report_rejected(&error);
             power::end_run(true)
         }
     };
-    boot_config::report_accepted(&validated, tsc::now() - check_start);
+    boot_config::report_accepted(&live.validated, tsc::now() - check_start);
 
     // SMP: every AP sets up its own GDT/TSS/IDT and LAPIC and reports in.
     for ap in smp::start_aps(&apic_ids) {
@@ -228,32 +230,32 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
 
     let lead_us =
         boot_option(&boot.cmdline, "phalanx.dispatch_lead_us").and_then(|v| v.parse().ok()).unwrap_or(DISPATCH_LEAD_US);
-    run_partitions(&validated, &boot, &platform, cpus, lead_us);
+    run_partitions(live, &boot, &platform, cpus, lead_us);
     power::end_run(false)
 }
 
 /// How far ahead of "now" the BSP publishes the dispatch release time.
 const DISPATCH_LEAD_US: u64 = 20_000;
-/// A run without `run_ms` in the config lasts this long.
-const DEFAULT_RUN_MS: u64 = 2_000;
+/// How long the BSP waits for the other pCPUs to leave their slot loops after its own.
+const FINISH_TIMEOUT_US: u64 = 2_000_000;
 
 /// Builds the machine (partitions loaded, the checked plan in TSC cycles), releases every
 /// pCPU into dispatch at a common `t0`, and prints the results when the run ends.
 fn run_partitions(
-    validated: &config::Validated,
+    live: config::LiveConfig,
     boot: &memory::BootInfo,
     platform: &firmware::platform::Platform,
     cpus: usize,
     lead_us: u64,
 ) {
-    if validated.config.partitions.is_empty() {
+    if live.validated.config.partitions.is_empty() {
         log::info!("the config has no partitions: nothing to run");
         return;
     }
-    let hv = &validated.config.hypervisor;
+    let hv = live.validated.config.hypervisor.clone();
     let controls = negotiate_controls(hv.policy, boot_option(&boot.cmdline, "phalanx.debug.vmx_without"));
     let force_interrupts_on = boot_option(&boot.cmdline, "phalanx.bochs") == Some("1");
-    let run_ms = hv.run_ms.unwrap_or(DEFAULT_RUN_MS);
+
     let debug_cycles = |option: &str| match boot_option(&boot.cmdline, option) {
         None => 0,
         Some(value) => value
@@ -262,14 +264,15 @@ fn run_partitions(
     };
     let length = machine::RunLength {
         lead: tsc::us_to_cycles(lead_us),
-        run: tsc::us_to_cycles(run_ms * 1000),
+        run: hv.run_ms.map(|ms| tsc::us_to_cycles(ms * 1000)),
         progress_interval: tsc::us_to_cycles(hv.stats_interval_ms * 1000),
         debug_uncharged_cycles: debug_cycles("phalanx.debug.uncharged_cycles"),
         debug_switch_in_cycles: debug_cycles("phalanx.debug.switch_in_cycles"),
     };
     let console_input = boot_option(&boot.cmdline, "phalanx.console");
-    let machine = machine::build(validated, boot, controls, force_interrupts_on, length, console_input)
+    let machine = machine::build(live, boot, controls, force_interrupts_on, length, console_input)
         .unwrap_or_else(|e| fatal("partitions", &e));
+    control::start(hv.control, platform, apic::id() as u8, hv.run_ms).unwrap_or_else(|e| fatal("control", &e));
     if machine.console_input.is_some() {
         // Typed bytes are taken as they arrive, by the BSP (pCPU 0, which hands them on).
         host_irq::route_isa_irq(platform, serial::COM1_IRQ, vectors::CONSOLE_INPUT_VECTOR, apic::id() as u8)
@@ -285,15 +288,16 @@ fn run_partitions(
             .u64("vcpus", p.vcpus as u64)
             .emit();
     }
+    let how_long = hv.run_ms.map_or("until `scripts/phalanx ctl end`".into(), |ms| alloc::format!("for {ms} ms"));
     log::info!(
-        "dispatching {} partitions ({} policy, {} us frame) on {cpus} pCPUs for {run_ms} ms",
+        "dispatching {} partitions ({} policy, {} us frame) on {cpus} pCPUs {how_long}",
         machine.partitions.len(),
         machine.policy.as_str(),
         tsc::cycles_to_us(machine.frame_cycles)
     );
     trace::allocate(cpus, hv.trace_events as usize);
     console::start_buffering();
-    let stuck = smp::run_on_all_within(cpus, slot_loop::run_pcpu, lead_us + run_ms * 1000 + 2_000_000);
+    let stuck = smp::run_on_all_within(cpus, slot_loop::run_pcpu, FINISH_TIMEOUT_US);
     if !stuck.is_empty() {
         fatal("dispatch", &alloc::format!("pCPUs {stuck:?} did not finish the run"));
     }
@@ -301,10 +305,11 @@ fn run_partitions(
     report::final_records(cpus, machine.run_end() - schedule.t0);
     trace::dump(cpus, schedule.t0);
     let ended_early = machine.run_end() < schedule.end;
-    let ran_ms = if ended_early { tsc::cycles_to_us(machine.run_end() - schedule.t0) / 1000 } else { run_ms };
+    let ran_ms = tsc::cycles_to_us(machine.run_end() - schedule.t0) / 1000;
     Record::new("run_end")
-        .u64("run_ms", ran_ms)
+        .u64("run_ms", hv.run_ms.filter(|_| !ended_early).unwrap_or(ran_ms))
         .bool("ended_early", ended_early)
+        .str("ended_by", machine.end_cause().as_str())
         .str("policy", machine.policy.as_str())
         .emit();
 }

@@ -39,12 +39,13 @@ pub enum Pacing {
 }
 
 impl Pacing {
-    pub fn of(cpu: usize, t0: u64) -> Pacing {
+    /// How `cpu` learns of the boundaries of `epoch`'s tables.
+    pub fn of(cpu: usize, epoch: &sched::Epoch) -> Pacing {
         let m = machine();
         match (m.policy, cpu) {
             (config::DispatchPolicy::IpiGang, TIMING_PCPU) => {
-                let clock = m.tables.boundary_clock(t0);
-                let next_signal = clock.next_after(t0);
+                let clock = epoch.tables.boundary_clock(epoch.release);
+                let next_signal = clock.next_after(crate::tsc::now().max(epoch.release));
                 Pacing::Timing { clock, next_signal }
             }
             (config::DispatchPolicy::IpiGang, _) => Pacing::Signalled,

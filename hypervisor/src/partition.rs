@@ -23,6 +23,8 @@ const GUEST_LINE_MAX: usize = 4096;
 /// The reasons of stops the guest asked for itself, reported as such rather than as faults.
 const REASON_POWEROFF: &str = "poweroff";
 const REASON_REBOOT: &str = "reboot";
+/// Stopped, started or reset through the control channel.
+const REASON_CONTROL: &str = "control";
 
 /// Why a partition was stopped.
 #[derive(Debug, Clone)]
@@ -69,6 +71,8 @@ pub struct Partition {
     reset_pending: AtomicBool,
     parked: AtomicU32,
     pub resets: AtomicU64,
+    /// PAUSE-loop exits so far (the control channel's live spin-wait figure).
+    pub pause_loop_exits: AtomicU64,
     /// Guest cycles per vCPU (relaxed co-scheduling compares siblings' progress).
     pub vcpu_run_cycles: Vec<AtomicU64>,
 }
@@ -119,6 +123,7 @@ impl Partition {
             reset_pending: AtomicBool::new(false),
             parked: AtomicU32::new(0),
             resets: AtomicU64::new(0),
+            pause_loop_exits: AtomicU64::new(0),
             vcpu_run_cycles: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
         })
     }
@@ -181,13 +186,62 @@ impl Partition {
                 self.stop_and_maybe_reset(Fault { vcpu, reason: REASON_POWEROFF, detail, rip }, false);
                 if self.on_poweroff == OnPoweroff::EndRun {
                     let m = crate::machine::machine();
-                    m.end_early(crate::tsc::now());
+                    m.end_early(crate::tsc::now(), crate::machine::EndCause::Poweroff);
                 }
             }
             PowerRequest::Reset { via } => {
                 let fault = Fault { vcpu, reason: REASON_REBOOT, detail: via.into(), rip };
                 self.stop_and_maybe_reset(fault, self.on_reboot == OnReboot::Reset)
             }
+        }
+    }
+
+    /// The control channel's `stop`: the partition stops (its slots idle or are lent) until
+    /// `start`. `Err` says why not.
+    pub fn control_stop(&self) -> Result<(), &'static str> {
+        if self.is_stopped() {
+            return Err("it is already stopped");
+        }
+        let detail = "stopped through the control channel".into();
+        self.stop_and_maybe_reset(Fault { vcpu: 0, reason: REASON_CONTROL, detail, rip: 0 }, false);
+        Ok(())
+    }
+
+    /// The control channel's `start`: a stopped partition boots again from its payload, as
+    /// after a reset, in its own slots.
+    pub fn control_start(&self) -> Result<(), String> {
+        if !self.is_stopped() {
+            return Err("it is running (`reset` restarts it)".into());
+        }
+        self.restart()
+    }
+
+    /// The control channel's `reset`: the partition, running or stopped, boots again.
+    pub fn control_reset(&self) -> Result<(), String> {
+        if !self.is_stopped() {
+            let detail = "reset through the control channel".into();
+            self.stop_and_maybe_reset(Fault { vcpu: 0, reason: REASON_CONTROL, detail, rip: 0 }, true);
+            return Ok(());
+        }
+        self.restart()
+    }
+
+    /// A stopped partition's reset, unless it was stopped for what a reset cannot mend.
+    fn restart(&self) -> Result<(), String> {
+        if let Some(fault) = self.fault.lock().as_ref().filter(|f| ["unsupported", "vm-entry-check"].contains(&f.reason)) {
+            return Err(format!("it cannot run on this machine: {}", fault.detail));
+        }
+        self.refused.store(false, Ordering::Release);
+        self.reset_pending.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// `running`, `stopped`, or `starting` (a reset pending, done in its next slot).
+    pub fn state(&self) -> &'static str {
+        match (self.is_stopped(), self.reset_pending()) {
+            (false, _) => "running",
+            (true, true) => "starting",
+            (true, false) => "stopped",
         }
     }
 
@@ -232,6 +286,14 @@ impl Partition {
                 crate::console::Record::new("partition_poweroff")
                     .str("partition", &self.name)
                     .u64("vcpu", fault.vcpu as u64)
+                    .emit();
+            }
+            REASON_CONTROL => {
+                log::info!("partition {}: {} ({action})", self.name, fault.detail);
+                crate::console::Record::new("partition_control")
+                    .str("partition", &self.name)
+                    .str("detail", &fault.detail)
+                    .str("action", action)
                     .emit();
             }
             REASON_REBOOT => {

@@ -14,7 +14,7 @@ use vmx::spin_sample::SampleClock;
 
 use crate::machine::machine;
 use crate::partition::{Fault, Partition};
-use crate::percpu::{ExitStat, SlotEntry, EXIT_REASONS};
+use crate::percpu::{EpochMark, ExitStat, SlotEntry, EXIT_REASONS};
 use crate::vcpu::Vcpu;
 use crate::vectors::KICK_VECTOR;
 
@@ -36,6 +36,10 @@ pub struct Pcpu {
     pub guard_exits: u64,
     pub yields: u64,
     pub preemption_shift: u8,
+    /// Its accounts at each switch of dispatch tables (the share of each epoch).
+    pub epoch_marks: Vec<EpochMark>,
+    /// After a switch: the slot entries of the first frame, until the frame's end.
+    first_frame: Option<(u64, Vec<SlotEntry>)>,
 }
 
 impl Pcpu {
@@ -68,6 +72,36 @@ impl Pcpu {
             guard_exits: 0,
             yields: 0,
             preemption_shift: m.controls.caps.features().preemption_timer_shift,
+            epoch_marks: Vec::new(),
+            first_frame: None,
+        }
+    }
+
+    /// The first VM entry of a partition's vCPU in its own slot (gang skew, entry latency).
+    pub fn note_slot_entry(&mut self, entry: SlotEntry) {
+        if self.slot_entries.len() < MAX_SLOT_ENTRIES {
+            self.slot_entries.push(entry);
+        }
+        if let Some((until, entries)) = &mut self.first_frame {
+            if entry.slot_start < *until {
+                entries.push(entry);
+            }
+        }
+    }
+
+    /// Starting epoch `epoch` at `boundary`: its accounts there, and its first frame watched.
+    pub fn mark_epoch(&mut self, epoch: u32, boundary: u64, frame: u64) {
+        let charged = self.ledger.partitions().iter().map(|p| p.charged_cycles()).collect();
+        self.epoch_marks.push(EpochMark { epoch, charged });
+        self.first_frame = Some((boundary + frame, Vec::new()));
+    }
+
+    /// A slot boundary passed: the first frame after a switch may be over (reported then).
+    #[inline]
+    pub fn passed_boundary(&mut self, boundary: u64) {
+        if self.first_frame.as_ref().is_some_and(|(until, _)| boundary >= *until) {
+            let (_, entries) = self.first_frame.take().expect("checked");
+            crate::percpu::of(self.cpu).phase_switch.lock().first_frame_over(entries);
         }
     }
 

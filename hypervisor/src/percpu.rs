@@ -33,6 +33,8 @@ pub struct PerCpu {
     pub dispatch_result: Mutex<Option<PcpuResult>>,
     /// Its trace buffer when the config asks for one (`trace`).
     pub trace: Mutex<Option<reservations::trace::TraceBuffer>>,
+    /// Its last switch of dispatch tables (`phases`), for the control channel's report.
+    pub phase_switch: Mutex<crate::phases::SwitchReport>,
 }
 
 pub struct Mailbox {
@@ -58,6 +60,14 @@ pub struct SlotEntry {
     pub entry_tsc: u64,
 }
 
+/// A pCPU's accounts where it started an epoch of dispatch tables.
+#[derive(Debug, Clone)]
+pub struct EpochMark {
+    pub epoch: u32,
+    /// Per partition, the cycles charged to it on this pCPU until then.
+    pub charged: Vec<u64>,
+}
+
 /// What a pCPU's slot loop hands to the BSP at the end of the run.
 pub struct PcpuResult {
     pub ledger: reservations::Ledger,
@@ -65,6 +75,7 @@ pub struct PcpuResult {
     /// The preemption-timer exits that took a spin-wait sample, and their cost.
     pub spin_sample: ExitStat,
     pub slot_entries: Vec<SlotEntry>,
+    pub epoch_marks: Vec<EpochMark>,
     pub guard_exits: u64,
     pub yields: u64,
     /// Cycles spent outside any charge by `phalanx.debug.uncharged_cycles`.
@@ -87,6 +98,7 @@ static CPUS: [PerCpu; MAX_CPUS] = [const {
         attention: AtomicBool::new(false),
         dispatch_result: Mutex::new(None),
         trace: Mutex::new(None),
+        phase_switch: Mutex::new(crate::phases::SwitchReport::EMPTY),
     }
 }; MAX_CPUS];
 

@@ -151,6 +151,8 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .emit();
     }
 
+    epoch_records(&results, &ledgers, m.run_end());
+
     let elapsed: u64 = ledgers.iter().map(|l| l.elapsed()).sum();
     let guest: u64 = stats.partitions.iter().map(|p| p.guest_cycles).sum();
     let on_behalf: u64 = stats.partitions.iter().map(|p| p.on_behalf_cycles()).sum();
@@ -181,4 +183,50 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
         .u64("spin_sample_mean_cycles", sample_cycles / sample_exits.max(1))
         .u64("yields", results.iter().map(|r| r.yields).sum())
         .emit();
+}
+
+/// After phase changes: per epoch of dispatch tables and partition, the share of its pCPUs
+/// it was promised and what it was charged, from each pCPU's accounts at the boundary where
+/// it switched (`epoch_share` records). Nothing for a run without changes.
+fn epoch_records(results: &[PcpuResult], ledgers: &[Ledger], run_end: u64) {
+    let m = machine();
+    let plans = m.phases.plans();
+    if plans.len() < 2 {
+        return;
+    }
+    let partitions = m.partitions.len();
+    // Per epoch that started on every pCPU: where, and the charges up to there (summed).
+    let charged_at = |epoch: u32| -> Option<Vec<u64>> {
+        let mut total = alloc::vec![0u64; partitions];
+        for r in results {
+            let mark = r.epoch_marks.iter().find(|mark| mark.epoch == epoch)?;
+            for (t, c) in total.iter_mut().zip(&mark.charged) {
+                *t += c;
+            }
+        }
+        Some(total)
+    };
+    let at_end: Vec<u64> =
+        (0..partitions).map(|p| ledgers.iter().filter_map(|l| l.partition(p as u32)).map(|s| s.charged_cycles()).sum()).collect();
+    let mut starts: Vec<(u64, Vec<u64>)> = alloc::vec![(m.schedule.t0, alloc::vec![0; partitions])];
+    starts.extend(plans.iter().skip(1).map_while(|plan| charged_at(plan.number).map(|c| (plan.release, c))));
+    for (k, (start, before)) in starts.iter().enumerate() {
+        let (end, after) = starts.get(k + 1).map_or((run_end, &at_end), |(at, c)| (*at, c));
+        let plan = &plans[k];
+        for p in &m.partitions {
+            let capacity = end.saturating_sub(*start) * m.pcpus_held(p.id) as u64;
+            let share = (after[p.id] - before[p.id]) as f64 * 100.0 / capacity.max(1) as f64;
+            let requested = plan.requested_ppm[p.id] as f64 / 10_000.0;
+            Record::new("epoch_share")
+                .u64("epoch", plan.number as u64)
+                .u64("from_ms", crate::tsc::cycles_to_us(start - m.schedule.t0) / 1000)
+                .u64("to_ms", crate::tsc::cycles_to_us(end - m.schedule.t0) / 1000)
+                .str("partition", &p.name)
+                .str("reservation", &plan.reservations[p.id])
+                .fmt("requested_pct", format_args!("{requested:.2}"))
+                .fmt("cpu_share_pct", format_args!("{share:.2}"))
+                .fmt("error_pp", format_args!("{:.2}", share - requested))
+                .emit();
+        }
+    }
 }

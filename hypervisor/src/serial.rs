@@ -120,6 +120,10 @@ pub struct InputQueue {
     dropped: AtomicU64,
 }
 
+/// What arrives on COM2, the control channel (`control` reads it; the receive interrupt
+/// fills it, in `interrupts` or as an exit).
+pub static COM2_INPUT: InputQueue = InputQueue::new(COM2);
+
 /// Received bytes held at most; beyond it they are dropped and counted (as a UART overruns).
 const INPUT_LIMIT: usize = 64 * 1024;
 

@@ -23,7 +23,7 @@ use crate::exits::{handle_exit, ExitOutcome};
 use crate::machine::machine;
 use crate::pacing::Pacing;
 use crate::partition::Fault;
-use crate::pcpu::{take_attention, Pcpu, MAX_SLOT_ENTRIES};
+use crate::pcpu::{take_attention, Pcpu};
 use crate::percpu::{PcpuResult, SlotEntry, EXIT_REASONS};
 use crate::vectors::DISPATCH_VECTOR;
 use crate::vmcs::{self, guest, ro};
@@ -40,7 +40,8 @@ fn timer_mode() -> TimerMode {
     }
 }
 
-/// The dispatch loop of one pCPU, from `t0` to the end of the run.
+/// The dispatch loop of one pCPU, from `t0` to the end of the run, through every epoch of
+/// dispatch tables (`phases`): it starts each at the boundary it is released at.
 pub fn run_pcpu(cpu: usize) {
     let m = machine();
     let t0 = m.schedule.t0;
@@ -49,89 +50,124 @@ pub fn run_pcpu(cpu: usize) {
     let mode = timer_mode();
     apic::setup_timer(mode, DISPATCH_VECTOR);
     let mut pcpu = Pcpu::new(cpu, t0);
-    let mut pacing = Pacing::of(cpu, t0);
+    let mut epoch = m.phases.current();
+    let mut pacing = Pacing::of(cpu, &epoch);
     let cpus = crate::smp::online_count();
+    // pCPU 0 takes the control channel's commands between its turns.
+    let mut control = crate::control::Control::new();
     crate::tsc::spin_until(t0);
     // The end of the last charged stretch.
     let mut mark = t0;
-    let mut turns = SlotTurns::start(m.tables.dispatcher(cpu, t0), t0, crate::tsc::now());
     let mut next_injection = t0;
     let mut injected = 0;
+    let mut started_at = crate::tsc::now();
     loop {
-        let mut now = crate::tsc::now();
-        pacing.signal_due(cpu, cpus, now);
-        // Read each turn: a partition's power-off may end the run early (`end_early`).
-        let end = m.run_end();
-        if now >= end {
-            pcpu.charge(Account::Overhead, mark, now);
-            break;
-        }
-        if m.schedule.debug_uncharged_cycles > 0 && now >= next_injection {
-            // Debug: spend cycles no stretch covers, once per major frame.
-            pcpu.charge(Account::Overhead, mark, now);
-            crate::tsc::spin_until(now + m.schedule.debug_uncharged_cycles);
-            mark = crate::tsc::now();
-            injected += mark - now;
-            next_injection = (next_injection + m.frame_cycles).max(mark);
-            now = mark;
-        }
-        // Device interrupts that arrived in root mode (idle, between turns), raised at their
-        // owners, each charged for its own.
-        crate::device_irq::deliver(|owner, from, to| {
-            pcpu.charge(Account::Overhead, mark, from);
-            pcpu.charge(Account::OnBehalf(owner as reservations::PartitionId, Work::IrqDemux), from, to);
-            pcpu.ledger.note_irq(owner as reservations::PartitionId);
-            mark = to;
-        });
-        // Between turns the pCPU works for nobody in particular: statistics, the console,
-        // starts and wake-ups of the vCPUs homed here. The hypervisor's own time.
-        if cpu == 0 && now >= next_progress {
-            next_progress += m.schedule.progress_interval;
-            report_progress(now - t0);
-        }
-        let _ = crate::console::pump();
-        if cpu == 0 {
-            forward_console_input(m);
-        }
-        if take_attention(cpu) || pcpu.vcpus.iter().any(|v| v.halted) {
-            pcpu.follow_starts();
-            pcpu.wake_halted(now);
-        }
-        let mut switch_start = crate::tsc::now();
-        pcpu.charge(Account::Overhead, mark, switch_start);
-        let decision = turns.reclaim_if_owner_woke(|v| pcpu.runnable(v));
-        if let Some(owner) = decision.run.filter(|_| !decision.lent) {
-            switch_start = pcpu.follow_resets(owner.partition as usize, switch_start);
-        }
-        let decision = turns.lend_if_owner_cannot_run(now, |v| pcpu.runnable(v));
-        let deadline = pacing.turn_deadline(decision.next_deadline).min(end);
-        pacing.arm(mode, deadline);
-        let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
-        let ended = match turn {
-            // From `switch_start` to the vCPU's first entry (the decision, loading its VMCS) is
-            // the switch into its slot: run_turn charges it to the partition, whose slot it
-            // comes out of. Only the owner's entry at the start of its slot counts for gang
-            // skew (lent slack, or an owner that woke up mid-slot, is not a gang start).
-            Some(index) => {
-                let (ended, at) = run_turn(&mut pcpu, &pacing, index, deadline, turns.owned_slot_start(), switch_start);
-                mark = at;
-                Some(ended)
+        let mut turns = SlotTurns::start(epoch.dispatcher(cpu), epoch.release, started_at);
+        let next = loop {
+            let mut now = crate::tsc::now();
+            pacing.signal_due(cpu, cpus, now);
+            // Read each turn: a partition's power-off or the control channel may end the run
+            // early (`end_early`).
+            let end = m.run_end();
+            if now >= end {
+                pcpu.charge(Account::Overhead, mark, now);
+                break None;
             }
-            None => {
-                // A halted vCPU here whose timer comes due first ends the idle early.
-                let wake = pcpu.vcpus.iter().filter(|v| v.halted).filter_map(|v| v.lapic.timer_deadline()).min();
-                mark = idle_until(&mut pcpu, &pacing, switch_start, deadline, wake);
-                None
+            if m.schedule.debug_uncharged_cycles > 0 && now >= next_injection {
+                // Debug: spend cycles no stretch covers, once per major frame.
+                pcpu.charge(Account::Overhead, mark, now);
+                crate::tsc::spin_until(now + m.schedule.debug_uncharged_cycles);
+                mark = crate::tsc::now();
+                injected += mark - now;
+                next_injection = (next_injection + m.frame_cycles).max(mark);
+                now = mark;
             }
+            // Device interrupts that arrived in root mode (idle, between turns), raised at their
+            // owners, each charged for its own.
+            crate::device_irq::deliver(|owner, from, to| {
+                pcpu.charge(Account::Overhead, mark, from);
+                pcpu.charge(Account::OnBehalf(owner as reservations::PartitionId, Work::IrqDemux), from, to);
+                pcpu.ledger.note_irq(owner as reservations::PartitionId);
+                mark = to;
+            });
+            // Between turns the pCPU works for nobody in particular: statistics, the console,
+            // the control channel, starts and wake-ups of the vCPUs homed here. The
+            // hypervisor's own time.
+            if cpu == 0 && now >= next_progress {
+                next_progress += m.schedule.progress_interval;
+                report_progress(now - t0);
+            }
+            let _ = crate::console::pump();
+            let _ = crate::control::pump();
+            if cpu == 0 {
+                forward_console_input(m);
+                control.poll(m, cpus);
+            }
+            if take_attention(cpu) || pcpu.vcpus.iter().any(|v| v.halted) {
+                pcpu.follow_starts();
+                pcpu.wake_halted(now);
+            }
+            let mut switch_start = crate::tsc::now();
+            pcpu.charge(Account::Overhead, mark, switch_start);
+            let decision = turns.reclaim_if_owner_woke(|v| pcpu.runnable(v));
+            if let Some(owner) = decision.run.filter(|_| !decision.lent) {
+                switch_start = pcpu.follow_resets(owner.partition as usize, switch_start);
+            }
+            let decision = turns.lend_if_owner_cannot_run(now, |v| pcpu.runnable(v));
+            let deadline = pacing.turn_deadline(decision.next_deadline).min(end);
+            pacing.arm(mode, deadline);
+            let turn = decision.run.filter(|&v| pcpu.runnable(v)).and_then(|v| pcpu.find(v));
+            let ended = match turn {
+                // From `switch_start` to the vCPU's first entry (the decision, loading its VMCS) is
+                // the switch into its slot: run_turn charges it to the partition, whose slot it
+                // comes out of. Only the owner's entry at the start of its slot counts for gang
+                // skew (lent slack, or an owner that woke up mid-slot, is not a gang start).
+                Some(index) => {
+                    let (ended, at) =
+                        run_turn(&mut pcpu, &pacing, index, deadline, turns.owned_slot_start(), switch_start);
+                    mark = at;
+                    Some(ended)
+                }
+                None => {
+                    // A halted vCPU here whose timer comes due first ends the idle early.
+                    let wake = pcpu.vcpus.iter().filter(|v| v.halted).filter_map(|v| v.lapic.timer_deadline()).min();
+                    mark = idle_until(&mut pcpu, &pacing, switch_start, deadline, wake);
+                    None
+                }
+            };
+            // A signalled boundary counts from the boundary itself, whatever this pCPU's clock.
+            let now = if pacing.boundary_reached(deadline, mark) { mark.max(deadline) } else { mark };
+            if ended == Some(TurnEnd::Yielded) && now < decision.next_deadline {
+                pcpu.yields += 1;
+            }
+            if now >= decision.next_deadline {
+                pcpu.passed_boundary(decision.next_deadline);
+                // A change released at this boundary starts here (one atomic load otherwise).
+                if let Some(next) = m.phases.due(epoch.number, decision.next_deadline) {
+                    break Some((next, decision.next_deadline, now));
+                }
+            }
+            let homed = pcpu
+                .vcpus
+                .iter()
+                .map(|v| VcpuRef { partition: v.partition as reservations::PartitionId, vcpu: v.index });
+            turns.turn_ended(now, ended, |v| pcpu.runnable(v), homed);
         };
-        // A signalled boundary counts from the boundary itself, whatever this pCPU's clock.
-        let now = if pacing.boundary_reached(deadline, mark) { mark.max(deadline) } else { mark };
-        if ended == Some(TurnEnd::Yielded) && now < decision.next_deadline {
-            pcpu.yields += 1;
-        }
-        let homed =
-            pcpu.vcpus.iter().map(|v| VcpuRef { partition: v.partition as reservations::PartitionId, vcpu: v.index });
-        turns.turn_ended(now, ended, |v| pcpu.runnable(v), homed);
+        let Some((next, boundary, now)) = next else { break };
+        // The switch: this pCPU's accounts at the boundary (the epoch's share), its timing
+        // (ipi-gang's clock), and its first frame watched for the gang skew after the switch.
+        let switch_start = crate::tsc::now();
+        pcpu.mark_epoch(next.number, boundary, m.frame_cycles);
+        pacing = Pacing::of(cpu, &next);
+        drop(turns);
+        epoch = next;
+        started_at = now;
+        m.phases.note_switched();
+        crate::percpu::of(cpu).phase_switch.lock().switched(epoch.number, boundary, crate::tsc::now() - switch_start);
+        crate::trace::record(cpu, Event::machine(EventKind::PhaseChange, boundary, epoch.number));
+    }
+    if cpu == 0 {
+        control.finish_run(m);
     }
     apic::mask_timer();
     pcpu.ledger.close(crate::tsc::now());
@@ -160,6 +196,7 @@ pub fn run_pcpu(cpu: usize) {
         exits: pcpu.exits,
         spin_sample: pcpu.spin_sample,
         slot_entries: pcpu.slot_entries,
+        epoch_marks: pcpu.epoch_marks,
         guard_exits: pcpu.guard_exits,
         yields: pcpu.yields,
     });
@@ -211,7 +248,7 @@ fn idle_until(pcpu: &mut Pcpu, pacing: &Pacing, from: u64, deadline: u64, vcpu_w
     // pending and ends it.
     while !over(crate::tsc::now()) {
         // Idle time drains the console; with nothing to print, halt until the timer.
-        if crate::console::pump() {
+        if crate::console::pump() | crate::control::pump() {
             core::hint::spin_loop();
             continue;
         }
@@ -298,10 +335,8 @@ fn run_turn(
             let already = |s: u64| {
                 pcpu.slot_entries.last().is_some_and(|e| e.slot_start == s && e.partition == partition_id as u32)
             };
-            if let Some(slot_start) =
-                owned_slot_start.filter(|&s| !already(s) && pcpu.slot_entries.len() < MAX_SLOT_ENTRIES)
-            {
-                pcpu.slot_entries.push(SlotEntry { slot_start, partition: partition_id as u32, entry_tsc: entry });
+            if let Some(slot_start) = owned_slot_start.filter(|&s| !already(s)) {
+                pcpu.note_slot_entry(SlotEntry { slot_start, partition: partition_id as u32, entry_tsc: entry });
             }
         }
         pcpu.trace(EventKind::VmEntry, entry, index, 0);
@@ -363,6 +398,7 @@ fn run_turn(
             }
             ExitOutcome::Spin { yielded } => {
                 pcpu.ledger.note_pause_loop_exit(account_id);
+                partition.pause_loop_exits.fetch_add(1, Ordering::Relaxed);
                 if yielded {
                     break TurnEnd::Yielded;
                 }

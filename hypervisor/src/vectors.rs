@@ -12,6 +12,8 @@ pub const BOUNDARY_VECTOR: u8 = 0x43;
 /// The console UART's receive interrupt (ISA IRQ 4 through the IO-APIC, to the BSP), while a
 /// partition takes the console's input (`phalanx.console`).
 pub const CONSOLE_INPUT_VECTOR: u8 = 0x44;
+/// The control channel's receive interrupt (COM2, ISA IRQ 3, to the BSP; `control`).
+pub const CONTROL_INPUT_VECTOR: u8 = 0x45;
 /// Device interrupts partitions own, one vector per IRQ (`config::irq_plan`, `device_irq`).
 pub use config::irq_plan::{DEVICE_VECTOR_FIRST, DEVICE_VECTOR_LAST};
 /// Spurious-interrupt vector programmed into the LAPIC.

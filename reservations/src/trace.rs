@@ -33,6 +33,8 @@ pub enum EventKind {
     Reset = 11,
     /// `ipi-gang`'s timing pCPU signalled a slot boundary (`arg`: pCPUs signalled).
     BoundaryIpi = 12,
+    /// The pCPU started new dispatch tables at this boundary (`arg`: the epoch's number).
+    PhaseChange = 13,
 }
 
 impl EventKind {
@@ -51,6 +53,7 @@ impl EventKind {
             10 => Fault,
             11 => Reset,
             12 => BoundaryIpi,
+            13 => PhaseChange,
             _ => return None,
         })
     }

@@ -1,0 +1,417 @@
+//! The control channel: one-line commands from the host (`scripts/phalanx ctl`) on COM2 while
+//! the machine runs, one-line JSON replies (docs/control.md). COM2's receive interrupt is
+//! routed to pCPU 0, which takes the bytes in its interrupt handler and runs complete
+//! commands between its turns, in the hypervisor's own time (`Control::poll`).
+//!
+//! A new reservation is checked by the config check's own code on the config as it runs
+//! (`config::LiveConfig`), planned, and published as the next epoch of dispatch tables with
+//! a release on a frame boundary (`phases`); the reply waits until every pCPU has switched
+//! and run its first frame in the new tables, and reports the switch (`phase_change`).
+
+extern crate alloc;
+
+use alloc::collections::VecDeque;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+use spin::Mutex;
+
+use config::control::{parse_request, Command, Request};
+use config::ControlChannel;
+use firmware::platform::Platform;
+
+use crate::console::Record;
+use crate::json::JsonObject;
+use crate::machine::{EndCause, Machine};
+use crate::serial::{Uart, COM2, COM2_INPUT, COM2_IRQ};
+
+/// How far ahead of its publication a change is released at the least (then at the next
+/// frame boundary): every pCPU reads the release at each of its slot boundaries, so the lead
+/// only has to cover a store becoming visible, and the last boundary it passed before.
+const PHASE_CHANGE_LEAD_US: u64 = 1_000;
+/// The longest request line taken; a longer one is refused whole.
+const MAX_LINE: usize = 512;
+/// Reply bytes held for the UART at most.
+const OUTPUT_LIMIT: usize = 64 * 1024;
+/// Bytes the 16550's transmit FIFO takes when it reports empty.
+const UART_FIFO: usize = 16;
+
+/// Replies on their way out, written as the UART takes them (`pump`): a reply written at
+/// 115200 baud while pCPU 0 waits would take ~87 us a byte from whoever's slot it is.
+static OUTPUT: Mutex<VecDeque<u8>> = Mutex::new(VecDeque::new());
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Opens the control channel the config asks for: COM2 set up, its receive interrupt routed
+/// to pCPU 0 (`apic_id`). One `control` record says whether the machine has one.
+pub fn start(channel: ControlChannel, platform: &Platform, apic_id: u8, run_ms: Option<u64>) -> Result<(), String> {
+    let uart = Uart::new(COM2);
+    let present = channel == ControlChannel::Com2 && uart.is_present();
+    Record::new("control")
+        .str("channel", channel.as_str())
+        .bool("present", present)
+        .str("run_until", if run_ms.is_some() { "run_ms" } else { "end" })
+        .emit();
+    if channel == ControlChannel::Com2 && !present {
+        log::warn!("the control channel is COM2, which this machine does not have: no commands can be taken");
+    }
+    if !present {
+        return Ok(());
+    }
+    uart.init();
+    crate::host_irq::route_isa_irq(platform, COM2_IRQ, crate::vectors::CONTROL_INPUT_VECTOR, apic_id)?;
+    uart.enable_receive_interrupt();
+    ENABLED.store(true, Ordering::Release);
+    log::info!("control channel on COM2: scripts/phalanx ctl COMMAND (status, set-reservation, stop, start, reset, end)");
+    Ok(())
+}
+
+/// Writes what COM2 takes now of the replies; never blocks. True while bytes remain.
+pub fn pump() -> bool {
+    let Some(mut output) = OUTPUT.try_lock() else { return true };
+    if output.is_empty() {
+        return false;
+    }
+    let uart = Uart::new(COM2);
+    if uart.transmitter_ready() {
+        let n = UART_FIFO.min(output.len());
+        for byte in output.drain(..n) {
+            uart.write_byte_now(byte);
+        }
+    }
+    !output.is_empty()
+}
+
+/// A change published and not yet reported: the reply waits for its switch.
+struct Waiting {
+    tag: Option<u64>,
+    request_text: String,
+    node: String,
+    reservation: String,
+    epoch: u32,
+    release: u64,
+    request: u64,
+    build_cycles: u64,
+}
+
+/// The control channel's state on pCPU 0.
+pub struct Control {
+    line: Vec<u8>,
+    waiting: Option<Waiting>,
+}
+
+impl Control {
+    pub fn new() -> Control {
+        Control { line: Vec::new(), waiting: None }
+    }
+
+    /// Between pCPU 0's turns: reports a change once every pCPU has switched to it, then runs
+    /// the commands that have come in (one change at a time: the next waits for the switch).
+    pub fn poll(&mut self, m: &Machine, cpus: usize) {
+        if !ENABLED.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.waiting.is_some() && !self.report_change(m, cpus) {
+            return;
+        }
+        let mut byte = [0u8];
+        while self.waiting.is_none() && COM2_INPUT.read(&mut byte) == 1 {
+            match byte[0] {
+                b'\n' | b'\r' => {
+                    let line = core::mem::take(&mut self.line);
+                    match core::str::from_utf8(&line) {
+                        Ok(text) if text.trim().is_empty() => {}
+                        Ok(text) => self.run(m, text),
+                        Err(_) => reply_error(None, "", "the request is not UTF-8 text"),
+                    }
+                }
+                b if self.line.len() < MAX_LINE => self.line.push(b),
+                _ => {
+                    self.line.clear();
+                    reply_error(None, "", &alloc::format!("request longer than {MAX_LINE} bytes"));
+                }
+            }
+        }
+    }
+
+    /// The run is over: a change still waiting for its switch gets its answer.
+    pub fn finish_run(&mut self, m: &Machine) {
+        if self.waiting.is_some() && !self.report_change(m, crate::smp::online_count()) {
+            let w = self.waiting.take().expect("waiting");
+            let message = "the run ended before every pCPU had run a frame in the new tables";
+            reply_error(w.tag, &w.request_text, message);
+        }
+        // Whatever is left goes out before the machine powers off.
+        while pump() {
+            core::hint::spin_loop();
+        }
+    }
+
+    fn run(&mut self, m: &Machine, text: &str) {
+        let Request { tag, command } = match parse_request(text) {
+            Ok(request) => request,
+            Err(e) => return reply_error(tag_of(text), text, &e),
+        };
+        let reply = || reply_object(tag, text);
+        let partition_state = |name: &str, p: &crate::partition::Partition| {
+            reply().str("partition", name).str("state", p.state()).end()
+        };
+        let result = match command {
+            Command::Status => Ok(status(reply(), m)),
+            Command::SetReservation { node, reservation } => match self.set_reservation(m, tag, text, &node, reservation) {
+                // Answered once the change is in force (`report_change`).
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
+            Command::Stop(name) => partition(m, &name)
+                .and_then(|p| p.control_stop().map_err(ToString::to_string).map(|()| partition_state(&name, p))),
+            Command::Start(name) => {
+                partition(m, &name).and_then(|p| p.control_start().map(|()| partition_state(&name, p)))
+            }
+            Command::Reset(name) => {
+                partition(m, &name).and_then(|p| p.control_reset().map(|()| partition_state(&name, p)))
+            }
+            Command::End => {
+                let end = m.end_early(crate::tsc::now(), EndCause::Control);
+                Ok(reply().u64("ends_at_ms", ms_since_t0(m, end)).end())
+            }
+        };
+        match result {
+            Ok(json) => send(&json, text, None),
+            Err(e) => reply_error(tag, text, &e),
+        }
+    }
+
+    /// Checks the new reservation as the config check would, plans it, and publishes the
+    /// next epoch of tables; `Err`: the one-line reason, nothing changed.
+    fn set_reservation(
+        &mut self,
+        m: &Machine,
+        tag: Option<u64>,
+        request_text: &str,
+        node: &str,
+        reservation: config::Reservation,
+    ) -> Result<(), String> {
+        let request = crate::tsc::now();
+        let mut live = m.live.lock();
+        let next = live.with_reservation(node, reservation).map_err(|e| e.to_string())?;
+        let tables = next.validated.dispatch.tables.scaled(m.tsc_per_us);
+        let built = crate::tsc::now();
+        let epoch = m.phases.current().successor(tables, built, crate::tsc::us_to_cycles(PHASE_CHANGE_LEAD_US));
+        let plan = crate::machine::epoch_plan(&next.validated, epoch.number, epoch.release);
+        let (number, release) = (epoch.number, epoch.release);
+        if !m.phases.publish(epoch, plan) {
+            return Err("another change is on its way in; send this one again once it has answered".into());
+        }
+        *live = next;
+        self.waiting = Some(Waiting {
+            tag,
+            request_text: request_text.trim().to_string(),
+            node: node.to_string(),
+            reservation: crate::boot_config::describe(&reservation),
+            epoch: number,
+            release,
+            request,
+            build_cycles: built - request,
+        });
+        Ok(())
+    }
+
+    /// Once every pCPU has started the waiting change and run a frame in it: the
+    /// `phase_change` record and the reply. `false` while that is still to come.
+    fn report_change(&mut self, m: &Machine, cpus: usize) -> bool {
+        let Some(w) = &self.waiting else { return true };
+        let reports: Vec<crate::phases::SwitchReport> =
+            (0..cpus).map(|c| crate::percpu::of(c).phase_switch.lock().clone()).collect();
+        if reports.iter().any(|r| r.epoch != w.epoch || !r.first_frame_done) {
+            return false;
+        }
+        // After the first frame (which the skew figure measures): the old tables are freed
+        // here, in pCPU 0's own time.
+        let settle_start = crate::tsc::now();
+        m.phases.settle(cpus);
+        let settle_cycles = crate::tsc::now() - settle_start;
+        let switch_cycles: Vec<u64> = reports.iter().map(|r| r.cycles).collect();
+        let switched_at = reports.iter().map(|r| r.boundary).max().unwrap_or(w.release);
+        let figures = ChangeFigures {
+            release_ms: ms_since_t0(m, w.release),
+            request_to_switch_cycles: switched_at.saturating_sub(w.request),
+            change_cycles: w.build_cycles + switch_cycles.iter().sum::<u64>() + settle_cycles,
+            same_boundary: reports.iter().all(|r| r.boundary == w.release),
+            skew: first_frame_skew(m, &reports),
+            switch_cycles,
+            settle_cycles,
+        };
+        figures.write(w, Record::new("phase_change")).emit();
+        let reply = figures.write(w, reply_object(w.tag, &w.request_text)).end();
+        send(&reply, &w.request_text, None);
+        self.waiting = None;
+        true
+    }
+}
+
+/// What one phase change took (the `phase_change` record and the reply).
+struct ChangeFigures {
+    release_ms: u64,
+    /// From the request's arrival to the last pCPU's switch.
+    request_to_switch_cycles: u64,
+    /// Each pCPU's switch, from passing the boundary to the new tables in force.
+    switch_cycles: Vec<u64>,
+    /// The work of the change on all pCPUs: checking and planning it (pCPU 0), every switch,
+    /// settling it (pCPU 0).
+    change_cycles: u64,
+    same_boundary: bool,
+    skew: Option<(u64, u64)>,
+    /// pCPU 0 making the new tables the current ones, and freeing the old.
+    settle_cycles: u64,
+}
+
+impl ChangeFigures {
+    fn write<W: core::fmt::Write>(&self, w: &Waiting, o: JsonObject<W>) -> JsonObject<W> {
+        o.u64("epoch", w.epoch as u64)
+            .str("node", &w.node)
+            .str("reservation", &w.reservation)
+            .u64("release_ms", self.release_ms)
+            .u64("request_to_switch_cycles", self.request_to_switch_cycles)
+            .u64("build_cycles", w.build_cycles)
+            .u64_list("switch_cycles", self.switch_cycles.iter().copied())
+            .u64("switch_cycles_max", self.switch_cycles.iter().copied().max().unwrap_or(0))
+            .u64("settle_cycles", self.settle_cycles)
+            .u64("change_cycles", self.change_cycles)
+            .bool("same_boundary", self.same_boundary)
+            .u64("first_frame_gang_slots", self.skew.map_or(0, |s| s.0))
+            .str("first_frame_skew_max_cycles", &self.skew.map_or("not measured".into(), |s| alloc::format!("{}", s.1)))
+    }
+}
+
+/// The spread of the first VM entries of each gang slot in the first frame after a switch,
+/// across the pCPUs of its partition: (slots measured, the largest spread); `None` when no
+/// slot of a partition holding several pCPUs started in that frame.
+fn first_frame_skew(m: &Machine, reports: &[crate::phases::SwitchReport]) -> Option<(u64, u64)> {
+    if !m.policy.aligned() {
+        return None;
+    }
+    let mut slots: alloc::collections::BTreeMap<(u64, u32), (u64, u64, usize)> = alloc::collections::BTreeMap::new();
+    for e in reports.iter().flat_map(|r| r.first_frame.iter()) {
+        let s = slots.entry((e.slot_start, e.partition)).or_insert((u64::MAX, 0, 0));
+        s.0 = s.0.min(e.entry_tsc);
+        s.1 = s.1.max(e.entry_tsc);
+        s.2 += 1;
+    }
+    let spreads: Vec<u64> = slots
+        .iter()
+        .filter(|((_, p), s)| s.2 == m.pcpus_held(*p as usize) && s.2 > 1)
+        .map(|(_, s)| s.1 - s.0)
+        .collect();
+    (!spreads.is_empty()).then(|| (spreads.len() as u64, spreads.iter().copied().max().unwrap_or(0)))
+}
+
+/// A reply's first fields: the request's tag, `ok`, and the request itself.
+fn reply_object(tag: Option<u64>, request: &str) -> JsonObject<String> {
+    let reply = JsonObject::begin(String::new());
+    let reply = match tag {
+        Some(tag) => reply.u64("tag", tag),
+        None => reply,
+    };
+    reply.bool("ok", true).str("request", request.trim())
+}
+
+fn reply_error(tag: Option<u64>, request: &str, message: &str) {
+    let reply = JsonObject::begin(String::new());
+    let reply = match tag {
+        Some(tag) => reply.u64("tag", tag),
+        None => reply,
+    };
+    let json = reply.bool("ok", false).str("request", request.trim()).str("error", message).end();
+    send(&json, request, Some(message));
+}
+
+/// A reply line on its way out on COM2, and a `control_reply` record on the console.
+fn send(json: &str, request: &str, error: Option<&str>) {
+    {
+        let mut output = OUTPUT.lock();
+        if output.len() + json.len() < OUTPUT_LIMIT {
+            output.extend(json.bytes());
+            output.push_back(b'\n');
+        }
+    }
+    let record = Record::new("control_reply").str("request", request.trim()).bool("ok", error.is_none());
+    match error {
+        Some(message) => record.str("error", message).emit(),
+        None => record.emit(),
+    }
+    pump();
+}
+
+/// `@TAG` of a request that did not parse, so that even its error is matched to it.
+fn tag_of(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.strip_prefix('@')?.parse().ok()
+}
+
+fn partition<'m>(m: &'m Machine, name: &str) -> Result<&'m crate::partition::Partition, String> {
+    m.partitions.iter().find(|p| p.name == name).ok_or_else(|| {
+        let names: Vec<&str> = m.partitions.iter().map(|p| p.name.as_str()).collect();
+        alloc::format!("no partition is named \"{name}\" (the config has: {})", names.join(", "))
+    })
+}
+
+fn ms_since_t0(m: &Machine, tsc: u64) -> u64 {
+    crate::tsc::cycles_to_us(tsc.saturating_sub(m.schedule.t0)) / 1000
+}
+
+/// The `status` reply: the machine's epoch of tables, and per partition its state,
+/// reservation, what it has had of its pCPUs so far, its progress and its spin-wait figure.
+fn status(reply: JsonObject<String>, m: &Machine) -> String {
+    let now = crate::tsc::now();
+    let elapsed = now.saturating_sub(m.schedule.t0).max(1);
+    let live = m.live.lock();
+    let config = &live.validated.config;
+    let flat = live.validated.tree.flatten();
+    let mut partitions = String::from("[");
+    for (p, pc) in m.partitions.iter().zip(&config.partitions) {
+        let guest: u64 = p.vcpu_run_cycles.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        let capacity = elapsed * m.pcpus_held(p.id) as u64;
+        let requested = flat.iter().find(|f| f.id as usize == p.id).map_or(0, |f| f.reservation.ppm());
+        let iterations = (0..p.vcpus).map(|v| p.guest_stats(v).iterations).max().unwrap_or(0);
+        let pause_loop_exits = p.pause_loop_exits.load(Ordering::Relaxed);
+        let spin = m.controls.pause_loop_exiting().then(|| {
+            (pause_loop_exits * vmx::control_set::PLE_WINDOW) as f64 * 100.0 / guest.max(1) as f64
+        });
+        if partitions.len() > 1 {
+            partitions.push(',');
+        }
+        let object = JsonObject::begin(core::mem::take(&mut partitions))
+            .str("name", &p.name)
+            .str("state", p.state())
+            .str("group", pc.group.as_deref().unwrap_or(""))
+            .str("reservation", &crate::boot_config::describe(&pc.reservation))
+            .fmt("requested_pct", format_args!("{:.2}", requested as f64 / 10_000.0))
+            .fmt("guest_share_pct", format_args!("{:.2}", guest as f64 * 100.0 / capacity as f64))
+            .u64("guest_cycles", guest)
+            .u64("iterations", iterations)
+            .u64("pause_loop_exits", pause_loop_exits)
+            .str("spin_waste_hv_pct", &spin.map_or("not measured".into(), |s| alloc::format!("{s:.2}")))
+            .u64("resets", p.resets.load(Ordering::Relaxed));
+        partitions = object.end();
+    }
+    partitions.push(']');
+    let mut groups = String::from("[");
+    for g in &config.groups {
+        if groups.len() > 1 {
+            groups.push(',');
+        }
+        groups = JsonObject::begin(core::mem::take(&mut groups))
+            .str("name", &g.name)
+            .str("parent", g.parent.as_deref().unwrap_or(""))
+            .str("reservation", &crate::boot_config::describe(&g.reservation))
+            .end();
+    }
+    groups.push(']');
+    reply
+        .u64("t_ms", ms_since_t0(m, now))
+        .u64("epoch", m.phases.current().number as u64)
+        .str("policy", m.policy.as_str())
+        .u64("major_frame_us", config.hypervisor.major_frame_us)
+        .raw("partitions", &partitions)
+        .raw("groups", &groups)
+        .end()
+}

@@ -1,0 +1,137 @@
+//! Phase changes at run time: the dispatch tables in force, the next ones once published,
+//! and what each pCPU reports of its switch. The control channel (`control`, on pCPU 0)
+//! builds new tables off the slot path and publishes them with a release time on a frame
+//! boundary (`sched::Epoch::successor`); every pCPU's slot loop, when it passes a slot
+//! boundary, compares it with the published release (one atomic load, no lock, no message)
+//! and starts the new tables there from its own timer (`slot_loop`).
+
+extern crate alloc;
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use sched::Epoch;
+use spin::Mutex;
+
+use crate::percpu::SlotEntry;
+
+/// What one epoch asked of each partition, for the per-epoch share records.
+#[derive(Debug, Clone)]
+pub struct EpochPlan {
+    pub number: u32,
+    pub release: u64,
+    /// Per partition: its reservation in words, and the share of each of its pCPUs it was
+    /// promised (ppm; soft partitions: what the planner set aside for them).
+    pub reservations: Vec<alloc::string::String>,
+    pub requested_ppm: Vec<u64>,
+}
+
+pub struct Phases {
+    current: Mutex<Arc<Epoch>>,
+    pending: Mutex<Option<Arc<Epoch>>>,
+    /// The pending epoch's release and number (`u64::MAX`, 0: none pending).
+    pending_release: AtomicU64,
+    pending_number: AtomicU32,
+    /// pCPUs that have started the pending epoch.
+    switched: AtomicUsize,
+    plans: Mutex<Vec<EpochPlan>>,
+}
+
+/// One pCPU's switch into an epoch: where and what it cost, and its first frame's slot
+/// entries (gang skew right after the switch).
+#[derive(Debug, Clone)]
+pub struct SwitchReport {
+    pub epoch: u32,
+    /// The boundary it switched at, and the cycles from passing it to the new tables in force.
+    pub boundary: u64,
+    pub cycles: u64,
+    pub first_frame: Vec<SlotEntry>,
+    /// Its first frame in the new epoch is over (`first_frame` is complete).
+    pub first_frame_done: bool,
+}
+
+impl SwitchReport {
+    pub const EMPTY: SwitchReport =
+        SwitchReport { epoch: 0, boundary: 0, cycles: 0, first_frame: Vec::new(), first_frame_done: false };
+
+    /// The pCPU started `epoch` at `boundary`, which took it `cycles`.
+    pub fn switched(&mut self, epoch: u32, boundary: u64, cycles: u64) {
+        *self = SwitchReport { epoch, boundary, cycles, ..SwitchReport::EMPTY };
+    }
+
+    /// Its first frame in the epoch is over: the slot entries it made in it.
+    pub fn first_frame_over(&mut self, entries: Vec<SlotEntry>) {
+        self.first_frame = entries;
+        self.first_frame_done = true;
+    }
+}
+
+impl Phases {
+    pub fn new(first: Epoch, plan: EpochPlan) -> Phases {
+        Phases {
+            current: Mutex::new(Arc::new(first)),
+            pending: Mutex::new(None),
+            pending_release: AtomicU64::new(u64::MAX),
+            pending_number: AtomicU32::new(0),
+            switched: AtomicUsize::new(0),
+            plans: Mutex::new(alloc::vec![plan]),
+        }
+    }
+
+    /// The epoch in force (once every pCPU has switched to the last one published).
+    pub fn current(&self) -> Arc<Epoch> {
+        self.current.lock().clone()
+    }
+
+    /// Slot path: a pCPU running epoch `running` has passed the boundary `boundary`; the
+    /// epoch it starts there, if one is released by then. One atomic load unless one is.
+    #[inline]
+    pub fn due(&self, running: u32, boundary: u64) -> Option<Arc<Epoch>> {
+        if boundary < self.pending_release.load(Ordering::Acquire)
+            || self.pending_number.load(Ordering::Acquire) <= running
+        {
+            return None;
+        }
+        let next = self.pending.lock().clone()?;
+        next.starts_at(boundary).then_some(next)
+    }
+
+    /// A pCPU has started the pending epoch.
+    pub fn note_switched(&self) {
+        self.switched.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Publishes `next` (its tables built, its release on a frame boundary ahead). Refused
+    /// (`false`) while another change is pending: changes go in one at a time.
+    pub fn publish(&self, next: Epoch, plan: EpochPlan) -> bool {
+        let mut pending = self.pending.lock();
+        if pending.is_some() {
+            return false;
+        }
+        self.switched.store(0, Ordering::Release);
+        let (number, release) = (next.number, next.release);
+        *pending = Some(Arc::new(next));
+        self.plans.lock().push(plan);
+        // The number before the release: a pCPU that sees the release sees the number.
+        self.pending_number.store(number, Ordering::Release);
+        self.pending_release.store(release, Ordering::Release);
+        true
+    }
+
+    /// Once all `cpus` pCPUs have switched, the pending epoch is the current one; `true` then.
+    pub fn settle(&self, cpus: usize) -> bool {
+        if self.switched.load(Ordering::Acquire) < cpus {
+            return false;
+        }
+        let mut pending = self.pending.lock();
+        let Some(next) = pending.take() else { return false };
+        self.pending_release.store(u64::MAX, Ordering::Release);
+        *self.current.lock() = next;
+        true
+    }
+
+    /// What every epoch so far asked of the partitions, in order.
+    pub fn plans(&self) -> Vec<EpochPlan> {
+        self.plans.lock().clone()
+    }
+}
