@@ -16,21 +16,53 @@ import sys
 import time
 
 
+def fail(message):
+    """No reply can come: exit status 2, as when none came in time."""
+    print(f"phalanx ctl: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def wait_until_open(directory, deadline):
+    """Waits until the machine has opened its control channel (its `control` record): bytes
+    sent earlier would be lost when it resets the UART. Fails if it has none."""
+    console = os.path.join(directory, "serial.log")
+    while time.monotonic() < deadline:
+        try:
+            with open(console, errors="replace") as f:
+                for line in f:
+                    if line.startswith('{"type":"control",'):
+                        if '"present":true' in line:
+                            return
+                        fail(f"the machine at {directory} has no control channel: {line.strip()}")
+        except OSError:
+            pass
+        time.sleep(0.2)
+    fail(f"the machine at {directory} did not open its control channel in time")
+
+
+def open_fifo(directory, deadline):
+    """The relay's input FIFO, for writing; the relay keeps it open for reading while it runs,
+    so the open never blocks (it is retried while the relay starts)."""
+    fifo_path = os.path.join(directory, "ctl.in")
+    while True:
+        try:
+            return os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                fail(f"no control channel at {directory} ({e.strerror}): boot with --ctl, or `scripts/phalanx run`")
+        time.sleep(0.2)
+
+
 def send(directory, command, timeout_s):
     log_path = os.path.join(directory, "ctl.log")
-    fifo_path = os.path.join(directory, "ctl.in")
-    if not os.path.exists(fifo_path):
-        sys.exit(f"phalanx ctl: no control channel at {directory} (boot with --ctl, or `scripts/phalanx run`)")
+    start_wait = time.monotonic()
+    fd = open_fifo(directory, start_wait + min(timeout_s, 60))
+    wait_until_open(directory, start_wait + timeout_s)
     tag = random.randrange(1, 1 << 31)
     start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-    try:
-        # The relay keeps the FIFO open for reading: this open never blocks while it runs.
-        fd = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as e:
-        sys.exit(f"phalanx ctl: the machine at {directory} is not running ({e.strerror})")
     with os.fdopen(fd, "wb") as fifo:
         fifo.write(f"@{tag} {command}\n".encode())
-    deadline = time.monotonic() + timeout_s
+    deadline = start_wait + timeout_s
     pending = b""
     offset = start
     while time.monotonic() < deadline:

@@ -74,7 +74,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 fn parse_reservation(text: &str) -> Result<Reservation, String> {
     let words: Vec<&str> =
         text.split(|c: char| c.is_whitespace() || "{}=,".contains(c)).filter(|w| !w.is_empty()).collect();
-    if words.len() % 2 != 0 || words.is_empty() {
+    if !words.len().is_multiple_of(2) || words.is_empty() {
         return Err(format!("reservation `{text}`: give {{ budget_us = B, period_us = P }}, {{ share_percent = S }} or {{ weight = W }}"));
     }
     let mut pairs = Vec::new();

@@ -61,7 +61,9 @@ pub fn start(channel: ControlChannel, platform: &Platform, apic_id: u8, run_ms: 
     crate::host_irq::route_isa_irq(platform, COM2_IRQ, crate::vectors::CONTROL_INPUT_VECTOR, apic_id)?;
     uart.enable_receive_interrupt();
     ENABLED.store(true, Ordering::Release);
-    log::info!("control channel on COM2: scripts/phalanx ctl COMMAND (status, set-reservation, stop, start, reset, end)");
+    log::info!(
+        "control channel on COM2: scripts/phalanx ctl COMMAND (status, set-reservation, stop, start, reset, end)"
+    );
     Ok(())
 }
 
@@ -152,16 +154,17 @@ impl Control {
             Err(e) => return reply_error(tag_of(text), text, &e),
         };
         let reply = || reply_object(tag, text);
-        let partition_state = |name: &str, p: &crate::partition::Partition| {
-            reply().str("partition", name).str("state", p.state()).end()
-        };
+        let partition_state =
+            |name: &str, p: &crate::partition::Partition| reply().str("partition", name).str("state", p.state()).end();
         let result = match command {
             Command::Status => Ok(status(reply(), m)),
-            Command::SetReservation { node, reservation } => match self.set_reservation(m, tag, text, &node, reservation) {
-                // Answered once the change is in force (`report_change`).
-                Ok(()) => return,
-                Err(e) => Err(e),
-            },
+            Command::SetReservation { node, reservation } => {
+                match self.set_reservation(m, tag, text, &node, reservation) {
+                    // Answered once the change is in force (`report_change`).
+                    Ok(()) => return,
+                    Err(e) => Err(e),
+                }
+            }
             Command::Stop(name) => partition(m, &name)
                 .and_then(|p| p.control_stop().map_err(ToString::to_string).map(|()| partition_state(&name, p))),
             Command::Start(name) => {
@@ -195,13 +198,13 @@ impl Control {
         let mut live = m.live.lock();
         let next = live.with_reservation(node, reservation).map_err(|e| e.to_string())?;
         let tables = next.validated.dispatch.tables.scaled(m.tsc_per_us);
+        // Numbered and timed by `publish`.
+        let plan = crate::machine::epoch_plan(&next.validated, 0, 0);
         let built = crate::tsc::now();
-        let epoch = m.phases.current().successor(tables, built, crate::tsc::us_to_cycles(PHASE_CHANGE_LEAD_US));
-        let plan = crate::machine::epoch_plan(&next.validated, epoch.number, epoch.release);
-        let (number, release) = (epoch.number, epoch.release);
-        if !m.phases.publish(epoch, plan) {
+        let lead = crate::tsc::us_to_cycles(PHASE_CHANGE_LEAD_US);
+        let Some((number, release)) = m.phases.publish(tables, lead, plan) else {
             return Err("another change is on its way in; send this one again once it has answered".into());
-        }
+        };
         *live = next;
         self.waiting = Some(Waiting {
             tag,
@@ -373,9 +376,10 @@ fn status(reply: JsonObject<String>, m: &Machine) -> String {
         let requested = flat.iter().find(|f| f.id as usize == p.id).map_or(0, |f| f.reservation.ppm());
         let iterations = (0..p.vcpus).map(|v| p.guest_stats(v).iterations).max().unwrap_or(0);
         let pause_loop_exits = p.pause_loop_exits.load(Ordering::Relaxed);
-        let spin = m.controls.pause_loop_exiting().then(|| {
-            (pause_loop_exits * vmx::control_set::PLE_WINDOW) as f64 * 100.0 / guest.max(1) as f64
-        });
+        let spin = m
+            .controls
+            .pause_loop_exiting()
+            .then(|| (pause_loop_exits * vmx::control_set::PLE_WINDOW) as f64 * 100.0 / guest.max(1) as f64);
         if partitions.len() > 1 {
             partitions.push(',');
         }

@@ -181,6 +181,9 @@ pub struct Schedule {
     /// Debug (`phalanx.debug.switch_in_cycles`): cycles added to every switch into a
     /// partition's own slot, to show that the entry latency and skew figures see them.
     pub debug_switch_in_cycles: u64,
+    /// Debug (`phalanx.debug.phase_switch_cycles`): cycles the last pCPU adds to each switch of
+    /// dispatch tables, to show that the phase-change figures see a slow switch.
+    pub debug_phase_switch_cycles: u64,
 }
 
 /// How far ahead of the end of the build the run is released, how long it lasts and how
@@ -193,6 +196,7 @@ pub struct RunLength {
     pub progress_interval: u64,
     pub debug_uncharged_cycles: u64,
     pub debug_switch_in_cycles: u64,
+    pub debug_phase_switch_cycles: u64,
 }
 
 static MACHINE: Once<Machine> = Once::new();
@@ -310,6 +314,7 @@ pub fn build(
         progress_interval: length.progress_interval,
         debug_uncharged_cycles: length.debug_uncharged_cycles,
         debug_switch_in_cycles: length.debug_switch_in_cycles,
+        debug_phase_switch_cycles: length.debug_phase_switch_cycles,
     };
     let device_irqs = crate::device_irq::DeviceIrqs::new(validated.irqs.clone(), partitions.len());
     let phases = Phases::new(Epoch::first(tables, t0), epoch_plan(validated, 0, t0));

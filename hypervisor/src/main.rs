@@ -268,6 +268,7 @@ fn run_partitions(
         progress_interval: tsc::us_to_cycles(hv.stats_interval_ms * 1000),
         debug_uncharged_cycles: debug_cycles("phalanx.debug.uncharged_cycles"),
         debug_switch_in_cycles: debug_cycles("phalanx.debug.switch_in_cycles"),
+        debug_phase_switch_cycles: debug_cycles("phalanx.debug.phase_switch_cycles"),
     };
     let console_input = boot_option(&boot.cmdline, "phalanx.console");
     let machine = machine::build(live, boot, controls, force_interrupts_on, length, console_input)

@@ -228,7 +228,9 @@ impl Partition {
 
     /// A stopped partition's reset, unless it was stopped for what a reset cannot mend.
     fn restart(&self) -> Result<(), String> {
-        if let Some(fault) = self.fault.lock().as_ref().filter(|f| ["unsupported", "vm-entry-check"].contains(&f.reason)) {
+        if let Some(fault) =
+            self.fault.lock().as_ref().filter(|f| ["unsupported", "vm-entry-check"].contains(&f.reason))
+        {
             return Err(format!("it cannot run on this machine: {}", fault.detail));
         }
         self.refused.store(false, Ordering::Release);

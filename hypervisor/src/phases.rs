@@ -101,21 +101,26 @@ impl Phases {
         self.switched.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Publishes `next` (its tables built, its release on a frame boundary ahead). Refused
-    /// (`false`) while another change is pending: changes go in one at a time.
-    pub fn publish(&self, next: Epoch, plan: EpochPlan) -> bool {
+    /// Publishes `tables` as the next epoch, released at the first frame boundary at least
+    /// `lead` from now (taken here, right before the stores: whatever the caller spent
+    /// building them cannot eat into the lead). Returns the epoch's number and release;
+    /// `None` while another change is pending (changes go in one at a time).
+    pub fn publish(&self, tables: sched::DispatchTables, lead: u64, mut plan: EpochPlan) -> Option<(u32, u64)> {
         let mut pending = self.pending.lock();
         if pending.is_some() {
-            return false;
+            return None;
         }
-        self.switched.store(0, Ordering::Release);
+        let next = self.current().successor(tables, crate::tsc::now(), lead);
         let (number, release) = (next.number, next.release);
+        self.switched.store(0, Ordering::Release);
         *pending = Some(Arc::new(next));
-        self.plans.lock().push(plan);
         // The number before the release: a pCPU that sees the release sees the number.
         self.pending_number.store(number, Ordering::Release);
         self.pending_release.store(release, Ordering::Release);
-        true
+        drop(pending);
+        (plan.number, plan.release) = (number, release);
+        self.plans.lock().push(plan);
+        Some((number, release))
     }
 
     /// Once all `cpus` pCPUs have switched, the pending epoch is the current one; `true` then.

@@ -206,8 +206,9 @@ fn epoch_records(results: &[PcpuResult], ledgers: &[Ledger], run_end: u64) {
         }
         Some(total)
     };
-    let at_end: Vec<u64> =
-        (0..partitions).map(|p| ledgers.iter().filter_map(|l| l.partition(p as u32)).map(|s| s.charged_cycles()).sum()).collect();
+    let at_end: Vec<u64> = (0..partitions)
+        .map(|p| ledgers.iter().filter_map(|l| l.partition(p as u32)).map(|s| s.charged_cycles()).sum())
+        .collect();
     let mut starts: Vec<(u64, Vec<u64>)> = alloc::vec![(m.schedule.t0, alloc::vec![0; partitions])];
     starts.extend(plans.iter().skip(1).map_while(|plan| charged_at(plan.number).map(|c| (plan.release, c))));
     for (k, (start, before)) in starts.iter().enumerate() {

@@ -157,9 +157,13 @@ pub fn run_pcpu(cpu: usize) {
         // The switch: this pCPU's accounts at the boundary (the epoch's share), its timing
         // (ipi-gang's clock), and its first frame watched for the gang skew after the switch.
         let switch_start = crate::tsc::now();
+        if cpu == cpus - 1 && m.schedule.debug_phase_switch_cycles > 0 {
+            // Debug: a slow switch on one pCPU, which the phase-change figures must show.
+            crate::tsc::spin_until(switch_start + m.schedule.debug_phase_switch_cycles);
+        }
         pcpu.mark_epoch(next.number, boundary, m.frame_cycles);
         pacing = Pacing::of(cpu, &next);
-        drop(turns);
+        // `turns` (which borrows the old tables) is not used past here.
         epoch = next;
         started_at = now;
         m.phases.note_switched();

@@ -90,13 +90,30 @@ impl<'a> Boot<'a> {
         self.run_session(&mut command, &com2, session)
     }
 
+    /// Boots with the hypervisor's control channel on COM2 (`scripts/phalanx boot --ctl`) and
+    /// runs `session` while the machine runs: it sends commands through `scripts/phalanx ctl`.
+    pub fn run_with_control(&self, session: impl FnOnce(&ControlChannel)) -> Run {
+        let mut command = self.command(None);
+        command.arg("--ctl");
+        let port = Console { dir: self.dir(), log: "ctl.log", input: "ctl.in" };
+        let control = ControlChannel { dir: self.dir() };
+        self.run_session(&mut command, &port, |_| session(&control))
+    }
+
     fn run_session(&self, command: &mut Command, port: &Console, session: impl FnOnce(&Console)) -> Run {
-        // Logs left by an earlier run must not answer the session's first wait.
-        for log in ["serial.log", port.log] {
-            let _ = std::fs::remove_file(self.dir().join(log));
+        // Logs (and the input FIFO) left by an earlier run must not answer the session.
+        for file in ["serial.log", port.log, port.input] {
+            let _ = std::fs::remove_file(self.dir().join(file));
         }
         let mut child = command.spawn().expect("run scripts/phalanx boot");
-        session(port);
+        // A session that fails must not leave the emulator running until its timeout: the
+        // boot script goes first (it starts nothing more), then what it started.
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session(port))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new("pkill").arg("-f").arg(self.dir()).status();
+            std::panic::resume_unwind(panic);
+        }
         let status = child.wait().expect("wait for scripts/phalanx boot");
         self.finish(status)
     }
@@ -181,6 +198,32 @@ impl Console {
         let mut input =
             std::fs::OpenOptions::new().write(true).open(self.dir.join(self.input)).expect("the relay's input FIFO");
         input.write_all(format!("{line}\n").as_bytes()).expect("type into the console");
+    }
+}
+
+/// A running machine's control channel, driven as a user drives it: `scripts/phalanx ctl`.
+pub struct ControlChannel {
+    dir: PathBuf,
+}
+
+impl ControlChannel {
+    /// Sends `command` and returns the reply (`"ok"` true or false); panics when none comes.
+    pub fn send(&self, command: &str) -> Value {
+        let output = Command::new(repo_root().join("scripts/phalanx"))
+            .arg("ctl")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--timeout", "600"])
+            .args(command.split_whitespace())
+            .output()
+            .expect("run scripts/phalanx ctl");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let reply: Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
+            panic!("`ctl {command}`: no JSON reply: {text}{}", String::from_utf8_lossy(&output.stderr))
+        });
+        let ok = reply["ok"].as_bool() == Some(true);
+        assert_eq!(output.status.code(), Some(if ok { 0 } else { 1 }), "`ctl {command}`'s exit status: {reply}");
+        reply
     }
 }
 

@@ -1,0 +1,104 @@
+//! The control channel (docs/control.md): a running machine watched and changed through
+//! `scripts/phalanx ctl` as a user does it: status, a reservation change that every pCPU
+//! switches to at one frame boundary, a change the check refuses with its own error, stop,
+//! start and reset of partitions, and the end of a run that had no `run_ms`.
+
+use e2e::Boot;
+use serde_json::Value;
+use std::time::Duration;
+
+fn partition<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["partitions"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{status}"))
+}
+
+/// Waits (machine time, read from `status`) until the run is `ms` past `since`.
+fn wait_machine_ms(control: &e2e::ControlChannel, since: u64, ms: u64) -> Value {
+    loop {
+        let status = control.send("status");
+        if status["t_ms"].as_u64().unwrap() >= since + ms {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_running_machine_is_watched_and_changed_through_the_control_channel() {
+    // pCPU 1 switches tables 20,000 cycles late: the phase-change figures must show it.
+    const SLOW_SWITCH: u64 = 20_000;
+    let mut change = Value::Null;
+    let run = Boot::new("control", "bochs", 2, "tests/configs/reconfig.toml")
+        .cmdline("phalanx.debug.phase_switch_cycles=20000")
+        .timeout_s(900)
+        .run_with_control(|control| {
+            let status = control.send("status");
+            assert_eq!(status["epoch"], 0, "{status}");
+            assert_eq!(partition(&status, "web")["reservation"], "hard 1000 us / 10000 us (10%)", "{status}");
+            assert_eq!(partition(&status, "batch")["state"], "running", "{status}");
+            let started = wait_machine_ms(control, 0, 1500)["t_ms"].as_u64().unwrap();
+
+            // Accepted: answered once both pCPUs have switched and run a frame of the new tables.
+            change = control.send("set-reservation web { budget_us = 2000, period_us = 10000 }");
+            assert_eq!(change["ok"], true, "{change}");
+            // Refused by the check's own code, with its one-line error; nothing changes.
+            let refused = control.send("set-reservation web budget_us=8000 period_us=10000");
+            let error = refused["error"].as_str().unwrap();
+            assert!(error.starts_with("partitions.toml:"), "file:line:column first: {error}");
+            assert!(error.contains("field `reservation`") && error.contains("over-admitted"), "{error}");
+            let unknown = control.send("set-reservation nobody weight=2");
+            assert!(unknown["error"].as_str().unwrap().contains("no partition or group is named"), "{unknown}");
+            let status = control.send("status");
+            assert_eq!(status["epoch"], 1, "{status}");
+            assert_eq!(partition(&status, "web")["reservation"], "hard 2000 us / 10000 us (20%)", "{status}");
+            assert_eq!(control.send("frobnicate")["ok"], false);
+
+            // Stop and start: batch's slots go to nobody (its guest is stopped), then it boots again.
+            let stopped = control.send("stop batch");
+            assert_eq!(stopped["state"], "stopped", "{stopped}");
+            assert_eq!(control.send("stop batch")["ok"], false, "already stopped");
+            let later = wait_machine_ms(control, started, 3000);
+            assert_eq!(partition(&later, "batch")["state"], "stopped", "{later}");
+            assert_eq!(control.send("start batch")["state"], "starting");
+            let reset = control.send("reset db");
+            assert_eq!(reset["ok"], true, "{reset}");
+            let later = wait_machine_ms(control, later["t_ms"].as_u64().unwrap(), 500);
+            assert_eq!(partition(&later, "batch")["state"], "running", "{later}");
+            assert_eq!(partition(&later, "db")["resets"], 1, "{later}");
+            let end = control.send("end");
+            assert!(end["ends_at_ms"].as_u64().unwrap() > later["t_ms"].as_u64().unwrap(), "{end}");
+        });
+    run.assert_clean_end();
+    let end = run.one("run_end");
+    assert_eq!((end["ended_early"].as_bool(), end["ended_by"].as_str()), (Some(true), Some("control")), "{end}");
+
+    // The change: one release boundary for both pCPUs, the slow one seen as such.
+    assert_eq!(change["same_boundary"], true, "{change}");
+    let switches: Vec<u64> = change["switch_cycles"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
+    assert_eq!(switches.len(), 2, "{change}");
+    assert!(switches[1] >= SLOW_SWITCH && switches[0] < SLOW_SWITCH / 4, "{change}");
+    let skew: u64 = change["first_frame_skew_max_cycles"].as_str().unwrap().parse().unwrap();
+    assert!(
+        (SLOW_SWITCH * 3 / 4..SLOW_SWITCH * 2).contains(&skew),
+        "the late pCPU's entries trail by its delay: {change}"
+    );
+    assert!(change["request_to_switch_cycles"].as_u64().unwrap() >= 10_000, "released after the 1 ms lead: {change}");
+    let record = run.one("phase_change");
+    assert_eq!(record["epoch"], 1, "{record}");
+
+    // Each epoch's share, measured between the switch boundaries: web had 10% then 20% of its
+    // pCPUs (less the slot-boundary overhead, ~0.6% of a 10 ms frame per slot under Bochs);
+    // batch was stopped for part of epoch 1, which its figure shows.
+    let share = |epoch: u64, name: &str| -> f64 {
+        let r = run
+            .all("epoch_share")
+            .into_iter()
+            .find(|r| r["epoch"] == epoch && r["partition"] == name)
+            .unwrap_or_else(|| panic!("epoch {epoch} {name}:\n{}", run.log));
+        r["cpu_share_pct"].as_str().unwrap().parse().unwrap()
+    };
+    assert!((8.8..10.0).contains(&share(0, "web")), "{}", share(0, "web"));
+    assert!((18.8..20.0).contains(&share(1, "web")), "{}", share(1, "web"));
+    assert!(share(1, "batch") < 45.0, "stopped for a while in epoch 1: {}", share(1, "batch"));
+    assert_eq!(run.all("partition_reset").len(), 2, "batch started, db reset:\n{}", run.log);
+    assert!(run.all("partition_control").iter().any(|r| r["partition"] == "batch" && r["action"] == "stopped"));
+}
