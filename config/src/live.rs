@@ -36,6 +36,10 @@ pub enum ChangeError {
     /// The config with the change is valid, but running it would need what a run cannot do
     /// (move a vCPU to another pCPU, re-route a device IRQ): it needs a restart.
     NeedsRestart { node: String, what: &'static str },
+    /// A delegated change from a partition that manages no group.
+    NotAManager(String),
+    /// A delegated change for a child the managed group does not have.
+    NoSuchChild { group: String, index: usize, children: usize },
 }
 
 impl fmt::Display for ChangeError {
@@ -43,6 +47,10 @@ impl fmt::Display for ChangeError {
         match self {
             ChangeError::UnknownNode(name) => write!(f, "no partition or group is named \"{name}\""),
             ChangeError::Refused(e) => write!(f, "{e}"),
+            ChangeError::NotAManager(name) => write!(f, "partition \"{name}\" manages no group"),
+            ChangeError::NoSuchChild { group, index, children } => {
+                write!(f, "group \"{group}\" has {children} children; there is no child {index}")
+            }
             ChangeError::NeedsRestart { node, what } => write!(
                 f,
                 "\"{node}\": with this reservation {what}, which a running machine cannot do; change the file and restart"
@@ -94,6 +102,48 @@ impl LiveConfig {
             machine: self.machine.clone(),
             validated,
         })
+    }
+}
+
+impl LiveConfig {
+    /// The group `manager` manages (the first in the file, if it manages several): its index
+    /// in `config.groups` and its children's names, partitions first, each in file order (a
+    /// manager names a child by its place in this list).
+    pub fn managed_by(&self, manager: &str) -> Option<(usize, alloc::vec::Vec<&str>)> {
+        let config = &self.validated.config;
+        let group = config.groups.iter().position(|g| g.manager.as_deref() == Some(manager))?;
+        let name = config.groups[group].name.as_str();
+        let partitions = config.partitions.iter().filter(|p| p.group.as_deref() == Some(name)).map(|p| p.name.as_str());
+        let groups = config.groups.iter().filter(|g| g.parent.as_deref() == Some(name)).map(|g| g.name.as_str());
+        Some((group, partitions.chain(groups).collect()))
+    }
+
+    /// What group `group` holds: microseconds of every major frame on each of its pCPUs (the
+    /// least of them), as admission gave it.
+    pub fn group_capacity_us(&self, group: usize) -> u64 {
+        let name = &self.validated.config.groups[group].name;
+        let admitted = self.validated.tree.groups().iter().find(|g| &g.name == name);
+        admitted.and_then(|g| g.capacity_us.iter().copied().min()).unwrap_or(0)
+    }
+
+    /// A delegated change: `manager` gives the `child`-th child of the group it manages a new
+    /// reservation, checked as [`LiveConfig::with_reservation`] checks any change (the group
+    /// cannot give out more than it holds: admission refuses it). Nothing outside that group
+    /// can be named.
+    pub fn with_child_reservation(
+        &self,
+        manager: &str,
+        child: usize,
+        reservation: Reservation,
+    ) -> Result<LiveConfig, ChangeError> {
+        let (group, children) =
+            self.managed_by(manager).ok_or_else(|| ChangeError::NotAManager(manager.to_string()))?;
+        let node = children.get(child).ok_or_else(|| ChangeError::NoSuchChild {
+            group: self.validated.config.groups[group].name.clone(),
+            index: child,
+            children: children.len(),
+        })?;
+        self.with_reservation(node, reservation)
     }
 }
 

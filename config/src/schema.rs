@@ -43,6 +43,7 @@ pub(crate) struct RawGroup {
     pub reservation: Spanned<RawReservation>,
     pub pcpus: Option<Spanned<Vec<Spanned<u32>>>>,
     pub policy: Option<Spanned<RawChildPolicy>>,
+    pub manager: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -356,6 +357,9 @@ pub struct GroupConfig {
     pub reservation: Reservation,
     pub pcpus: Option<Vec<u32>>,
     pub policy: ChildPolicy,
+    /// The partition that may re-divide this group's capacity among its children at run
+    /// time, by hypercall (docs/control.md, "Delegation").
+    pub manager: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1101,3 +1101,53 @@ fn com2_is_the_control_channel_unless_a_partition_owns_it() {
     let none = edit(&owning, "policy = \"gang\"", "policy = \"gang\"\ncontrol = \"none\"");
     assert_eq!(ok(&none, None).config.hypervisor.control, ControlChannel::None);
 }
+
+/// BASE with web and db in group "g" (60% of each pCPU), managed by "boss" outside it.
+fn managed() -> String {
+    let grouped = edit(BASE, "name = \"db\"\n", "name = \"db\"\ngroup = \"g\"\n");
+    let grouped = edit(&grouped, "name = \"web\"\n", "name = \"web\"\ngroup = \"g\"\n");
+    format!(
+        "{}\n[[partition]]\nname = \"boss\"\nvcpus = 1\npcpus = [0]\nmemory_mb = 16\nreservation = {{ budget_us = 1000, period_us = 10000 }}\nguest = {{ module = \"bzImage\" }}\n\n[[group]]\nname = \"g\"\nmanager = \"boss\"\nreservation = {{ share_percent = 90 }}\n",
+        grouped.replace("budget_us = 4000", "budget_us = 3000")
+    )
+}
+
+#[test]
+fn a_manager_re_divides_its_group_and_nothing_else() {
+    let before = live(&managed());
+    let (group, children) = before.managed_by("boss").expect("boss manages g");
+    assert_eq!(before.validated.config.groups[group].name, "g");
+    assert_eq!(children, ["web", "db"]);
+    assert_eq!(before.group_capacity_us(group), 9000, "90% of a 10 ms frame on each pCPU");
+    assert!(before.managed_by("web").is_none());
+    let hard = |budget_us| Reservation::Hard { budget_us, period_us: 10000 };
+    // Within what the group holds: web 5 ms, db 3 ms of its 9.
+    let after = before.with_child_reservation("boss", 0, hard(5000)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(after.validated.config.partitions[0].reservation, hard(5000));
+    // Beyond it: the check's own error, at the group's child.
+    let Err(ChangeError::Refused(e)) = after.with_child_reservation("boss", 1, hard(5000)) else { panic!("accepted") };
+    assert_eq!(e.kind, ErrorKind::Admission, "{e}");
+    assert!(e.message.contains("exceeds group \"g\""), "{e}");
+    // Only the group's own children, only by its manager.
+    assert!(matches!(
+        before.with_child_reservation("boss", 2, hard(1000)),
+        Err(ChangeError::NoSuchChild { index: 2, children: 2, .. })
+    ));
+    assert!(matches!(before.with_child_reservation("web", 0, hard(1000)), Err(ChangeError::NotAManager(_))));
+}
+
+#[test]
+fn a_groups_manager_must_be_a_partition() {
+    let text = managed().replace("manager = \"boss\"", "manager = \"nobody\"");
+    let e = bad(&text, None);
+    assert_error(
+        &e,
+        ErrorKind::UnknownName,
+        Some("group \"g\""),
+        "manager",
+        position(&text, "\"nobody\"", 0),
+        "no [[partition]]",
+    );
+    let text = managed().replace("manager = \"boss\"", "manager = \"g\"");
+    assert!(bad(&text, None).message.contains("is a group"));
+}

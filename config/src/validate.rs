@@ -395,12 +395,24 @@ impl Checker<'_> {
             let message = format!("pCPU {} is above {MAX_PCPU_INDEX} (xAPIC IDs)", c.get_ref());
             return Err(self.r.at(c.span(), subject, Some("pcpus"), ErrorKind::InvalidValue, message));
         }
+        if let Some(manager) = g.manager.as_ref() {
+            let name = manager.get_ref();
+            if !self.raw.partition.iter().any(|p| p.get_ref().name.get_ref() == name) {
+                let message = if index.contains_key(name.as_str()) {
+                    format!("\"{name}\" is a group; a group's manager is a partition")
+                } else {
+                    format!("no [[partition]] is named \"{name}\"")
+                };
+                return Err(self.r.at(manager.span(), subject, Some("manager"), ErrorKind::UnknownName, message));
+            }
+        }
         Ok(GroupConfig {
             name: g.name.get_ref().clone(),
             parent: g.parent.as_ref().map(|p| p.get_ref().clone()),
             reservation: self.reservation(&g.reservation, subject)?,
             pcpus: g.pcpus.as_ref().map(|list| list.get_ref().iter().map(|p| *p.get_ref()).collect()),
             policy: g.policy.as_ref().map_or(ChildPolicy::Any, |p| (*p.get_ref()).into()),
+            manager: g.manager.as_ref().map(|m| m.get_ref().clone()),
         })
     }
 

@@ -267,6 +267,33 @@ pub const HYPERCALL_ERROR: u64 = 3;
 /// it is open are counted apart, so the hypervisor's figure covers the same stretch of the
 /// guest's run as the guest's own (docs/records.md, `partition_stats.spin_window_*`).
 pub const HYPERCALL_SPIN_WINDOW: u64 = 4;
+/// Delegation (docs/control.md), from the guest's kernel (CPL 0) of a partition that manages a
+/// group: returns RAX = a `DELEGATION_*` result; on success RBX = the microseconds of every
+/// major frame the group holds on each of its pCPUs, RCX = how many children it has (they are
+/// numbered partitions first, then groups, each in the config file's order), RDX = the major
+/// frame in microseconds.
+pub const HYPERCALL_GROUP_INFO: u64 = 5;
+/// Delegation: RBX = the child's number, RCX = the kind of reservation (`RESERVATION_*`), RDX
+/// and RSI its values (hard: budget_us, period_us; fixed share: percent; weight: weight).
+/// Checked as the config check would check the file with it (the group cannot give out more
+/// than it holds); on success RAX = `DELEGATION_OK` and RBX = the number of the epoch of
+/// dispatch tables it starts, at the first major-frame boundary at least 1 ms ahead.
+pub const HYPERCALL_SET_CHILD_RESERVATION: u64 = 6;
+pub const RESERVATION_HARD: u64 = 1;
+pub const RESERVATION_FIXED_SHARE: u64 = 2;
+pub const RESERVATION_WEIGHT: u64 = 3;
+/// Results of the delegation hypercalls (RAX). A refusal's reason is a `delegation` record on
+/// the hypervisor's console.
+pub const DELEGATION_OK: u64 = 0;
+pub const DELEGATION_NOT_A_MANAGER: u64 = 1;
+pub const DELEGATION_NO_SUCH_CHILD: u64 = 2;
+/// The check refused it (over-admission, a period that does not divide the frame, ...).
+pub const DELEGATION_REFUSED: u64 = 3;
+/// Another change is on its way in: call again.
+pub const DELEGATION_BUSY: u64 = 4;
+pub const DELEGATION_BAD_KIND: u64 = 5;
+/// Called from outside the guest's kernel (CPL > 0).
+pub const DELEGATION_NOT_PRIVILEGED: u64 = 6;
 
 impl GuestStats {
     pub fn gpa(vcpu: u32) -> u64 {
@@ -691,6 +718,11 @@ mod tests {
         assert_eq!(define("STATE_RUNNING"), GUEST_STATE_RUNNING);
         assert_eq!(define("STATE_DONE"), GUEST_STATE_DONE);
         assert_eq!(define("HYPERCALL_REPORT"), HYPERCALL_REPORT);
+        assert_eq!(define("HYPERCALL_GROUP_INFO"), HYPERCALL_GROUP_INFO);
+        assert_eq!(define("HYPERCALL_SET_CHILD_RESERVATION"), HYPERCALL_SET_CHILD_RESERVATION);
+        assert_eq!(define("RESERVATION_HARD"), RESERVATION_HARD);
+        assert_eq!(define("DELEGATION_OK"), DELEGATION_OK);
+        assert_eq!(define("DELEGATION_BUSY"), DELEGATION_BUSY);
         assert_eq!(define("HYPERCALL_DONE"), HYPERCALL_DONE);
         assert_eq!(define("HYPERCALL_ERROR"), HYPERCALL_ERROR);
         // The struct fields, in order.

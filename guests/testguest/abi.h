@@ -26,6 +26,12 @@
 #define HYPERCALL_REPORT 1
 #define HYPERCALL_DONE 2
 #define HYPERCALL_ERROR 3
+/* Delegation (docs/control.md; firmware/src/longmode.rs has the registers). */
+#define HYPERCALL_GROUP_INFO 5
+#define HYPERCALL_SET_CHILD_RESERVATION 6
+#define RESERVATION_HARD 1
+#define DELEGATION_OK 0
+#define DELEGATION_BUSY 4
 
 struct boot_info {
     uint64_t magic;

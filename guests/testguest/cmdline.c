@@ -7,6 +7,7 @@ static const char *const mode_names[] = {
     [MODE_OOB] = "oob",
     [MODE_IDLE] = "idle",
     [MODE_HOSTILE] = "hostile",
+    [MODE_MANAGER] = "manager",
 };
 
 static const char *const attack_names[] = {
@@ -151,7 +152,7 @@ int testguest_parse_cmdline(const char *line, size_t len, struct testguest_optio
                     found = 1;
                 }
             if (!found)
-                return fail(err, "unknown mode (barrier, cpubound, oob, idle, hostile) in", word, word_len);
+                return fail(err, "unknown mode (barrier, cpubound, oob, idle, hostile, manager) in", word, word_len);
             have_mode = 1;
         } else if (equals(word, key_len, "attack")) {
             int found = 0;
@@ -177,7 +178,7 @@ int testguest_parse_cmdline(const char *line, size_t len, struct testguest_optio
         }
     }
     if (!have_mode)
-        return fail(err, "missing mode=barrier|cpubound|oob|idle|hostile in", line, len);
+        return fail(err, "missing mode=barrier|cpubound|oob|idle|hostile|manager in", line, len);
     if ((o.mode == MODE_HOSTILE) != (o.attack != ATTACK_NONE))
         return fail(err, "attack= goes with mode=hostile, and mode=hostile needs one:", line, len);
     *out = o;

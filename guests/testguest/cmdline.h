@@ -6,7 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum testguest_mode { MODE_BARRIER, MODE_CPUBOUND, MODE_OOB, MODE_IDLE, MODE_HOSTILE };
+enum testguest_mode { MODE_BARRIER, MODE_CPUBOUND, MODE_OOB, MODE_IDLE, MODE_HOSTILE, MODE_MANAGER };
 
 /* mode=hostile: what vCPU 0 does after oob_after iterations (docs/testguest.md). */
 enum testguest_attack {
@@ -45,7 +45,7 @@ struct testguest_options {
     enum testguest_mode mode;
     uint64_t work;      /* iterations of the compute loop per step */
     uint64_t iters;     /* 0 = forever */
-    uint64_t oob_after; /* mode=oob/hostile: iterations before the misbehaviour */
+    uint64_t oob_after; /* mode=oob/hostile/manager: iterations before the misbehaviour or the re-division */
     enum testguest_attack attack; /* mode=hostile: which */
 };
 

@@ -33,6 +33,17 @@ static inline void hypercall(uint64_t nr, uint64_t vcpu)
     __asm__ volatile("vmcall" : "+a"(nr) : "b"(vcpu) : "memory");
 }
 
+/* A delegation hypercall: RAX = nr, RBX/RCX/RDX/RSI the arguments; out[0..4] = RAX..RDX. */
+static inline void delegation_call(uint64_t nr, uint64_t rbx, uint64_t rcx, uint64_t rdx, uint64_t rsi,
+                                   uint64_t out[4])
+{
+    __asm__ volatile("vmcall" : "+a"(nr), "+b"(rbx), "+c"(rcx), "+d"(rdx) : "S"(rsi) : "memory");
+    out[0] = nr;
+    out[1] = rbx;
+    out[2] = rcx;
+    out[3] = rdx;
+}
+
 static inline void outw(uint16_t port, uint16_t v)
 {
     __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));

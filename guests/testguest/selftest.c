@@ -75,9 +75,9 @@ int main(void)
               "NUL ends the line", nul);
     }
 
-    rejects("mode=fast", "unknown mode (barrier, cpubound, oob, idle, hostile) in 'mode=fast'");
-    rejects("mode=", "unknown mode (barrier, cpubound, oob, idle, hostile) in 'mode='");
-    rejects("mode=barrierx", "unknown mode (barrier, cpubound, oob, idle, hostile) in 'mode=barrierx'");
+    rejects("mode=fast", "unknown mode (barrier, cpubound, oob, idle, hostile, manager) in 'mode=fast'");
+    rejects("mode=", "unknown mode (barrier, cpubound, oob, idle, hostile, manager) in 'mode='");
+    rejects("mode=barrierx", "unknown mode (barrier, cpubound, oob, idle, hostile, manager) in 'mode=barrierx'");
     rejects("mode=barrier work=12x", "malformed number (decimal expected) in 'work=12x'");
     rejects("mode=barrier work=", "malformed number (decimal expected) in 'work='");
     rejects("mode=barrier iters=-1", "malformed number (decimal expected) in 'iters=-1'");
@@ -87,8 +87,8 @@ int main(void)
     rejects("mode=barrier iter=5", "unknown option (mode, work, iters, oob_after, attack) 'iter=5'");
     rejects("mode=barrier verbose", "expected key=value, got 'verbose'");
     rejects("=5 mode=barrier", "expected key=value, got '=5'");
-    rejects("work=5", "missing mode=barrier|cpubound|oob|idle|hostile in 'work=5'");
-    rejects("", "missing mode=barrier|cpubound|oob|idle|hostile in ''");
+    rejects("work=5", "missing mode=barrier|cpubound|oob|idle|hostile|manager in 'work=5'");
+    rejects("", "missing mode=barrier|cpubound|oob|idle|hostile|manager in ''");
     rejects("mode=hostile attack=rowhammer", "unknown attack (docs/testguest.md) in 'attack=rowhammer'");
     rejects("mode=hostile", "attack= goes with mode=hostile, and mode=hostile needs one: 'mode=hostile'");
     rejects("mode=idle attack=ports", "attack= goes with mode=hostile, and mode=hostile needs one: 'mode=idle attack=ports'");

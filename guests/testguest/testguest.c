@@ -251,6 +251,68 @@ static void __attribute__((noreturn)) oob_write(struct vcpu_ctx *c)
     fail(c->vcpu, 1, "mode=oob: the out-of-bounds write did not fault");
 }
 
+/* One delegation result on the console: "delegation: WHAT child=N value=V result=R epoch=E". */
+static void delegation_line(uint64_t vcpu, const char *what, uint64_t child, uint64_t value, const uint64_t out[4])
+{
+    struct line l;
+    line_start(&l, vcpu);
+    put_str(&l, "delegation: ");
+    put_str(&l, what);
+    put_str(&l, " child=");
+    put_u64(&l, child);
+    put_str(&l, " value=");
+    put_u64(&l, value);
+    put_str(&l, " result=");
+    put_u64(&l, out[0]);
+    put_str(&l, " epoch=");
+    put_u64(&l, out[1]);
+    line_send(&l);
+}
+
+/* Gives child `child` a hard `budget_us` of every `frame_us`; a change still on its way in
+ * (DELEGATION_BUSY) is waited out, computing. */
+static void set_child(struct vcpu_ctx *c, uint64_t child, uint64_t budget_us, uint64_t frame_us, uint64_t out[4])
+{
+    uint64_t x = 0;
+    for (;;) {
+        delegation_call(HYPERCALL_SET_CHILD_RESERVATION, child, RESERVATION_HARD, budget_us, frame_us, out);
+        if (out[0] != DELEGATION_BUSY)
+            break;
+        x = compute_step(c->opt.work, x, &c->clock);
+    }
+    delegation_line(c->vcpu, "set", child, budget_us, out);
+}
+
+/* mode=manager: the partition manages a group (its `manager`). It reads what the group holds
+ * and re-divides it: a third to child 0, a half to child 1 (each a hard budget per frame),
+ * then asks for more than the group holds (refused) and for a child it does not have. */
+static void redivide(struct vcpu_ctx *c)
+{
+    uint64_t info[4], out[4];
+    delegation_call(HYPERCALL_GROUP_INFO, 0, 0, 0, 0, info);
+    struct line l;
+    line_start(&l, c->vcpu);
+    put_str(&l, "delegation: group result=");
+    put_u64(&l, info[0]);
+    put_str(&l, " capacity_us=");
+    put_u64(&l, info[1]);
+    put_str(&l, " children=");
+    put_u64(&l, info[2]);
+    put_str(&l, " frame_us=");
+    put_u64(&l, info[3]);
+    line_send(&l);
+    if (info[0] != DELEGATION_OK || info[2] < 2)
+        fail(c->vcpu, 1, "mode=manager: the partition manages no group of two children");
+    uint64_t capacity = info[1], frame = info[3];
+    set_child(c, 0, capacity / 3, frame, out);
+    set_child(c, 1, capacity / 2, frame, out);
+    set_child(c, 0, capacity - capacity / 2 + 1, frame, out);
+    set_child(c, info[2], 1, frame, out);
+    line_start(&l, c->vcpu);
+    put_str(&l, "delegation: done");
+    line_send(&l);
+}
+
 /* cpubound, oob and hostile: the compute step only. In oob mode vCPU 0 writes beyond its
  * memory after oob_after iterations; in hostile mode it carries out its attack then (and
  * goes on computing if the attack returns); the others keep computing all along. */
@@ -259,7 +321,10 @@ static void __attribute__((noreturn)) run_cpubound(struct vcpu_ctx *c)
     uint64_t x = c->vcpu;
     int oob = c->opt.mode == MODE_OOB && c->vcpu == 0;
     int hostile = c->opt.mode == MODE_HOSTILE && c->vcpu == 0;
+    int manager = c->opt.mode == MODE_MANAGER && c->vcpu == 0;
     for (;;) {
+        if (manager && c->iterations == c->opt.oob_after)
+            redivide(c);
         if (oob && c->iterations == c->opt.oob_after)
             oob_write(c);
         if (hostile && c->iterations == c->opt.oob_after) {
@@ -323,7 +388,7 @@ void __attribute__((noreturn)) testguest_main(uint64_t vcpu, const volatile stru
         put_u64(&l, c.opt.iters);
         put_str(&l, " work=");
         put_u64(&l, c.opt.work);
-        if (c.opt.mode == MODE_OOB || c.opt.mode == MODE_HOSTILE) {
+        if (c.opt.mode == MODE_OOB || c.opt.mode == MODE_HOSTILE || c.opt.mode == MODE_MANAGER) {
             put_str(&l, " oob_after=");
             put_u64(&l, c.opt.oob_after);
         }
@@ -340,6 +405,7 @@ void __attribute__((noreturn)) testguest_main(uint64_t vcpu, const volatile stru
     case MODE_CPUBOUND:
     case MODE_OOB:
     case MODE_HOSTILE:
+    case MODE_MANAGER:
         run_cpubound(&c);
     case MODE_IDLE:
         run_idle(&c);

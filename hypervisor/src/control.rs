@@ -23,6 +23,7 @@ use firmware::platform::Platform;
 use crate::console::Record;
 use crate::json::JsonObject;
 use crate::machine::{EndCause, Machine};
+use crate::phases::ChangeOrigin;
 use crate::serial::{Uart, COM2, COM2_INPUT, COM2_IRQ};
 
 /// How far ahead of its publication a change is released at the least (then at the next
@@ -83,40 +84,26 @@ pub fn pump() -> bool {
     !output.is_empty()
 }
 
-/// A change published and not yet reported: the reply waits for its switch.
-struct Waiting {
-    tag: Option<u64>,
-    request_text: String,
-    node: String,
-    reservation: String,
-    epoch: u32,
-    release: u64,
-    request: u64,
-    build_cycles: u64,
-}
-
 /// The control channel's state on pCPU 0.
 pub struct Control {
     line: Vec<u8>,
-    waiting: Option<Waiting>,
 }
 
 impl Control {
     pub fn new() -> Control {
-        Control { line: Vec::new(), waiting: None }
+        Control { line: Vec::new() }
     }
 
-    /// Between pCPU 0's turns: reports a change once every pCPU has switched to it, then runs
-    /// the commands that have come in (one change at a time: the next waits for the switch).
+    /// Between pCPU 0's turns: reports a change (the channel's or a manager's) once every pCPU
+    /// has switched to it, then runs the commands that have come in (one change at a time: the
+    /// next waits for the switch).
     pub fn poll(&mut self, m: &Machine, cpus: usize) {
-        if !ENABLED.load(Ordering::Relaxed) {
-            return;
-        }
-        if self.waiting.is_some() && !self.report_change(m, cpus) {
+        // Changes come from managers' hypercalls too: reported with or without a channel.
+        if !report_change(m, cpus) || !ENABLED.load(Ordering::Relaxed) {
             return;
         }
         let mut byte = [0u8];
-        while self.waiting.is_none() && COM2_INPUT.read(&mut byte) == 1 {
+        while m.phases.unreported().is_none() && COM2_INPUT.read(&mut byte) == 1 {
             match byte[0] {
                 b'\n' | b'\r' => {
                     let line = core::mem::take(&mut self.line);
@@ -137,10 +124,10 @@ impl Control {
 
     /// The run is over: a change still waiting for its switch gets its answer.
     pub fn finish_run(&mut self, m: &Machine) {
-        if self.waiting.is_some() && !self.report_change(m, crate::smp::online_count()) {
-            let w = self.waiting.take().expect("waiting");
-            let message = "the run ended before every pCPU had run a frame in the new tables";
-            reply_error(w.tag, &w.request_text, message);
+        if !report_change(m, crate::smp::online_count()) {
+            if let Some((tag, request)) = m.phases.unreported().and_then(|o| o.reply_to) {
+                reply_error(tag, &request, "the run ended before every pCPU had run a frame in the new tables");
+            }
         }
         // Whatever is left goes out before the machine powers off.
         while pump() {
@@ -159,10 +146,16 @@ impl Control {
         let result = match command {
             Command::Status => Ok(status(reply(), m)),
             Command::SetReservation { node, reservation } => {
-                match self.set_reservation(m, tag, text, &node, reservation) {
+                let reply_to = Some((tag, text.trim().to_string()));
+                match propose(m, reply_to, "control", &node, reservation, |live| {
+                    live.with_reservation(&node, reservation)
+                }) {
                     // Answered once the change is in force (`report_change`).
-                    Ok(()) => return,
-                    Err(e) => Err(e),
+                    Ok(_) => return,
+                    Err(Refusal::Check(e)) => Err(e.to_string()),
+                    Err(Refusal::Busy) => {
+                        Err("another change is on its way in; send this one again once it has answered".into())
+                    }
                 }
             }
             Command::Stop(name) => partition(m, &name)
@@ -183,73 +176,88 @@ impl Control {
             Err(e) => reply_error(tag, text, &e),
         }
     }
+}
 
-    /// Checks the new reservation as the config check would, plans it, and publishes the
-    /// next epoch of tables; `Err`: the one-line reason, nothing changed.
-    fn set_reservation(
-        &mut self,
-        m: &Machine,
-        tag: Option<u64>,
-        request_text: &str,
-        node: &str,
-        reservation: config::Reservation,
-    ) -> Result<(), String> {
-        let request = crate::tsc::now();
-        let mut live = m.live.lock();
-        let next = live.with_reservation(node, reservation).map_err(|e| e.to_string())?;
-        let tables = next.validated.dispatch.tables.scaled(m.tsc_per_us);
-        // Numbered and timed by `publish`.
-        let plan = crate::machine::epoch_plan(&next.validated, 0, 0);
-        let built = crate::tsc::now();
-        let lead = crate::tsc::us_to_cycles(PHASE_CHANGE_LEAD_US);
-        let Some((number, release)) = m.phases.publish(tables, lead, plan) else {
-            return Err("another change is on its way in; send this one again once it has answered".into());
-        };
-        *live = next;
-        self.waiting = Some(Waiting {
-            tag,
-            request_text: request_text.trim().to_string(),
-            node: node.to_string(),
-            reservation: crate::boot_config::describe(&reservation),
-            epoch: number,
-            release,
-            request,
-            build_cycles: built - request,
-        });
-        Ok(())
-    }
+/// Why a change was not published.
+pub enum Refusal {
+    /// The config check refused it (or it names what cannot be changed).
+    Check(config::ChangeError),
+    /// Another change is on its way in.
+    Busy,
+}
 
-    /// Once every pCPU has started the waiting change and run a frame in it: the
-    /// `phase_change` record and the reply. `false` while that is still to come.
-    fn report_change(&mut self, m: &Machine, cpus: usize) -> bool {
-        let Some(w) = &self.waiting else { return true };
-        let reports: Vec<crate::phases::SwitchReport> =
-            (0..cpus).map(|c| crate::percpu::of(c).phase_switch.lock().clone()).collect();
-        if reports.iter().any(|r| r.epoch != w.epoch || !r.first_frame_done) {
-            return false;
-        }
-        // After the first frame (which the skew figure measures): the old tables are freed
-        // here, in pCPU 0's own time.
-        let settle_start = crate::tsc::now();
-        m.phases.settle(cpus);
-        let settle_cycles = crate::tsc::now() - settle_start;
-        let switch_cycles: Vec<u64> = reports.iter().map(|r| r.cycles).collect();
-        let switched_at = reports.iter().map(|r| r.boundary).max().unwrap_or(w.release);
-        let figures = ChangeFigures {
-            release_ms: ms_since_t0(m, w.release),
-            request_to_switch_cycles: switched_at.saturating_sub(w.request),
-            change_cycles: w.build_cycles + switch_cycles.iter().sum::<u64>() + settle_cycles,
-            same_boundary: reports.iter().all(|r| r.boundary == w.release),
-            skew: first_frame_skew(m, &reports),
-            switch_cycles,
-            settle_cycles,
-        };
-        figures.write(w, Record::new("phase_change")).emit();
-        let reply = figures.write(w, reply_object(w.tag, &w.request_text)).end();
-        send(&reply, &w.request_text, None);
-        self.waiting = None;
-        true
+/// Checks a change of `node`'s reservation with `check` (the config check's code, on the
+/// config as it runs), plans it, and publishes it as the next epoch of tables, released at a
+/// frame boundary ahead; nothing changes when it is refused. Runs where it is asked: between
+/// pCPU 0's turns for the control channel, in a manager's own slot for its hypercall (the
+/// checking charged to it). Returns the epoch's number.
+pub fn propose(
+    m: &Machine,
+    reply_to: Option<(Option<u64>, String)>,
+    requester: &str,
+    node: &str,
+    reservation: config::Reservation,
+    check: impl FnOnce(&config::LiveConfig) -> Result<config::LiveConfig, config::ChangeError>,
+) -> Result<u32, Refusal> {
+    let request = crate::tsc::now();
+    let mut live = m.live.lock();
+    if m.phases.unreported().is_some() {
+        return Err(Refusal::Busy);
     }
+    let next = check(&live).map_err(Refusal::Check)?;
+    let tables = next.validated.dispatch.tables.scaled(m.tsc_per_us);
+    // Numbered and timed by `publish`.
+    let plan = crate::machine::epoch_plan(&next.validated, 0, 0);
+    let built = crate::tsc::now();
+    let origin = ChangeOrigin {
+        reply_to,
+        requester: requester.to_string(),
+        node: node.to_string(),
+        reservation: crate::boot_config::describe(&reservation),
+        epoch: 0,
+        release: 0,
+        request,
+        build_cycles: built - request,
+    };
+    let lead = crate::tsc::us_to_cycles(PHASE_CHANGE_LEAD_US);
+    let (number, _) = m.phases.publish(tables, lead, plan, origin).ok_or(Refusal::Busy)?;
+    *live = next;
+    Ok(number)
+}
+
+/// Once every pCPU has started the unreported change and run a frame in it: the
+/// `phase_change` record, and the reply when the control channel asked. `false` while that
+/// is still to come; `true` when nothing is left to report.
+fn report_change(m: &Machine, cpus: usize) -> bool {
+    let Some(w) = m.phases.unreported() else { return true };
+    let reports: Vec<crate::phases::SwitchReport> =
+        (0..cpus).map(|c| crate::percpu::of(c).phase_switch.lock().clone()).collect();
+    if reports.iter().any(|r| r.epoch != w.epoch || !r.first_frame_done) {
+        return false;
+    }
+    // After the first frame (which the skew figure measures): the old tables are freed
+    // here, in pCPU 0's own time.
+    let settle_start = crate::tsc::now();
+    m.phases.settle(cpus);
+    let settle_cycles = crate::tsc::now() - settle_start;
+    let switch_cycles: Vec<u64> = reports.iter().map(|r| r.cycles).collect();
+    let switched_at = reports.iter().map(|r| r.boundary).max().unwrap_or(w.release);
+    let figures = ChangeFigures {
+        release_ms: ms_since_t0(m, w.release),
+        request_to_switch_cycles: switched_at.saturating_sub(w.request),
+        change_cycles: w.build_cycles + switch_cycles.iter().sum::<u64>() + settle_cycles,
+        same_boundary: reports.iter().all(|r| r.boundary == w.release),
+        skew: first_frame_skew(m, &reports),
+        switch_cycles,
+        settle_cycles,
+    };
+    figures.write(&w, Record::new("phase_change")).emit();
+    if let Some((tag, request)) = &w.reply_to {
+        let reply = figures.write(&w, reply_object(*tag, request)).end();
+        send(&reply, request, None);
+    }
+    m.phases.mark_reported();
+    true
 }
 
 /// What one phase change took (the `phase_change` record and the reply).
@@ -269,8 +277,9 @@ struct ChangeFigures {
 }
 
 impl ChangeFigures {
-    fn write<W: core::fmt::Write>(&self, w: &Waiting, o: JsonObject<W>) -> JsonObject<W> {
+    fn write<W: core::fmt::Write>(&self, w: &ChangeOrigin, o: JsonObject<W>) -> JsonObject<W> {
         o.u64("epoch", w.epoch as u64)
+            .str("requester", &w.requester)
             .str("node", &w.node)
             .str("reservation", &w.reservation)
             .u64("release_ms", self.release_ms)

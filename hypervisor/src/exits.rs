@@ -11,7 +11,7 @@ use reservations::trace::EventKind;
 use config::DispatchPolicy;
 use vmx::devices::DeviceEffects;
 use vmx::emulate::{self, Hypercall};
-use vmx::vcpu_access::VcpuAccess;
+use vmx::vcpu_access::{gpr, VcpuAccess};
 use vmx::{ExitReason, Handler, IoAccess};
 
 use crate::guest_entry::GuestRegs;
@@ -131,12 +131,32 @@ pub fn handle_exit(
                     ExitOutcome::Resume
                 }
                 Hypercall::GuestError => stop("guest-error", "the guest reported an error on its console".into()),
-                Hypercall::Unknown(call) => {
+                Hypercall::GroupInfo => {
+                    let answer = crate::delegation::group_info(machine(), partition);
+                    let mut cpu = CurrentVcpu::of(vcpu, partition);
+                    for (register, value) in [gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX].into_iter().zip(answer) {
+                        cpu.set_gpr(register, value);
+                    }
+                    ExitOutcome::Resume
+                }
+                Hypercall::SetChildReservation { child, kind, a, b } => {
+                    let answer = crate::delegation::set_child_reservation(machine(), partition, child, kind, a, b);
+                    let mut cpu = CurrentVcpu::of(vcpu, partition);
+                    for (register, value) in [gpr::RAX, gpr::RBX].into_iter().zip(answer) {
+                        cpu.set_gpr(register, value);
+                    }
+                    ExitOutcome::Resume
+                }
+                refused @ (Hypercall::Unknown(call) | Hypercall::Unprivileged(call)) => {
                     // A few lines say what the guest does; a guest calling in a loop must not
                     // turn the hypervisor's console into its own (counted in partition_stats).
                     let seen = partition.unknown_hypercalls.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
                     if seen < LOGGED_UNKNOWN_HYPERCALLS {
-                        log::warn!("[{}] unknown hypercall {call}", partition.name);
+                        let why = match refused {
+                            Hypercall::Unprivileged(_) => "a delegation hypercall from outside the guest's kernel",
+                            _ => "unknown hypercall",
+                        };
+                        log::warn!("[{}] {why} {call}", partition.name);
                     } else if seen == LOGGED_UNKNOWN_HYPERCALLS {
                         log::warn!("[{}] more unknown hypercalls: counted, no longer logged", partition.name);
                     }

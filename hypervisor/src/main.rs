@@ -14,6 +14,7 @@ mod boot_config;
 mod console;
 mod control;
 mod cpu;
+mod delegation;
 mod device_irq;
 mod exits;
 mod freestanding;

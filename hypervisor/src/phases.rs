@@ -26,6 +26,24 @@ pub struct EpochPlan {
     pub requested_ppm: Vec<u64>,
 }
 
+/// Who asked for a change and what it was, kept with it until it is reported.
+#[derive(Debug, Clone)]
+pub struct ChangeOrigin {
+    /// A control-channel request (its tag and text: the reply goes there); `None` for a
+    /// manager partition's hypercall.
+    pub reply_to: Option<(Option<u64>, alloc::string::String)>,
+    /// `control`, or the manager partition's name.
+    pub requester: alloc::string::String,
+    pub node: alloc::string::String,
+    /// The new reservation, in words.
+    pub reservation: alloc::string::String,
+    pub epoch: u32,
+    pub release: u64,
+    /// When the request arrived, and what checking and planning it took.
+    pub request: u64,
+    pub build_cycles: u64,
+}
+
 pub struct Phases {
     current: Mutex<Arc<Epoch>>,
     pending: Mutex<Option<Arc<Epoch>>>,
@@ -35,6 +53,8 @@ pub struct Phases {
     /// pCPUs that have started the pending epoch.
     switched: AtomicUsize,
     plans: Mutex<Vec<EpochPlan>>,
+    /// The last change published, until pCPU 0 has reported it.
+    unreported: Mutex<Option<ChangeOrigin>>,
 }
 
 /// One pCPU's switch into an epoch: where and what it cost, and its first frame's slot
@@ -75,6 +95,7 @@ impl Phases {
             pending_number: AtomicU32::new(0),
             switched: AtomicUsize::new(0),
             plans: Mutex::new(alloc::vec![plan]),
+            unreported: Mutex::new(None),
         }
     }
 
@@ -105,9 +126,16 @@ impl Phases {
     /// `lead` from now (taken here, right before the stores: whatever the caller spent
     /// building them cannot eat into the lead). Returns the epoch's number and release;
     /// `None` while another change is pending (changes go in one at a time).
-    pub fn publish(&self, tables: sched::DispatchTables, lead: u64, mut plan: EpochPlan) -> Option<(u32, u64)> {
+    pub fn publish(
+        &self,
+        tables: sched::DispatchTables,
+        lead: u64,
+        mut plan: EpochPlan,
+        mut origin: ChangeOrigin,
+    ) -> Option<(u32, u64)> {
         let mut pending = self.pending.lock();
-        if pending.is_some() {
+        let mut unreported = self.unreported.lock();
+        if pending.is_some() || unreported.is_some() {
             return None;
         }
         let next = self.current().successor(tables, crate::tsc::now(), lead);
@@ -118,6 +146,8 @@ impl Phases {
         self.pending_number.store(number, Ordering::Release);
         self.pending_release.store(release, Ordering::Release);
         drop(pending);
+        (origin.epoch, origin.release) = (number, release);
+        *unreported = Some(origin);
         (plan.number, plan.release) = (number, release);
         self.plans.lock().push(plan);
         Some((number, release))
@@ -133,6 +163,16 @@ impl Phases {
         self.pending_release.store(u64::MAX, Ordering::Release);
         *self.current.lock() = next;
         true
+    }
+
+    /// The change published and not yet reported.
+    pub fn unreported(&self) -> Option<ChangeOrigin> {
+        self.unreported.lock().clone()
+    }
+
+    /// Its report is written: the next change may be published.
+    pub fn mark_reported(&self) {
+        *self.unreported.lock() = None;
     }
 
     /// What every epoch so far asked of the partitions, in order.

@@ -102,3 +102,61 @@ fn a_running_machine_is_watched_and_changed_through_the_control_channel() {
     assert_eq!(run.all("partition_reset").len(), 2, "batch started, db reset:\n{}", run.log);
     assert!(run.all("partition_control").iter().any(|r| r["partition"] == "batch" && r["action"] == "stopped"));
 }
+
+/// The manager's own account of each delegation call, from its console lines.
+fn delegation_lines(run: &e2e::Run) -> Vec<String> {
+    run.log.lines().filter_map(|l| l.split_once("delegation: ").map(|(_, r)| r.to_string())).collect()
+}
+
+/// A partition named a group's manager reads what the group holds and re-divides it among the
+/// group's children by hypercall; it cannot give out more than the group holds nor name a
+/// child the group does not have. The same at depth 8 (the group under seven more).
+#[test]
+fn a_manager_partition_re_divides_its_group_by_hypercall() {
+    let mut build_cycles = Vec::new();
+    for (name, config) in
+        [("delegation", "tests/configs/delegation.toml"), ("delegation-depth8", "tests/configs/delegation-depth8.toml")]
+    {
+        let run = Boot::new(name, "bochs", 2, config).run();
+        run.assert_clean_end();
+        let lines = delegation_lines(&run);
+        let expected = [
+            "group result=0 capacity_us=6000 children=2 frame_us=10000",
+            "set child=0 value=2000 result=0 epoch=1",
+            "set child=1 value=3000 result=0 epoch=2",
+            // 3,001 + 3,000 us of the 6,000 the group holds: refused by admission.
+            "set child=0 value=3001 result=3 epoch=0",
+            // The group has two children.
+            "set child=2 value=1 result=2 epoch=0",
+            "done",
+        ];
+        assert_eq!(lines, expected, "{name}:\n{}", run.log);
+        let records = run.all("delegation");
+        let refused = records.iter().find(|r| r["result"] == 3).unwrap();
+        assert!(refused["error"].as_str().unwrap().contains("exceeds group \"g\""), "{refused}");
+        let changes = run.all("phase_change");
+        assert_eq!(changes.len(), 2, "{name}");
+        assert!(changes.iter().all(|c| c["requester"] == "boss" && c["same_boundary"] == true), "{changes:?}");
+        build_cycles.push(changes[1]["build_cycles"].as_u64().unwrap());
+        // The last epoch's shares hold what the manager gave.
+        let share = |partition: &str| -> (f64, f64) {
+            let r = run
+                .all("epoch_share")
+                .into_iter()
+                .filter(|r| r["partition"] == partition)
+                .last()
+                .unwrap_or_else(|| panic!("{name}: {partition}"));
+            let pct = |key: &str| r[key].as_str().unwrap().parse::<f64>().unwrap();
+            (pct("requested_pct"), pct("cpu_share_pct"))
+        };
+        for (partition, requested) in [("web", 20.0), ("db", 30.0)] {
+            let (asked, measured) = share(partition);
+            assert_eq!(asked, requested, "{name}: {partition}");
+            assert!((requested - 1.0..requested).contains(&measured), "{name}: {partition} had {measured}%");
+        }
+    }
+    eprintln!(
+        "delegated change, checking and planning (the second change): depth 1 {} cycles, depth 8 {} cycles",
+        build_cycles[0], build_cycles[1]
+    );
+}

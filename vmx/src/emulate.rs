@@ -76,21 +76,44 @@ pub enum Hypercall {
     GuestError,
     /// Open (`true`) or close this vCPU's spin-wait measurement window.
     SpinWindow { open: bool },
+    /// Delegation, from CPL 0: what the group the partition manages holds (the hypervisor
+    /// writes the answer).
+    GroupInfo,
+    /// Delegation, from CPL 0: a new reservation for the group's `child`-th child, of `kind`
+    /// with values `a`, `b` (`firmware::longmode::RESERVATION_*`; the hypervisor answers).
+    SetChildReservation { child: u64, kind: u64, a: u64, b: u64 },
+    /// A delegation call from outside the guest's kernel: RAX = `DELEGATION_NOT_PRIVILEGED`.
+    Unprivileged(u64),
     /// A number Phalanx does not know; the guest gets RAX = all ones.
     Unknown(u64),
 }
 
 /// VMCALL: the call number in RAX; RAX = 0 on return (all ones for an unknown call).
 pub fn hypercall(cpu: &mut impl VcpuAccess) -> Hypercall {
-    use firmware::longmode::{HYPERCALL_DONE, HYPERCALL_ERROR, HYPERCALL_REPORT, HYPERCALL_SPIN_WINDOW};
+    use firmware::longmode::*;
+    // The privilege level is SS's DPL (SDM 3A, 5.5): delegation is the guest kernel's.
+    let kernel = (cpu.read_field(x86::vmx::vmcs::guest::SS_ACCESS_RIGHTS) >> 5) & 3 == 0;
     let call = match cpu.gpr(gpr::RAX) {
         HYPERCALL_REPORT => Hypercall::Report,
         HYPERCALL_DONE => Hypercall::Done,
         HYPERCALL_ERROR => Hypercall::GuestError,
         HYPERCALL_SPIN_WINDOW => Hypercall::SpinWindow { open: cpu.gpr(gpr::RBX) == 1 },
+        call @ (HYPERCALL_GROUP_INFO | HYPERCALL_SET_CHILD_RESERVATION) if !kernel => Hypercall::Unprivileged(call),
+        HYPERCALL_GROUP_INFO => Hypercall::GroupInfo,
+        HYPERCALL_SET_CHILD_RESERVATION => Hypercall::SetChildReservation {
+            child: cpu.gpr(gpr::RBX),
+            kind: cpu.gpr(gpr::RCX),
+            a: cpu.gpr(gpr::RDX),
+            b: cpu.gpr(gpr::RSI),
+        },
         other => Hypercall::Unknown(other),
     };
-    cpu.set_gpr(gpr::RAX, if matches!(call, Hypercall::Unknown(_)) { u64::MAX } else { 0 });
+    let rax = match call {
+        Hypercall::Unknown(_) => u64::MAX,
+        Hypercall::Unprivileged(_) => DELEGATION_NOT_PRIVILEGED,
+        _ => 0,
+    };
+    cpu.set_gpr(gpr::RAX, rax);
     cpu.skip_instruction();
     call
 }
@@ -235,6 +258,26 @@ mod tests {
         assert_eq!(window(1), (Hypercall::SpinWindow { open: true }, 0));
         assert_eq!(window(0), (Hypercall::SpinWindow { open: false }, 0));
         assert_eq!(window(7).0, Hypercall::SpinWindow { open: false }, "only 1 opens");
+    }
+
+    #[test]
+    fn delegation_hypercalls_carry_their_arguments_and_are_the_kernels_only() {
+        use firmware::longmode::{DELEGATION_NOT_PRIVILEGED, HYPERCALL_GROUP_INFO, HYPERCALL_SET_CHILD_RESERVATION};
+        let call = |number, dpl: u64| {
+            let mut cpu = cpu_at(0, 3);
+            cpu.fields.insert(guest::SS_ACCESS_RIGHTS, 0x93 | dpl << 5);
+            let values = [number, 1, 1, 2000, 10000];
+            for (register, value) in [gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX, gpr::RSI].into_iter().zip(values) {
+                cpu.gprs[register as usize] = value;
+            }
+            (hypercall(&mut cpu), cpu.gprs[gpr::RAX as usize], cpu.rip)
+        };
+        assert_eq!(call(HYPERCALL_GROUP_INFO, 0), (Hypercall::GroupInfo, 0, 3));
+        let set = Hypercall::SetChildReservation { child: 1, kind: 1, a: 2000, b: 10000 };
+        assert_eq!(call(HYPERCALL_SET_CHILD_RESERVATION, 0), (set, 0, 3));
+        let user = call(HYPERCALL_SET_CHILD_RESERVATION, 3);
+        assert_eq!(user, (Hypercall::Unprivileged(HYPERCALL_SET_CHILD_RESERVATION), DELEGATION_NOT_PRIVILEGED, 3));
+        assert_eq!(call(HYPERCALL_GROUP_INFO, 3).0, Hypercall::Unprivileged(HYPERCALL_GROUP_INFO));
     }
 
     #[test]
