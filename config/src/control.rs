@@ -22,6 +22,8 @@ pub enum Command {
     Start(String),
     /// Resets a partition: its payload reloaded, started again.
     Reset(String),
+    /// Revokes a shared memory region: unmapped from every partition but its owner.
+    Revoke(String),
     /// Ends the run at the second frame boundary from now: final records, power off.
     End,
 }
@@ -34,7 +36,7 @@ pub struct Request {
 }
 
 /// The commands, for the error that lists them.
-pub const COMMANDS: &str = "status, set-reservation NAME {...}, stop NAME, start NAME, reset NAME, end";
+pub const COMMANDS: &str = "status, set-reservation NAME {...}, stop NAME, start NAME, reset NAME, revoke REGION, end";
 
 pub fn parse_request(line: &str) -> Result<Request, String> {
     let mut words = line.split_whitespace().peekable();
@@ -56,6 +58,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         "stop" => Command::Stop(name()?),
         "start" => Command::Start(name()?),
         "reset" => Command::Reset(name()?),
+        "revoke" => Command::Revoke(name()?),
         "set-reservation" => {
             let node = words.next().ok_or("`set-reservation` needs a partition or group name and a reservation")?;
             let rest: Vec<&str> = words.by_ref().collect();
@@ -133,6 +136,7 @@ mod tests {
         assert_eq!(command("stop web"), Command::Stop("web".into()));
         assert_eq!(command("start web"), Command::Start("web".into()));
         assert_eq!(command("reset web"), Command::Reset("web".into()));
+        assert_eq!(command("revoke ring"), Command::Revoke("ring".into()));
         assert_eq!(command("  end  "), Command::End);
     }
 
@@ -141,7 +145,7 @@ mod tests {
         let error = |line: &str| parse_request(line).unwrap_err();
         assert!(error("").contains("commands: status"));
         assert!(error("frobnicate").contains("unknown command `frobnicate`"));
-        assert!(error("stop").contains("needs the name"));
+        assert!(error("stop").contains("needs a name"));
         assert!(error("stop a b").contains("unexpected `b`"));
         assert!(error("@x status").contains("not a number"));
         assert!(error("set-reservation web").contains("budget_us"));

@@ -20,6 +20,21 @@ pub(crate) struct RawConfig {
     pub group: Vec<Spanned<RawGroup>>,
     #[serde(default)]
     pub partition: Vec<Spanned<RawPartition>>,
+    #[serde(default)]
+    pub shared: Vec<Spanned<RawShared>>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields, expecting = "a [[shared]] table")]
+pub(crate) struct RawShared {
+    pub name: Spanned<String>,
+    pub size_mb: Spanned<u64>,
+    pub owner: Spanned<String>,
+    pub gpa: Spanned<u64>,
+    #[serde(default)]
+    pub readers: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub writers: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -413,11 +428,34 @@ pub struct PartitionConfig {
     pub on_poweroff: OnPoweroff,
 }
 
+/// A memory region its owner partition shares with others: mapped at `gpa` in the owner
+/// (read-write), the writers (read-write) and the readers (read-only), until it is revoked
+/// (docs/control.md, "Shared memory").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedRegion {
+    pub name: String,
+    pub size: u64,
+    /// Guest-physical address, the same in every partition that maps it.
+    pub gpa: u64,
+    /// Indices in `Config::partitions`.
+    pub owner: usize,
+    pub readers: Vec<usize>,
+    pub writers: Vec<usize>,
+}
+
+impl SharedRegion {
+    /// The partitions that map it besides its owner, each with whether it may write.
+    pub fn aliases(&self) -> impl Iterator<Item = (usize, bool)> + '_ {
+        self.readers.iter().map(|&r| (r, false)).chain(self.writers.iter().map(|&w| (w, true)))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub hypervisor: HypervisorConfig,
     pub groups: Vec<GroupConfig>,
     pub partitions: Vec<PartitionConfig>,
+    pub shared: Vec<SharedRegion>,
 }
 
 /// Where a partition's memory lies in host-physical space.

@@ -1151,3 +1151,43 @@ fn a_groups_manager_must_be_a_partition() {
     let text = managed().replace("manager = \"boss\"", "manager = \"g\"");
     assert!(bad(&text, None).message.contains("is a group"));
 }
+
+const RING: &str =
+    "\n[[shared]]\nname = \"ring\"\nsize_mb = 2\nowner = \"web\"\ngpa = 0x20000000\nreaders = [\"db\"]\n";
+
+#[test]
+fn a_shared_region_is_placed_and_mapped_by_its_owner_and_readers() {
+    let text = format!("{BASE}{RING}");
+    let v = ok(&text, Some(&platform(2, 512)));
+    let region = &v.config.shared[0];
+    assert_eq!((region.name.as_str(), region.size, region.gpa), ("ring", 2 * MIB, 0x2000_0000));
+    assert_eq!((region.owner, region.readers.as_slice(), region.writers.as_slice()), (0, &[1][..], &[][..]));
+    assert_eq!(region.aliases().collect::<Vec<_>>(), [(1, false)]);
+    let Placement::At(host) = &v.shared_memory[0] else { panic!("placed") };
+    assert_eq!((host.end - host.start, host.start % MEMORY_ALIGN), (2 * MIB, 0));
+    for p in &v.memory {
+        let p = p.range().unwrap();
+        assert!(host.end <= p.start || p.end <= host.start, "clear of every partition's memory");
+    }
+}
+
+#[test]
+fn shared_regions_that_cannot_be_mapped_are_refused_at_their_key() {
+    let cases = [
+        (RING.replace("owner = \"web\"", "owner = \"nobody\""), "owner", ErrorKind::UnknownName, "no [[partition]]"),
+        (RING.replace("[\"db\"]", "[\"web\"]"), "readers", ErrorKind::InvalidValue, "named twice"),
+        (RING.replace("0x20000000", "0x2100000"), "gpa", ErrorKind::InvalidValue, "2 MiB boundary"),
+        (RING.replace("0x20000000", "0x2000000"), "gpa", ErrorKind::Memory, "inside partition"),
+        (RING.replace("size_mb = 2", "size_mb = 0"), "size_mb", ErrorKind::InvalidValue, "1 to 1024 MiB"),
+        (format!("{RING}{RING}"), "name", ErrorKind::DuplicateName, "another [[shared]]"),
+    ];
+    for (region, field, kind, words) in cases {
+        let e = bad(&format!("{BASE}{region}"), None);
+        assert_eq!(
+            (e.kind, e.field.as_deref(), e.subject.as_deref()),
+            (kind, Some(field), Some("shared \"ring\"")),
+            "{e}"
+        );
+        assert!(e.message.contains(words), "{e}");
+    }
+}

@@ -40,6 +40,8 @@ pub struct Validated {
     pub dispatch: dispatch_plan::DispatchPlan,
     /// The device IRQs the partitions own: host vector and pCPU of each.
     pub irqs: irq_plan::IrqPlan,
+    /// Per shared region (same order as `config.shared`): its host-physical memory.
+    pub shared_memory: Vec<Placement>,
 }
 
 pub const MIB: u64 = 1 << 20;
@@ -51,6 +53,10 @@ const MAX_PCPU_INDEX: u32 = 254; // pCPU numbers index xAPIC IDs (0xFF is broadc
 /// The longest command line the payload loaders take (Linux's boot protocol: 4095 bytes).
 const MAX_CMDLINE_BYTES: usize = 4095;
 const MAX_NAME_LEN: usize = 32;
+/// Largest shared region.
+const MAX_SHARED_MB: u64 = 1024;
+/// Shared regions end below the IO-APIC's page (0xfec00000), where the device pages begin.
+const SHARED_GPA_END: u64 = 0xFEC0_0000;
 /// Longest `run_ms` and `stats_interval_ms`: the image turns them into TSC cycles (x 1000 x the
 /// TSC's MHz), which must not wrap on any TSC below 100 GHz.
 const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -127,7 +133,9 @@ impl Checker<'_> {
         self.enforced(&hypervisor)?;
         let memory = self.place_memory(&partitions)?;
         self.payloads_fit(&partitions, &memory)?;
-        let config = Config { hypervisor, groups, partitions };
+        let shared = self.shared_regions(&partitions)?;
+        let shared_memory = self.place_shared(&shared, &memory)?;
+        let config = Config { hypervisor, groups, partitions, shared };
         let tree = self.admit(&config, &group_index)?;
         // The pCPUs the machine has, or (on the host without --pcpus) the ones the config names.
         let named_pcpus = config.partitions.iter().flat_map(|p| p.pcpus.iter()).max().map_or(1, |&c| c + 1);
@@ -136,7 +144,7 @@ impl Checker<'_> {
         self.trace_fits(&config.hypervisor, pcpus)?;
         self.heap_fits(&config, pcpus)?;
         let irqs = irq_plan::IrqPlan::new(&config, &dispatch.homes).map_err(|f| self.plan_error(f))?;
-        Ok(Validated { config, memory, tree, dispatch, irqs })
+        Ok(Validated { config, memory, tree, dispatch, irqs, shared_memory })
     }
 
     /// Every pCPU gets a trace buffer of `trace_events`, all of them from the heap.
@@ -836,6 +844,122 @@ impl Checker<'_> {
             placements[i] = Some(Placement::At(start..start + size));
         }
         Ok(placements.into_iter().map(|p| p.expect("every partition was placed")).collect())
+    }
+
+    /// `[[shared]]` regions: named like nodes, owned by a partition, mapped by others at a
+    /// guest-physical address clear of each one's own memory and of the device pages.
+    fn shared_regions(&self, partitions: &[PartitionConfig]) -> Result<Vec<SharedRegion>, ConfigError> {
+        let mut regions: Vec<SharedRegion> = Vec::new();
+        for raw in self.raw.shared.iter().map(Spanned::get_ref) {
+            let subject = Some(format!("shared \"{}\"", raw.name.get_ref()));
+            let invalid = |span: Range<usize>, field: &str, kind: ErrorKind, message: String| {
+                self.r.at(span, subject.clone(), Some(field), kind, message)
+            };
+            let name = raw.name.get_ref();
+            let valid = !name.is_empty()
+                && name.len() <= MAX_NAME_LEN
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid {
+                let message = format!("names are 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '-' and '_'");
+                return Err(invalid(raw.name.span(), "name", ErrorKind::InvalidValue, message));
+            }
+            if regions.iter().any(|r| &r.name == name) {
+                let message = "another [[shared]] region has this name".into();
+                return Err(invalid(raw.name.span(), "name", ErrorKind::DuplicateName, message));
+            }
+            let size = match *raw.size_mb.get_ref() {
+                n @ 1..=MAX_SHARED_MB => n * MIB,
+                n => {
+                    let message = format!("{n} MiB: a shared region has 1 to {MAX_SHARED_MB} MiB");
+                    return Err(invalid(raw.size_mb.span(), "size_mb", ErrorKind::InvalidValue, message));
+                }
+            };
+            let gpa = *raw.gpa.get_ref();
+            if gpa % MEMORY_ALIGN != 0 || gpa.checked_add(size).is_none_or(|end| end > SHARED_GPA_END) {
+                let message = format!(
+                    "{gpa:#x}: the region must start on a 2 MiB boundary and end below {SHARED_GPA_END:#x} (the \
+                     IO-APIC and local APIC pages)"
+                );
+                return Err(invalid(raw.gpa.span(), "gpa", ErrorKind::InvalidValue, message));
+            }
+            let index = |who: &Spanned<String>, field: &str| -> Result<usize, ConfigError> {
+                partitions.iter().position(|p| &p.name == who.get_ref()).ok_or_else(|| {
+                    let message = format!("no [[partition]] is named \"{}\"", who.get_ref());
+                    invalid(who.span(), field, ErrorKind::UnknownName, message)
+                })
+            };
+            let owner = index(&raw.owner, "owner")?;
+            let mut seen = alloc::vec![owner];
+            let mut list = |names: &[Spanned<String>], field: &str| -> Result<Vec<usize>, ConfigError> {
+                let mut out = Vec::new();
+                for who in names {
+                    let i = index(who, field)?;
+                    if seen.contains(&i) {
+                        let message =
+                            format!("\"{}\" is named twice (owner, readers and writers are distinct)", who.get_ref());
+                        return Err(invalid(who.span(), field, ErrorKind::InvalidValue, message));
+                    }
+                    seen.push(i);
+                    out.push(i);
+                }
+                Ok(out)
+            };
+            let readers = list(&raw.readers, "readers")?;
+            let writers = list(&raw.writers, "writers")?;
+            // Above each mapper's own memory: guest-physical addresses below it are its RAM.
+            if let Some(&p) = seen.iter().find(|&&p| gpa < partitions[p].memory.size()) {
+                let message = format!(
+                    "{gpa:#x} is inside partition \"{}\"'s own memory ({} MiB from 0): put the region above it",
+                    partitions[p].name,
+                    mib(partitions[p].memory.size())
+                );
+                return Err(invalid(raw.gpa.span(), "gpa", ErrorKind::Memory, message));
+            }
+            regions.push(SharedRegion { name: name.clone(), size, gpa, owner, readers, writers });
+        }
+        Ok(regions)
+    }
+
+    /// Host memory for the shared regions: first fit, 2 MiB aligned, after the partitions.
+    fn place_shared(&self, regions: &[SharedRegion], partitions: &[Placement]) -> Result<Vec<Placement>, ConfigError> {
+        let Some(usable) = self.machine.usable_memory.as_ref().map(|u| normalise(u)) else {
+            return Ok(regions.iter().map(|r| Placement::Deferred { size: r.size }).collect());
+        };
+        let mut free = subtract(
+            &usable,
+            partitions.iter().filter_map(|p| match p {
+                Placement::At(range) => Some(range),
+                Placement::Deferred { .. } => None,
+            }),
+        );
+        let mut placed = Vec::new();
+        for (region, raw) in regions.iter().zip(&self.raw.shared) {
+            let fit = free.iter().enumerate().find_map(|(k, f)| {
+                let start = f.start.checked_next_multiple_of(MEMORY_ALIGN)?;
+                (start.checked_add(region.size)? <= f.end).then_some((k, start))
+            });
+            let Some((k, start)) = fit else {
+                let raw = raw.get_ref();
+                let message = format!("{} MiB does not fit in the memory the partitions left", mib(region.size));
+                return Err(self.r.at(
+                    raw.size_mb.span(),
+                    Some(format!("shared \"{}\"", region.name)),
+                    Some("size_mb"),
+                    ErrorKind::Memory,
+                    message,
+                ));
+            };
+            let block = free.remove(k);
+            if block.start < start {
+                free.insert(k, block.start..start);
+            }
+            if start + region.size < block.end {
+                free.push(start + region.size..block.end);
+                free.sort_by_key(|r| r.start);
+            }
+            placed.push(Placement::At(start..start + region.size));
+        }
+        Ok(placed)
     }
 
     fn admit(&self, config: &Config, group_index: &BTreeMap<&str, usize>) -> Result<Tree, ConfigError> {

@@ -277,8 +277,13 @@ pub const HYPERCALL_GROUP_INFO: u64 = 5;
 /// and RSI its values (hard: budget_us, period_us; fixed share: percent; weight: weight).
 /// Checked as the config check would check the file with it (the group cannot give out more
 /// than it holds); on success RAX = `DELEGATION_OK` and RBX = the number of the epoch of
-/// dispatch tables it starts, at the first major-frame boundary at least 1 ms ahead.
+/// dispatch tables it starts, at the first major-frame boundary at least 2 ms ahead.
 pub const HYPERCALL_SET_CHILD_RESERVATION: u64 = 6;
+/// Shared memory (docs/control.md): the owner of the `[[shared]]` region at guest-physical RBX
+/// revokes it: unmapped from every partition but the owner, every pCPU's cached translations
+/// dropped before it returns RAX = `DELEGATION_OK` (or `DELEGATION_NOT_OWNER`,
+/// `DELEGATION_ALREADY_REVOKED`).
+pub const HYPERCALL_REVOKE_SHARED: u64 = 7;
 pub const RESERVATION_HARD: u64 = 1;
 pub const RESERVATION_FIXED_SHARE: u64 = 2;
 pub const RESERVATION_WEIGHT: u64 = 3;
@@ -294,6 +299,9 @@ pub const DELEGATION_BUSY: u64 = 4;
 pub const DELEGATION_BAD_KIND: u64 = 5;
 /// Called from outside the guest's kernel (CPL > 0).
 pub const DELEGATION_NOT_PRIVILEGED: u64 = 6;
+/// No shared region the caller owns is at that address.
+pub const DELEGATION_NOT_OWNER: u64 = 7;
+pub const DELEGATION_ALREADY_REVOKED: u64 = 8;
 
 impl GuestStats {
     pub fn gpa(vcpu: u32) -> u64 {
@@ -723,6 +731,7 @@ mod tests {
         assert_eq!(define("RESERVATION_HARD"), RESERVATION_HARD);
         assert_eq!(define("DELEGATION_OK"), DELEGATION_OK);
         assert_eq!(define("DELEGATION_BUSY"), DELEGATION_BUSY);
+        assert_eq!(define("HYPERCALL_REVOKE_SHARED"), HYPERCALL_REVOKE_SHARED);
         assert_eq!(define("HYPERCALL_DONE"), HYPERCALL_DONE);
         assert_eq!(define("HYPERCALL_ERROR"), HYPERCALL_ERROR);
         // The struct fields, in order.

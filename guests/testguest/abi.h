@@ -29,6 +29,7 @@
 /* Delegation (docs/control.md; firmware/src/longmode.rs has the registers). */
 #define HYPERCALL_GROUP_INFO 5
 #define HYPERCALL_SET_CHILD_RESERVATION 6
+#define HYPERCALL_REVOKE_SHARED 7
 #define RESERVATION_HARD 1
 #define DELEGATION_OK 0
 #define DELEGATION_BUSY 4

@@ -8,6 +8,8 @@ static const char *const mode_names[] = {
     [MODE_IDLE] = "idle",
     [MODE_HOSTILE] = "hostile",
     [MODE_MANAGER] = "manager",
+    [MODE_WRITER] = "writer",
+    [MODE_READER] = "reader",
 };
 
 static const char *const attack_names[] = {
@@ -152,7 +154,7 @@ int testguest_parse_cmdline(const char *line, size_t len, struct testguest_optio
                     found = 1;
                 }
             if (!found)
-                return fail(err, "unknown mode (barrier, cpubound, oob, idle, hostile, manager) in", word, word_len);
+                return fail(err, "unknown mode (docs/testguest.md) in", word, word_len);
             have_mode = 1;
         } else if (equals(word, key_len, "attack")) {
             int found = 0;
@@ -171,14 +173,19 @@ int testguest_parse_cmdline(const char *line, size_t len, struct testguest_optio
                 target = &o.iters;
             else if (equals(word, key_len, "oob_after"))
                 target = &o.oob_after;
+            else if (equals(word, key_len, "shared"))
+                target = &o.shared;
+            else if (equals(word, key_len, "revoke_after"))
+                target = &o.revoke_after;
             else
-                return fail(err, "unknown option (mode, work, iters, oob_after, attack)", word, word_len);
+                return fail(err, "unknown option (mode, work, iters, oob_after, attack, shared, revoke_after)", word,
+                            word_len);
             if (parse_u64(value, value_len, target) != 0)
                 return fail(err, "malformed number (decimal expected) in", word, word_len);
         }
     }
     if (!have_mode)
-        return fail(err, "missing mode=barrier|cpubound|oob|idle|hostile|manager in", line, len);
+        return fail(err, "missing mode=barrier|cpubound|oob|idle|hostile|manager|writer|reader in", line, len);
     if ((o.mode == MODE_HOSTILE) != (o.attack != ATTACK_NONE))
         return fail(err, "attack= goes with mode=hostile, and mode=hostile needs one:", line, len);
     *out = o;

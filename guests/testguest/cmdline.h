@@ -6,7 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum testguest_mode { MODE_BARRIER, MODE_CPUBOUND, MODE_OOB, MODE_IDLE, MODE_HOSTILE, MODE_MANAGER };
+enum testguest_mode { MODE_BARRIER, MODE_CPUBOUND, MODE_OOB, MODE_IDLE, MODE_HOSTILE, MODE_MANAGER, MODE_WRITER, MODE_READER };
 
 /* mode=hostile: what vCPU 0 does after oob_after iterations (docs/testguest.md). */
 enum testguest_attack {
@@ -47,6 +47,8 @@ struct testguest_options {
     uint64_t iters;     /* 0 = forever */
     uint64_t oob_after; /* mode=oob/hostile/manager: iterations before the misbehaviour or the re-division */
     enum testguest_attack attack; /* mode=hostile: which */
+    uint64_t shared;       /* mode=writer/reader: the shared region's guest-physical address */
+    uint64_t revoke_after; /* mode=writer: iterations before it revokes the region (0: never) */
 };
 
 #define DEFAULT_WORK 2000

@@ -313,6 +313,36 @@ static void redivide(struct vcpu_ctx *c)
     line_send(&l);
 }
 
+/* mode=writer and mode=reader: vCPU 0 writes its iteration count into the shared region at
+ * `shared`, or reads it and prints what it read every 100 iterations; the writer (its owner)
+ * revokes the region after `revoke_after` iterations. A reader's access after the revoke is
+ * an EPT violation: its partition stops there. */
+static void shared_step(struct vcpu_ctx *c)
+{
+    volatile uint64_t *cell = (volatile uint64_t *)c->opt.shared;
+    if (c->opt.mode == MODE_WRITER) {
+        *cell = c->iterations;
+        if (c->opt.revoke_after && c->iterations == c->opt.revoke_after) {
+            uint64_t out[4];
+            delegation_call(HYPERCALL_REVOKE_SHARED, c->opt.shared, 0, 0, 0, out);
+            struct line l;
+            line_start(&l, c->vcpu);
+            put_str(&l, "shared: revoked result=");
+            put_u64(&l, out[0]);
+            line_send(&l);
+        }
+        return;
+    }
+    uint64_t value = *cell;
+    if (c->iterations % 100 == 0) {
+        struct line l;
+        line_start(&l, c->vcpu);
+        put_str(&l, "shared: value=");
+        put_u64(&l, value);
+        line_send(&l);
+    }
+}
+
 /* cpubound, oob and hostile: the compute step only. In oob mode vCPU 0 writes beyond its
  * memory after oob_after iterations; in hostile mode it carries out its attack then (and
  * goes on computing if the attack returns); the others keep computing all along. */
@@ -322,7 +352,12 @@ static void __attribute__((noreturn)) run_cpubound(struct vcpu_ctx *c)
     int oob = c->opt.mode == MODE_OOB && c->vcpu == 0;
     int hostile = c->opt.mode == MODE_HOSTILE && c->vcpu == 0;
     int manager = c->opt.mode == MODE_MANAGER && c->vcpu == 0;
+    int shared = (c->opt.mode == MODE_WRITER || c->opt.mode == MODE_READER) && c->vcpu == 0;
+    if (shared && (c->opt.shared == 0 || c->opt.shared + 8 > IDENTITY_MAP_SIZE))
+        fail(c->vcpu, 1, "mode=writer/reader: shared= needs the region's address, below the 1 GiB identity map");
     for (;;) {
+        if (shared)
+            shared_step(c);
         if (manager && c->iterations == c->opt.oob_after)
             redivide(c);
         if (oob && c->iterations == c->opt.oob_after)
@@ -406,6 +441,8 @@ void __attribute__((noreturn)) testguest_main(uint64_t vcpu, const volatile stru
     case MODE_OOB:
     case MODE_HOSTILE:
     case MODE_MANAGER:
+    case MODE_WRITER:
+    case MODE_READER:
         run_cpubound(&c);
     case MODE_IDLE:
         run_idle(&c);

@@ -259,7 +259,7 @@ int main(int argc, char **argv)
             case 2: scenario_oob(image, len); break;
             case 3:
                 scenario_error(image, len, "mode=turbo",
-                               "testguest: error: unknown mode (barrier, cpubound, oob, idle, hostile, manager) in 'mode=turbo'\n");
+                               "testguest: error: unknown mode (docs/testguest.md) in 'mode=turbo'\n");
                 break;
             case 4:
                 scenario_error(image, len, "mode=barrier work=2k",

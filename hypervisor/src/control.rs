@@ -28,8 +28,9 @@ use crate::serial::{Uart, COM2, COM2_INPUT, COM2_IRQ};
 
 /// How far ahead of its publication a change is released at the least (then at the next
 /// frame boundary): every pCPU reads the release at each of its slot boundaries, so the lead
-/// only has to cover a store becoming visible, and the last boundary it passed before.
-const PHASE_CHANGE_LEAD_US: u64 = 1_000;
+/// only has to cover a store becoming visible and the publisher's way back to its slot loop
+/// (a manager's hypercall publishes from inside its exit handling).
+const PHASE_CHANGE_LEAD_US: u64 = 2_000;
 /// The longest request line taken; a longer one is refused whole.
 const MAX_LINE: usize = 512;
 /// Reply bytes held for the UART at most.
@@ -42,30 +43,36 @@ const UART_FIFO: usize = 16;
 static OUTPUT: Mutex<VecDeque<u8>> = Mutex::new(VecDeque::new());
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
+/// What `start` found, for the `control` record (`announce`).
+static CHANNEL: spin::Once<(ControlChannel, bool, Option<u64>)> = spin::Once::new();
+
 /// Opens the control channel the config asks for: COM2 set up, its receive interrupt routed
-/// to pCPU 0 (`apic_id`). One `control` record says whether the machine has one.
+/// to pCPU 0 (`apic_id`).
 pub fn start(channel: ControlChannel, platform: &Platform, apic_id: u8, run_ms: Option<u64>) -> Result<(), String> {
     let uart = Uart::new(COM2);
     let present = channel == ControlChannel::Com2 && uart.is_present();
+    if present {
+        uart.init();
+        crate::host_irq::route_isa_irq(platform, COM2_IRQ, crate::vectors::CONTROL_INPUT_VECTOR, apic_id)?;
+        uart.enable_receive_interrupt();
+        ENABLED.store(true, Ordering::Release);
+    } else if channel == ControlChannel::Com2 {
+        log::warn!("the control channel is COM2, which this machine does not have: no commands can be taken");
+    }
+    CHANNEL.call_once(|| (channel, present, run_ms));
+    Ok(())
+}
+
+/// The `control` record, which says whether commands can be taken: written by pCPU 0 as it
+/// starts dispatching, from when it takes COM2's bytes (the host tool waits for it: bytes
+/// sent while the machine is still being built would overrun the UART's 16-byte FIFO).
+pub fn announce() {
+    let Some(&(channel, present, run_ms)) = CHANNEL.get() else { return };
     Record::new("control")
         .str("channel", channel.as_str())
         .bool("present", present)
         .str("run_until", if run_ms.is_some() { "run_ms" } else { "end" })
         .emit();
-    if channel == ControlChannel::Com2 && !present {
-        log::warn!("the control channel is COM2, which this machine does not have: no commands can be taken");
-    }
-    if !present {
-        return Ok(());
-    }
-    uart.init();
-    crate::host_irq::route_isa_irq(platform, COM2_IRQ, crate::vectors::CONTROL_INPUT_VECTOR, apic_id)?;
-    uart.enable_receive_interrupt();
-    ENABLED.store(true, Ordering::Release);
-    log::info!(
-        "control channel on COM2: scripts/phalanx ctl COMMAND (status, set-reservation, stop, start, reset, end)"
-    );
-    Ok(())
 }
 
 /// Writes what COM2 takes now of the replies; never blocks. True while bytes remain.
@@ -166,6 +173,14 @@ impl Control {
             Command::Reset(name) => {
                 partition(m, &name).and_then(|p| p.control_reset().map(|()| partition_state(&name, p)))
             }
+            Command::Revoke(region) => m.shared.revoke(&region, 0, "control").map(|r| {
+                reply()
+                    .str("region", &r.region)
+                    .str_list("unmapped_from", r.unmapped_from.iter().map(|&p| m.partitions[p].name.as_str()))
+                    .u64("unmap_cycles", r.unmap_cycles)
+                    .u64("shootdown_cycles", r.shootdown_cycles)
+                    .end()
+            }),
             Command::End => {
                 let end = m.end_early(crate::tsc::now(), EndCause::Control);
                 Ok(reply().u64("ends_at_ms", ms_since_t0(m, end)).end())
@@ -220,8 +235,13 @@ pub fn propose(
         build_cycles: built - request,
     };
     let lead = crate::tsc::us_to_cycles(PHASE_CHANGE_LEAD_US);
-    let (number, _) = m.phases.publish(tables, lead, plan, origin).ok_or(Refusal::Busy)?;
-    *live = next;
+    // The old config is freed before the release is chosen: no work after the publication
+    // eats into the lead (a pCPU that passes the release late still switches, late).
+    let previous = core::mem::replace(&mut *live, next);
+    drop(previous);
+    let Some((number, _)) = m.phases.publish(tables, lead, plan, origin) else {
+        unreachable!("changes are published under the config's lock, after checking that none is unreported")
+    };
     Ok(number)
 }
 
@@ -241,12 +261,14 @@ fn report_change(m: &Machine, cpus: usize) -> bool {
     m.phases.settle(cpus);
     let settle_cycles = crate::tsc::now() - settle_start;
     let switch_cycles: Vec<u64> = reports.iter().map(|r| r.cycles).collect();
-    let switched_at = reports.iter().map(|r| r.boundary).max().unwrap_or(w.release);
+    let late: Vec<u64> = reports.iter().map(|r| r.late).collect();
+    let switched_at = w.release + late.iter().copied().max().unwrap_or(0);
     let figures = ChangeFigures {
         release_ms: ms_since_t0(m, w.release),
         request_to_switch_cycles: switched_at.saturating_sub(w.request),
         change_cycles: w.build_cycles + switch_cycles.iter().sum::<u64>() + settle_cycles,
-        same_boundary: reports.iter().all(|r| r.boundary == w.release),
+        on_time: reports.iter().all(|r| r.on_time),
+        late,
         skew: first_frame_skew(m, &reports),
         switch_cycles,
         settle_cycles,
@@ -270,7 +292,10 @@ struct ChangeFigures {
     /// The work of the change on all pCPUs: checking and planning it (pCPU 0), every switch,
     /// settling it (pCPU 0).
     change_cycles: u64,
-    same_boundary: bool,
+    /// Every pCPU started the new tables within their first slot.
+    on_time: bool,
+    /// Per pCPU, how long after the release it started the new tables.
+    late: Vec<u64>,
     skew: Option<(u64, u64)>,
     /// pCPU 0 making the new tables the current ones, and freeing the old.
     settle_cycles: u64,
@@ -289,7 +314,8 @@ impl ChangeFigures {
             .u64("switch_cycles_max", self.switch_cycles.iter().copied().max().unwrap_or(0))
             .u64("settle_cycles", self.settle_cycles)
             .u64("change_cycles", self.change_cycles)
-            .bool("same_boundary", self.same_boundary)
+            .bool("on_time", self.on_time)
+            .u64_list("switch_late_cycles", self.late.iter().copied())
             .u64("first_frame_gang_slots", self.skew.map_or(0, |s| s.0))
             .str("first_frame_skew_max_cycles", &self.skew.map_or("not measured".into(), |s| alloc::format!("{}", s.1)))
     }

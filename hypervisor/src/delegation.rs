@@ -41,30 +41,20 @@ pub fn set_child_reservation(m: &Machine, partition: &Partition, child: u64, kin
         (RESERVATION_WEIGHT, Ok(weight)) => Some(Reservation::Weight(weight)),
         _ => None,
     };
-    let record = Record::new("delegation").str("manager", &partition.name).u64("child", child);
     let Some(reservation) = reservation else {
-        record.u64("result", DELEGATION_BAD_KIND).str("error", "unknown kind of reservation").emit();
+        delegation_record(partition, child, None, None, DELEGATION_BAD_KIND, Err("unknown kind of reservation"));
         return [DELEGATION_BAD_KIND, 0];
     };
-    let record = record.str("reservation", &crate::boot_config::describe(&reservation));
     let node = {
         let live = m.live.lock();
         live.managed_by(&partition.name).and_then(|(_, children)| children.get(child as usize).map(|c| c.to_string()))
     };
-    let record = record.str("node", node.as_deref().unwrap_or(""));
     let index = child as usize;
     let outcome = propose(m, None, &partition.name, node.as_deref().unwrap_or(""), reservation, |live| {
         live.with_child_reservation(&partition.name, index, reservation)
     });
-    match outcome {
-        Ok(epoch) => {
-            record
-                .str("node", node.as_deref().unwrap_or(""))
-                .u64("result", DELEGATION_OK)
-                .u64("epoch", epoch as u64)
-                .emit();
-            [DELEGATION_OK, epoch as u64]
-        }
+    let (answer, result) = match outcome {
+        Ok(epoch) => ([DELEGATION_OK, epoch as u64], Ok(epoch)),
         Err(refusal) => {
             let (code, error) = match refusal {
                 Refusal::Busy => (DELEGATION_BUSY, "another change is on its way in".to_string()),
@@ -74,8 +64,35 @@ pub fn set_child_reservation(m: &Machine, partition: &Partition, child: u64, kin
                 }
                 Refusal::Check(e) => (DELEGATION_REFUSED, e.to_string()),
             };
-            record.u64("result", code).str("error", &error).emit();
-            [code, 0]
+            ([code, 0], Err(error))
         }
+    };
+    // Written after the work: a record holds the console while it is built.
+    match &result {
+        Ok(epoch) => delegation_record(partition, child, Some(&reservation), node.as_deref(), answer[0], Ok(*epoch)),
+        Err(error) => delegation_record(partition, child, Some(&reservation), node.as_deref(), answer[0], Err(error)),
+    }
+    answer
+}
+
+/// The `delegation` record of one `HYPERCALL_SET_CHILD_RESERVATION`.
+fn delegation_record(
+    manager: &Partition,
+    child: u64,
+    reservation: Option<&Reservation>,
+    node: Option<&str>,
+    code: u64,
+    result: Result<u32, &str>,
+) {
+    let described = reservation.map(crate::boot_config::describe);
+    let record = Record::new("delegation")
+        .str("manager", &manager.name)
+        .u64("child", child)
+        .str("reservation", described.as_deref().unwrap_or(""))
+        .str("node", node.unwrap_or(""))
+        .u64("result", code);
+    match result {
+        Ok(epoch) => record.u64("epoch", epoch as u64).emit(),
+        Err(error) => record.str("error", error).emit(),
     }
 }

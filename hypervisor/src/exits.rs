@@ -147,6 +147,20 @@ pub fn handle_exit(
                     }
                     ExitOutcome::Resume
                 }
+                Hypercall::RevokeShared { gpa } => {
+                    let m = machine();
+                    let result = match m.shared.owned_at(partition.id, gpa) {
+                        None => firmware::longmode::DELEGATION_NOT_OWNER,
+                        Some(region) => match m.shared.revoke(region, crate::cpu::current_index(), &partition.name) {
+                            Ok(_) => firmware::longmode::DELEGATION_OK,
+                            Err(e) if e.contains("already revoked") => firmware::longmode::DELEGATION_ALREADY_REVOKED,
+                            // The shootdown did not complete (the `shared_revoke` record says where).
+                            Err(_) => firmware::longmode::DELEGATION_REFUSED,
+                        },
+                    };
+                    CurrentVcpu::of(vcpu, partition).set_gpr(gpr::RAX, result);
+                    ExitOutcome::Resume
+                }
                 refused @ (Hypercall::Unknown(call) | Hypercall::Unprivileged(call)) => {
                     // A few lines say what the guest does; a guest calling in a loop must not
                     // turn the hypervisor's console into its own (counted in partition_stats).

@@ -23,7 +23,7 @@ use crate::partition::{Fault, Partition, Payload, PayloadImages};
 use crate::phases::{EpochPlan, Phases};
 
 /// Table pages come from the hypervisor heap (identity-mapped: address = physical).
-struct HeapFrames;
+pub struct HeapFrames;
 
 impl FrameAllocator for HeapFrames {
     fn allocate_zeroed_frame(&mut self) -> Option<u64> {
@@ -31,7 +31,7 @@ impl FrameAllocator for HeapFrames {
     }
 }
 
-struct IdentityPhys;
+pub struct IdentityPhys;
 
 impl PhysMemory for IdentityPhys {
     fn read_u64(&self, phys: u64) -> u64 {
@@ -106,6 +106,8 @@ pub struct Machine {
     pub console_input: Option<usize>,
     /// The device IRQs partitions own, and their delivery (`device_irq`).
     pub device_irqs: crate::device_irq::DeviceIrqs,
+    /// The shared memory regions and each partition's EPT, which revoking one changes.
+    pub shared: crate::shared_memory::SharedMemory,
     /// An end earlier than `schedule.end` (a partition with `on_poweroff = "end-run"` powered
     /// off, or the control channel's `end`); `u64::MAX`: none.
     early_end: AtomicU64,
@@ -232,6 +234,7 @@ pub fn build(
     let tsc_per_us = ((crate::tsc::hz() + 500_000) / 1_000_000).max(1);
     let clock = crate::platform::host_wall_clock();
     let mut partitions = Vec::new();
+    let mut epts: Vec<&'static mut Ept> = Vec::new();
     for (id, (p, placement)) in config.partitions.iter().zip(&validated.memory).enumerate() {
         // Validated against this boot's memory map and modules (`boot_config::load`): memory is
         // placed and the module is there.
@@ -273,9 +276,11 @@ pub fn build(
             msr_bitmap: msr_bitmap(),
             apic_access_page,
         };
-        Box::leak(Box::new(ept));
+        epts.push(Box::leak(Box::new(ept)));
         partitions.push(Partition::load(id, p, memory, payload, context, clock)?);
     }
+    let shared = crate::shared_memory::SharedMemory::map(validated, &mut epts, sizes)
+        .map_err(|e| format!("shared memory: {e}"))?;
 
     // Application processors of SMP Linux start in real mode, which needs unrestricted guest:
     // without it such a partition is refused (stopped before it runs); the others run.
@@ -335,6 +340,7 @@ pub fn build(
         heap_estimate,
         console_input,
         device_irqs,
+        shared,
         early_end: AtomicU64::new(u64::MAX),
         end_cause: core::sync::atomic::AtomicU8::new(EndCause::RunMs as u8),
         schedule,

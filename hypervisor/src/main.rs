@@ -34,6 +34,7 @@ mod platform;
 mod power;
 mod report;
 mod serial;
+mod shared_memory;
 mod slot_loop;
 mod smp;
 mod trace;
@@ -272,9 +273,13 @@ fn run_partitions(
         debug_phase_switch_cycles: debug_cycles("phalanx.debug.phase_switch_cycles"),
     };
     let console_input = boot_option(&boot.cmdline, "phalanx.console");
+    control::start(hv.control, platform, apic::id() as u8, hv.run_ms).unwrap_or_else(|e| fatal("control", &e));
+    // From here the console is buffered (drained as the UART has room): the records printed
+    // between the build, which sets `t0`, and dispatch must not eat the lead before it (at
+    // 115,200 baud a byte takes 87 us).
+    console::start_buffering();
     let machine = machine::build(live, boot, controls, force_interrupts_on, length, console_input)
         .unwrap_or_else(|e| fatal("partitions", &e));
-    control::start(hv.control, platform, apic::id() as u8, hv.run_ms).unwrap_or_else(|e| fatal("control", &e));
     if machine.console_input.is_some() {
         // Typed bytes are taken as they arrive, by the BSP (pCPU 0, which hands them on).
         host_irq::route_isa_irq(platform, serial::COM1_IRQ, vectors::CONSOLE_INPUT_VECTOR, apic::id() as u8)
@@ -298,7 +303,6 @@ fn run_partitions(
         tsc::cycles_to_us(machine.frame_cycles)
     );
     trace::allocate(cpus, hv.trace_events as usize);
-    console::start_buffering();
     let stuck = smp::run_on_all_within(cpus, slot_loop::run_pcpu, FINISH_TIMEOUT_US);
     if !stuck.is_empty() {
         fatal("dispatch", &alloc::format!("pCPUs {stuck:?} did not finish the run"));

@@ -33,6 +33,8 @@ pub struct PerCpu {
     pub dispatch_result: Mutex<Option<PcpuResult>>,
     /// Its trace buffer when the config asks for one (`trace`).
     pub trace: Mutex<Option<reservations::trace::TraceBuffer>>,
+    /// The last EPT invalidation it did on request (`shared_memory`: a generation number).
+    pub invept_done: AtomicU64,
     /// Its last switch of dispatch tables (`phases`), for the control channel's report.
     pub phase_switch: Mutex<crate::phases::SwitchReport>,
 }
@@ -98,6 +100,7 @@ static CPUS: [PerCpu; MAX_CPUS] = [const {
         attention: AtomicBool::new(false),
         dispatch_result: Mutex::new(None),
         trace: Mutex::new(None),
+        invept_done: AtomicU64::new(0),
         phase_switch: Mutex::new(crate::phases::SwitchReport::EMPTY),
     }
 }; MAX_CPUS];

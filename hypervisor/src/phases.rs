@@ -57,13 +57,17 @@ pub struct Phases {
     unreported: Mutex<Option<ChangeOrigin>>,
 }
 
-/// One pCPU's switch into an epoch: where and what it cost, and its first frame's slot
-/// entries (gang skew right after the switch).
+/// One pCPU's switch into an epoch: how late after the release it noticed it, what the
+/// switch cost, and its first frame's slot entries (gang skew right after the switch).
 #[derive(Debug, Clone)]
 pub struct SwitchReport {
     pub epoch: u32,
-    /// The boundary it switched at, and the cycles from passing it to the new tables in force.
-    pub boundary: u64,
+    /// From the release to this pCPU passing it (the boundary's timer latency, or longer when
+    /// the pCPU was held up).
+    pub late: u64,
+    /// It started the new tables within their first slot on it.
+    pub on_time: bool,
+    /// From passing the release to the new tables in force.
     pub cycles: u64,
     pub first_frame: Vec<SlotEntry>,
     /// Its first frame in the new epoch is over (`first_frame` is complete).
@@ -72,11 +76,11 @@ pub struct SwitchReport {
 
 impl SwitchReport {
     pub const EMPTY: SwitchReport =
-        SwitchReport { epoch: 0, boundary: 0, cycles: 0, first_frame: Vec::new(), first_frame_done: false };
+        SwitchReport { epoch: 0, late: 0, on_time: false, cycles: 0, first_frame: Vec::new(), first_frame_done: false };
 
-    /// The pCPU started `epoch` at `boundary`, which took it `cycles`.
-    pub fn switched(&mut self, epoch: u32, boundary: u64, cycles: u64) {
-        *self = SwitchReport { epoch, boundary, cycles, ..SwitchReport::EMPTY };
+    /// The pCPU started `epoch` `late` cycles after its release.
+    pub fn switched(epoch: u32, late: u64, on_time: bool) -> SwitchReport {
+        SwitchReport { epoch, late, on_time, ..SwitchReport::EMPTY }
     }
 
     /// Its first frame in the epoch is over: the slot entries it made in it.

@@ -55,6 +55,9 @@ pub fn run_pcpu(cpu: usize) {
     let cpus = crate::smp::online_count();
     // pCPU 0 takes the control channel's commands between its turns.
     let mut control = crate::control::Control::new();
+    if cpu == 0 {
+        crate::control::announce();
+    }
     crate::tsc::spin_until(t0);
     // The end of the last charged stretch.
     let mut mark = t0;
@@ -142,9 +145,10 @@ pub fn run_pcpu(cpu: usize) {
             }
             if now >= decision.next_deadline {
                 pcpu.passed_boundary(decision.next_deadline);
-                // A change released at this boundary starts here (one atomic load otherwise).
-                if let Some(next) = m.phases.due(epoch.number, decision.next_deadline) {
-                    break Some((next, decision.next_deadline, now));
+                // A change released at this boundary starts here (one atomic load otherwise);
+                // a pCPU held up past the release (a long exit) starts it as soon as it is back.
+                if let Some(next) = m.phases.due(epoch.number, now) {
+                    break Some((next, now));
                 }
             }
             let homed = pcpu
@@ -153,7 +157,7 @@ pub fn run_pcpu(cpu: usize) {
                 .map(|v| VcpuRef { partition: v.partition as reservations::PartitionId, vcpu: v.index });
             turns.turn_ended(now, ended, |v| pcpu.runnable(v), homed);
         };
-        let Some((next, boundary, now)) = next else { break };
+        let Some((next, now)) = next else { break };
         // The switch: this pCPU's accounts at the boundary (the epoch's share), its timing
         // (ipi-gang's clock), and its first frame watched for the gang skew after the switch.
         let switch_start = crate::tsc::now();
@@ -161,14 +165,19 @@ pub fn run_pcpu(cpu: usize) {
             // Debug: a slow switch on one pCPU, which the phase-change figures must show.
             crate::tsc::spin_until(switch_start + m.schedule.debug_phase_switch_cycles);
         }
-        pcpu.mark_epoch(next.number, boundary, m.frame_cycles);
+        pcpu.mark_epoch(next.number, next.release, m.frame_cycles);
         pacing = Pacing::of(cpu, &next);
         // `turns` (which borrows the old tables) is not used past here.
         epoch = next;
         started_at = now;
         m.phases.note_switched();
-        crate::percpu::of(cpu).phase_switch.lock().switched(epoch.number, boundary, crate::tsc::now() - switch_start);
-        crate::trace::record(cpu, Event::machine(EventKind::PhaseChange, boundary, epoch.number));
+        // On time: noticed within its first slot of the new tables (a pCPU held up longer
+        // missed part of the new epoch's first slot).
+        let first_slot_end = epoch.release + epoch.tables.pcpus[cpu].entries.first().map_or(0, |e| e.end);
+        let report = crate::phases::SwitchReport::switched(epoch.number, now - epoch.release, now < first_slot_end);
+        *crate::percpu::of(cpu).phase_switch.lock() =
+            crate::phases::SwitchReport { cycles: crate::tsc::now() - switch_start, ..report };
+        crate::trace::record(cpu, Event::machine(EventKind::PhaseChange, now, epoch.number));
     }
     if cpu == 0 {
         control.finish_run(m);
@@ -251,6 +260,7 @@ fn idle_until(pcpu: &mut Pcpu, pacing: &Pacing, from: u64, deadline: u64, vcpu_w
     // Interrupts are off while `over` looks, so a wake-up that comes before `hlt` stays
     // pending and ends it.
     while !over(crate::tsc::now()) {
+        crate::shared_memory::follow(pcpu.cpu);
         // Idle time drains the console; with nothing to print, halt until the timer.
         if crate::console::pump() | crate::control::pump() {
             core::hint::spin_loop();
@@ -310,6 +320,8 @@ fn run_turn(
             break TurnEnd::Deadline;
         }
         // The vCPU's virtual LAPIC: take siblings' IPIs, run its timer, inject what is due.
+        // A revoked shared region: this pCPU's cached translations go before the next entry.
+        crate::shared_memory::follow(pcpu.cpu);
         let vcpu = &mut pcpu.vcpus[index];
         vcpu.interrupt_due(&partition.devices, now);
         vcpu.deliver_interrupts(&m.controls);

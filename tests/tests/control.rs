@@ -72,7 +72,10 @@ fn a_running_machine_is_watched_and_changed_through_the_control_channel() {
     assert_eq!((end["ended_early"].as_bool(), end["ended_by"].as_str()), (Some(true), Some("control")), "{end}");
 
     // The change: one release boundary for both pCPUs, the slow one seen as such.
-    assert_eq!(change["same_boundary"], true, "{change}");
+    assert_eq!(change["on_time"], true, "{change}");
+    // Each pCPU noticed the release at its own boundary's timer (a few hundred cycles).
+    let late = change["switch_late_cycles"].as_array().unwrap();
+    assert!(late.iter().all(|l| l.as_u64().unwrap() < 2_000), "{change}");
     let switches: Vec<u64> = change["switch_cycles"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
     assert_eq!(switches.len(), 2, "{change}");
     assert!(switches[1] >= SLOW_SWITCH && switches[0] < SLOW_SWITCH / 4, "{change}");
@@ -81,7 +84,7 @@ fn a_running_machine_is_watched_and_changed_through_the_control_channel() {
         (SLOW_SWITCH * 3 / 4..SLOW_SWITCH * 2).contains(&skew),
         "the late pCPU's entries trail by its delay: {change}"
     );
-    assert!(change["request_to_switch_cycles"].as_u64().unwrap() >= 10_000, "released after the 1 ms lead: {change}");
+    assert!(change["request_to_switch_cycles"].as_u64().unwrap() >= 20_000, "released after the 2 ms lead: {change}");
     let record = run.one("phase_change");
     assert_eq!(record["epoch"], 1, "{record}");
 
@@ -136,7 +139,7 @@ fn a_manager_partition_re_divides_its_group_by_hypercall() {
         assert!(refused["error"].as_str().unwrap().contains("exceeds group \"g\""), "{refused}");
         let changes = run.all("phase_change");
         assert_eq!(changes.len(), 2, "{name}");
-        assert!(changes.iter().all(|c| c["requester"] == "boss" && c["same_boundary"] == true), "{changes:?}");
+        assert!(changes.iter().all(|c| c["requester"] == "boss" && c["on_time"] == true), "{changes:?}");
         build_cycles.push(changes[1]["build_cycles"].as_u64().unwrap());
         // The last epoch's shares hold what the manager gave.
         let share = |partition: &str| -> (f64, f64) {
@@ -159,4 +162,56 @@ fn a_manager_partition_re_divides_its_group_by_hypercall() {
         "delegated change, checking and planning (the second change): depth 1 {} cycles, depth 8 {} cycles",
         build_cycles[0], build_cycles[1]
     );
+}
+
+/// The values a reader partition printed from its shared region, in order.
+fn values_read(run: &e2e::Run, reader: &str) -> Vec<u64> {
+    let prefix = format!("[{reader}] testguest: vcpu0 shared: value=");
+    run.log.lines().filter_map(|l| l.split_once(&prefix).and_then(|(_, v)| v.trim().parse().ok())).collect()
+}
+
+/// Shared memory: readers see what the owners write; region "a" is revoked through the control
+/// channel, region "b" by its owner's hypercall, while every partition runs. Each reader's next
+/// access is an EPT violation that stops it alone; the owners keep their mapping and run on.
+#[test]
+fn a_shared_region_revoked_while_both_run_faults_its_reader() {
+    let mut revoked = Value::Null;
+    let run = Boot::new("shared", "bochs", 2, "tests/configs/shared.toml").timeout_s(900).run_with_control(|control| {
+        let status = wait_machine_ms(control, 0, 1500);
+        assert_eq!(partition(&status, "r1")["state"], "running", "{status}");
+        revoked = control.send("revoke a");
+        assert_eq!(control.send("revoke a")["ok"], false, "already revoked");
+        assert_eq!(control.send("revoke nothing")["ok"], false);
+        let later = wait_machine_ms(control, status["t_ms"].as_u64().unwrap(), 1000);
+        for (name, state) in [("r1", "stopped"), ("r2", "stopped"), ("w1", "running"), ("w2", "running")] {
+            assert_eq!(partition(&later, name)["state"], state, "{name}: {later}");
+        }
+        control.send("end");
+    });
+    run.assert_clean_end();
+    assert_eq!(revoked["ok"], true, "{revoked}");
+    assert_eq!(revoked["unmapped_from"], serde_json::json!(["r1"]), "{revoked}");
+    assert!(revoked["shootdown_cycles"].as_u64().unwrap() > 0, "{revoked}");
+    let records = run.all("shared_revoke");
+    let by_owner = records.iter().find(|r| r["region"] == "b").unwrap_or_else(|| panic!("{}", run.log));
+    assert_eq!((by_owner["requester"].as_str(), by_owner["error"].as_str()), (Some("w2"), None), "{by_owner}");
+    assert!(run.log.contains("[w2] testguest: vcpu0 shared: revoked result=0"), "{}", run.log);
+    for (reader, gpa) in [("r1", "0x20000000"), ("r2", "0x20400000")] {
+        // It read what the owner wrote (a count going up), then faulted at the region.
+        let values = values_read(&run, reader);
+        assert!(values.len() >= 2 && values.windows(2).all(|w| w[0] < w[1]), "{reader}: {values:?}");
+        let fault = run
+            .all("partition_fault")
+            .into_iter()
+            .find(|f| f["partition"] == reader)
+            .unwrap_or_else(|| panic!("{reader} faulted:\n{}", run.log));
+        assert_eq!(fault["reason"], "ept-violation", "{fault}");
+        assert!(fault["detail"].as_str().unwrap().contains(gpa), "{fault}");
+    }
+    // The owners ran on: no fault, and their share held.
+    assert_eq!(run.all("partition_fault").len(), 2, "{}", run.log);
+    for owner in ["w1", "w2"] {
+        let stats = e2e::stats(&run, owner);
+        assert_eq!(stats["state"], "running", "{stats}");
+    }
 }
