@@ -50,7 +50,10 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     };
     let verb = words.next().ok_or_else(|| format!("empty request; commands: {COMMANDS}"))?;
     let mut name = || -> Result<String, String> {
-        words.next().map(ToString::to_string).ok_or_else(|| format!("`{verb}` needs the name of a partition"))
+        words
+            .next()
+            .map(ToString::to_string)
+            .ok_or_else(|| format!("`{verb}` needs a name (a partition; `revoke`: a shared region)"))
     };
     let command = match verb {
         "status" => Command::Status,
