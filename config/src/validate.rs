@@ -807,11 +807,7 @@ impl Checker<'_> {
                 placements[i] = Some(Placement::Deferred { size });
                 continue;
             };
-            let fit = free.iter().enumerate().find_map(|(k, f)| {
-                let start = f.start.checked_next_multiple_of(MEMORY_ALIGN)?;
-                (start.checked_add(size)? <= f.end).then_some((k, start))
-            });
-            let Some((k, start)) = fit else {
+            let Some(start) = take_first_fit(free, size) else {
                 let raw = self.raw.partition[i].get_ref();
                 let span = raw.memory_mb.as_ref().map_or(raw.name.span(), Spanned::span);
                 let largest = free
@@ -833,14 +829,6 @@ impl Checker<'_> {
                     ),
                 ));
             };
-            let block = free.remove(k);
-            if block.start < start {
-                free.insert(k, block.start..start);
-            }
-            if start + size < block.end {
-                free.push(start + size..block.end);
-                free.sort_by_key(|r| r.start);
-            }
             placements[i] = Some(Placement::At(start..start + size));
         }
         Ok(placements.into_iter().map(|p| p.expect("every partition was placed")).collect())
@@ -934,11 +922,7 @@ impl Checker<'_> {
         );
         let mut placed = Vec::new();
         for (region, raw) in regions.iter().zip(&self.raw.shared) {
-            let fit = free.iter().enumerate().find_map(|(k, f)| {
-                let start = f.start.checked_next_multiple_of(MEMORY_ALIGN)?;
-                (start.checked_add(region.size)? <= f.end).then_some((k, start))
-            });
-            let Some((k, start)) = fit else {
+            let Some(start) = take_first_fit(&mut free, region.size) else {
                 let raw = raw.get_ref();
                 let message = format!("{} MiB does not fit in the memory the partitions left", mib(region.size));
                 return Err(self.r.at(
@@ -949,14 +933,6 @@ impl Checker<'_> {
                     message,
                 ));
             };
-            let block = free.remove(k);
-            if block.start < start {
-                free.insert(k, block.start..start);
-            }
-            if start + region.size < block.end {
-                free.push(start + region.size..block.end);
-                free.sort_by_key(|r| r.start);
-            }
             placed.push(Placement::At(start..start + region.size));
         }
         Ok(placed)
@@ -1100,6 +1076,24 @@ impl Checker<'_> {
         };
         self.r.at(span, subject, Some(field), kind, message)
     }
+}
+
+/// Takes `size` bytes, 2 MiB aligned, from the first block of `free` (sorted) they fit in;
+/// the rest of that block stays free. Returns where.
+fn take_first_fit(free: &mut Vec<Range<u64>>, size: u64) -> Option<u64> {
+    let (k, start) = free.iter().enumerate().find_map(|(k, f)| {
+        let start = f.start.checked_next_multiple_of(MEMORY_ALIGN)?;
+        (start.checked_add(size)? <= f.end).then_some((k, start))
+    })?;
+    let block = free.remove(k);
+    if block.start < start {
+        free.insert(k, block.start..start);
+    }
+    if start + size < block.end {
+        free.push(start + size..block.end);
+        free.sort_by_key(|r| r.start);
+    }
+    Some(start)
 }
 
 /// `"0x2f8-0x2ff"`, `"0x60"` or decimal, inclusive.

@@ -344,22 +344,22 @@ fn first_frame_skew(m: &Machine, reports: &[crate::phases::SwitchReport]) -> Opt
 }
 
 /// A reply's first fields: the request's tag, `ok`, and the request itself.
-fn reply_object(tag: Option<u64>, request: &str) -> JsonObject<String> {
+fn reply_head(tag: Option<u64>, ok: bool, request: &str) -> JsonObject<String> {
     let reply = JsonObject::begin(String::new());
     let reply = match tag {
         Some(tag) => reply.u64("tag", tag),
         None => reply,
     };
-    reply.bool("ok", true).str("request", request.trim())
+    reply.bool("ok", ok).str("request", request.trim())
+}
+
+/// An accepted request's reply, its answer's fields to follow.
+fn reply_object(tag: Option<u64>, request: &str) -> JsonObject<String> {
+    reply_head(tag, true, request)
 }
 
 fn reply_error(tag: Option<u64>, request: &str, message: &str) {
-    let reply = JsonObject::begin(String::new());
-    let reply = match tag {
-        Some(tag) => reply.u64("tag", tag),
-        None => reply,
-    };
-    let json = reply.bool("ok", false).str("request", request.trim()).str("error", message).end();
+    let json = reply_head(tag, false, request).str("error", message).end();
     send(&json, request, Some(message));
 }
 
