@@ -143,5 +143,17 @@ fn summary(file: &str, v: &Validated, machine: &Machine) -> String {
     }
     let loads: Vec<String> = used.iter().map(|&c| format!("{c}: {}", percent(v.tree.pcpu_load_us(c), frame))).collect();
     out += &format!("  planned load per pCPU: {}\n", loads.join(", "));
+    for region in &v.config.shared {
+        let names = |list: &[usize]| list.iter().map(|&p| v.config.partitions[p].name.as_str()).collect::<Vec<_>>();
+        out += &format!(
+            "  shared {:<5} {} MiB at guest {:#x}: owner {}, readers {:?}, writers {:?}\n",
+            region.name,
+            region.size / MIB,
+            region.gpa,
+            v.config.partitions[region.owner].name,
+            names(&region.readers),
+            names(&region.writers),
+        );
+    }
     out
 }
