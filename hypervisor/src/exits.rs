@@ -131,18 +131,24 @@ pub fn handle_exit(
                     ExitOutcome::Resume
                 }
                 Hypercall::GuestError => stop("guest-error", "the guest reported an error on its console".into()),
+                // The registers beyond RAX are written only with an answer: a refused call
+                // changes nothing else (a guest probing numbers keeps its registers).
                 Hypercall::GroupInfo => {
                     let answer = crate::delegation::group_info(machine(), partition);
+                    let written = if answer[0] == firmware::longmode::DELEGATION_OK { 4 } else { 1 };
                     let mut cpu = CurrentVcpu::of(vcpu, partition);
-                    for (register, value) in [gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX].into_iter().zip(answer) {
+                    for (register, value) in
+                        [gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX].into_iter().zip(answer).take(written)
+                    {
                         cpu.set_gpr(register, value);
                     }
                     ExitOutcome::Resume
                 }
                 Hypercall::SetChildReservation { child, kind, a, b } => {
                     let answer = crate::delegation::set_child_reservation(machine(), partition, child, kind, a, b);
+                    let written = if answer[0] == firmware::longmode::DELEGATION_OK { 2 } else { 1 };
                     let mut cpu = CurrentVcpu::of(vcpu, partition);
-                    for (register, value) in [gpr::RAX, gpr::RBX].into_iter().zip(answer) {
+                    for (register, value) in [gpr::RAX, gpr::RBX].into_iter().zip(answer).take(written) {
                         cpu.set_gpr(register, value);
                     }
                     ExitOutcome::Resume

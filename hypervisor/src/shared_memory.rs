@@ -4,8 +4,8 @@
 //! region from every partition but its owner and then makes every pCPU drop its cached
 //! translations (INVEPT) before the revoke completes: the revoker asks each pCPU through a
 //! generation number and a kick, each pCPU invalidates the EPTs of the partitions homed on it
-//! before its next VM entry (or when its idle loop wakes), and the revoker waits for all of
-//! them. A guest that touches the region afterwards takes an EPT violation: its partition is
+//! before its next VM entry (the kick makes its guest exit; between turns and when its idle
+//! loop wakes it looks too), and the revoker waits for all of them. A guest that touches the region afterwards takes an EPT violation: its partition is
 //! stopped or reset, as its `on_fault` says.
 
 extern crate alloc;
@@ -166,8 +166,9 @@ fn shoot_down(cpu: usize) -> Result<(), String> {
     }
 }
 
-/// On pCPU `cpu`, before entering a guest and when idle: an invalidation asked for since the
-/// last one is done (INVEPT for each partition homed here). One atomic load otherwise.
+/// On pCPU `cpu`, between turns, after a host interrupt (the revoker's kick) stopped its
+/// guest, and when idle: an invalidation asked for since the last one is done (INVEPT for
+/// each partition homed here). Two atomic loads otherwise.
 #[inline]
 pub fn follow(cpu: usize) {
     let requested = SHOOTDOWN_REQUESTED.load(Ordering::Acquire);

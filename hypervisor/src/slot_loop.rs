@@ -101,8 +101,9 @@ pub fn run_pcpu(cpu: usize) {
                 report_progress(now - t0);
             }
             let _ = crate::console::pump();
-            let _ = crate::control::pump();
+            crate::shared_memory::follow(cpu);
             if cpu == 0 {
+                let _ = crate::control::pump();
                 forward_console_input(m);
                 control.poll(m, cpus);
             }
@@ -320,8 +321,6 @@ fn run_turn(
             break TurnEnd::Deadline;
         }
         // The vCPU's virtual LAPIC: take siblings' IPIs, run its timer, inject what is due.
-        // A revoked shared region: this pCPU's cached translations go before the next entry.
-        crate::shared_memory::follow(pcpu.cpu);
         let vcpu = &mut pcpu.vcpus[index];
         vcpu.interrupt_due(&partition.devices, now);
         vcpu.deliver_interrupts(&m.controls);
@@ -386,6 +385,9 @@ fn run_turn(
             // A sibling pCPU's kick or the slot timer: the hypervisor's own, not the
             // interrupted partition's.
             ExitOutcome::HostInterrupt => {
+                // A revoked shared region's shootdown comes with a kick: this pCPU's cached
+                // translations go before the next entry.
+                crate::shared_memory::follow(pcpu.cpu);
                 stretch_account = Account::Overhead;
                 continue;
             }
