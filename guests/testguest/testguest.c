@@ -251,7 +251,7 @@ static void __attribute__((noreturn)) oob_write(struct vcpu_ctx *c)
     fail(c->vcpu, 1, "mode=oob: the out-of-bounds write did not fault");
 }
 
-/* One delegation result on the console: "delegation: WHAT child=N value=V result=R epoch=E". */
+/* One delegation result on the console: "delegation: WHAT child=N value=V result=R[ epoch=E]". */
 static void delegation_line(uint64_t vcpu, const char *what, uint64_t child, uint64_t value, const uint64_t out[4])
 {
     struct line l;
@@ -264,8 +264,11 @@ static void delegation_line(uint64_t vcpu, const char *what, uint64_t child, uin
     put_u64(&l, value);
     put_str(&l, " result=");
     put_u64(&l, out[0]);
-    put_str(&l, " epoch=");
-    put_u64(&l, out[1]);
+    /* RBX is the epoch only when the change was accepted (a refusal leaves it as it was). */
+    if (out[0] == DELEGATION_OK) {
+        put_str(&l, " epoch=");
+        put_u64(&l, out[1]);
+    }
     line_send(&l);
 }
 

@@ -128,9 +128,9 @@ fn a_manager_partition_re_divides_its_group_by_hypercall() {
             "set child=0 value=2000 result=0 epoch=1",
             "set child=1 value=3000 result=0 epoch=2",
             // 3,001 + 3,000 us of the 6,000 the group holds: refused by admission.
-            "set child=0 value=3001 result=3 epoch=0",
+            "set child=0 value=3001 result=3",
             // The group has two children.
-            "set child=2 value=1 result=2 epoch=0",
+            "set child=2 value=1 result=2",
             "done",
         ];
         assert_eq!(lines, expected, "{name}:\n{}", run.log);
