@@ -5,6 +5,7 @@
 //! have printed for a file that said so, at the reservation's line in that file.
 
 use alloc::string::{String, ToString};
+use alloc::sync::Arc;
 use core::fmt;
 use core::ops::Range;
 
@@ -12,18 +13,26 @@ use toml::Spanned;
 
 use crate::error::{ConfigError, Reporter};
 use crate::schema::{RawConfig, RawReservation, Reservation};
-use crate::validate::{validate, Machine, Validated};
+use crate::validate::{validate, validate_reservation_change, Machine, Validated};
+use reservations::NodeRef;
 
 /// A validated config and what it was validated from, to validate changes of it the same way.
 #[derive(Clone)]
 pub struct LiveConfig {
-    file: String,
+    /// Shared by every version of the running config: a change copies none of it.
+    file: Arc<File>,
+    pub validated: Validated,
+}
+
+/// The file as read at boot.
+struct File {
+    name: String,
     text: String,
+    /// As parsed at boot; the reservations in force are `Validated::config`'s.
     raw: RawConfig,
     /// The machine it was checked against. Payload images are left out: whether a payload
     /// loads does not depend on reservations, and every payload was checked at boot.
     machine: Machine,
-    pub validated: Validated,
 }
 
 /// Why a change was refused.
@@ -40,6 +49,9 @@ pub enum ChangeError {
     NotAManager(String),
     /// A delegated change for a child the managed group does not have.
     NoSuchChild { group: String, index: usize, children: usize },
+    /// A revoke of a shared region the one it names (the caller, or its group's child) does
+    /// not own at that address.
+    NotOwner { partition: String, gpa: u64 },
 }
 
 impl fmt::Display for ChangeError {
@@ -50,6 +62,9 @@ impl fmt::Display for ChangeError {
             ChangeError::NotAManager(name) => write!(f, "partition \"{name}\" manages no group"),
             ChangeError::NoSuchChild { group, index, children } => {
                 write!(f, "group \"{group}\" has {children} children; there is no child {index}")
+            }
+            ChangeError::NotOwner { partition, gpa } => {
+                write!(f, "\"{partition}\" owns no shared region at {gpa:#x}")
             }
             ChangeError::NeedsRestart { node, what } => write!(
                 f,
@@ -67,24 +82,35 @@ impl LiveConfig {
         let raw: RawConfig = toml::from_str(text).map_err(|e| reporter.schema(&e, &document))?;
         let validated = validate(&reporter, &raw, machine)?;
         let machine = Machine { module_images: alloc::vec::Vec::new(), ..machine.clone() };
-        Ok(LiveConfig { file: file.to_string(), text: text.to_string(), raw, machine, validated })
+        let file = Arc::new(File { name: file.to_string(), text: text.to_string(), raw, machine });
+        Ok(LiveConfig { file, validated })
     }
 
-    /// The config with `node`'s reservation replaced by `reservation`, validated as at boot.
+    /// The config with `node`'s reservation replaced by `reservation`, validated as at boot
+    /// (with the check's answer and error, by `validate_reservation_change`, which looks only
+    /// at what a reservation can change: its cost does not grow with the node's depth).
     /// The running machine can switch to it: memory, vCPU homes and IRQ routes are unchanged.
     pub fn with_reservation(&self, node: &str, reservation: Reservation) -> Result<LiveConfig, ChangeError> {
-        let mut raw = self.raw.clone();
-        let named = |name: &Spanned<String>| name.get_ref() == node;
-        let slot = if let Some(p) = raw.partition.iter_mut().find(|p| named(&p.get_ref().name)) {
-            &mut p.get_mut().reservation
-        } else if let Some(g) = raw.group.iter_mut().find(|g| named(&g.get_ref().name)) {
-            &mut g.get_mut().reservation
+        let config = &self.validated.config;
+        let node_ref = if let Some(p) = config.partitions.iter().position(|p| p.name == node) {
+            NodeRef::Partition(p)
+        } else if let Some(g) = config.groups.iter().position(|g| g.name == node) {
+            NodeRef::Group(g)
         } else {
             return Err(ChangeError::UnknownNode(node.to_string()));
         };
-        *slot = raw_reservation(reservation, slot.span());
-        let reporter = Reporter { file: &self.file, text: &self.text };
-        let validated = validate(&reporter, &raw, &self.machine).map_err(ChangeError::Refused)?;
+        let file = &self.file;
+        let reporter = Reporter { file: &file.name, text: &file.text };
+        // Only a refusal needs the file as it would read with the change (to point at it).
+        let validated = validate_reservation_change(
+            &reporter,
+            || self.raw_with(node_ref, reservation),
+            &file.machine,
+            &self.validated,
+            node_ref,
+            reservation,
+        )
+        .map_err(ChangeError::Refused)?;
         let restart = |what| ChangeError::NeedsRestart { node: node.to_string(), what };
         if validated.dispatch.homes != self.validated.dispatch.homes {
             return Err(restart("a vCPU would move to another pCPU"));
@@ -95,13 +121,41 @@ impl LiveConfig {
         if validated.irqs != self.validated.irqs {
             return Err(restart("a device IRQ would be routed elsewhere"));
         }
-        Ok(LiveConfig {
-            file: self.file.clone(),
-            text: self.text.clone(),
-            raw,
-            machine: self.machine.clone(),
-            validated,
-        })
+        Ok(LiveConfig { file: self.file.clone(), validated })
+    }
+
+    /// The file as it would read with the reservations in force and `node`'s replaced by
+    /// `reservation`: each reservation that differs from the file's is written at the place
+    /// of the one it replaces, so that an error about it points there.
+    fn raw_with(&self, node: NodeRef, reservation: Reservation) -> RawConfig {
+        let mut raw = self.file.raw.clone();
+        let config = &self.validated.config;
+        let in_force = |slot: &mut Spanned<RawReservation>, reservation: Reservation| {
+            if raw_value(slot.get_ref()) != Some(reservation) {
+                *slot = raw_reservation(reservation, slot.span());
+            }
+        };
+        for (p, partition) in raw.partition.iter_mut().enumerate() {
+            let wanted = if node == NodeRef::Partition(p) { reservation } else { config.partitions[p].reservation };
+            in_force(&mut partition.get_mut().reservation, wanted);
+        }
+        for (g, group) in raw.group.iter_mut().enumerate() {
+            let wanted = if node == NodeRef::Group(g) { reservation } else { config.groups[g].reservation };
+            in_force(&mut group.get_mut().reservation, wanted);
+        }
+        raw
+    }
+
+    /// What the whole check makes of the changed file: what `with_reservation` must agree with.
+    #[cfg(test)]
+    pub(crate) fn whole_check_with(&self, node: &str, reservation: Reservation) -> Result<Validated, ConfigError> {
+        let config = &self.validated.config;
+        let node = match config.partitions.iter().position(|p| p.name == node) {
+            Some(p) => NodeRef::Partition(p),
+            None => NodeRef::Group(config.groups.iter().position(|g| g.name == node).expect("a node of the config")),
+        };
+        let file = &self.file;
+        validate(&Reporter { file: &file.name, text: &file.text }, &self.raw_with(node, reservation), &file.machine)
     }
 }
 
@@ -126,6 +180,31 @@ impl LiveConfig {
         admitted.and_then(|g| g.capacity_us.iter().copied().min()).unwrap_or(0)
     }
 
+    /// The shared region (its index in `config.shared`) at guest-physical `gpa` that `caller`
+    /// may revoke: the one it owns there (`child` None) or, if it manages a group, the one its
+    /// `child`-th child owns there (numbered as [`LiveConfig::managed_by`] lists them).
+    pub fn revocable_region(&self, caller: &str, gpa: u64, child: Option<usize>) -> Result<usize, ChangeError> {
+        let owner = match child {
+            None => caller,
+            Some(index) => {
+                let (group, children) =
+                    self.managed_by(caller).ok_or_else(|| ChangeError::NotAManager(caller.to_string()))?;
+                children.get(index).copied().ok_or_else(|| ChangeError::NoSuchChild {
+                    group: self.validated.config.groups[group].name.clone(),
+                    index,
+                    children: children.len(),
+                })?
+            }
+        };
+        let config = &self.validated.config;
+        let owner_index = config.partitions.iter().position(|p| p.name == owner);
+        config
+            .shared
+            .iter()
+            .position(|r| Some(r.owner) == owner_index && r.gpa == gpa)
+            .ok_or_else(|| ChangeError::NotOwner { partition: owner.to_string(), gpa })
+    }
+
     /// A delegated change: `manager` gives the `child`-th child of the group it manages a new
     /// reservation, checked as [`LiveConfig::with_reservation`] checks any change (the group
     /// cannot give out more than it holds: admission refuses it). Nothing outside that group
@@ -144,6 +223,16 @@ impl LiveConfig {
             children: children.len(),
         })?;
         self.with_reservation(node, reservation)
+    }
+}
+
+/// The reservation a file's entry gives (`None` for an entry the check refuses).
+fn raw_value(raw: &RawReservation) -> Option<Reservation> {
+    match (&raw.budget_us, &raw.period_us, &raw.share_percent, &raw.weight) {
+        (Some(b), Some(p), None, None) => Some(Reservation::Hard { budget_us: *b.get_ref(), period_us: *p.get_ref() }),
+        (None, None, Some(s), None) => Some(Reservation::FixedShare { percent: *s.get_ref() }),
+        (None, None, None, Some(w)) => Some(Reservation::Weight(*w.get_ref())),
+        _ => None,
     }
 }
 

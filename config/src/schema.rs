@@ -453,7 +453,8 @@ impl SharedRegion {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub hypervisor: HypervisorConfig,
-    pub groups: Vec<GroupConfig>,
+    /// Shared between a running config and its changed versions until a change touches a group.
+    pub groups: alloc::sync::Arc<Vec<GroupConfig>>,
     pub partitions: Vec<PartitionConfig>,
     pub shared: Vec<SharedRegion>,
 }

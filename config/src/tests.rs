@@ -1063,6 +1063,67 @@ fn a_refused_live_change_prints_the_checks_own_error_at_the_reservations_line() 
     assert_eq!(name, "nobody");
 }
 
+/// The live check (parent, changed subtree, plan) gives what the whole check of the changed
+/// file gives, acceptance and error alike, for every node of the test configs and a spread of
+/// reservations, valid and not.
+#[test]
+fn a_live_change_is_checked_as_the_whole_file_would_be() {
+    let hard = |budget_us, period_us| Reservation::Hard { budget_us, period_us };
+    let changes = [
+        hard(1000, 10000),
+        hard(2500, 5000),
+        hard(4000, 10000),
+        hard(9000, 10000),
+        hard(0, 10000),
+        hard(1000, 3000),
+        hard(20000, 10000),
+        Reservation::FixedShare { percent: 10 },
+        Reservation::FixedShare { percent: 45 },
+        Reservation::FixedShare { percent: 100 },
+        Reservation::FixedShare { percent: 0 },
+        Reservation::Weight(1),
+        Reservation::Weight(7),
+        Reservation::Weight(0),
+    ];
+    let configs = [
+        BASE.to_string(),
+        managed(),
+        include_str!("../../tests/configs/reconfig.toml").to_string(),
+        include_str!("../../tests/configs/delegation.toml").to_string(),
+        include_str!("../../tests/configs/delegation-depth8.toml").to_string(),
+    ];
+    let (mut accepted, mut refused) = (0, 0);
+    for text in &configs {
+        let first = live(text);
+        // Also from a config already changed: the file then says what no longer runs.
+        let name = first.validated.config.partitions[0].name.clone();
+        let changed = changes.iter().find_map(|&c| first.with_reservation(&name, c).ok()).expect("one change taken");
+        for before in [first, changed] {
+            let config = &before.validated.config;
+            let nodes =
+                config.partitions.iter().map(|p| p.name.clone()).chain(config.groups.iter().map(|g| g.name.clone()));
+            for node in nodes {
+                for &change in &changes {
+                    let whole = before.whole_check_with(&node, change);
+                    match (before.with_reservation(&node, change), whole) {
+                        (Ok(live), Ok(whole)) => {
+                            assert_eq!(live.validated, whole, "{node} -> {change:?}");
+                            accepted += 1;
+                        }
+                        (Err(ChangeError::NeedsRestart { .. }), Ok(_)) => accepted += 1,
+                        (Err(ChangeError::Refused(live)), Err(whole)) => {
+                            assert_eq!(live.to_string(), whole.to_string(), "{node} -> {change:?}");
+                            refused += 1;
+                        }
+                        (live, whole) => panic!("{node} -> {change:?}: live {:?}, whole {whole:?}", live.err()),
+                    }
+                }
+            }
+        }
+    }
+    assert!(accepted > 30 && refused > 30, "{accepted} accepted, {refused} refused");
+}
+
 #[test]
 fn a_group_can_be_changed_live_and_its_children_still_fit() {
     let text = format!(
@@ -1190,4 +1251,22 @@ fn shared_regions_that_cannot_be_mapped_are_refused_at_their_key() {
         );
         assert!(e.message.contains(words), "{e}");
     }
+}
+
+/// A shared region is revoked by its owner, or by the manager of the owner's group naming the
+/// owner as its child; nobody else, and nothing at another address.
+#[test]
+fn a_shared_region_is_revocable_by_its_owner_and_its_owners_manager() {
+    let live = live(&format!("{}{RING}", managed()));
+    let ring = 0x2000_0000;
+    assert_eq!(live.revocable_region("web", ring, None), Ok(0));
+    assert_eq!(live.revocable_region("boss", ring, Some(0)), Ok(0), "web is the first child of boss's group");
+    let not_owner = |partition: &str, gpa| Err(ChangeError::NotOwner { partition: partition.into(), gpa });
+    assert_eq!(live.revocable_region("db", ring, None), not_owner("db", ring), "a reader is no owner");
+    assert_eq!(live.revocable_region("web", ring + 0x20_0000, None), not_owner("web", ring + 0x20_0000));
+    assert_eq!(live.revocable_region("boss", ring, Some(1)), not_owner("db", ring));
+    assert_eq!(live.revocable_region("boss", ring, None), not_owner("boss", ring));
+    assert!(matches!(live.revocable_region("boss", ring, Some(2)), Err(ChangeError::NoSuchChild { index: 2, .. })));
+    assert_eq!(live.revocable_region("web", ring, Some(0)), Err(ChangeError::NotAManager("web".into())));
+    assert!(not_owner("db", ring).unwrap_err().to_string().contains("\"db\" owns no shared region at 0x20000000"));
 }

@@ -84,6 +84,54 @@ pub(crate) fn validate(r: &Reporter<'_>, raw: &RawConfig, machine: &Machine) -> 
     Checker { r, raw, machine }.run()
 }
 
+/// `previous` with one node's reservation changed to `reservation`, checked as [`validate`]
+/// checks the changed file, with its result and its first error, but only where a
+/// reservation can make a difference: admission of the node's parent and of the groups below
+/// it whose capacity changes (`Tree::with_reservation`, not the node's ancestors: HiRes'
+/// depth-independent admission), the plan, and the IRQ routes if a vCPU's home moved. Names,
+/// devices, memory, payloads, shared regions, heap and trace do not depend on reservations
+/// and stay as checked. `raw` gives the file as it would read with the change, needed only to
+/// point a refusal at it. A host test holds it to `validate`'s answers.
+pub(crate) fn validate_reservation_change(
+    r: &Reporter<'_>,
+    raw: impl FnOnce() -> RawConfig,
+    machine: &Machine,
+    previous: &Validated,
+    node: NodeRef,
+    reservation: Reservation,
+) -> Result<Validated, ConfigError> {
+    let raw = core::cell::LazyCell::new(raw);
+    let checker = || Checker { r, raw: &raw, machine };
+    let tree = previous.tree.with_reservation(node, reservation).map_err(|e| checker().admission_error(e))?;
+    let mut config = previous.config.clone();
+    match node {
+        NodeRef::Group(g) => alloc::sync::Arc::make_mut(&mut config.groups)[g].reservation = reservation,
+        NodeRef::Partition(p) => config.partitions[p].reservation = reservation,
+        NodeRef::Machine => {}
+    }
+    let pcpus = pcpus_to_plan(machine, &config);
+    let dispatch = dispatch_plan::plan(&config, &tree, pcpus).map_err(|f| checker().plan_error(f))?;
+    let irqs = if dispatch.homes == previous.dispatch.homes {
+        previous.irqs.clone()
+    } else {
+        irq_plan::IrqPlan::new(&config, &dispatch.homes).map_err(|f| checker().plan_error(f))?
+    };
+    Ok(Validated {
+        config,
+        memory: previous.memory.clone(),
+        tree,
+        dispatch,
+        irqs,
+        shared_memory: previous.shared_memory.clone(),
+    })
+}
+
+/// The pCPUs the machine has, or (on the host without --pcpus) the ones the config names.
+fn pcpus_to_plan(machine: &Machine, config: &Config) -> u32 {
+    let named_pcpus = config.partitions.iter().flat_map(|p| p.pcpus.iter()).max().map_or(1, |&c| c + 1);
+    machine.pcpus.unwrap_or(named_pcpus)
+}
+
 struct Checker<'a> {
     r: &'a Reporter<'a>,
     raw: &'a RawConfig,
@@ -135,11 +183,9 @@ impl Checker<'_> {
         self.payloads_fit(&partitions, &memory)?;
         let shared = self.shared_regions(&partitions)?;
         let shared_memory = self.place_shared(&shared, &memory)?;
-        let config = Config { hypervisor, groups, partitions, shared };
+        let config = Config { hypervisor, groups: alloc::sync::Arc::new(groups), partitions, shared };
         let tree = self.admit(&config, &group_index)?;
-        // The pCPUs the machine has, or (on the host without --pcpus) the ones the config names.
-        let named_pcpus = config.partitions.iter().flat_map(|p| p.pcpus.iter()).max().map_or(1, |&c| c + 1);
-        let pcpus = self.machine.pcpus.unwrap_or(named_pcpus);
+        let pcpus = pcpus_to_plan(self.machine, &config);
         let dispatch = dispatch_plan::plan(&config, &tree, pcpus).map_err(|f| self.plan_error(f))?;
         self.trace_fits(&config.hypervisor, pcpus)?;
         self.heap_fits(&config, pcpus)?;

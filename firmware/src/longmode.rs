@@ -279,10 +279,12 @@ pub const HYPERCALL_GROUP_INFO: u64 = 5;
 /// than it holds); on success RAX = `DELEGATION_OK` and RBX = the number of the epoch of
 /// dispatch tables it starts, at the first major-frame boundary at least 2 ms ahead.
 pub const HYPERCALL_SET_CHILD_RESERVATION: u64 = 6;
-/// Shared memory (docs/control.md): the owner of the `[[shared]]` region at guest-physical RBX
-/// revokes it: unmapped from every partition but the owner, every pCPU's cached translations
-/// dropped before it returns RAX = `DELEGATION_OK` (or `DELEGATION_NOT_OWNER`,
-/// `DELEGATION_ALREADY_REVOKED`).
+/// Shared memory (docs/control.md): revokes the `[[shared]]` region at guest-physical RBX that
+/// the caller owns (RCX = 0) or, from a group's manager, that its child number RCX - 1 owns
+/// (numbered as for `HYPERCALL_SET_CHILD_RESERVATION`): unmapped from every partition but the
+/// owner, every pCPU's cached translations dropped before it returns RAX = `DELEGATION_OK` (or
+/// `DELEGATION_NOT_OWNER`, `DELEGATION_ALREADY_REVOKED`, `DELEGATION_NOT_A_MANAGER`,
+/// `DELEGATION_NO_SUCH_CHILD`).
 pub const HYPERCALL_REVOKE_SHARED: u64 = 7;
 pub const RESERVATION_HARD: u64 = 1;
 pub const RESERVATION_FIXED_SHARE: u64 = 2;
@@ -299,7 +301,7 @@ pub const DELEGATION_BUSY: u64 = 4;
 pub const DELEGATION_BAD_KIND: u64 = 5;
 /// Called from outside the guest's kernel (CPL > 0).
 pub const DELEGATION_NOT_PRIVILEGED: u64 = 6;
-/// No shared region the caller owns is at that address.
+/// No shared region the caller (or the child it names) owns is at that address.
 pub const DELEGATION_NOT_OWNER: u64 = 7;
 pub const DELEGATION_ALREADY_REVOKED: u64 = 8;
 

@@ -316,6 +316,19 @@ static void redivide(struct vcpu_ctx *c)
     line_send(&l);
 }
 
+/* mode=manager with shared=GPA: instead of re-dividing its group, the manager revokes the
+ * region its group's child 0 owns at GPA, after `revoke_after` iterations (RCX = child + 1). */
+static void revoke_for_child(struct vcpu_ctx *c)
+{
+    uint64_t out[4];
+    delegation_call(HYPERCALL_REVOKE_SHARED, c->opt.shared, 1, 0, 0, out);
+    struct line l;
+    line_start(&l, c->vcpu);
+    put_str(&l, "shared: revoked for child 0 result=");
+    put_u64(&l, out[0]);
+    line_send(&l);
+}
+
 /* mode=writer and mode=reader: vCPU 0 writes its iteration count into the shared region at
  * `shared`, or reads it and prints what it read every 100 iterations; the writer (its owner)
  * revokes the region after `revoke_after` iterations. A reader's access after the revoke is
@@ -361,8 +374,10 @@ static void __attribute__((noreturn)) run_cpubound(struct vcpu_ctx *c)
     for (;;) {
         if (shared)
             shared_step(c);
-        if (manager && c->iterations == c->opt.oob_after)
+        if (manager && !c->opt.shared && c->iterations == c->opt.oob_after)
             redivide(c);
+        if (manager && c->opt.shared && c->iterations == c->opt.revoke_after)
+            revoke_for_child(c);
         if (oob && c->iterations == c->opt.oob_after)
             oob_write(c);
         if (hostile && c->iterations == c->opt.oob_after) {

@@ -434,7 +434,7 @@ fn status(reply: JsonObject<String>, m: &Machine) -> String {
     }
     partitions.push(']');
     let mut groups = String::from("[");
-    for g in &config.groups {
+    for g in config.groups.iter() {
         if groups.len() > 1 {
             groups.push(',');
         }

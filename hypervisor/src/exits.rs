@@ -153,17 +153,8 @@ pub fn handle_exit(
                     }
                     ExitOutcome::Resume
                 }
-                Hypercall::RevokeShared { gpa } => {
-                    let m = machine();
-                    let result = match m.shared.owned_at(partition.id, gpa) {
-                        None => firmware::longmode::DELEGATION_NOT_OWNER,
-                        Some(region) => match m.shared.revoke(region, crate::cpu::current_index(), &partition.name) {
-                            Ok(_) => firmware::longmode::DELEGATION_OK,
-                            Err(e) if e.contains("already revoked") => firmware::longmode::DELEGATION_ALREADY_REVOKED,
-                            // The shootdown did not complete (the `shared_revoke` record says where).
-                            Err(_) => firmware::longmode::DELEGATION_REFUSED,
-                        },
-                    };
+                Hypercall::RevokeShared { gpa, child } => {
+                    let result = crate::shared_memory::revoke_by_hypercall(machine(), partition, gpa, child);
                     CurrentVcpu::of(vcpu, partition).set_gpr(gpr::RAX, result);
                     ExitOutcome::Resume
                 }

@@ -15,10 +15,11 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use spin::Mutex;
 
-use config::{Placement, SharedRegion, Validated};
+use config::{ChangeError, Placement, SharedRegion, Validated};
 use ept::{Access, Ept, MemoryType, PageSizes};
 
-use crate::machine::{HeapFrames, IdentityPhys};
+use crate::machine::{HeapFrames, IdentityPhys, Machine};
+use crate::partition::Partition;
 
 /// How long a revoke waits for every pCPU's invalidation (a pCPU in a guest is kicked out at
 /// once; one whose guest keeps interrupts off under Bochs leaves at its slot's end).
@@ -90,14 +91,9 @@ impl SharedMemory {
         })
     }
 
-    /// The name of the region `owner` owns at guest-physical `gpa` (its hypercall names it so).
-    pub fn owned_at(&self, owner: usize, gpa: u64) -> Option<&str> {
-        self.regions.iter().find(|r| r.config.owner == owner && r.config.gpa == gpa).map(|r| r.config.name.as_str())
-    }
-
     /// Revokes region `name`: unmapped from every partition but its owner, and every pCPU's
     /// cached translations dropped before this returns. `cpu` is the pCPU doing it,
-    /// `requester` who asked (`control` or the owner); a `shared_revoke` record says what
+    /// `requester` who asked (`control`, the owner or its group's manager); a `shared_revoke` record says what
     /// it did.
     pub fn revoke(&self, name: &str, cpu: usize, requester: &str) -> Result<Revoked, String> {
         let result = self.revoke_now(name, cpu);
@@ -138,6 +134,29 @@ impl SharedMemory {
             unmap_cycles: unmapped - start,
             shootdown_cycles: crate::tsc::now() - unmapped,
         })
+    }
+}
+
+/// `HYPERCALL_REVOKE_SHARED` from `caller`: revokes the region at `gpa` it owns (`child` 0)
+/// or that child `child - 1` of the group it manages owns (`config::LiveConfig::revocable_region`
+/// says which); the result for RAX.
+pub fn revoke_by_hypercall(m: &Machine, caller: &Partition, gpa: u64, child: u64) -> u64 {
+    use firmware::longmode::*;
+    let child = child.checked_sub(1).map(|c| usize::try_from(c).unwrap_or(usize::MAX));
+    let region = {
+        let live = m.live.lock();
+        live.revocable_region(&caller.name, gpa, child).map(|r| live.validated.config.shared[r].name.clone())
+    };
+    match region {
+        Err(ChangeError::NotAManager(_)) => DELEGATION_NOT_A_MANAGER,
+        Err(ChangeError::NoSuchChild { .. }) => DELEGATION_NO_SUCH_CHILD,
+        Err(_) => DELEGATION_NOT_OWNER,
+        Ok(region) => match m.shared.revoke(&region, crate::cpu::current_index(), &caller.name) {
+            Ok(_) => DELEGATION_OK,
+            Err(e) if e.contains("already revoked") => DELEGATION_ALREADY_REVOKED,
+            // The shootdown did not complete (the `shared_revoke` record says where).
+            Err(_) => DELEGATION_REFUSED,
+        },
     }
 }
 

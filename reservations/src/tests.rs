@@ -486,3 +486,72 @@ fn over_admission_by_a_hair_is_visibly_over_100_percent() {
         Problem::OverAdmitted { pcpu: 0, parent: None, needed_us: 10_000_001, capacity_us: 1, frame_us: 10_000_000 };
     assert!(p.to_string().contains("100.001% of the pCPU"), "{p}");
 }
+
+/// A change admitted incrementally (`Tree::with_reservation`: the parent and the node's own
+/// subtree) comes out as admitting the whole changed spec does, refusals included, over
+/// random trees and random (also invalid) reservations.
+#[test]
+fn one_change_admitted_alone_matches_admitting_the_whole_tree() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound
+    };
+    let reservation = |next: &mut dyn FnMut(u64) -> u64| match next(8) {
+        0 | 1 => hard(next(3_000), [1_000, 2_000, 2_500, 5_000, 10_000, 3_000, 0][next(7) as usize]),
+        2..=4 => Reservation::FixedShare { percent: next(70) as u32 },
+        _ => Reservation::Weight(next(5) as u32),
+    };
+    let (mut compared, mut accepted, mut refused) = (0, 0, 0);
+    while compared < 3_000 {
+        let groups: Vec<GroupSpec> = (0..next(6) as usize)
+            .map(|g| GroupSpec {
+                name: format!("g{g}"),
+                parent: if g > 0 && next(3) > 0 { Some(next(g as u64) as usize) } else { None },
+                reservation: reservation(&mut next),
+                pcpus: None,
+                children: [ChildPolicy::Any, ChildPolicy::Any, ChildPolicy::FixedShare, ChildPolicy::Weighted]
+                    [next(4) as usize],
+            })
+            .collect();
+        let partitions: Vec<PartitionSpec> = (0..1 + next(6) as usize)
+            .map(|p| {
+                let first = next(4) as u32;
+                let pcpus: Vec<u32> = (first..=(first + next(2) as u32).min(3)).collect();
+                let group =
+                    if groups.is_empty() || next(4) == 0 { None } else { Some(next(groups.len() as u64) as usize) };
+                part(&format!("p{p}"), group, pcpus.len() as u32, &pcpus, reservation(&mut next))
+            })
+            .collect();
+        let mut spec = spec(groups, partitions);
+        if next(4) == 0 {
+            spec.pcpu_count = None;
+        }
+        let Ok(tree) = Tree::build(&spec) else { continue };
+        let node = match next(spec.groups.len() as u64 + spec.partitions.len() as u64) as usize {
+            g if g < spec.groups.len() => NodeRef::Group(g),
+            p => NodeRef::Partition(p - spec.groups.len()),
+        };
+        let changed = reservation(&mut next);
+        let mut whole = spec.clone();
+        match node {
+            NodeRef::Group(g) => whole.groups[g].reservation = changed,
+            NodeRef::Partition(p) => whole.partitions[p].reservation = changed,
+            NodeRef::Machine => unreachable!(),
+        }
+        let alone = tree.with_reservation(node, changed);
+        assert_eq!(alone, Tree::build(&whole), "{node:?} -> {changed:?} in {spec:?}");
+        compared += 1;
+        if alone.is_ok() {
+            accepted += 1
+        } else {
+            refused += 1
+        }
+    }
+    assert!(accepted > 500 && refused > 500, "both outcomes are exercised: {accepted} accepted, {refused} refused");
+    let tree = Tree::build(&spec(vec![], vec![part("a", None, 1, &[0], hard(1_000, 10_000))])).unwrap();
+    assert_eq!(tree.with_reservation(NodeRef::Partition(1), hard(1, 10)).unwrap_err().problem, Problem::NotInTree);
+    assert_eq!(tree.with_reservation(NodeRef::Machine, hard(1, 10)).unwrap_err().problem, Problem::NotInTree);
+}

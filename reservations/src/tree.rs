@@ -6,11 +6,12 @@
 
 use alloc::collections::BTreeMap;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::flat::{EffectiveReservation, FlatPartition, PartitionId};
-use crate::spec::{ChildPolicy, Micros, NestedPolicy, PartitionSpec, Reservation, TreeSpec};
+use crate::spec::{ChildPolicy, GroupSpec, Micros, NestedPolicy, PartitionSpec, Reservation, TreeSpec};
 
 /// The node an admission error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +117,8 @@ pub enum Problem {
     ZeroShare {
         pcpu: u32,
     },
+    /// A change names a node the tree does not have (or the machine, which has no reservation).
+    NotInTree,
 }
 
 /// `us` of every `frame_us` as a percentage with up to three decimals, trailing zeros dropped
@@ -205,6 +208,7 @@ impl fmt::Display for Problem {
                     Percent { us: *needed_us, frame_us: *frame_us }
                 )
             }
+            Problem::NotInTree => write!(f, "the tree has no such node to change"),
             Problem::ZeroShare { pcpu } => write!(
                 f,
                 "the share resolves to 0 us per frame on pCPU {pcpu}: the parent has no \
@@ -270,12 +274,35 @@ pub struct Leaf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tree {
     major_frame_us: Micros,
+    pcpu_count: Option<u32>,
     gang: bool,
-    groups: Vec<Group>,
+    /// Shared between a tree and the trees changed from it until a change touches a group.
+    groups: Arc<Vec<Group>>,
     leaves: Vec<Leaf>,
     /// pCPU -> microseconds per frame the leaves' effective reservations (hard, fixed and
     /// soft) take; capacity a group holds but no leaf uses is not counted (it is slack).
     load_us: BTreeMap<u32, Micros>,
+    /// What was admitted (`TreeSpec`'s groups and partitions), to admit one change of it
+    /// without walking the whole tree again.
+    spec_groups: Arc<Vec<GroupSpec>>,
+    spec_partitions: Vec<PartitionSpec>,
+}
+
+/// A spec as the builder reads it: borrowed, so that a changed tree's spec need not be copied.
+#[derive(Clone, Copy)]
+struct SpecView<'a> {
+    major_frame_us: Micros,
+    pcpu_count: Option<u32>,
+    gang: bool,
+    groups: &'a [GroupSpec],
+    partitions: &'a [PartitionSpec],
+}
+
+/// What a parent hands one child: per pCPU for a group (its capacity), one amount on each of
+/// its pCPUs for a leaf; and whether that is guaranteed.
+enum Allotment {
+    Group(usize, BTreeMap<u32, Micros>, bool),
+    Leaf(usize, Micros, bool),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -287,7 +314,164 @@ enum Child {
 impl Tree {
     /// Checks the spec and admits it, or names the first node that cannot be admitted.
     pub fn build(spec: &TreeSpec) -> Result<Tree, AdmissionError> {
-        Builder { spec }.build()
+        let view = SpecView {
+            major_frame_us: spec.major_frame_us,
+            pcpu_count: spec.pcpu_count,
+            gang: spec.gang,
+            groups: &spec.groups,
+            partitions: &spec.partitions,
+        };
+        Builder { spec: view }.build()
+    }
+
+    /// Admits one changed reservation the way HiRes does: only the node's parent divides
+    /// what it holds again (its capacity, and everything above it, stays as admitted), then
+    /// the node's own subtree if it is a group. The outcome is the one [`Tree::build`] gives
+    /// for the spec with that reservation, a refusal included (the same first error), but the
+    /// node's ancestors are never looked at: the cost does not grow with its depth.
+    pub fn with_reservation(&self, node: NodeRef, reservation: Reservation) -> Result<Tree, AdmissionError> {
+        // Only what the change touches is copied: the partitions' list for a partition's
+        // change, the groups' for a group's.
+        let mut spec_groups = self.spec_groups.clone();
+        let mut spec_partitions: Option<Vec<PartitionSpec>> = None;
+        let parent = match node {
+            NodeRef::Group(g) if g < spec_groups.len() => {
+                Arc::make_mut(&mut spec_groups)[g].reservation = reservation;
+                spec_groups[g].parent
+            }
+            NodeRef::Partition(p) if p < self.spec_partitions.len() => {
+                let mut partitions = self.spec_partitions.clone();
+                partitions[p].reservation = reservation;
+                let group = partitions[p].group;
+                spec_partitions = Some(partitions);
+                group
+            }
+            _ => {
+                let name = String::from(if node == NodeRef::Machine { "hypervisor" } else { "" });
+                return Err(AdmissionError { node, name, field: Field::Reservation, problem: Problem::NotInTree });
+            }
+        };
+        let builder = Builder {
+            spec: SpecView {
+                major_frame_us: self.major_frame_us,
+                pcpu_count: self.pcpu_count,
+                gang: self.gang,
+                groups: &spec_groups,
+                partitions: spec_partitions.as_deref().unwrap_or(&self.spec_partitions),
+            },
+        };
+        // In the order `build` finds them: the reservation alone, the parent's policy, then
+        // the divisions.
+        builder.check_reservation(node, &reservation)?;
+        if let Some(g) = parent {
+            let group = &spec_groups[g];
+            if !group.children.accepts(&reservation) {
+                let problem = Problem::PolicyForbids { parent: group.name.clone(), policy: group.children };
+                return Err(builder.error(node, Field::Reservation, problem));
+            }
+        }
+        let group_pcpus: Vec<&[u32]> = self.groups.iter().map(|g| g.pcpus.as_slice()).collect();
+        let admitted_capacity = |g: usize| -> BTreeMap<u32, Micros> {
+            let group = &self.groups[g];
+            group.pcpus.iter().copied().zip(group.capacity_us.iter().copied()).collect()
+        };
+        // What the divisions change: per group its new capacity and guarantee, per leaf its
+        // new amount and guarantee.
+        let mut groups_now: BTreeMap<usize, (BTreeMap<u32, Micros>, bool)> = BTreeMap::new();
+        let mut leaves_now: BTreeMap<usize, (Micros, bool)> = BTreeMap::new();
+        let mut apply = |allotments: Vec<Allotment>,
+                         groups_now: &mut BTreeMap<usize, (BTreeMap<u32, Micros>, bool)>| {
+            for allotment in allotments {
+                match allotment {
+                    Allotment::Group(g, capacity, guaranteed) => {
+                        groups_now.insert(g, (capacity, guaranteed));
+                    }
+                    Allotment::Leaf(l, us, guaranteed) => {
+                        leaves_now.insert(l, (us, guaranteed));
+                    }
+                }
+            }
+        };
+        let (capacity, guaranteed) = match parent {
+            Some(g) => (admitted_capacity(g), self.groups[g].guaranteed),
+            None => (builder.machine_capacity(&group_pcpus), true),
+        };
+        apply(
+            builder.allocate(parent, &capacity, guaranteed, &builder.children_of(parent), &group_pcpus)?,
+            &mut groups_now,
+        );
+        // Groups whose capacity (or guarantee) came out changed divide it again among their
+        // children, in `build`'s order so that a refusal is the one it finds first: shallowest
+        // first, then by index, last first. Weighted siblings of the node are among them (they
+        // share what the node leaves), and so may be the node itself if it is a group.
+        let order = |c: usize| (self.groups[c].depth, core::cmp::Reverse(c));
+        let child_groups = |parent: Option<usize>| {
+            let groups = &spec_groups;
+            (0..groups.len()).filter(move |&c| groups[c].parent == parent)
+        };
+        let mut pending: alloc::collections::BTreeSet<_> = child_groups(parent).map(order).collect();
+        while let Some((_, core::cmp::Reverse(g))) = pending.pop_first() {
+            let admitted = &self.groups[g];
+            let Some((capacity, guaranteed)) = groups_now.get(&g).cloned() else { continue };
+            let same = guaranteed == admitted.guaranteed
+                && admitted.pcpus.iter().zip(&admitted.capacity_us).all(|(p, us)| capacity.get(p) == Some(us));
+            if same {
+                groups_now.remove(&g);
+                continue;
+            }
+            let children = builder.children_of(Some(g));
+            apply(builder.allocate(Some(g), &capacity, guaranteed, &children, &group_pcpus)?, &mut groups_now);
+            pending.extend(child_groups(Some(g)).map(order));
+        }
+        let groups = if groups_now.is_empty() && !matches!(node, NodeRef::Group(_)) {
+            self.groups.clone()
+        } else {
+            let mut groups = self.groups.clone();
+            for (g, group) in Arc::make_mut(&mut groups).iter_mut().enumerate() {
+                group.reservation = spec_groups[g].reservation;
+                if let Some((capacity, guaranteed)) = groups_now.get(&g) {
+                    group.capacity_us = group.pcpus.iter().map(|p| capacity[p]).collect();
+                    group.guaranteed = *guaranteed;
+                }
+            }
+            groups
+        };
+        let mut leaves = self.leaves.clone();
+        if let NodeRef::Partition(p) = node {
+            leaves[p].spec.reservation = reservation;
+        }
+        for (l, (us, guaranteed)) in leaves_now {
+            leaves[l].per_pcpu_us = us;
+            leaves[l].guaranteed = guaranteed;
+        }
+        let spec_partitions = spec_partitions.unwrap_or_else(|| self.spec_partitions.clone());
+        Ok(Tree::assemble(
+            self.major_frame_us,
+            self.pcpu_count,
+            self.gang,
+            groups,
+            leaves,
+            spec_groups,
+            spec_partitions,
+        ))
+    }
+
+    fn assemble(
+        major_frame_us: Micros,
+        pcpu_count: Option<u32>,
+        gang: bool,
+        groups: Arc<Vec<Group>>,
+        leaves: Vec<Leaf>,
+        spec_groups: Arc<Vec<GroupSpec>>,
+        spec_partitions: Vec<PartitionSpec>,
+    ) -> Tree {
+        let mut load_us: BTreeMap<u32, Micros> = BTreeMap::new();
+        for leaf in &leaves {
+            for &pcpu in &leaf.spec.pcpus {
+                *load_us.entry(pcpu).or_insert(0) += leaf.per_pcpu_us;
+            }
+        }
+        Tree { major_frame_us, pcpu_count, gang, groups, leaves, load_us, spec_groups, spec_partitions }
     }
 
     pub fn major_frame_us(&self) -> Micros {
@@ -356,7 +540,7 @@ fn ppm(us: Micros, frame_us: Micros) -> u32 {
 }
 
 struct Builder<'a> {
-    spec: &'a TreeSpec,
+    spec: SpecView<'a>,
 }
 
 impl Builder<'_> {
@@ -485,15 +669,9 @@ impl Builder<'_> {
             self.check_reservation(node, &part.reservation)?;
         }
 
-        // Children of the machine (index 0) and of each group (index g + 1), in declaration
-        // order, groups first.
-        let mut children: Vec<Vec<Child>> = alloc::vec![Vec::new(); spec.groups.len() + 1];
-        for (i, group) in spec.groups.iter().enumerate() {
-            children[group.parent.map_or(0, |p| p + 1)].push(Child::Group(i));
-        }
-        for (i, part) in spec.partitions.iter().enumerate() {
-            children[part.group.map_or(0, |g| g + 1)].push(Child::Leaf(i));
-        }
+        // Children of the machine (index 0) and of each group (index g + 1).
+        let children: Vec<Vec<Child>> =
+            core::iter::once(None).chain((0..spec.groups.len()).map(Some)).map(|g| self.children_of(g)).collect();
         for g in 0..spec.groups.len() {
             if children[g + 1].is_empty() {
                 return Err(self.error(NodeRef::Group(g), Field::Parent, Problem::EmptyGroup));
@@ -540,53 +718,38 @@ impl Builder<'_> {
         }
 
         // Capacities, top-down: the machine first, then groups by increasing depth.
-        let mut machine: BTreeMap<u32, Micros> = BTreeMap::new();
-        match spec.pcpu_count {
-            Some(count) => (0..count).for_each(|p| {
-                machine.insert(p, frame);
-            }),
-            None => {
-                for child in &children[0] {
-                    let pcpus: &[u32] = match *child {
-                        Child::Group(c) => &group_pcpus[c],
-                        Child::Leaf(c) => &spec.partitions[c].pcpus,
-                    };
-                    pcpus.iter().for_each(|&p| {
-                        machine.insert(p, frame);
-                    });
-                }
-            }
-        }
+        let group_pcpus: Vec<&[u32]> = group_pcpus.iter().map(Vec::as_slice).collect();
         let mut group_capacity: Vec<BTreeMap<u32, Micros>> = alloc::vec![BTreeMap::new(); spec.groups.len()];
         let mut guaranteed_groups = alloc::vec![false; spec.groups.len()];
         let mut leaf_us = alloc::vec![0 as Micros; spec.partitions.len()];
         let mut guaranteed_leaves = alloc::vec![false; spec.partitions.len()];
-
-        self.allocate(
-            None,
-            &machine,
-            true,
-            &children[0],
-            &group_pcpus,
+        let mut apply = |allotments: Vec<Allotment>,
+                         group_capacity: &mut Vec<BTreeMap<u32, Micros>>,
+                         guaranteed_groups: &mut Vec<bool>| {
+            for allotment in allotments {
+                match allotment {
+                    Allotment::Group(g, capacity, guaranteed) => {
+                        group_capacity[g] = capacity;
+                        guaranteed_groups[g] = guaranteed;
+                    }
+                    Allotment::Leaf(l, us, guaranteed) => {
+                        leaf_us[l] = us;
+                        guaranteed_leaves[l] = guaranteed;
+                    }
+                }
+            }
+        };
+        let machine = self.machine_capacity(&group_pcpus);
+        apply(
+            self.allocate(None, &machine, true, &children[0], &group_pcpus)?,
             &mut group_capacity,
             &mut guaranteed_groups,
-            &mut leaf_us,
-            &mut guaranteed_leaves,
-        )?;
+        );
         order.reverse(); // shallowest first
         for &g in &order {
             let capacity = group_capacity[g].clone();
-            self.allocate(
-                Some(g),
-                &capacity,
-                guaranteed_groups[g],
-                &children[g + 1],
-                &group_pcpus,
-                &mut group_capacity,
-                &mut guaranteed_groups,
-                &mut leaf_us,
-                &mut guaranteed_leaves,
-            )?;
+            let allotments = self.allocate(Some(g), &capacity, guaranteed_groups[g], &children[g + 1], &group_pcpus)?;
+            apply(allotments, &mut group_capacity, &mut guaranteed_groups);
         }
 
         let groups = spec
@@ -599,7 +762,7 @@ impl Builder<'_> {
                 reservation: group.reservation,
                 children_policy: group.children,
                 capacity_us: group_pcpus[g].iter().map(|p| group_capacity[g][p]).collect(),
-                pcpus: group_pcpus[g].clone(),
+                pcpus: group_pcpus[g].to_vec(),
                 guaranteed: guaranteed_groups[g],
                 depth: depths[g],
             })
@@ -620,38 +783,61 @@ impl Builder<'_> {
                 }
             })
             .collect();
-        let mut load_us: BTreeMap<u32, Micros> = BTreeMap::new();
-        for leaf in &leaves {
-            for &pcpu in &leaf.spec.pcpus {
-                *load_us.entry(pcpu).or_insert(0) += leaf.per_pcpu_us;
-            }
+        Ok(Tree::assemble(
+            frame,
+            spec.pcpu_count,
+            spec.gang,
+            Arc::new(groups),
+            leaves,
+            Arc::new(spec.groups.to_vec()),
+            spec.partitions.to_vec(),
+        ))
+    }
+
+    /// The children of a group (`None`: of the machine) in declaration order, groups first.
+    fn children_of(&self, parent: Option<usize>) -> Vec<Child> {
+        let groups = self.spec.groups.iter().enumerate().filter(|(_, g)| g.parent == parent);
+        let leaves = self.spec.partitions.iter().enumerate().filter(|(_, p)| p.group == parent);
+        groups.map(|(i, _)| Child::Group(i)).chain(leaves.map(|(i, _)| Child::Leaf(i))).collect()
+    }
+
+    /// What the machine holds: the whole frame on each of its pCPUs (on a host check without
+    /// a pCPU count, on each pCPU its children use).
+    fn machine_capacity(&self, group_pcpus: &[&[u32]]) -> BTreeMap<u32, Micros> {
+        let frame = self.spec.major_frame_us;
+        match self.spec.pcpu_count {
+            Some(count) => (0..count).map(|p| (p, frame)).collect(),
+            None => self
+                .children_of(None)
+                .into_iter()
+                .flat_map(|child| match child {
+                    Child::Group(c) => group_pcpus[c].iter(),
+                    Child::Leaf(c) => self.spec.partitions[c].pcpus.iter(),
+                })
+                .map(|&p| (p, frame))
+                .collect(),
         }
-        Ok(Tree { major_frame_us: frame, gang: spec.gang, groups, leaves, load_us })
     }
 
     /// Hands `capacity` (pCPU -> us per frame) of one parent to its children: hard and fixed
     /// shares first, then what is left to the weighted children by weight.
-    #[allow(clippy::too_many_arguments)]
     fn allocate(
         &self,
         parent: Option<usize>,
         capacity: &BTreeMap<u32, Micros>,
         parent_guaranteed: bool,
         children: &[Child],
-        group_pcpus: &[Vec<u32>],
-        group_capacity: &mut [BTreeMap<u32, Micros>],
-        guaranteed_groups: &mut [bool],
-        leaf_us: &mut [Micros],
-        guaranteed_leaves: &mut [bool],
-    ) -> Result<(), AdmissionError> {
+        group_pcpus: &[&[u32]],
+    ) -> Result<Vec<Allotment>, AdmissionError> {
         let frame = self.spec.major_frame_us;
         let parent_name = parent.map(|g| self.spec.groups[g].name.clone());
         let pcpus_of = |child: Child| -> &[u32] {
             match child {
-                Child::Group(c) => &group_pcpus[c],
+                Child::Group(c) => group_pcpus[c],
                 Child::Leaf(c) => &self.spec.partitions[c].pcpus,
             }
         };
+        let mut allotments = Vec::with_capacity(children.len());
         let cap = |pcpu: u32| capacity.get(&pcpu).copied().unwrap_or(0);
         let mut used: BTreeMap<u32, Micros> = BTreeMap::new();
 
@@ -685,16 +871,10 @@ impl Builder<'_> {
                 }
                 used.insert(pcpu, needed);
             }
-            match child {
-                Child::Group(c) => {
-                    group_capacity[c] = per_pcpu.clone();
-                    guaranteed_groups[c] = guaranteed;
-                }
-                Child::Leaf(c) => {
-                    leaf_us[c] = uniform.unwrap_or(0);
-                    guaranteed_leaves[c] = guaranteed;
-                }
-            }
+            allotments.push(match child {
+                Child::Group(c) => Allotment::Group(c, per_pcpu.clone(), guaranteed),
+                Child::Leaf(c) => Allotment::Leaf(c, uniform.unwrap_or(0), guaranteed),
+            });
             Ok(())
         };
 
@@ -741,6 +921,6 @@ impl Builder<'_> {
                 record(&mut used, child, &per_pcpu, false)?;
             }
         }
-        Ok(())
+        Ok(allotments)
     }
 }

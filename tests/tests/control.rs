@@ -162,6 +162,15 @@ fn a_manager_partition_re_divides_its_group_by_hypercall() {
         "delegated change, checking and planning (the second change): depth 1 {} cycles, depth 8 {} cycles",
         build_cycles[0], build_cycles[1]
     );
+    // HiRes' claim: the cost does not grow with the group's depth. Admission looks at the
+    // group and below, never at the seven groups above it; what is left is looking their
+    // names up (it was 1.7x when every change re-ran the whole check).
+    assert!(
+        build_cycles[1] * 100 <= build_cycles[0] * 115,
+        "depth 8 costs {} cycles against {} at depth 1",
+        build_cycles[1],
+        build_cycles[0]
+    );
 }
 
 /// The values a reader partition printed from its shared region, in order.
@@ -171,8 +180,9 @@ fn values_read(run: &e2e::Run, reader: &str) -> Vec<u64> {
 }
 
 /// Shared memory: readers see what the owners write; region "a" is revoked through the control
-/// channel, region "b" by its owner's hypercall, while every partition runs. Each reader's next
-/// access is an EPT violation that stops it alone; the owners keep their mapping and run on.
+/// channel, region "b" by the hypercall of its owner's group manager (the owner's own revoke
+/// comes later and finds it revoked), while every partition runs. Each reader's next access is
+/// an EPT violation that stops it alone; the owners keep their mapping and run on.
 #[test]
 fn a_shared_region_revoked_while_both_run_faults_its_reader() {
     let mut revoked = Value::Null;
@@ -182,7 +192,11 @@ fn a_shared_region_revoked_while_both_run_faults_its_reader() {
         revoked = control.send("revoke a");
         assert_eq!(control.send("revoke a")["ok"], false, "already revoked");
         assert_eq!(control.send("revoke nothing")["ok"], false);
-        let later = wait_machine_ms(control, status["t_ms"].as_u64().unwrap(), 1000);
+        let mut later = wait_machine_ms(control, status["t_ms"].as_u64().unwrap(), 1000);
+        // w2 tries its own revoke at 300 iterations.
+        while partition(&later, "w2")["iterations"].as_u64().unwrap() < 320 {
+            later = wait_machine_ms(control, later["t_ms"].as_u64().unwrap(), 200);
+        }
         for (name, state) in [("r1", "stopped"), ("r2", "stopped"), ("w1", "running"), ("w2", "running")] {
             assert_eq!(partition(&later, name)["state"], state, "{name}: {later}");
         }
@@ -193,9 +207,14 @@ fn a_shared_region_revoked_while_both_run_faults_its_reader() {
     assert_eq!(revoked["unmapped_from"], serde_json::json!(["r1"]), "{revoked}");
     assert!(revoked["shootdown_cycles"].as_u64().unwrap() > 0, "{revoked}");
     let records = run.all("shared_revoke");
-    let by_owner = records.iter().find(|r| r["region"] == "b").unwrap_or_else(|| panic!("{}", run.log));
-    assert_eq!((by_owner["requester"].as_str(), by_owner["error"].as_str()), (Some("w2"), None), "{by_owner}");
-    assert!(run.log.contains("[w2] testguest: vcpu0 shared: revoked result=0"), "{}", run.log);
+    let b: Vec<_> = records.iter().filter(|r| r["region"] == "b").collect();
+    let by_manager = b.first().unwrap_or_else(|| panic!("{}", run.log));
+    assert_eq!((by_manager["requester"].as_str(), by_manager["error"].as_str()), (Some("boss"), None), "{b:?}");
+    assert_eq!(by_manager["unmapped_from"], serde_json::json!(["r2"]), "{by_manager}");
+    assert!(run.log.contains("[boss] testguest: vcpu0 shared: revoked for child 0 result=0"), "{}", run.log);
+    assert!(b.iter().any(|r| r["requester"] == "w2" && r["error"].as_str().unwrap().contains("already revoked")));
+    let already = firmware::longmode::DELEGATION_ALREADY_REVOKED;
+    assert!(run.log.contains(&format!("[w2] testguest: vcpu0 shared: revoked result={already}")), "{}", run.log);
     for (reader, gpa) in [("r1", "0x20000000"), ("r2", "0x20400000")] {
         // It read what the owner wrote (a count going up), then faulted at the region.
         let values = values_read(&run, reader);
@@ -210,7 +229,7 @@ fn a_shared_region_revoked_while_both_run_faults_its_reader() {
     }
     // The owners ran on: no fault, and their share held.
     assert_eq!(run.all("partition_fault").len(), 2, "{}", run.log);
-    for owner in ["w1", "w2"] {
+    for owner in ["w1", "w2", "boss"] {
         let stats = e2e::stats(&run, owner);
         assert_eq!(stats["state"], "running", "{stats}");
     }

@@ -82,9 +82,10 @@ pub enum Hypercall {
     /// Delegation, from CPL 0: a new reservation for the group's `child`-th child, of `kind`
     /// with values `a`, `b` (`firmware::longmode::RESERVATION_*`; the hypervisor answers).
     SetChildReservation { child: u64, kind: u64, a: u64, b: u64 },
-    /// From CPL 0: the caller revokes the shared region it owns at guest-physical `gpa` (the
-    /// hypervisor answers).
-    RevokeShared { gpa: u64 },
+    /// From CPL 0: the caller revokes the shared region at guest-physical `gpa` that it owns
+    /// (`child` 0) or that child `child - 1` of the group it manages owns (the hypervisor
+    /// answers).
+    RevokeShared { gpa: u64, child: u64 },
     /// A delegation call from outside the guest's kernel: RAX = `DELEGATION_NOT_PRIVILEGED`.
     Unprivileged(u64),
     /// A number Phalanx does not know; the guest gets RAX = all ones.
@@ -104,7 +105,7 @@ pub fn hypercall(cpu: &mut impl VcpuAccess) -> Hypercall {
         call @ (HYPERCALL_GROUP_INFO | HYPERCALL_SET_CHILD_RESERVATION | HYPERCALL_REVOKE_SHARED) if !kernel => {
             Hypercall::Unprivileged(call)
         }
-        HYPERCALL_REVOKE_SHARED => Hypercall::RevokeShared { gpa: cpu.gpr(gpr::RBX) },
+        HYPERCALL_REVOKE_SHARED => Hypercall::RevokeShared { gpa: cpu.gpr(gpr::RBX), child: cpu.gpr(gpr::RCX) },
         HYPERCALL_GROUP_INFO => Hypercall::GroupInfo,
         HYPERCALL_SET_CHILD_RESERVATION => Hypercall::SetChildReservation {
             child: cpu.gpr(gpr::RBX),
@@ -285,7 +286,7 @@ mod tests {
         assert_eq!(user, (Hypercall::Unprivileged(HYPERCALL_SET_CHILD_RESERVATION), DELEGATION_NOT_PRIVILEGED, 3));
         assert_eq!(call(HYPERCALL_GROUP_INFO, 3).0, Hypercall::Unprivileged(HYPERCALL_GROUP_INFO));
         let revoke = firmware::longmode::HYPERCALL_REVOKE_SHARED;
-        assert_eq!(call(revoke, 0).0, Hypercall::RevokeShared { gpa: 1 });
+        assert_eq!(call(revoke, 0).0, Hypercall::RevokeShared { gpa: 1, child: 1 });
         assert_eq!(call(revoke, 3).0, Hypercall::Unprivileged(revoke));
     }
 
