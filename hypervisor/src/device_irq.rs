@@ -88,10 +88,12 @@ pub struct DeviceIrqs {
     awaiting_by_partition: Vec<AtomicU64>,
     /// Any route latched and not yet raised (a quick test for the slot loop).
     pending: AtomicBool,
+    /// Debug: cycles from an arrival to its raise at the owner (`phalanx.debug.irq_raise_delay_cycles`).
+    debug_raise_delay_cycles: u64,
 }
 
 impl DeviceIrqs {
-    pub fn new(plan: IrqPlan, partitions: usize) -> DeviceIrqs {
+    pub fn new(plan: IrqPlan, partitions: usize, debug_raise_delay_cycles: u64) -> DeviceIrqs {
         let irqs = plan
             .routes()
             .iter()
@@ -109,6 +111,7 @@ impl DeviceIrqs {
             irqs,
             awaiting_by_partition: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             pending: AtomicBool::new(false),
+            debug_raise_delay_cycles,
         }
     }
 
@@ -151,6 +154,9 @@ impl DeviceIrqs {
                 continue;
             }
             let owner_running = irq.arrived_owner_running.load(Ordering::Acquire);
+            if self.debug_raise_delay_cycles > 0 {
+                crate::tsc::spin_until(arrived + self.debug_raise_delay_cycles);
+            }
             let owner = &partitions[route.partition];
             let result = owner.devices.raise_irq(route.irq as usize);
             match result.vector {

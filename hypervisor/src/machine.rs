@@ -199,6 +199,9 @@ pub struct RunLength {
     pub debug_uncharged_cycles: u64,
     pub debug_switch_in_cycles: u64,
     pub debug_phase_switch_cycles: u64,
+    /// Debug (`phalanx.debug.irq_raise_delay_cycles`): cycles between a device interrupt's
+    /// arrival and its raise at the owner, to show that the `irq_stats` latency sees them.
+    pub debug_irq_raise_delay_cycles: u64,
 }
 
 static MACHINE: Once<Machine> = Once::new();
@@ -321,7 +324,11 @@ pub fn build(
         debug_switch_in_cycles: length.debug_switch_in_cycles,
         debug_phase_switch_cycles: length.debug_phase_switch_cycles,
     };
-    let device_irqs = crate::device_irq::DeviceIrqs::new(validated.irqs.clone(), partitions.len());
+    let device_irqs = crate::device_irq::DeviceIrqs::new(
+        validated.irqs.clone(),
+        partitions.len(),
+        length.debug_irq_raise_delay_cycles,
+    );
     let phases = Phases::new(Epoch::first(tables, t0), epoch_plan(validated, 0, t0));
     let policy = config.hypervisor.policy;
     let spin_sample_cycles = config.hypervisor.spin_sample_us * tsc_per_us;

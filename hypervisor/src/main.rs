@@ -271,6 +271,7 @@ fn run_partitions(
         debug_uncharged_cycles: debug_cycles("phalanx.debug.uncharged_cycles"),
         debug_switch_in_cycles: debug_cycles("phalanx.debug.switch_in_cycles"),
         debug_phase_switch_cycles: debug_cycles("phalanx.debug.phase_switch_cycles"),
+        debug_irq_raise_delay_cycles: debug_cycles("phalanx.debug.irq_raise_delay_cycles"),
     };
     let console_input = boot_option(&boot.cmdline, "phalanx.console");
     control::start(hv.control, platform, apic::id() as u8, hv.run_ms).unwrap_or_else(|e| fatal("control", &e));

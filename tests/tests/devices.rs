@@ -6,6 +6,34 @@
 use e2e::{assert_share, stats, Boot};
 use std::time::Duration;
 
+/// Boots guests/configs/linux-com2.toml with `cmdline` added to the hypervisor's, types
+/// `lines` lines into COM2 and waits for each to come back from the guest's echo loop.
+fn echo_lines(name: &str, cmdline: &str, lines: usize) -> e2e::Run {
+    let boot = Boot::new(name, "bochs", 2, "guests/configs/linux-com2.toml").timeout_s(900).cmdline(cmdline);
+    boot.run_with_com2(|com2| {
+        assert!(com2.wait_for("ready", Duration::from_secs(600)), "the guest opened COM2: {:?}", com2.output());
+        for i in 0..lines {
+            com2.type_line(&format!("hello {i}"));
+            assert!(
+                com2.wait_for(&format!("echo: hello {i}\n"), Duration::from_secs(60)),
+                "line {i} came back: {:?}",
+                com2.output()
+            );
+        }
+        com2.type_line("end");
+    })
+}
+
+/// The `irq_stats` record of the owner's IRQ 3 for one case (the owner running on the pCPU
+/// the interrupt arrived on, or not).
+fn irq3_stats(run: &e2e::Run, owner_running: bool) -> serde_json::Value {
+    run.all("irq_stats")
+        .into_iter()
+        .find(|s| s["partition"] == "linux" && s["irq"] == 3 && s["owner_running"] == owner_running)
+        .unwrap_or_else(|| panic!("irq_stats for owner_running={owner_running}:\n{}", run.log))
+        .clone()
+}
+
 /// Lines typed into COM2 come back from the guest's echo loop, which reads /dev/ttyS1 through
 /// its 8250 driver, interrupt-driven: the kernel counts IRQ 3 interrupts, the hypervisor
 /// delivered them (irq_stats) and charged them to the owner, and the CPU-bound partition
@@ -13,19 +41,7 @@ use std::time::Duration;
 #[test]
 fn a_passed_through_uart_echoes_lines_by_its_routed_interrupt() {
     const LINES: usize = 12;
-    let run =
-        Boot::new("devices-com2", "bochs", 2, "guests/configs/linux-com2.toml").timeout_s(900).run_with_com2(|com2| {
-            assert!(com2.wait_for("ready", Duration::from_secs(600)), "the guest opened COM2: {:?}", com2.output());
-            for i in 0..LINES {
-                com2.type_line(&format!("hello {i}"));
-                assert!(
-                    com2.wait_for(&format!("echo: hello {i}\n"), Duration::from_secs(60)),
-                    "line {i} came back: {:?}",
-                    com2.output()
-                );
-            }
-            com2.type_line("end");
-        });
+    let run = echo_lines("devices-com2", "", LINES);
     run.assert_clean_end();
     assert_eq!(run.one("run_end")["ended_early"], true, "the guest powered off after \"end\": {}", run.log);
     let done = run
@@ -52,4 +68,28 @@ fn a_passed_through_uart_echoes_lines_by_its_routed_interrupt() {
     assert!(linux["irq_demux_cycles"].as_u64().unwrap() > 0, "charged to the owner: {linux}");
     assert_eq!(stats(&run, "cpubound")["irqs"], 0, "{}", run.log);
     assert_share(&run, "cpubound", 50.0, 1.0);
+}
+
+/// The latency figure sees what it claims: the same echo run with every interrupt held back
+/// `DELAY` cycles between its arrival and its raise at the owner
+/// (`phalanx.debug.irq_raise_delay_cycles`) reports, for the owner running when it arrived, a
+/// median latency about `DELAY` above the undelayed run's.
+#[test]
+fn the_irq_latency_figure_sees_a_delay_between_arrival_and_injection() {
+    // 1 ms of Bochs' 10 MHz clock: well inside the owner's 5 ms slot.
+    const DELAY: u64 = 10_000;
+    let median = |run: &e2e::Run| irq3_stats(run, true)["latency_median_cycles"].as_u64().unwrap();
+    let base = echo_lines("devices-com2-latency-base", "", 6);
+    let delayed =
+        echo_lines("devices-com2-latency-delayed", &format!("phalanx.debug.irq_raise_delay_cycles={DELAY}"), 6);
+    for run in [&base, &delayed] {
+        run.assert_clean_end();
+    }
+    let (base, delayed) = (median(&base), median(&delayed));
+    println!("IRQ 3 latency median, owner running: {base} cycles, with a {DELAY}-cycle delay {delayed} cycles");
+    assert!(base < DELAY / 4, "undelayed, well below the delay: {base}");
+    assert!(
+        (DELAY..DELAY + DELAY / 5 + base).contains(&delayed),
+        "the delay shows in the median: {delayed} cycles against {base} + {DELAY}"
+    );
 }
