@@ -586,20 +586,16 @@ fn partitions_the_heap_cannot_hold_are_refused() {
 
 /// What the image would not act on is refused, each at its own key, not accepted and ignored.
 #[test]
-fn settings_the_image_does_not_enforce_yet_are_refused_and_owned_irqs_are_planned() {
+fn owned_irqs_are_planned_and_settings_the_image_does_not_enforce_are_refused() {
     let db = "guest = { module = \"bzImage\" }";
-    // A PCI line (level-triggered) is not routed yet; ISA IRQs and UARTs are (`irq_plan`).
-    let text = edit(BASE, db, &format!("{db}\ndevices = {{ irqs = [5, 17] }}"));
+    // A PCI line (GSI 16 and up, level-triggered) is routed like an ISA IRQ, on its own pin of
+    // the partition's 24-pin IO-APIC: beyond that there is none.
+    let text = edit(BASE, db, &format!("{db}\ndevices = {{ irqs = [5, 24] }}"));
     let e = bad(&text, None);
-    let at = position(&text, "17]", 0);
-    assert_error(
-        &e,
-        ErrorKind::InvalidValue,
-        Some("partition \"db\""),
-        "devices.irqs",
-        at,
-        "not routed to partitions yet",
-    );
+    let at = position(&text, "24]", 0);
+    assert_error(&e, ErrorKind::DeviceConflict, Some("partition \"db\""), "devices.irqs", at, "24 pins");
+    let v = ok(&edit(BASE, db, &format!("{db}\ndevices = {{ irqs = [5, 17] }}")), None);
+    assert_eq!(v.irqs.routes().iter().map(|r| r.irq).collect::<Vec<_>>(), [5, 17]);
     // COM1's IRQ is the console's, alone or through com3, which shares it.
     for (to, field, at, words) in [
         ("devices = { irqs = [4] }", "devices.irqs", "4]", "hypervisor's console"),

@@ -49,6 +49,8 @@ pub const MIB: u64 = 1 << 20;
 pub const MEMORY_ALIGN: u64 = 2 * MIB;
 const MAX_MEMORY_MB: u64 = 1 << 20; // 1 TiB
 const MAX_VCPUS: u32 = 255; // xAPIC IDs
+/// A partition's virtual IO-APIC (`vmx::vioapic::PINS`): an owned IRQ arrives on its own pin.
+const PARTITION_IOAPIC_PINS: usize = 24;
 const MAX_PCPU_INDEX: u32 = 254; // pCPU numbers index xAPIC IDs (0xFF is broadcast)
 /// The longest command line the payload loaders take (Linux's boot protocol: 4095 bytes).
 const MAX_CMDLINE_BYTES: usize = 4095;
@@ -624,7 +626,9 @@ impl Checker<'_> {
                 0 => Some("IRQ 0 is the PIT, which the hypervisor keeps"),
                 2 => Some("IRQ 2 is the PIC cascade, never a device"),
                 4 => Some("IRQ 4 is COM1's, the hypervisor's console (its input interrupt)"),
-                n if n > 255 => Some("IRQs (GSIs) go up to 255"),
+                n if n as usize >= PARTITION_IOAPIC_PINS => {
+                    Some("a partition's IO-APIC has 24 pins: an IRQ (GSI) is delivered on its own pin, 1-23")
+                }
                 _ => None,
             };
             if let Some(message) = message {
@@ -705,17 +709,6 @@ impl Checker<'_> {
             let refuse = |span: Range<usize>, field: &str, message: &str| {
                 Err(self.r.at(span, partition_subject(raw), Some(field), ErrorKind::InvalidValue, message))
             };
-            let devices = raw.devices.as_ref().map(Spanned::get_ref);
-            // ISA interrupts are edges, latched and delivered; a PCI line (GSI 16 and up) is
-            // level-triggered and must be masked until the guest's EOI, which is not done yet.
-            if let Some(irq) = devices.and_then(|d| d.irqs.iter().find(|i| *i.get_ref() >= 16)) {
-                return refuse(
-                    irq.span(),
-                    "devices.irqs",
-                    "PCI interrupts (GSI 16 and up, level-triggered) are not routed to partitions yet: \
-                     ISA IRQs 1-15 are",
-                );
-            }
             if let Some(policy) = raw.policy.as_ref().filter(|_| !hypervisor.policy.aligned()) {
                 let message = format!(
                     "a partition's policy (how its vCPUs share its gang slots) applies only to gang dispatch; \

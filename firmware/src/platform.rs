@@ -103,6 +103,18 @@ impl Platform {
         self.overrides.iter().find(|o| o.isa_irq == irq).map_or(irq as u32, |o| o.gsi)
     }
 
+    /// The entry for `irq` as a partition's `devices.irqs` names it: an ISA IRQ (0-15) as
+    /// [`Platform::isa_irq_route`] gives it, or a GSI above 15 (a PCI interrupt line), which
+    /// is level-triggered and active low as PCI's INTx lines are.
+    pub fn irq_route(&self, irq: u32, vector: u8, apic_id: u8) -> Option<IrqRoute> {
+        if irq < 16 {
+            return self.isa_irq_route(irq as u8, vector, apic_id);
+        }
+        let io_apic = *self.io_apics.iter().filter(|a| a.gsi_base <= irq).max_by_key(|a| a.gsi_base)?;
+        let entry = vector as u64 | 1 << 13 | 1 << 15 | (apic_id as u64) << 56;
+        Some(IrqRoute { io_apic, pin: irq - io_apic.gsi_base, entry })
+    }
+
     /// Where ISA IRQ `irq` arrives and the IO-APIC redirection entry that delivers it as
     /// `vector` to the CPU with APIC ID `apic_id`: fixed, physical destination, unmasked, with
     /// the polarity and trigger mode the MADT's override gives (ISA's own, active high and
@@ -173,8 +185,14 @@ mod tests {
         assert_eq!(sci.entry, 0x52 | 1 << 13 | 1 << 15, "active low, level");
         let moved = platform.isa_irq_route(4, 0x53, 7).unwrap();
         assert_eq!((moved.io_apic.id, moved.pin, moved.entry), (3, 2, 0x53 | 7 << 56), "on the second IO-APIC");
+        assert_eq!(platform.irq_route(9, 0x52, 0), Some(sci), "an ISA IRQ as ISA's route gives it");
+        let pci = platform.irq_route(19, 0x54, 1).unwrap();
+        assert_eq!((pci.io_apic.id, pci.pin, pci.entry), (2, 19, 0x54 | 1 << 13 | 1 << 15 | 1 << 56), "level, low");
+        let second = platform.irq_route(30, 0x55, 0).unwrap();
+        assert_eq!((second.io_apic.id, second.pin), (3, 6));
         let none = Platform { io_apics: Vec::new(), ..platform };
         assert_eq!(none.isa_irq_route(4, 0x53, 0), None);
+        assert_eq!(none.irq_route(19, 0x53, 0), None);
     }
 
     #[test]

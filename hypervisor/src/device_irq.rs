@@ -6,11 +6,13 @@
 //! next entry, in the owner's own slot. An interrupt is never delivered to another partition,
 //! and one that arrives while its owner is descheduled waits for the owner's next slot.
 //!
-//! Edge-triggered (ISA) interrupts only: a level line (PCI, or an ISA IRQ the MADT makes
-//! level) would have to stay masked at the IO-APIC until the guest's EOI; such a partition is
-//! refused at boot. Latency is measured from arrival to the first entry of a vCPU of the
-//! owner holding the vector (requested or in service), split by whether the owner was running
-//! on the pCPU the interrupt arrived on.
+//! A level-triggered line (a PCI interrupt, or an ISA IRQ the MADT makes level) is masked at
+//! the physical IO-APIC when it arrives and unmasked when the owner's guest EOIs the vector
+//! its virtual IO-APIC delivered it as (or unmasks a pin it had masked): a line the guest never
+//! EOIs stays masked and costs nothing more, and one still asserted at the unmask interrupts
+//! again. Latency is measured from arrival to the first entry of a vCPU of the owner holding
+//! the vector (requested or in service), split by whether the owner was running on the pCPU
+//! the interrupt arrived on.
 
 extern crate alloc;
 
@@ -19,6 +21,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use config::irq_plan::{IrqPlan, IrqRoute};
 use spin::Mutex;
+use vmx::vioapic::Assertion;
 
 /// Latency samples kept per IRQ and case (owner running or not); later ones are counted only.
 const SAMPLES: usize = 1024;
@@ -36,6 +39,10 @@ struct IrqState {
     /// Arrivals whose pin the guest had masked (lost, as on hardware).
     masked: AtomicU64,
     latencies: Mutex<Latencies>,
+    /// The physical IO-APIC entry, once routed at boot; masked from each arrival to the
+    /// owner's EOI when level-triggered.
+    physical: spin::Once<firmware::platform::IrqRoute>,
+    level: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
@@ -104,6 +111,8 @@ impl DeviceIrqs {
                 awaiting: Mutex::new(None),
                 masked: AtomicU64::new(0),
                 latencies: Mutex::new(Latencies { running: Case::new(), descheduled: Case::new() }),
+                physical: spin::Once::new(),
+                level: AtomicBool::new(false),
             })
             .collect();
         DeviceIrqs {
@@ -127,6 +136,12 @@ impl DeviceIrqs {
         let route = self.plan.routes()[index];
         let irq = &self.irqs[index];
         irq.count.fetch_add(1, Ordering::Relaxed);
+        // A level line stays masked until its owner is done with it.
+        if irq.level.load(Ordering::Relaxed) {
+            if let Some(physical) = irq.physical.get() {
+                crate::host_irq::set_masked(physical, true);
+            }
+        }
         // An edge while one is still latched merges with it, as the IO-APIC's IRR would.
         if irq.arrived.compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Acquire).is_ok() {
             irq.arrived_owner_running.store(running == Some(route.partition), Ordering::Release);
@@ -159,11 +174,14 @@ impl DeviceIrqs {
             }
             let owner = &partitions[route.partition];
             let result = owner.devices.raise_irq(route.irq as usize);
-            match result.vector {
-                None => {
+            match result.assertion {
+                Assertion::Masked => {
                     irq.masked.fetch_add(1, Ordering::Relaxed);
                 }
-                Some(vector) => {
+                // A level line the guest is still handling: its EOI unmasks the physical line,
+                // which interrupts again if the device still holds it.
+                Assertion::InService => {}
+                Assertion::Delivered { vector, .. } => {
                     let mut awaiting = irq.awaiting.lock();
                     // One still awaited keeps its (earlier) arrival: the two merged in the guest.
                     if awaiting.is_none() {
@@ -173,6 +191,21 @@ impl DeviceIrqs {
                 }
             }
             raised(route.partition, result.kicks);
+        }
+    }
+
+    /// `partition`'s guest is done with the level-triggered lines on its virtual IO-APIC pins
+    /// `pins` (bit N: pin N; it EOIed them, or unmasked them): the physical lines behind the
+    /// ones it owns are unmasked.
+    pub fn level_pins_free(&self, partition: usize, pins: u32) {
+        for (index, route) in self.plan.routes().iter().enumerate() {
+            let irq = &self.irqs[index];
+            if route.partition != partition || route.irq >= 32 || pins & (1 << route.irq) == 0 {
+                continue;
+            }
+            if let (true, Some(physical)) = (irq.level.load(Ordering::Relaxed), irq.physical.get()) {
+                crate::host_irq::set_masked(physical, false);
+            }
         }
     }
 
@@ -228,19 +261,23 @@ impl DeviceIrqs {
 }
 
 /// At boot, before dispatch: programs the physical IO-APIC for every owned IRQ (its vector,
-/// to its pCPU's APIC) and takes their vectors in root mode too. An IRQ that cannot be routed
-/// (no IO-APIC has it, or it is level-triggered here) refuses its owner alone, with a fault
-/// saying why; its pin stays masked.
+/// to its pCPU's APIC, edge or level as the MADT gives it) and takes their vectors in root
+/// mode too. An IRQ that cannot be routed (no IO-APIC has it) refuses its owner alone, with a
+/// fault saying why; its pin stays masked.
 pub fn route(platform: &firmware::platform::Platform, machine: &crate::machine::Machine) {
     crate::interrupts::on_device_interrupt(arrived_in_root_mode);
-    for route in machine.device_irqs.routes() {
+    let irqs = &machine.device_irqs;
+    for (index, route) in irqs.routes().iter().enumerate() {
         let apic_id = crate::cpu::apic_id_of(route.pcpu) as u8;
-        let routed = u8::try_from(route.irq)
-            .map_err(|_| alloc::format!("IRQ {} is not an ISA IRQ", route.irq))
-            .and_then(|irq| crate::host_irq::route_owned_irq(platform, irq, route.vector, apic_id));
-        if let Err(detail) = routed {
-            let partition = &machine.partitions[route.partition];
-            partition.refuse(crate::partition::Fault { vcpu: 0, reason: "unsupported", detail, rip: 0 });
+        match crate::host_irq::route_owned_irq(platform, route.irq, route.vector, apic_id) {
+            Ok(physical) => {
+                irqs.irqs[index].level.store(crate::host_irq::is_level(&physical), Ordering::Relaxed);
+                irqs.irqs[index].physical.call_once(|| physical);
+            }
+            Err(detail) => {
+                let partition = &machine.partitions[route.partition];
+                partition.refuse(crate::partition::Fault { vcpu: 0, reason: "unsupported", detail, rip: 0 });
+            }
         }
     }
 }

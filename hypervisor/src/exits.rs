@@ -258,6 +258,9 @@ pub fn handle_exit(
 /// Does what a device exit (of the instruction at `rip`) left for the hypervisor: console
 /// output, siblings to look at, a reset or power-off the guest asked for.
 fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects, rip: u64) -> ExitOutcome {
+    if effects.level_pins_free != 0 {
+        machine().device_irqs.level_pins_free(partition.id, effects.level_pins_free);
+    }
     if let Some(byte) = effects.console {
         partition.console_byte(byte);
     }

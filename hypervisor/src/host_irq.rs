@@ -6,7 +6,7 @@
 extern crate alloc;
 
 use alloc::string::String;
-use firmware::platform::Platform;
+use firmware::platform::{IrqRoute, Platform};
 
 /// IO-APIC register window: the index register, and the data window 0x10 above it.
 const IOREGSEL: u64 = 0x00;
@@ -15,6 +15,11 @@ const REDIRECTION_TABLE: u32 = 0x10;
 
 /// The redirection entry's trigger mode bit: level.
 const LEVEL: u64 = 1 << 15;
+const MASKED: u32 = 1 << 16;
+
+/// The IO-APICs' index/data windows: once dispatch runs, any pCPU masks and unmasks
+/// level-triggered lines, and an index written by one must not be used by another.
+static WINDOW: spin::Mutex<()> = spin::Mutex::new(());
 
 /// Routes ISA IRQ `irq` to `vector` on the CPU with APIC ID `apic_id`.
 pub fn route_isa_irq(platform: &Platform, irq: u8, vector: u8, apic_id: u8) -> Result<(), String> {
@@ -24,22 +29,29 @@ pub fn route_isa_irq(platform: &Platform, irq: u8, vector: u8, apic_id: u8) -> R
     program(route)
 }
 
-/// Routes ISA IRQ `irq`, which a partition owns, like [`route_isa_irq`] if it is an edge: a
-/// level-triggered line (as the MADT's override may make it) is refused and left masked, as
-/// `device_irq` delivers edges only.
-pub fn route_owned_irq(platform: &Platform, irq: u8, vector: u8, apic_id: u8) -> Result<(), String> {
+/// Routes IRQ `irq` (an ISA IRQ, or a GSI above 15), which a partition owns, to `vector` on
+/// the CPU with APIC ID `apic_id`, with the polarity and trigger mode the MADT gives it;
+/// returns the entry, whose `LEVEL` bit says whether `device_irq` must mask it from each
+/// arrival to the owner's EOI.
+pub fn route_owned_irq(platform: &Platform, irq: u32, vector: u8, apic_id: u8) -> Result<IrqRoute, String> {
     let route =
-        platform.isa_irq_route(irq, vector, apic_id).ok_or_else(|| alloc::format!("no IO-APIC receives IRQ {irq}"))?;
-    if route.entry & LEVEL != 0 {
-        return Err(alloc::format!(
-            "IRQ {irq} is level-triggered on this machine (its MADT override), and Phalanx routes only edge-triggered \
-             device interrupts to partitions"
-        ));
-    }
-    program(route)
+        platform.irq_route(irq, vector, apic_id).ok_or_else(|| alloc::format!("no IO-APIC receives IRQ {irq}"))?;
+    program(route)?;
+    Ok(route)
 }
 
-fn program(route: firmware::platform::IrqRoute) -> Result<(), String> {
+/// Whether the entry is level-triggered.
+pub fn is_level(route: &IrqRoute) -> bool {
+    route.entry & LEVEL != 0
+}
+
+/// Masks or unmasks a routed line (a level-triggered one, from its arrival to the owner's EOI).
+pub fn set_masked(route: &IrqRoute, masked: bool) {
+    let low = route.entry as u32 & !MASKED;
+    write(route.io_apic.address as u64, REDIRECTION_TABLE + 2 * route.pin, if masked { low | MASKED } else { low });
+}
+
+fn program(route: IrqRoute) -> Result<(), String> {
     let base = route.io_apic.address as u64;
     let register = REDIRECTION_TABLE + 2 * route.pin;
     // The high half (destination) first, so the entry is never live with a stale one.
@@ -49,9 +61,9 @@ fn program(route: firmware::platform::IrqRoute) -> Result<(), String> {
 }
 
 fn write(base: u64, register: u32, value: u32) {
+    let _window = WINDOW.lock();
     // SAFETY: the IO-APIC's register window from the MADT, identity-mapped uncached (the top
-    // GiB, `boot`); only the BSP programs it, before dispatch, so the index/data pair is not
-    // interleaved with another CPU's.
+    // GiB, `boot`); the lock keeps the index/data pair from interleaving with another CPU's.
     unsafe {
         core::ptr::write_volatile((base + IOREGSEL) as *mut u32, register);
         core::ptr::write_volatile((base + IOWIN) as *mut u32, value);

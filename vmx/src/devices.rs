@@ -21,7 +21,7 @@ use crate::exit::IoAccess;
 use crate::mmio::{self, MmioAccess, MmioOperation};
 use crate::platform::{PlatformDevices, PowerRequest, WallClock};
 use crate::vcpu_access::{gpr, VcpuAccess};
-use crate::vioapic::{VirtualIoApic, IOAPIC_BASE_ADDRESS};
+use crate::vioapic::{Assertion, VirtualIoApic, IOAPIC_BASE_ADDRESS};
 use crate::vlapic::{reg, Destination, IcrCommand, VirtualLapic};
 use crate::vuart::VirtualUart;
 
@@ -62,11 +62,11 @@ impl Kicks {
     }
 }
 
-/// Where a raised IO-APIC pin went: the vector the guest routed it to (`None`: the pin is
-/// masked, the edge is lost as on hardware) and the vCPUs that must look at it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Where a raised IO-APIC pin went (as the guest routed it: masked, an edge lost as on
+/// hardware; a level line still in service; or delivered) and the vCPUs that must look at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RaisedIrq {
-    pub vector: Option<u8>,
+    pub assertion: Assertion,
     pub kicks: Kicks,
 }
 
@@ -80,6 +80,10 @@ pub struct DeviceEffects {
     pub unsupported_ipi: Option<IcrCommand>,
     /// The guest asked for a reset or a power-off.
     pub power: Option<PowerRequest>,
+    /// IO-APIC pins (bit N: pin N) whose level-triggered line may be taken again: the guest
+    /// EOIed its interrupt, or unmasked the pin. The hypervisor unmasks the physical lines
+    /// behind them (a line still asserted then interrupts again).
+    pub level_pins_free: u32,
 }
 
 pub struct PartitionDevices {
@@ -91,6 +95,8 @@ pub struct PartitionDevices {
     uart_line: AtomicBool,
     /// IPIs sent to each vCPU by its siblings (256-bit vector sets).
     pending_ipis: Vec<[AtomicU64; 4]>,
+    /// Which of those are level-triggered device interrupts (noted in the TMR when taken).
+    pending_level: Vec<[AtomicU64; 4]>,
     /// Each vCPU's logical APIC ID (its LDR), for logical-destination IPIs.
     logical_ids: Vec<AtomicU8>,
     /// A start-up IPI's vector for each vCPU (0x100 | vector), until its pCPU takes it.
@@ -111,6 +117,7 @@ impl PartitionDevices {
             ioapic: Mutex::new(VirtualIoApic::new(ioapic_id)),
             uart_line: AtomicBool::new(false),
             pending_ipis: (0..vcpus).map(|_| [const { AtomicU64::new(0) }; 4]).collect(),
+            pending_level: (0..vcpus).map(|_| [const { AtomicU64::new(0) }; 4]).collect(),
             logical_ids: (0..vcpus).map(|_| AtomicU8::new(0)).collect(),
             startup_vectors: (0..vcpus).map(|_| AtomicU32::new(0)).collect(),
             started: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
@@ -153,9 +160,17 @@ impl PartitionDevices {
                 continue;
             }
             let mut set = bits.swap(0, Ordering::AcqRel);
+            let level = &self.pending_level[vcpu as usize][word];
             while set != 0 {
                 let bit = set.trailing_zeros();
-                lapic.accept((word as u32 * 64 + bit) as u8);
+                let vector = (word as u32 * 64 + bit) as u8;
+                if level.load(Ordering::Acquire) & (1 << bit) != 0
+                    && level.fetch_and(!(1 << bit), Ordering::AcqRel) & (1 << bit) != 0
+                {
+                    lapic.accept_level(vector);
+                } else {
+                    lapic.accept(vector);
+                }
                 set &= set - 1;
             }
         }
@@ -304,8 +319,8 @@ impl PartitionDevices {
     fn uart_line_changed(&self, vcpu: u32, lapic: &mut VirtualLapic, interrupt: bool, effects: &mut DeviceEffects) {
         if !self.uart_line.swap(interrupt, Ordering::AcqRel) && interrupt {
             let routed = self.ioapic.lock().assert_pin(COM1_IRQ);
-            if let Some((vector, destination)) = routed {
-                self.deliver(vcpu, lapic, IcrCommand::Fixed { vector, destination }, effects);
+            if let Assertion::Delivered { vector, destination, level } = routed {
+                self.deliver(vcpu, lapic, IcrCommand::Fixed { vector, destination }, level, effects);
             }
         }
     }
@@ -327,20 +342,20 @@ impl PartitionDevices {
         (taken, kicks)
     }
 
-    /// An edge on the partition's IO-APIC pin `pin` from outside any vCPU (a device the
+    /// An interrupt on the partition's IO-APIC pin `pin` from outside any vCPU (a device the
     /// partition owns, its console input): routed as the guest programmed the pin, into the
     /// pending set of every vCPU it addresses (their pCPUs take it before their next entry).
     pub fn raise_irq(&self, pin: usize) -> RaisedIrq {
         let mut effects = DeviceEffects::default();
-        let routed = self.ioapic.lock().assert_pin(pin);
-        if let Some((vector, destination)) = routed {
+        let assertion = self.ioapic.lock().assert_pin(pin);
+        if let Assertion::Delivered { vector, destination, level } = assertion {
             let command = IcrCommand::Fixed { vector, destination };
             // No vCPU sends it: every target takes it from its pending set.
             for target in self.targets(u32::MAX, command) {
-                self.post(target, vector, &mut effects);
+                self.post(target, vector, level, &mut effects);
             }
         }
-        RaisedIrq { vector: routed.map(|(vector, _)| vector), kicks: effects.kicks }
+        RaisedIrq { assertion, kicks: effects.kicks }
     }
 
     /// An access to guest-physical `gpa` the EPT does not map, by vCPU `vcpu`: `None` when no
@@ -367,8 +382,12 @@ impl PartitionDevices {
                 let mut ioapic = self.ioapic.lock();
                 match access.operation {
                     MmioOperation::Read { register } => cpu.set_gpr(register, ioapic.read(offset) as u64),
-                    MmioOperation::Write { register } => ioapic.write(offset, cpu.gpr(register) as u32),
-                    MmioOperation::WriteImmediate { value } => ioapic.write(offset, value as u32),
+                    MmioOperation::Write { register } => {
+                        effects.level_pins_free |= ioapic.write(offset, cpu.gpr(register) as u32)
+                    }
+                    MmioOperation::WriteImmediate { value } => {
+                        effects.level_pins_free |= ioapic.write(offset, value as u32)
+                    }
                 }
             }
             cpu.set_rip(cpu.rip() + access.length as u64);
@@ -428,9 +447,12 @@ impl PartitionDevices {
         if offset == reg::LDR {
             self.logical_ids[vcpu as usize].store(lapic.logical_id(), Ordering::Release);
         }
+        if let Some(vector) = lapic.take_level_eoi() {
+            effects.level_pins_free |= self.ioapic.lock().eoi(vector);
+        }
         match command {
             None => {}
-            Some(command @ IcrCommand::Fixed { .. }) => self.deliver(vcpu, lapic, command, effects),
+            Some(command @ IcrCommand::Fixed { .. }) => self.deliver(vcpu, lapic, command, false, effects),
             // The vCPUs wait for their start-up IPI from power-on: INIT changes nothing.
             Some(IcrCommand::Init { .. } | IcrCommand::Unsupported { icr: 0 }) => {}
             Some(command @ IcrCommand::Startup { vector, .. }) => {
@@ -446,22 +468,35 @@ impl PartitionDevices {
         }
     }
 
-    /// A fixed interrupt to every vCPU `command` addresses: the sender's own LAPIC directly,
-    /// siblings through their pending sets (and a kick).
-    fn deliver(&self, sender: u32, lapic: &mut VirtualLapic, command: IcrCommand, effects: &mut DeviceEffects) {
+    /// A fixed interrupt (`level`: a level-triggered one from the IO-APIC) to every vCPU
+    /// `command` addresses: the sender's own LAPIC directly, siblings through their pending
+    /// sets (and a kick).
+    fn deliver(
+        &self,
+        sender: u32,
+        lapic: &mut VirtualLapic,
+        command: IcrCommand,
+        level: bool,
+        effects: &mut DeviceEffects,
+    ) {
         let IcrCommand::Fixed { vector, .. } = command else { return };
         for target in self.targets(sender, command) {
-            if target == sender {
-                lapic.accept(vector);
-            } else {
-                self.post(target, vector, effects);
+            match (target == sender, level) {
+                (true, false) => lapic.accept(vector),
+                (true, true) => lapic.accept_level(vector),
+                (false, _) => self.post(target, vector, level, effects),
             }
         }
     }
 
-    /// `vector` into `target`'s pending set, for its pCPU to take (with a kick).
-    fn post(&self, target: u32, vector: u8, effects: &mut DeviceEffects) {
-        self.pending_ipis[target as usize][vector as usize / 64].fetch_or(1 << (vector % 64), Ordering::AcqRel);
+    /// `vector` into `target`'s pending set, for its pCPU to take (with a kick); a level one
+    /// is marked so before it is posted.
+    fn post(&self, target: u32, vector: u8, level: bool, effects: &mut DeviceEffects) {
+        let (word, bit) = (vector as usize / 64, 1u64 << (vector % 64));
+        if level {
+            self.pending_level[target as usize][word].fetch_or(bit, Ordering::AcqRel);
+        }
+        self.pending_ipis[target as usize][word].fetch_or(bit, Ordering::AcqRel);
         effects.kicks.add(target);
     }
 

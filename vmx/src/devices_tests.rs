@@ -269,3 +269,42 @@ fn string_io_moves_one_element_per_exit_until_the_count_is_done() {
     devices.port_io(&mut cpu, 0, &mut lapic, insb, 0).unwrap();
     assert_eq!(cpu.rip, CODE + 2);
 }
+
+/// A level-triggered device line (a PCI INTx): delivered once with its TMR bit, held while the
+/// guest has not EOIed it, and the EOI (by MMIO write or by the APIC-write exit of the
+/// virtualized APIC) names the pin, whose physical line the hypervisor then unmasks.
+#[test]
+fn a_level_triggered_line_is_held_until_the_guest_eois_it() {
+    const PIN: usize = 11;
+    let devices = PartitionDevices::new(2, 2, true, CLOCK);
+    let mut l = lapics(2);
+    // Pin 11 -> vector 0x3B, level, active low, physical destination vCPU 1.
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x10 + 2 * PIN as u32);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 0xA03B);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE, 0x11 + 2 * PIN as u32);
+    store(&devices, &mut l[0], 0, IOAPIC_PAGE + 0x10, 1 << 24);
+    let raised = devices.raise_irq(PIN);
+    let delivered = Assertion::Delivered { vector: 0x3B, destination: Destination::Physical(1), level: true };
+    assert_eq!(raised.assertion, delivered);
+    assert_eq!(raised.kicks.iter().collect::<Vec<_>>(), [1]);
+    assert_eq!(devices.raise_irq(PIN).assertion, Assertion::InService, "held: nothing new until the EOI");
+    devices.take_ipis(1, &mut l[1]);
+    assert_eq!(l[1].acknowledge(), Some(0x3B));
+    let effects = store(&devices, &mut l[1], 1, LAPIC_PAGE + reg::EOI as u64, 0);
+    assert_eq!(effects.level_pins_free, 1 << PIN, "the level vector's EOI frees the pin");
+    assert_eq!(devices.raise_irq(PIN).assertion, delivered, "the line, still asserted, comes again");
+    devices.take_ipis(1, &mut l[1]);
+    assert_eq!(l[1].acknowledge(), Some(0x3B));
+    // Under APIC-register virtualization the CPU wrote EOI to the page and exited.
+    l[1].cpu_writes(reg::EOI, 0);
+    assert_eq!(devices.apic_write(1, &mut l[1], reg::EOI, 0).level_pins_free, 1 << PIN);
+    // COM1's edge pin is not touched by any of it.
+    route_com1(&devices, &mut l[0], 0x24, 0);
+    assert_eq!(
+        devices.raise_irq(COM1_IRQ).assertion,
+        Assertion::Delivered { vector: 0x24, destination: Destination::Physical(0), level: false }
+    );
+    devices.take_ipis(0, &mut l[0]);
+    assert_eq!(l[0].acknowledge(), Some(0x24));
+    assert_eq!(store(&devices, &mut l[0], 0, LAPIC_PAGE + reg::EOI as u64, 0).level_pins_free, 0);
+}

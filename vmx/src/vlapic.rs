@@ -113,6 +113,9 @@ pub struct VirtualLapic {
     /// TSC at which the current count started, and when it reaches zero.
     timer_start: u64,
     timer_deadline: Option<u64>,
+    /// A level-triggered vector the last EOI ended (its TMR bit was set), until the caller
+    /// takes it to broadcast the EOI to the IO-APIC.
+    level_eoi: Option<u8>,
 }
 
 fn lvt_index(offset: u32) -> Option<usize> {
@@ -133,6 +136,7 @@ impl VirtualLapic {
             timer_mode: 0,
             timer_start: 0,
             timer_deadline: None,
+            level_eoi: None,
         };
         lapic.reset();
         lapic
@@ -151,6 +155,7 @@ impl VirtualLapic {
         self.timer_mode = 0;
         self.timer_start = 0;
         self.timer_deadline = None;
+        self.level_eoi = None;
     }
 
     /// The register page, for the VMCS's virtual-APIC address (the hypervisor's memory is
@@ -180,6 +185,10 @@ impl VirtualLapic {
 
     fn clear_bit(&mut self, base: u32, vector: u8) {
         self.regs.0[word(base, vector as usize / 32)] &= !(1 << (vector % 32));
+    }
+
+    fn bit(&self, base: u32, vector: u8) -> bool {
+        self.regs.0[word(base, vector as usize / 32)] & (1 << (vector % 32)) != 0
     }
 
     pub fn id(&self) -> u8 {
@@ -243,6 +252,11 @@ impl VirtualLapic {
             reg::EOI => {
                 if let Some(v) = self.highest(reg::ISR) {
                     self.clear_bit(reg::ISR, v);
+                    // A level-triggered interrupt's EOI goes on to the IO-APIC (SDM 11.8.5).
+                    if self.bit(reg::TMR, v) {
+                        self.clear_bit(reg::TMR, v);
+                        self.level_eoi = Some(v);
+                    }
                 }
             }
             reg::LDR => self.set_reg(reg::LDR, value & 0xFF00_0000),
@@ -388,11 +402,26 @@ impl VirtualLapic {
         };
     }
 
-    /// An interrupt arrives (IPI or routed device interrupt).
+    /// An edge-triggered interrupt arrives (IPI or routed device interrupt).
     pub fn accept(&mut self, vector: u8) {
         if vector >= 16 {
             self.set_bit(reg::IRR, vector);
+            self.clear_bit(reg::TMR, vector);
         }
+    }
+
+    /// A level-triggered interrupt arrives from the IO-APIC: noted in the TMR, so that its
+    /// EOI is broadcast back ([`VirtualLapic::take_level_eoi`]).
+    pub fn accept_level(&mut self, vector: u8) {
+        if vector >= 16 {
+            self.set_bit(reg::IRR, vector);
+            self.set_bit(reg::TMR, vector);
+        }
+    }
+
+    /// The level-triggered vector the guest's last EOI ended, once: the IO-APIC must hear of it.
+    pub fn take_level_eoi(&mut self) -> Option<u8> {
+        self.level_eoi.take()
     }
 
     /// The vectors requested (IRR) and in service (ISR), lowest first: where a guest that hangs
@@ -521,6 +550,27 @@ mod tests {
         assert_eq!(l.read(reg::PPR, 0), 0x50);
         l.write(reg::TPR, 0, 0);
         assert_eq!(l.read(reg::IRR + 0x20, 0), 1 << 1, "IRR word 2 holds vector 0x41");
+    }
+
+    #[test]
+    fn the_eoi_of_a_level_triggered_vector_is_handed_on_once() {
+        let mut l = enabled(0);
+        l.accept_level(0x3B);
+        l.accept(0x41);
+        assert_eq!(l.read(reg::TMR + 0x10, 0), 1 << (0x3B - 32), "the TMR notes the level vector");
+        assert_eq!(l.acknowledge(), Some(0x41));
+        l.write(reg::EOI, 0, 0);
+        assert_eq!(l.take_level_eoi(), None, "an edge's EOI stays in the LAPIC");
+        assert_eq!(l.acknowledge(), Some(0x3B));
+        l.write(reg::EOI, 0, 0);
+        assert_eq!(l.take_level_eoi(), Some(0x3B));
+        assert_eq!(l.take_level_eoi(), None, "once");
+        assert_eq!(l.read(reg::TMR + 0x10, 0), 0);
+        // The same vector later as an edge: no broadcast.
+        l.accept(0x3B);
+        assert_eq!(l.acknowledge(), Some(0x3B));
+        l.write(reg::EOI, 0, 0);
+        assert_eq!(l.take_level_eoi(), None);
     }
 
     #[test]
