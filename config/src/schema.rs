@@ -1,6 +1,7 @@
 //! The file's shape (serde, with spans kept for error messages) and the clean model the rest
 //! of Phalanx uses.
 
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::{Range, RangeInclusive};
@@ -110,13 +111,15 @@ pub(crate) struct RawGuest {
 }
 
 #[derive(Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, expecting = r#"a table: { ioports = [...], irqs = [...], serial = "comN" }"#)]
+#[serde(deny_unknown_fields, expecting = r#"a table: { ioports = [...], irqs = [...], serial = "comN", pci = [...] }"#)]
 pub(crate) struct RawDevices {
     #[serde(default)]
     pub ioports: Vec<Spanned<String>>,
     #[serde(default)]
     pub irqs: Vec<Spanned<u32>>,
     pub serial: Option<Spanned<SerialPort>>,
+    #[serde(default)]
+    pub pci: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -409,6 +412,46 @@ pub struct Devices {
     /// Device IRQs (GSIs) the partition owns, including the serial port's if any.
     pub irqs: Vec<u32>,
     pub serial: Option<SerialPort>,
+    /// PCI functions passed through (bus 0 only), sorted.
+    pub pci: Vec<PciFunction>,
+}
+
+/// A PCI function on bus 0: device and function number (`"00:02.0"` in a config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PciFunction {
+    pub device: u8,
+    pub function: u8,
+}
+
+impl PciFunction {
+    /// `"BB:DD.F"` (hexadecimal, as lspci writes it); bus 0 only.
+    pub fn parse(text: &str) -> Result<PciFunction, String> {
+        let form = || {
+            format!("\"{text}\" is not a PCI function: write it as lspci does, \"00:DD.F\" (bus 0, device 00-1f, function 0-7)")
+        };
+        let (bus, rest) = text.split_once(':').ok_or_else(form)?;
+        let (device, function) = rest.split_once('.').ok_or_else(form)?;
+        let hex = |s: &str, digits: usize| {
+            (s.len() == digits).then(|| u8::from_str_radix(s, 16).ok()).flatten().ok_or_else(form)
+        };
+        let (bus, device, function) = (hex(bus, 2)?, hex(device, 2)?, hex(function, 1)?);
+        if device > 0x1f || function > 7 {
+            return Err(form());
+        }
+        if bus != 0 {
+            return Err(format!("\"{text}\": only functions on bus 0 are passed through"));
+        }
+        if device == 0 && function == 0 {
+            return Err(format!("\"{text}\" is the host bridge, which the hypervisor keeps"));
+        }
+        Ok(PciFunction { device, function })
+    }
+}
+
+impl core::fmt::Display for PciFunction {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "00:{:02x}.{:x}", self.device, self.function)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1266,3 +1266,46 @@ fn a_shared_region_is_revocable_by_its_owner_and_its_owners_manager() {
     assert_eq!(live.revocable_region("web", ring, Some(0)), Err(ChangeError::NotAManager("web".into())));
     assert!(not_owner("db", ring).unwrap_err().to_string().contains("\"db\" owns no shared region at 0x20000000"));
 }
+
+/// `devices.pci` names PCI functions as lspci does; each has one owner.
+#[test]
+fn pci_functions_are_named_as_lspci_does_and_owned_once() {
+    assert_eq!(PciFunction::parse("00:02.0"), Ok(PciFunction { device: 2, function: 0 }));
+    assert_eq!(PciFunction::parse("00:1f.7").unwrap().to_string(), "00:1f.7");
+    for (text, words) in [
+        ("02.0", "lspci"),
+        ("00:2.0", "lspci"),
+        ("00:20.0", "lspci"),
+        ("00:02.8", "lspci"),
+        ("0g:02.0", "lspci"),
+        ("01:02.0", "bus 0"),
+        ("00:00.0", "host bridge"),
+    ] {
+        let e = PciFunction::parse(text).unwrap_err();
+        assert!(e.contains(words), "{text}: {e}");
+    }
+    let db = "guest = { module = \"bzImage\" }";
+    let nic = "devices = { pci = [\"00:02.0\"], irqs = [9] }";
+    let v = ok(&edit(BASE, db, &format!("{db}\n{nic}")), None);
+    assert_eq!(v.config.partitions[1].devices.pci, [PciFunction { device: 2, function: 0 }]);
+    let text = edit(BASE, db, &format!("{db}\ndevices = {{ pci = [\"00:02\"] }}"));
+    assert_error(
+        &bad(&text, None),
+        ErrorKind::InvalidValue,
+        Some("partition \"db\""),
+        "devices.pci",
+        position(&text, "\"00:02\"", 0),
+        "lspci",
+    );
+    let text = edit(BASE, db, &format!("{db}\ndevices = {{ pci = [\"00:02.0\", \"00:02.0\"] }}"));
+    assert!(bad(&text, None).message.contains("named twice"));
+    let web = "guest = { module = \"bzImage\", cmdline = \"console=ttyS0\" }";
+    let text = edit(
+        &edit(BASE, db, &format!("{db}\ndevices = {{ pci = [\"00:02.0\"] }}")),
+        web,
+        &format!("{web}\ndevices = {{ pci = [\"00:02.0\"] }}"),
+    );
+    let e = bad(&text, None);
+    assert_eq!((e.kind, e.field.as_deref()), (ErrorKind::DeviceConflict, Some("devices.pci")), "{e}");
+    assert!(e.message.contains("already owned by partition \"web\""), "{e}");
+}

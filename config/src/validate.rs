@@ -653,6 +653,22 @@ impl Checker<'_> {
             devices.ioports.push(port.ports());
             devices.irqs.push(port.irq());
         }
+        for entry in &raw.pci {
+            let function = PciFunction::parse(entry.get_ref()).map_err(|message| {
+                self.r.at(entry.span(), subject.clone(), Some("devices.pci"), ErrorKind::InvalidValue, message)
+            })?;
+            if devices.pci.contains(&function) {
+                return Err(self.r.at(
+                    entry.span(),
+                    subject.clone(),
+                    Some("devices.pci"),
+                    ErrorKind::InvalidValue,
+                    format!("{function} is named twice"),
+                ));
+            }
+            devices.pci.push(function);
+        }
+        devices.pci.sort_unstable();
         devices.ioports.sort_by_key(|r| *r.start());
         devices.irqs.sort_unstable();
         devices.irqs.dedup();
@@ -780,6 +796,22 @@ impl Checker<'_> {
                                 theirs.start(),
                                 theirs.end()
                             ),
+                        ));
+                    }
+                }
+                for function in &p.devices.pci {
+                    if earlier.devices.pci.contains(function) {
+                        let entry = raw_devices
+                            .get_ref()
+                            .pci
+                            .iter()
+                            .find(|e| PciFunction::parse(e.get_ref()).ok() == Some(*function));
+                        return Err(self.r.at(
+                            entry.map_or(raw_devices.span(), Spanned::span),
+                            subject,
+                            Some("devices.pci"),
+                            ErrorKind::DeviceConflict,
+                            format!("PCI function {function} is already owned by partition \"{owner}\""),
                         ));
                     }
                 }

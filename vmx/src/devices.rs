@@ -126,15 +126,17 @@ impl PartitionDevices {
         devices
     }
 
-    /// Which vCPUs run after a reset (see `new`); the platform devices return to their
-    /// power-on state (a reboot finds its PICs masked and its power control idle). The UART
-    /// and IO-APIC keep what the guest last programmed: it reinitialises them when it boots.
+    /// Which vCPUs run after a reset (see `new`); the platform devices and the IO-APIC return
+    /// to their power-on state (a reboot finds its PICs and pins masked, no level interrupt in
+    /// service, its power control idle). The UART keeps what the guest last programmed: it
+    /// reinitialises it when it boots.
     pub fn power_on(&self, all_started: bool) {
+        self.ioapic.lock().reset();
         for (v, started) in self.started.iter().enumerate() {
             started.store(all_started || v == 0, Ordering::Release);
         }
         let mut platform = self.platform.lock();
-        *platform = PlatformDevices::new(platform.clock());
+        *platform = platform.after_reset();
     }
 
     pub fn is_started(&self, vcpu: u32) -> bool {

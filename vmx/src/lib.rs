@@ -17,6 +17,7 @@ pub mod exit;
 pub mod fixtures;
 pub mod mmio;
 pub mod msr;
+pub mod pci;
 pub mod platform;
 pub mod spin_sample;
 pub mod vcpu_access;

@@ -9,7 +9,8 @@
 //!   since, in the format register B asks for; the other bytes are plain CMOS RAM. No
 //!   periodic or alarm interrupt; time writes are not kept (the guest's clock is the host's).
 //! - PCI configuration mechanism #1 (0xCF8 address, 0xCFC-0xCFF data): a host bridge at
-//!   00:00.0 and nothing else.
+//!   00:00.0, and the functions passed through to the partition (`crate::pci`) at their own
+//!   addresses; nothing else.
 //! - the ACPI fixed hardware the partition's FADT describes (`firmware::acpi`): PM1a status,
 //!   enable and control, the PM timer, and the reset register (0xCF9).
 //! - the keyboard controller's reset line (0xFE to port 0x64); the controller itself is absent
@@ -19,6 +20,9 @@
 //! Reset requests (0xCF9, the FADT reset register, 0x64) and S5 (SLP_EN with `_S5`'s type)
 //! come back as a [`PowerRequest`] for the hypervisor to act on.
 
+extern crate alloc;
+
+use crate::pci::PassedFunction;
 use firmware::acpi::{
     PM1A_CONTROL_PORT, PM1A_EVENT_PORT, PM1_SCI_EN, PM1_SLP_EN, PM1_SLP_TYP_SHIFT, PM_BASE, PM_END, PM_TIMER_HZ,
     PM_TIMER_PORT, RESET_PORT, RTC_CENTURY_INDEX, S5_SLEEP_TYPE,
@@ -115,6 +119,8 @@ pub struct PlatformDevices {
     pm1_status: u16,
     pm1_enable: u16,
     pm1_control: u16,
+    /// PCI functions passed through, at their own bus-0 addresses.
+    functions: alloc::vec::Vec<PassedFunction>,
 }
 
 impl PlatformDevices {
@@ -134,7 +140,21 @@ impl PlatformDevices {
             pm1_status: 0,
             pm1_enable: 0,
             pm1_control: PM1_SCI_EN,
+            functions: alloc::vec::Vec::new(),
         }
+    }
+
+    /// Shows `function` in the partition's PCI configuration space.
+    pub fn pass_through(&mut self, function: PassedFunction) {
+        self.functions.retain(|f| (f.device, f.function) != (function.device, function.function));
+        self.functions.push(function);
+    }
+
+    /// The platform after a reset: power-on state, the same clock and passed-through
+    /// functions (their registers as the machine has them again).
+    pub fn after_reset(&self) -> Self {
+        let functions = self.functions.iter().map(PassedFunction::at_reset).collect();
+        PlatformDevices { functions, ..PlatformDevices::new(self.clock) }
     }
 
     pub fn clock(&self) -> WallClock {
@@ -198,7 +218,14 @@ impl PlatformDevices {
                 }
                 self.reset_control = byte & !RESET_CPU;
             }
-            PCI_ADDRESS_PORT..=0xCFF => {} // configuration writes: the host bridge keeps its header
+            PCI_DATA_PORT..=0xCFF => {
+                let offset = port - PCI_DATA_PORT;
+                if let Some((function, register)) = self.addressed_function() {
+                    self.functions[function].write(register + offset, size, value);
+                }
+                // Otherwise the host bridge (which keeps its header) or no function.
+            }
+            PCI_ADDRESS_PORT..=0xCFB => {}
             _ => request = self.pm_write(port, size, value),
         }
         Some(request)
@@ -238,8 +265,23 @@ impl PlatformDevices {
         }
     }
 
+    /// The passed-through function the address register selects (its index) and the
+    /// register's byte offset, if it selects one.
+    fn addressed_function(&self) -> Option<(usize, u16)> {
+        let address = self.pci_address;
+        let (bus, device, function) = ((address >> 16) as u8, (address >> 11) as u8 & 0x1F, (address >> 8) as u8 & 7);
+        if address & PCI_ENABLE == 0 || bus != 0 {
+            return None;
+        }
+        let index = self.functions.iter().position(|f| (f.device, f.function) == (device, function))?;
+        Some((index, (address & 0xFC) as u16))
+    }
+
     /// Reads `size` bytes at `offset` (0-3) of the data window.
     fn pci_config_read(&self, offset: u16, size: u8) -> u32 {
+        if let Some((function, register)) = self.addressed_function() {
+            return self.functions[function].read(register + offset, size);
+        }
         let address = self.pci_address;
         let bdf = (address >> 8) & 0xFFFF;
         if address & PCI_ENABLE == 0 || bdf != 0 {
@@ -413,6 +455,37 @@ mod tests {
         let pm_12h = [0x27, 0x25, 0x83, 0x02, 0x12, 0x26, 0x20, 0];
         assert_eq!(rtc_to_unix_seconds(pm_12h), Some(WHEN + 12 * 3600));
         assert_eq!(rtc_to_unix_seconds([0x99, 0, 0, 1, 1, 0x70, 0x19, 0]), None);
+    }
+
+    #[test]
+    fn a_passed_through_function_shows_at_its_own_address_and_nowhere_else() {
+        let mut p = platform();
+        let mut header = [0u32; 16];
+        header[0] = 0x8029_10EC;
+        header[4] = 0xC041;
+        header[15] = 0x0109;
+        let nic = PassedFunction::new(2, 0, header, [0xFFFF_FFE1, 0, 0, 0, 0, 0]).unwrap();
+        p.pass_through(nic);
+        p.write(0xCF8, 4, 0x8000_1000); // 00:02.0, register 0
+        assert_eq!(p.read(0xCFC, 4, 0), Some(0x8029_10EC));
+        p.write(0xCF8, 4, 0x8000_1010); // its BAR0: sized through the data window
+        p.write(0xCFC, 4, 0xFFFF_FFFF);
+        assert_eq!(p.read(0xCFC, 4, 0), Some(0xFFFF_FFE1));
+        p.write(0xCF8, 4, 0x8000_103C);
+        p.write(0xCFC, 1, 0x0B);
+        assert_eq!(p.read(0xCFD, 1, 0), Some(1), "INTA, read at its byte");
+        p.write(0xCF8, 4, 0x8000_1100); // 00:02.1: no such function
+        assert_eq!(p.read(0xCFC, 4, 0), Some(0xFFFF_FFFF));
+        p.write(0xCF8, 4, 0x8001_1000); // bus 1
+        assert_eq!(p.read(0xCFC, 4, 0), Some(0xFFFF_FFFF));
+        p.write(0xCF8, 4, 0x8000_0000);
+        assert_eq!(p.read(0xCFC, 4, 0), Some(HOST_BRIDGE_ID), "the host bridge is still there");
+        // A reset shows the machine's registers again.
+        let mut p = p.after_reset();
+        p.write(0xCF8, 4, 0x8000_1010);
+        assert_eq!(p.read(0xCFC, 4, 0), Some(0xC041));
+        p.write(0xCF8, 4, 0x8000_103C);
+        assert_eq!(p.read(0xCFC, 1, 0), Some(9));
     }
 
     #[test]

@@ -45,6 +45,11 @@ impl VirtualIoApic {
         VirtualIoApic { id, select: 0, redirection: [MASKED; PINS] }
     }
 
+    /// The power-on state: every pin masked, edge, nothing in service; the ID stays.
+    pub fn reset(&mut self) {
+        *self = VirtualIoApic::new(self.id);
+    }
+
     /// A 32-bit read at `offset` in the IO-APIC page.
     pub fn read(&self, offset: u32) -> u32 {
         match offset {
