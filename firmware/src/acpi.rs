@@ -15,6 +15,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
+use crate::aml;
 use crate::longmode::{GuestMemory, GuestMemoryError};
 use crate::madt::{MadtBuilder, LAPIC_ENABLED, PCAT_COMPAT};
 
@@ -40,6 +41,15 @@ pub const RESET_PORT: u16 = 0xCF9;
 pub const RESET_VALUE: u8 = 0x06;
 /// The ISA IRQ of the system control interrupt.
 pub const SCI_IRQ: u8 = 9;
+/// Where the SCI goes when the partition owns IRQ 9 (a device's level line must not share a
+/// pin with an SCI of another polarity), in this order.
+const SCI_IRQ_CHOICES: [u8; 10] = [SCI_IRQ, 10, 11, 5, 7, 12, 14, 15, 6, 1];
+
+/// The SCI's IRQ for a partition that owns `owned` (its `devices.irqs`): the first ISA IRQ of
+/// the usual ones it does not own. Never raised (there are no fixed events), but Linux claims it.
+pub fn sci_irq_for(owned: &[u32]) -> u8 {
+    SCI_IRQ_CHOICES.into_iter().find(|irq| !owned.contains(&(*irq as u32))).unwrap_or(SCI_IRQ)
+}
 /// The `_S5` sleep type written to PM1a control's SLP_TYP field to power off.
 pub const S5_SLEEP_TYPE: u16 = 5;
 /// PM1 control bits (ACPI 4.8.3.2.1).
@@ -81,18 +91,67 @@ pub const RTC_CENTURY_INDEX: u8 = 0x32;
 
 // MADT interrupt source override flags (MPS INTI): polarity bits 0-1, trigger mode bits 2-3.
 const INTI_ACTIVE_HIGH: u16 = 0b01;
+const INTI_ACTIVE_LOW: u16 = 0b11;
 const INTI_LEVEL: u16 = 0b11 << 2;
 const ENTRY_LOCAL_APIC_NMI: u8 = 4;
 
-/// The DSDT's AML: `Name (_S5, Package (4) { 5, 5, 0, 0 })` (SLP_TYPa, SLP_TYPb, reserved):
-/// NameOp "_S5_", PackageOp with PkgLength 8 and 4 elements, BytePrefix 5 twice, Zero twice.
-#[rustfmt::skip]
-const DSDT_AML: [u8; 14] = [
-    0x08, b'_', b'S', b'5', b'_',
-    0x12, 0x08, 0x04,
-    0x0A, S5_SLEEP_TYPE as u8, 0x0A, S5_SLEEP_TYPE as u8,
-    0x00, 0x00,
-];
+/// A passed-through PCI function's interrupt, as the partition's tables describe it: its
+/// device number on bus 0, its interrupt pin (1 = INTA) and the IRQ (GSI) it arrives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciInterrupt {
+    pub device: u8,
+    pub pin: u8,
+    pub line: u8,
+}
+
+/// The DSDT's AML: `Name (_S5, Package (4) { 5, 5, 0, 0 })` (SLP_TYPa, SLP_TYPb, reserved),
+/// and, for a partition with PCI functions, its PCI root bridge (below).
+fn dsdt_aml(pci: &[PciInterrupt]) -> Vec<u8> {
+    let s5 = S5_SLEEP_TYPE as u64;
+    let mut aml =
+        aml::name(b"_S5_", aml::package(&[aml::integer(s5), aml::integer(s5), aml::integer(0), aml::integer(0)]));
+    if !pci.is_empty() {
+        aml.extend(pci_root_bridge(pci));
+    }
+    aml
+}
+
+/// `\_SB.PCI0`, the PCI root bridge (PNP0A03, bus 0), for a partition with passed-through
+/// functions: Linux scans a bus under ACPI only below one. `_CRS` gives it the I/O space but
+/// the configuration ports (the functions' BARs lie in it; memory BARs are not passed
+/// through), and `_PRT` routes each function's pin to its IRQ as a GSI (level-triggered,
+/// active low, as PCI lines are).
+fn pci_root_bridge(pci: &[PciInterrupt]) -> Vec<u8> {
+    // Word address space descriptors (ACPI 6.4, 6.4.3.5.3): a producer with fixed bounds.
+    let word_space = |kind: u8, flags: u8, min: u16, max: u16| {
+        let mut d = alloc::vec![0x88, 13, 0, kind, 0x0C, flags];
+        for field in [0, min, max, 0, max.wrapping_sub(min).wrapping_add(1)] {
+            d.extend_from_slice(&field.to_le_bytes());
+        }
+        d
+    };
+    let mut resources = word_space(2, 0, 0, 0); // bus 0 only
+    resources.extend(word_space(1, 3, 0x0000, 0x0CF7)); // I/O below the configuration ports
+    resources.extend(word_space(1, 3, 0x0D00, 0xFFFF)); // and above them
+    resources.extend([0x79, 0]); // end tag (no checksum)
+    let routes: Vec<Vec<u8>> = pci
+        .iter()
+        .map(|p| {
+            let address = (p.device as u64) << 16 | 0xFFFF; // any function of the device
+            let pin = p.pin.saturating_sub(1) as u64; // 0 = INTA
+            aml::package(&[aml::integer(address), aml::integer(pin), aml::integer(0), aml::integer(p.line as u64)])
+        })
+        .collect();
+    let body = [
+        aml::name(b"_HID", aml::eisa_id(b"PNP0A03")),
+        aml::name(b"_UID", aml::integer(0)),
+        aml::name(b"_BBN", aml::integer(0)),
+        aml::name(b"_CRS", aml::buffer(&resources)),
+        aml::name(b"_PRT", aml::package(&routes)),
+    ]
+    .concat();
+    aml::root_scope(b"_SB_", aml::device(b"PCI0", body))
+}
 
 /// An ACPI Generic Address Structure for `bits` wide I/O at `port`.
 fn io_address(port: u16, bits: u8) -> [u8; 12] {
@@ -137,8 +196,10 @@ impl Sdt {
 }
 
 /// Every table of a partition with `vcpus` vCPUs (APIC ID = vCPU index, the IO-APIC's ID
-/// after them), each with the guest-physical address it goes to.
-pub fn tables(vcpus: u32, ioapic_id: u8) -> Vec<(u64, Vec<u8>)> {
+/// after them), its SCI on `sci_irq` and its passed-through PCI functions' interrupts `pci`
+/// (a PCI root bridge in the DSDT routes them; the MADT overrides their ISA IRQs as
+/// level-triggered, active low), each with the guest-physical address it goes to.
+pub fn tables(vcpus: u32, ioapic_id: u8, sci_irq: u8, pci: &[PciInterrupt]) -> Vec<(u64, Vec<u8>)> {
     let at = |offset: u64| ACPI_AREA_GPA + offset;
     let mut rsdt = Sdt::new(b"RSDT", 1);
     let mut xsdt = Sdt::new(b"XSDT", 1);
@@ -148,7 +209,7 @@ pub fn tables(vcpus: u32, ioapic_id: u8) -> Vec<(u64, Vec<u8>)> {
     }
 
     let mut dsdt = Sdt::new(b"DSDT", 2);
-    dsdt.0.extend_from_slice(&DSDT_AML);
+    dsdt.0.extend_from_slice(&dsdt_aml(pci));
 
     let mut facs = [0u8; FACS_LEN];
     facs[0..4].copy_from_slice(b"FACS");
@@ -160,15 +221,21 @@ pub fn tables(vcpus: u32, ioapic_id: u8) -> Vec<(u64, Vec<u8>)> {
         (at(RSDT_OFFSET), rsdt.finish()),
         (at(XSDT_OFFSET), xsdt.finish()),
         (at(FACS_OFFSET), facs.to_vec()),
-        (at(FADT_OFFSET), fadt(at(FACS_OFFSET), at(DSDT_OFFSET))),
+        (at(FADT_OFFSET), fadt(at(FACS_OFFSET), at(DSDT_OFFSET), sci_irq)),
         (at(DSDT_OFFSET), dsdt.finish()),
-        (at(MADT_OFFSET), madt(vcpus, ioapic_id)),
+        (at(MADT_OFFSET), madt(vcpus, ioapic_id, sci_irq, pci)),
     ]
 }
 
 /// Writes the tables into the partition's memory and returns the RSDP's address.
-pub fn write_acpi_tables(mem: &mut impl GuestMemory, vcpus: u32, ioapic_id: u8) -> Result<u64, GuestMemoryError> {
-    for (gpa, bytes) in tables(vcpus, ioapic_id) {
+pub fn write_acpi_tables(
+    mem: &mut impl GuestMemory,
+    vcpus: u32,
+    ioapic_id: u8,
+    sci_irq: u8,
+    pci: &[PciInterrupt],
+) -> Result<u64, GuestMemoryError> {
+    for (gpa, bytes) in tables(vcpus, ioapic_id, sci_irq, pci) {
         mem.write(gpa, &bytes)?;
     }
     Ok(RSDP_GPA)
@@ -188,14 +255,14 @@ fn rsdp(rsdt: u32, xsdt: u64) -> [u8; RSDP_LEN] {
 }
 
 /// The FADT, revision 6 (ACPI 6.4 layout, 276 bytes), legacy (not hardware-reduced) PC.
-fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
+fn fadt(facs: u64, dsdt: u64, sci_irq: u8) -> Vec<u8> {
     let mut f = Sdt::new(b"FACP", 6);
     f.0.resize(FADT_LEN, 0);
     let b = &mut f.0;
     let put = |b: &mut Vec<u8>, at: usize, bytes: &[u8]| b[at..at + bytes.len()].copy_from_slice(bytes);
     put(b, 36, &(facs as u32).to_le_bytes());
     put(b, 40, &(dsdt as u32).to_le_bytes());
-    put(b, 46, &(SCI_IRQ as u16).to_le_bytes());
+    put(b, 46, &(sci_irq as u16).to_le_bytes());
     // SMI_CMD (48) = 0: there is no SMM; the hardware is in ACPI mode from power-on.
     put(b, 56, &(PM1A_EVENT_PORT as u32).to_le_bytes());
     put(b, 64, &(PM1A_CONTROL_PORT as u32).to_le_bytes());
@@ -222,16 +289,22 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
 }
 
 /// The MADT: one enabled local APIC per vCPU, the IO-APIC with GSIs from 0, the PC overrides
-/// (ISA IRQ 0 on pin 2; the SCI level-triggered, active high) and LINT1 as NMI on every CPU.
-fn madt(vcpus: u32, ioapic_id: u8) -> Vec<u8> {
+/// (ISA IRQ 0 on pin 2; the SCI level-triggered, active high; PCI lines level-triggered,
+/// active low) and LINT1 as NMI on every CPU.
+fn madt(vcpus: u32, ioapic_id: u8, sci_irq: u8, pci: &[PciInterrupt]) -> Vec<u8> {
     let mut m = MadtBuilder::new(LOCAL_APIC_ADDRESS, PCAT_COMPAT);
     for vcpu in 0..vcpus {
         m = m.local_apic(vcpu as u8, vcpu as u8, LAPIC_ENABLED);
     }
-    m.io_apic(ioapic_id, IOAPIC_ADDRESS, 0)
-        .interrupt_source_override(0, 2, 0)
-        .interrupt_source_override(SCI_IRQ, SCI_IRQ as u32, INTI_ACTIVE_HIGH | INTI_LEVEL)
-        .raw_entry(&[ENTRY_LOCAL_APIC_NMI, 6, 0xFF, 0, 0, 1]) // all processors, LINT1
+    m = m.io_apic(ioapic_id, IOAPIC_ADDRESS, 0).interrupt_source_override(0, 2, 0).interrupt_source_override(
+        sci_irq,
+        sci_irq as u32,
+        INTI_ACTIVE_HIGH | INTI_LEVEL,
+    );
+    for line in pci.iter().map(|p| p.line).filter(|&l| l < 16) {
+        m = m.interrupt_source_override(line, line as u32, INTI_ACTIVE_LOW | INTI_LEVEL);
+    }
+    m.raw_entry(&[ENTRY_LOCAL_APIC_NMI, 6, 0xFF, 0, 0, 1]) // all processors, LINT1
         .finish()
 }
 
@@ -252,7 +325,7 @@ mod tests {
     impl Area {
         fn with_tables(vcpus: u32) -> Self {
             let mut bytes = vec![0u8; (ACPI_AREA_END - ACPI_AREA_GPA) as usize];
-            for (gpa, table) in tables(vcpus, vcpus as u8) {
+            for (gpa, table) in tables(vcpus, vcpus as u8, SCI_IRQ, &[]) {
                 let at = (gpa - ACPI_AREA_GPA) as usize;
                 bytes[at..at + table.len()].copy_from_slice(&table);
             }
@@ -280,7 +353,7 @@ mod tests {
 
     #[test]
     fn every_table_checksums_and_the_acpi_crate_finds_them_from_the_rsdp() {
-        for (gpa, bytes) in tables(2, 2) {
+        for (gpa, bytes) in tables(2, 2, SCI_IRQ, &[]) {
             if &bytes[0..4] == b"FACS" {
                 continue; // the FACS has no checksum
             }
@@ -294,7 +367,7 @@ mod tests {
         assert_eq!(signatures, ["FACP", "APIC"]);
         let dsdt = t.dsdt().expect("DSDT");
         assert_eq!(dsdt.address as u64, ACPI_AREA_GPA + DSDT_OFFSET + HEADER_LEN as u64);
-        assert_eq!(dsdt.length as usize, DSDT_AML.len());
+        assert_eq!(dsdt.length as usize, dsdt_aml(&[]).len());
     }
 
     #[test]
@@ -316,6 +389,54 @@ mod tests {
         assert!(!{ fadt.iapc_boot_arch }.motherboard_implements_8042());
         assert!({ fadt.iapc_boot_arch }.legacy_devices_are_accessible());
         assert!(!{ fadt.flags }.system_is_hw_reduced_acpi());
+    }
+
+    #[test]
+    fn the_sci_moves_off_an_irq_the_partition_owns_and_pci_lines_are_level_active_low() {
+        assert_eq!(sci_irq_for(&[]), 9);
+        assert_eq!(sci_irq_for(&[3, 9]), 10);
+        assert_eq!(sci_irq_for(&[9, 10, 11]), 5);
+        let nic = PciInterrupt { device: 2, pin: 1, line: 9 };
+        let bytes: Vec<(u64, Vec<u8>)> = tables(2, 2, 10, &[nic]);
+        let fadt = &bytes.iter().find(|(_, t)| &t[0..4] == b"FACP").unwrap().1;
+        assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 10);
+        let madt = &bytes.iter().find(|(_, t)| &t[0..4] == b"APIC").unwrap().1;
+        // The SCI's override: type 2, length 10, bus 0, source 10, GSI 10, level / active high.
+        assert!(madt.windows(10).any(|e| e == [2, 10, 0, 10, 10, 0, 0, 0, 0b1101, 0]), "{madt:x?}");
+        // The PCI line on IRQ 9: level, active low.
+        assert!(madt.windows(10).any(|e| e == [2, 10, 0, 9, 9, 0, 0, 0, 0b1111, 0]), "{madt:x?}");
+    }
+
+    #[test]
+    fn a_partition_with_pci_functions_gets_a_root_bridge_routing_their_pins() {
+        assert_eq!(dsdt_aml(&[]).len(), 14, "without functions: _S5 alone");
+        let nic = PciInterrupt { device: 2, pin: 1, line: 9 };
+        let aml = dsdt_aml(&[nic]);
+        let bridge = &aml[14..];
+        // Scope (\_SB) whose PkgLength covers the rest of the DSDT.
+        assert_eq!(bridge[0], 0x10);
+        let length = crate::aml::pkg_length(bridge.len() - 1 - crate::aml::pkg_length(bridge.len()).len());
+        assert_eq!(&bridge[1..1 + length.len()], &length[..]);
+        assert_eq!(&bridge[1 + length.len()..][..5], b"\\_SB_");
+        let find = |needle: &[u8]| aml.windows(needle.len()).position(|w| w == needle);
+        assert!(find(&[0x5B, 0x82]).is_some() && find(b"PCI0").is_some(), "Device (PCI0)");
+        assert!(find(&[0x08, b'_', b'H', b'I', b'D', 0x0C, 0x41, 0xD0, 0x0A, 0x03]).is_some(), "PNP0A03");
+        // _PRT: Package { Package (4) { 0x0002FFFF, Zero (INTA), Zero, 9 } }.
+        let route = [0x12, 11, 4, 0x0C, 0xFF, 0xFF, 0x02, 0x00, 0x00, 0x00, 0x0A, 9];
+        let prt = find(b"_PRT").expect("_PRT");
+        assert_eq!(&aml[prt + 4..prt + 7], &[0x12, 14, 1], "one route");
+        assert_eq!(&aml[prt + 7..prt + 7 + route.len()], &route);
+        // _CRS: I/O 0x0000-0x0cf7 and 0x0d00-0xffff, produced by the bridge.
+        let io_low = [0x88, 13, 0, 1, 0x0C, 3, 0, 0, 0x00, 0x00, 0xF7, 0x0C, 0, 0, 0xF8, 0x0C];
+        assert!(find(&io_low).is_some(), "the I/O window below 0xcf8");
+        let io_high = [0x88, 13, 0, 1, 0x0C, 3, 0, 0, 0x00, 0x0D, 0xFF, 0xFF, 0, 0, 0x00, 0xF3];
+        assert!(find(&io_high).is_some(), "the I/O window above 0xcff");
+        // The DSDT with it still checksums (the acpi crate validates every table it maps).
+        for (_, table) in tables(2, 2, 10, &[nic]) {
+            if &table[0..4] == b"DSDT" {
+                assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+            }
+        }
     }
 
     #[test]
@@ -368,7 +489,7 @@ mod tests {
 
     #[test]
     fn the_tables_fit_their_area_below_the_mp_table_for_the_largest_partition() {
-        let last = tables(254, 254).into_iter().map(|(gpa, b)| gpa + b.len() as u64).max().unwrap();
+        let last = tables(254, 254, SCI_IRQ, &[]).into_iter().map(|(gpa, b)| gpa + b.len() as u64).max().unwrap();
         assert!(last <= ACPI_AREA_END, "{last:#x}");
     }
 }

@@ -8,6 +8,7 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod aml;
 pub mod linux;
 pub mod longmode;
 pub mod madt;

@@ -269,7 +269,9 @@ pub fn route(platform: &firmware::platform::Platform, machine: &crate::machine::
     let irqs = &machine.device_irqs;
     for (index, route) in irqs.routes().iter().enumerate() {
         let apic_id = crate::cpu::apic_id_of(route.pcpu) as u8;
-        match crate::host_irq::route_owned_irq(platform, route.irq, route.vector, apic_id) {
+        let owner = &machine.partitions[route.partition];
+        let pci_line = owner.devices.pci_interrupt_lines().contains(&route.irq);
+        match crate::host_irq::route_owned_irq(platform, route.irq, route.vector, apic_id, pci_line) {
             Ok(physical) => {
                 irqs.irqs[index].level.store(crate::host_irq::is_level(&physical), Ordering::Relaxed);
                 irqs.irqs[index].physical.call_once(|| physical);

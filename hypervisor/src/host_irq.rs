@@ -15,6 +15,7 @@ const REDIRECTION_TABLE: u32 = 0x10;
 
 /// The redirection entry's trigger mode bit: level.
 const LEVEL: u64 = 1 << 15;
+const ACTIVE_LOW: u64 = 1 << 13;
 const MASKED: u32 = 1 << 16;
 
 /// The IO-APICs' index/data windows: once dispatch runs, any pCPU masks and unmasks
@@ -30,12 +31,23 @@ pub fn route_isa_irq(platform: &Platform, irq: u8, vector: u8, apic_id: u8) -> R
 }
 
 /// Routes IRQ `irq` (an ISA IRQ, or a GSI above 15), which a partition owns, to `vector` on
-/// the CPU with APIC ID `apic_id`, with the polarity and trigger mode the MADT gives it;
-/// returns the entry, whose `LEVEL` bit says whether `device_irq` must mask it from each
-/// arrival to the owner's EOI.
-pub fn route_owned_irq(platform: &Platform, irq: u32, vector: u8, apic_id: u8) -> Result<IrqRoute, String> {
-    let route =
+/// the CPU with APIC ID `apic_id`, with the polarity and trigger mode the MADT gives it, or,
+/// for a passed-through PCI function's interrupt line (`pci_line`), level-triggered and
+/// active low as PCI's INTx is whatever ISA IRQ the firmware routed it to; returns the entry,
+/// whose `LEVEL` bit says whether `device_irq` must mask it from each arrival to the owner's
+/// EOI.
+pub fn route_owned_irq(
+    platform: &Platform,
+    irq: u32,
+    vector: u8,
+    apic_id: u8,
+    pci_line: bool,
+) -> Result<IrqRoute, String> {
+    let mut route =
         platform.irq_route(irq, vector, apic_id).ok_or_else(|| alloc::format!("no IO-APIC receives IRQ {irq}"))?;
+    if pci_line {
+        route.entry |= LEVEL | ACTIVE_LOW;
+    }
     program(route)?;
     Ok(route)
 }

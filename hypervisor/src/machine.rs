@@ -15,6 +15,7 @@ use config::{DispatchPolicy, LiveConfig, Placement, Validated};
 use ept::{Access, Ept, FrameAllocator, MemoryType, PageSizes, PhysMemory};
 use sched::Epoch;
 use vmx::devices::LAPIC_PAGE;
+use vmx::pci::PassedFunction;
 use vmx::vmcs_image::PartitionContext;
 use vmx::ControlSet;
 
@@ -55,6 +56,39 @@ fn io_bitmaps(owned: &[core::ops::RangeInclusive<u16>]) -> (u64, u64) {
         }
     }
     (pages.as_ptr() as u64, pages.as_ptr() as u64 + 4096)
+}
+
+/// The PCI functions partition `id` owns, as the machine has them (`host_pci::probe`), or why
+/// the partition cannot have them: a function that is not there or needs more than I/O ports,
+/// ports another partition owns, or an interrupt line the partition does not own.
+fn pass_through_functions(config: &config::Config, id: usize) -> Result<Vec<PassedFunction>, String> {
+    let p = &config.partitions[id];
+    let mut functions = Vec::new();
+    for &function in &p.devices.pci {
+        let passed = crate::host_pci::probe(function)?;
+        for ports in passed.io_ports() {
+            let taken = |other: &config::PartitionConfig| {
+                other.devices.ioports.iter().any(|o| o.start() <= ports.end() && ports.start() <= o.end())
+            };
+            if let Some(other) = config.partitions.iter().find(|other| taken(other)) {
+                return Err(format!(
+                    "devices.pci: {function} decodes ports {:#x}-{:#x}, which partition \"{}\" owns",
+                    ports.start(),
+                    ports.end(),
+                    other.name
+                ));
+            }
+        }
+        if let Some(line) = passed.interrupt_line() {
+            if !p.devices.irqs.contains(&(line as u32)) {
+                return Err(format!(
+                    "devices.pci: {function} interrupts on IRQ {line} (its interrupt line, as the firmware routed it): add {line} to devices.irqs"
+                ));
+            }
+        }
+        functions.push(passed);
+    }
+    Ok(functions)
 }
 
 /// MSR bitmap: every MSR exits (emulated or #GP) except the ones switched through the
@@ -271,7 +305,13 @@ pub fn build(
         } else {
             0
         };
-        let (io_bitmap_a, io_bitmap_b) = io_bitmaps(&p.devices.ioports);
+        // Its PCI functions: what it will see of them, and their ports, passed through.
+        let passed = pass_through_functions(config, id);
+        let mut ports = p.devices.ioports.clone();
+        if let Ok(functions) = &passed {
+            ports.extend(functions.iter().flat_map(PassedFunction::io_ports));
+        }
+        let (io_bitmap_a, io_bitmap_b) = io_bitmaps(&ports);
         let context = PartitionContext {
             eptp: ept.eptp(false),
             io_bitmap_a,
@@ -280,7 +320,15 @@ pub fn build(
             apic_access_page,
         };
         epts.push(Box::leak(Box::new(ept)));
-        partitions.push(Partition::load(id, p, memory, payload, context, clock)?);
+        let (functions, refusal) = match passed {
+            Ok(functions) => (functions, None),
+            Err(detail) => (Vec::new(), Some(detail)),
+        };
+        let partition = Partition::load(id, p, memory, payload, context, clock, functions)?;
+        if let Some(detail) = refusal {
+            partition.refuse(Fault { vcpu: 0, reason: "unsupported", detail, rip: 0 });
+        }
+        partitions.push(partition);
     }
     let shared = crate::shared_memory::SharedMemory::map(validated, &mut epts, sizes)
         .map_err(|e| format!("shared memory: {e}"))?;

@@ -20,6 +20,7 @@ mod exits;
 mod freestanding;
 mod guest_entry;
 mod host_irq;
+mod host_pci;
 mod interrupts;
 mod json;
 mod machine;

@@ -62,6 +62,10 @@ pub struct Partition {
     /// Each vCPU's power-on register state.
     pub initial_states: Vec<VcpuState>,
     cmdline: String,
+    /// Its ACPI SCI's IRQ (one it does not own) and its PCI functions' interrupts, for its
+    /// firmware tables.
+    sci_irq: u8,
+    pci_interrupts: Vec<firmware::acpi::PciInterrupt>,
     /// Stopped for good (`refuse`, or a fault with `on_fault = "stop"`): never reset.
     refused: AtomicBool,
     /// Bumped by each reset: a vCPU whose VMCS was set up for an older generation is set up
@@ -87,6 +91,7 @@ impl Partition {
         images: PayloadImages,
         context: PartitionContext,
         clock: vmx::platform::WallClock,
+        functions: Vec<vmx::pci::PassedFunction>,
     ) -> Result<Partition, String> {
         let size = memory.end - memory.start;
         // SAFETY: the partition's memory range, placed by validation inside usable RAM that
@@ -94,9 +99,20 @@ impl Partition {
         unsafe { core::ptr::write_bytes(memory.start as *mut u8, 0, size as usize) };
         let mut window = HostWindow { base: memory.start, size };
         let vcpus = config.vcpus;
-        let (payload, initial_states) = load_payload(&mut window, images, &config.guest.cmdline, vcpus)
+        let sci_irq = firmware::acpi::sci_irq_for(&config.devices.irqs);
+        let pci_interrupts: Vec<firmware::acpi::PciInterrupt> = functions
+            .iter()
+            .filter_map(|f| {
+                let line = f.interrupt_line()?;
+                Some(firmware::acpi::PciInterrupt { device: f.device, pin: f.interrupt_pin(), line })
+            })
+            .collect();
+        let tables = FirmwareTables { sci_irq, pci: &pci_interrupts };
+        let (payload, initial_states) = load_payload(&mut window, images, &config.guest.cmdline, vcpus, tables)
             .map_err(|e| format!("partition {} ({}): {e}", config.name, config.guest.module))?;
         let ioapic_id = firmware::mptable::ioapic_id(vcpus);
+        let devices = vmx::devices::PartitionDevices::new(vcpus, ioapic_id, payload == Payload::TestGuest, clock);
+        functions.into_iter().for_each(|f| devices.pass_through(f));
         Ok(Partition {
             id,
             name: config.name.clone(),
@@ -110,7 +126,7 @@ impl Partition {
             fault: Mutex::new(None),
             fault_unreported: AtomicBool::new(false),
             console: Mutex::new(String::new()),
-            devices: vmx::devices::PartitionDevices::new(vcpus, ioapic_id, payload == Payload::TestGuest, clock),
+            devices,
             done_vcpus: AtomicU64::new(0),
             hypercalls: AtomicU64::new(0),
             unknown_hypercalls: AtomicU64::new(0),
@@ -118,6 +134,8 @@ impl Partition {
             payload,
             initial_states,
             cmdline: config.guest.cmdline.clone(),
+            sci_irq,
+            pci_interrupts,
             generation: AtomicU64::new(0),
             refused: AtomicBool::new(false),
             reset_pending: AtomicBool::new(false),
@@ -344,7 +362,8 @@ impl Partition {
         // information, page tables, statistics). The rest of its memory is its own and is
         // left as it was.
         let mut window = HostWindow { base: self.memory.start, size: self.memory.end - self.memory.start };
-        if let Err(e) = load_payload(&mut window, self.images, &self.cmdline, self.vcpus) {
+        let tables = FirmwareTables { sci_irq: self.sci_irq, pci: &self.pci_interrupts };
+        if let Err(e) = load_payload(&mut window, self.images, &self.cmdline, self.vcpus, tables) {
             log::error!("partition {}: reset failed, it stays stopped: {e}", self.name);
             return true;
         }
@@ -426,6 +445,13 @@ pub struct PayloadImages {
     pub initrd: Option<&'static [u8]>,
 }
 
+/// What a Linux partition's ACPI tables say of its interrupts (`firmware::acpi::tables`).
+#[derive(Clone, Copy)]
+struct FirmwareTables<'a> {
+    sci_irq: u8,
+    pci: &'a [firmware::acpi::PciInterrupt],
+}
+
 /// Loads the payload into the partition's memory as the kind of payload it is (a bzImage goes
 /// through the Linux boot protocol, with its initrd and the firmware tables, MP and ACPI;
 /// anything else is the flat test guest) and returns each vCPU's initial state.
@@ -434,11 +460,13 @@ fn load_payload(
     images: PayloadImages,
     cmdline: &str,
     vcpus: u32,
+    tables: FirmwareTables,
 ) -> Result<(Payload, Vec<VcpuState>), String> {
     match firmware::payload::classify(images.image).map_err(|e| format!("{e}"))? {
         firmware::payload::Payload::Linux(kernel) => {
             let ioapic_id = firmware::mptable::ioapic_id(vcpus);
-            let rsdp = firmware::acpi::write_acpi_tables(window, vcpus, ioapic_id).map_err(|e| format!("{e}"))?;
+            let rsdp = firmware::acpi::write_acpi_tables(window, vcpus, ioapic_id, tables.sci_irq, tables.pci)
+                .map_err(|e| format!("{e}"))?;
             firmware::mptable::write_mp_table(window, vcpus).map_err(|e| format!("{e}"))?;
             let params =
                 firmware::linux::LinuxParams { kernel: &kernel, cmdline, initrd: images.initrd, acpi_rsdp: Some(rsdp) };

@@ -43,11 +43,28 @@ pub struct Boot<'a> {
     pub megs: u32,
     /// The Bochs CPU model (`scripts/phalanx cpu-models`).
     pub cpu_model: &'a str,
+    /// The machine has Bochs' PCI NIC on its vnet (`scripts/phalanx boot --nic`).
+    pub nic: bool,
 }
 
 impl<'a> Boot<'a> {
     pub fn new(name: &'a str, emulator: &'a str, cpus: u32, config: &'a str) -> Self {
-        Boot { name, emulator, cpus, config, timeout_s: 300, cmdline: "", megs: 256, cpu_model: "corei7_skylake_x" }
+        Boot {
+            name,
+            emulator,
+            cpus,
+            config,
+            timeout_s: 300,
+            cmdline: "",
+            megs: 256,
+            cpu_model: "corei7_skylake_x",
+            nic: false,
+        }
+    }
+
+    /// With Bochs' RTL8029 at 00:02.0 on its virtual network.
+    pub fn nic(self) -> Self {
+        Boot { nic: true, ..self }
     }
 
     pub fn cmdline(self, cmdline: &'a str) -> Self {
@@ -139,6 +156,9 @@ impl<'a> Boot<'a> {
             .args(["--cpu-model", self.cpu_model]);
         if let Some(partition) = console {
             command.args(["--console", partition]);
+        }
+        if self.nic {
+            command.arg("--nic");
         }
         command
     }

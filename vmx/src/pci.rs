@@ -102,6 +102,11 @@ impl PassedFunction {
         (pin != 0).then_some(self.header[INTERRUPT / 4] as u8)
     }
 
+    /// Its interrupt pin (1 = INTA ... 4 = INTD; 0: none).
+    pub fn interrupt_pin(&self) -> u8 {
+        (self.header[INTERRUPT / 4] >> 8) as u8
+    }
+
     /// The dword at `register` (a multiple of 4 below 256) as the guest sees it.
     fn dword(&self, register: usize) -> u32 {
         match register {
