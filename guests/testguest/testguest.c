@@ -316,15 +316,15 @@ static void redivide(struct vcpu_ctx *c)
     line_send(&l);
 }
 
-/* mode=manager with shared=GPA: instead of re-dividing its group, the manager revokes the
- * region its group's child 0 owns at GPA, after `revoke_after` iterations (RCX = child + 1). */
-static void revoke_for_child(struct vcpu_ctx *c)
+/* Revokes the shared region at `shared`: the caller's own (`child_plus_one` 0) or its group's
+ * child's (RCX = child + 1), and says what came of it after `label`. */
+static void revoke_shared(struct vcpu_ctx *c, uint64_t child_plus_one, const char *label)
 {
     uint64_t out[4];
-    delegation_call(HYPERCALL_REVOKE_SHARED, c->opt.shared, 1, 0, 0, out);
+    delegation_call(HYPERCALL_REVOKE_SHARED, c->opt.shared, child_plus_one, 0, 0, out);
     struct line l;
     line_start(&l, c->vcpu);
-    put_str(&l, "shared: revoked for child 0 result=");
+    put_str(&l, label);
     put_u64(&l, out[0]);
     line_send(&l);
 }
@@ -338,15 +338,8 @@ static void shared_step(struct vcpu_ctx *c)
     volatile uint64_t *cell = (volatile uint64_t *)c->opt.shared;
     if (c->opt.mode == MODE_WRITER) {
         *cell = c->iterations;
-        if (c->opt.revoke_after && c->iterations == c->opt.revoke_after) {
-            uint64_t out[4];
-            delegation_call(HYPERCALL_REVOKE_SHARED, c->opt.shared, 0, 0, 0, out);
-            struct line l;
-            line_start(&l, c->vcpu);
-            put_str(&l, "shared: revoked result=");
-            put_u64(&l, out[0]);
-            line_send(&l);
-        }
+        if (c->opt.revoke_after && c->iterations == c->opt.revoke_after)
+            revoke_shared(c, 0, "shared: revoked result=");
         return;
     }
     uint64_t value = *cell;
@@ -376,8 +369,9 @@ static void __attribute__((noreturn)) run_cpubound(struct vcpu_ctx *c)
             shared_step(c);
         if (manager && !c->opt.shared && c->iterations == c->opt.oob_after)
             redivide(c);
+        /* With shared=GPA the manager revokes, for its group's child 0, instead. */
         if (manager && c->opt.shared && c->iterations == c->opt.revoke_after)
-            revoke_for_child(c);
+            revoke_shared(c, 1, "shared: revoked for child 0 result=");
         if (oob && c->iterations == c->opt.oob_after)
             oob_write(c);
         if (hostile && c->iterations == c->opt.oob_after) {

@@ -73,11 +73,16 @@ fn program(route: IrqRoute) -> Result<(), String> {
 }
 
 fn write(base: u64, register: u32, value: u32) {
-    let _window = WINDOW.lock();
-    // SAFETY: the IO-APIC's register window from the MADT, identity-mapped uncached (the top
-    // GiB, `boot`); the lock keeps the index/data pair from interleaving with another CPU's.
-    unsafe {
-        core::ptr::write_volatile((base + IOREGSEL) as *mut u32, register);
-        core::ptr::write_volatile((base + IOWIN) as *mut u32, value);
-    }
+    // Interrupts off while the lock is held: a device interrupt taken in root mode masks its
+    // line through here too, and must not wait for the lock its own pCPU holds.
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        let _window = WINDOW.lock();
+        // SAFETY: the IO-APIC's register window from the MADT, identity-mapped uncached (the
+        // top GiB, `boot`); the lock keeps the index/data pair from interleaving with another
+        // CPU's.
+        unsafe {
+            core::ptr::write_volatile((base + IOREGSEL) as *mut u32, register);
+            core::ptr::write_volatile((base + IOWIN) as *mut u32, value);
+        }
+    })
 }

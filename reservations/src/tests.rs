@@ -379,15 +379,19 @@ fn gaps_overlaps_and_bad_accounts_are_reported_not_absorbed() {
     assert_eq!(l.elapsed(), 1_000, "an earlier end changes nothing");
 }
 
-#[test]
-fn the_tiling_invariant_holds_for_arbitrary_charge_sequences() {
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move |bound: u64| {
+/// A repeatable pseudo-random source (xorshift64): `next(bound)` is below `bound`.
+fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |bound: u64| {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         seed % bound
-    };
+    }
+}
+
+#[test]
+fn the_tiling_invariant_holds_for_arbitrary_charge_sequences() {
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     for _ in 0..200 {
         let mut l = Ledger::new(0, 3, 5_000);
         let mut at = 5_000u64;
@@ -492,13 +496,7 @@ fn over_admission_by_a_hair_is_visibly_over_100_percent() {
 /// random trees and random (also invalid) reservations.
 #[test]
 fn one_change_admitted_alone_matches_admitting_the_whole_tree() {
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |bound: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % bound
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let reservation = |next: &mut dyn FnMut(u64) -> u64| match next(8) {
         0 | 1 => hard(next(3_000), [1_000, 2_000, 2_500, 5_000, 10_000, 3_000, 0][next(7) as usize]),
         2..=4 => Reservation::FixedShare { percent: next(70) as u32 },
