@@ -135,11 +135,11 @@ fn a_passed_through_pci_nic_pings_by_its_routed_level_interrupt() {
         "{functions:?}"
     );
     // Hypervisor side: each interrupt taken once, delivered, charged to the owner.
-    let stats: Vec<_> = run.all("irq_stats").into_iter().filter(|s| s["partition"] == "linux").collect();
-    assert!(stats.iter().all(|s| s["irq"] == 9), "{stats:?}");
-    let arrivals = stats[0]["arrivals"].as_u64().unwrap();
-    let delivered: u64 = stats.iter().map(|s| s["count"].as_u64().unwrap()).sum();
-    assert!(delivered >= 20 && arrivals >= delivered, "{stats:?}");
+    let irqs: Vec<_> = run.all("irq_stats").into_iter().filter(|s| s["partition"] == "linux").collect();
+    assert!(irqs.iter().all(|s| s["irq"] == 9), "{irqs:?}");
+    let arrivals = irqs[0]["arrivals"].as_u64().unwrap();
+    let delivered: u64 = irqs.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert!(delivered >= 20 && arrivals >= delivered, "{irqs:?}");
     assert!(arrivals <= kernel_counted + 2, "no interrupt the guest did not take: {arrivals} against {line}");
     let linux = stats(&run, "linux");
     assert!(linux["irq_demux_cycles"].as_u64().unwrap() > 0, "charged to the owner: {linux}");
