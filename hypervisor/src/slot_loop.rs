@@ -234,9 +234,11 @@ fn forward_console_input(m: &crate::machine::Machine) {
     }
 }
 
-/// Nothing to run: halt the pCPU until the slot that ends at `deadline` is over, or until
-/// `vcpu_wake` when a halted vCPU's own timer comes due first. The decision since `from` was
-/// the hypervisor's own. Returns the end of the idle stretch.
+/// Nothing to run: halt the pCPU until the slot that ends at `deadline` is over, until
+/// `vcpu_wake` when a halted vCPU's own timer comes due first, or until a kick asks this pCPU
+/// to look at its vCPUs (an interrupt for a halted one: a device's, or a sibling's IPI), so
+/// that a vCPU halted in its own slot takes it now rather than in its next slot. The decision
+/// since `from` was the hypervisor's own. Returns the end of the idle stretch.
 fn idle_until(pcpu: &mut Pcpu, pacing: &Pacing, from: u64, deadline: u64, vcpu_wake: Option<u64>) -> u64 {
     let idle_start = crate::tsc::now();
     pcpu.charge(Account::Overhead, from, idle_start);
@@ -251,12 +253,15 @@ fn idle_until(pcpu: &mut Pcpu, pacing: &Pacing, from: u64, deadline: u64, vcpu_w
     if let Some(at) = timer.filter(|&at| crate::tsc::now() < at) {
         apic::arm_deadline(timer_mode(), at);
     }
+    let cpu = pcpu.cpu;
+    let kicked = || crate::percpu::of(cpu).attention.load(Ordering::Acquire);
     let over = |now: u64| {
-        if signalled {
-            pacing.boundary_reached(deadline, now) || vcpu_wake.is_some_and(|w| now >= w)
-        } else {
-            now >= wake
-        }
+        kicked()
+            || if signalled {
+                pacing.boundary_reached(deadline, now) || vcpu_wake.is_some_and(|w| now >= w)
+            } else {
+                now >= wake
+            }
     };
     // Interrupts are off while `over` looks, so a wake-up that comes before `hlt` stays
     // pending and ends it.
@@ -271,7 +276,7 @@ fn idle_until(pcpu: &mut Pcpu, pacing: &Pacing, from: u64, deadline: u64, vcpu_w
         x86_64::instructions::interrupts::enable_and_hlt();
         x86_64::instructions::interrupts::disable();
     }
-    if !signalled {
+    if !signalled && !kicked() {
         crate::tsc::spin_until(until);
     }
     let idle_end = crate::tsc::now();
