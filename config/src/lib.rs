@@ -27,7 +27,7 @@ use alloc::vec::Vec;
 pub use error::{line_column, ConfigError, ErrorKind};
 pub use live::{ChangeError, LiveConfig};
 pub use schema::*;
-pub use validate::{parse_port_range, Machine, Validated, MEMORY_ALIGN, MIB};
+pub use validate::{hypervisor_ports_in, parse_port_range, Machine, Validated, MEMORY_ALIGN, MIB};
 
 /// What the hypervisor knows about the machine at boot.
 #[derive(Debug, Clone, PartialEq, Eq)]

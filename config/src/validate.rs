@@ -82,6 +82,11 @@ const HYPERVISOR_PORTS: &[(u16, u16, &str)] = &[
     (firmware::acpi::PM_BASE, firmware::acpi::PM_END - 1, "each partition's ACPI PM block (emulated)"),
 ];
 
+/// The hypervisor's own ports that `range` overlaps, if any: (first, last, what they are).
+pub fn hypervisor_ports_in(range: &RangeInclusive<u16>) -> Option<(u16, u16, &'static str)> {
+    HYPERVISOR_PORTS.iter().copied().find(|(lo, hi, _)| *range.start() <= *hi && *lo <= *range.end())
+}
+
 pub(crate) fn validate(r: &Reporter<'_>, raw: &RawConfig, machine: &Machine) -> Result<Validated, ConfigError> {
     Checker { r, raw, machine }.run()
 }
@@ -610,9 +615,7 @@ impl Checker<'_> {
             let range = parse_port_range(entry.get_ref()).map_err(|message| {
                 self.r.at(entry.span(), subject.clone(), Some("devices.ioports"), ErrorKind::InvalidValue, message)
             })?;
-            if let Some((lo, hi, what)) =
-                HYPERVISOR_PORTS.iter().find(|(lo, hi, _)| *range.start() <= *hi && *lo <= *range.end())
-            {
+            if let Some((lo, hi, what)) = hypervisor_ports_in(&range) {
                 return Err(conflict(
                     entry.span(),
                     "devices.ioports",

@@ -60,13 +60,21 @@ fn io_bitmaps(owned: &[core::ops::RangeInclusive<u16>]) -> (u64, u64) {
 
 /// The PCI functions partition `id` owns, as the machine has them (`host_pci::probe`), or why
 /// the partition cannot have them: a function that is not there or needs more than I/O ports,
-/// ports another partition owns, or an interrupt line the partition does not own.
+/// ports the hypervisor or another partition owns, or an interrupt line the partition does
+/// not own.
 fn pass_through_functions(config: &config::Config, id: usize) -> Result<Vec<PassedFunction>, String> {
     let p = &config.partitions[id];
     let mut functions = Vec::new();
     for &function in &p.devices.pci {
         let passed = crate::host_pci::probe(function)?;
         for ports in passed.io_ports() {
+            if let Some((lo, hi, what)) = config::hypervisor_ports_in(&ports) {
+                return Err(format!(
+                    "devices.pci: {function} decodes ports {:#x}-{:#x}, which overlap the hypervisor's {lo:#x}-{hi:#x} ({what})",
+                    ports.start(),
+                    ports.end()
+                ));
+            }
             let taken = |other: &config::PartitionConfig| {
                 other.devices.ioports.iter().any(|o| o.start() <= ports.end() && ports.start() <= o.end())
             };
