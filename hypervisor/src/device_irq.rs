@@ -269,8 +269,7 @@ pub fn route(platform: &firmware::platform::Platform, machine: &crate::machine::
     let irqs = &machine.device_irqs;
     for (index, route) in irqs.routes().iter().enumerate() {
         let apic_id = crate::cpu::apic_id_of(route.pcpu) as u8;
-        let owner = &machine.partitions[route.partition];
-        let pci_line = owner.devices.pci_interrupt_lines().contains(&route.irq);
+        let pci_line = machine.partitions[route.partition].is_pci_line(route.irq);
         match crate::host_irq::route_owned_irq(platform, route.irq, route.vector, apic_id, pci_line) {
             Ok(physical) => {
                 irqs.irqs[index].level.store(crate::host_irq::is_level(&physical), Ordering::Relaxed);

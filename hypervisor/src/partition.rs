@@ -146,6 +146,11 @@ impl Partition {
         })
     }
 
+    /// Whether `irq` is the interrupt line of one of its passed-through PCI functions.
+    pub fn is_pci_line(&self, irq: u32) -> bool {
+        self.pci_interrupts.iter().any(|p| p.line as u32 == irq)
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
     }

@@ -144,11 +144,6 @@ impl PartitionDevices {
         self.platform.lock().pass_through(function);
     }
 
-    /// The IRQs its passed-through PCI functions interrupt on (level-triggered lines).
-    pub fn pci_interrupt_lines(&self) -> Vec<u32> {
-        self.platform.lock().functions().iter().filter_map(|f| f.interrupt_line()).map(u32::from).collect()
-    }
-
     pub fn is_started(&self, vcpu: u32) -> bool {
         self.started[vcpu as usize].load(Ordering::Acquire)
     }

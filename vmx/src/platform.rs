@@ -144,11 +144,6 @@ impl PlatformDevices {
         }
     }
 
-    /// The PCI functions passed through.
-    pub fn functions(&self) -> &[PassedFunction] {
-        &self.functions
-    }
-
     /// Shows `function` in the partition's PCI configuration space.
     pub fn pass_through(&mut self, function: PassedFunction) {
         self.functions.retain(|f| (f.device, f.function) != (function.device, function.function));
