@@ -30,6 +30,9 @@ pub struct Pcpu {
     pub loaded: Option<usize>,
     pub ledger: Ledger,
     pub exits: [ExitStat; EXIT_REASONS],
+    /// Per partition, by reason: the exits inside its vCPUs' measurement windows (what is
+    /// left of a workload's exits, and what each kind costs it).
+    pub window_exits: Vec<[ExitStat; EXIT_REASONS]>,
     /// The preemption-timer exits that took a spin-wait sample, and their cost.
     pub spin_sample: ExitStat,
     pub slot_entries: Vec<SlotEntry>,
@@ -67,6 +70,7 @@ impl Pcpu {
             vcpus,
             ledger: Ledger::new(cpu as u32, m.partitions.len(), t0),
             exits: [ExitStat::default(); EXIT_REASONS],
+            window_exits: alloc::vec![[ExitStat::default(); EXIT_REASONS]; m.partitions.len()],
             spin_sample: ExitStat::default(),
             slot_entries: Vec::with_capacity(MAX_SLOT_ENTRIES),
             guard_exits: 0,

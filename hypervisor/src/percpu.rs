@@ -74,6 +74,8 @@ pub struct EpochMark {
 pub struct PcpuResult {
     pub ledger: reservations::Ledger,
     pub exits: [ExitStat; EXIT_REASONS],
+    /// Per partition, the exits (and their handling) inside its vCPUs' measurement windows.
+    pub window_exits: Vec<[ExitStat; EXIT_REASONS]>,
     /// The preemption-timer exits that took a spin-wait sample, and their cost.
     pub spin_sample: ExitStat,
     pub slot_entries: Vec<SlotEntry>,

@@ -22,6 +22,29 @@ fn median(values: &mut [u64]) -> u64 {
     values.get(values.len() / 2).copied().unwrap_or(0)
 }
 
+/// What is left of a partition's exits inside its measurement windows, by reason: how often
+/// per second of the window's guest time, and what each costs (the window's exit figures
+/// in `partition_stats`, broken down).
+fn window_exit_records(name: &str, id: usize, results: &[PcpuResult], window_guest: u64) {
+    let mut exits = [crate::percpu::ExitStat::default(); crate::percpu::EXIT_REASONS];
+    for by_partition in results.iter().filter_map(|r| r.window_exits.get(id)) {
+        for (total, e) in exits.iter_mut().zip(by_partition.iter()) {
+            total.count += e.count;
+            total.cycles += e.cycles;
+        }
+    }
+    for (reason, e) in exits.iter().enumerate().filter(|(_, e)| e.count > 0) {
+        Record::new("window_exit_stats")
+            .str("partition", name)
+            .u64("reason", reason as u64)
+            .str("name", vmx::ExitReason::from_raw(reason as u32).name())
+            .u64("count", e.count)
+            .u64("per_guest_s", e.count * crate::tsc::hz() / window_guest.max(1))
+            .u64("mean_cycles", e.cycles / e.count)
+            .emit();
+    }
+}
+
 /// Prints the final records; `cpus` pCPUs took part.
 pub fn final_records(cpus: usize, run_cycles: u64) {
     let m = machine();
@@ -133,6 +156,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("resets", p.resets.load(core::sync::atomic::Ordering::Relaxed))
             .str("state", if fault.is_some() { "stopped" } else { "running" })
             .emit();
+        window_exit_records(&p.name, p.id, &results, window_guest);
     }
 
     let mut exits = [crate::percpu::ExitStat::default(); crate::percpu::EXIT_REASONS];

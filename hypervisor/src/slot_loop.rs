@@ -208,6 +208,7 @@ pub fn run_pcpu(cpu: usize) {
         injected_uncharged: injected,
         ledger: pcpu.ledger,
         exits: pcpu.exits,
+        window_exits: pcpu.window_exits,
         spin_sample: pcpu.spin_sample,
         slot_entries: pcpu.slot_entries,
         epoch_marks: pcpu.epoch_marks,
@@ -339,6 +340,9 @@ fn run_turn(
         let entry = crate::tsc::now();
         if let Some(reason) = last_reason.take() {
             pcpu.exits[reason].cycles += entry - stretch_start;
+            if pcpu.vcpus[index].in_spin_window {
+                pcpu.window_exits[partition_id][reason].cycles += entry - stretch_start;
+            }
         }
         if core::mem::take(&mut sampled) {
             pcpu.spin_sample.cycles += entry - stretch_start;
@@ -384,6 +388,9 @@ fn run_turn(
         let slot = (reason.number() as usize).min(EXIT_REASONS - 1);
         pcpu.trace(EventKind::VmExit, exit, index, reason.number());
         pcpu.exits[slot].count += 1;
+        if pcpu.vcpus[index].in_spin_window {
+            pcpu.window_exits[partition_id][slot].count += 1;
+        }
         last_reason = Some(slot);
         match handle_exit(&mut pcpu.vcpus[index], partition, reason, raw, deadline, guard_at) {
             ExitOutcome::Resume => continue,
@@ -433,6 +440,9 @@ fn run_turn(
     let now = crate::tsc::now();
     if let Some(reason) = last_reason {
         pcpu.exits[reason].cycles += now - stretch_start;
+        if pcpu.vcpus[index].in_spin_window {
+            pcpu.window_exits[partition_id][reason].cycles += now - stretch_start;
+        }
     }
     if sampled {
         pcpu.spin_sample.cycles += now - stretch_start;
