@@ -115,6 +115,26 @@ impl Pcpu {
         self.ledger.charge(account, from, to);
     }
 
+    /// vCPU `index` exited for `reason`: counted per pCPU, and per partition as well inside
+    /// the vCPU's measurement window.
+    pub fn note_exit_reason(&mut self, index: usize, reason: usize) {
+        self.exits[reason].count += 1;
+        let v = &self.vcpus[index];
+        if v.in_spin_window {
+            self.window_exits[v.partition][reason].count += 1;
+        }
+    }
+
+    /// Handling vCPU `index`'s exit for `reason` took `cycles` (VM exit to the next entry, or
+    /// to the end of the turn), counted as the exit itself was.
+    pub fn note_exit_handled(&mut self, index: usize, reason: usize, cycles: u64) {
+        self.exits[reason].cycles += cycles;
+        let v = &self.vcpus[index];
+        if v.in_spin_window {
+            self.window_exits[v.partition][reason].cycles += cycles;
+        }
+    }
+
     /// Records an event of this pCPU's vCPU `index` in its trace.
     #[inline]
     pub fn trace(&self, kind: EventKind, tsc: u64, index: usize, arg: u32) {

@@ -339,10 +339,7 @@ fn run_turn(
         vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, guard.min(u32::MAX as u64));
         let entry = crate::tsc::now();
         if let Some(reason) = last_reason.take() {
-            pcpu.exits[reason].cycles += entry - stretch_start;
-            if pcpu.vcpus[index].in_spin_window {
-                pcpu.window_exits[partition_id][reason].cycles += entry - stretch_start;
-            }
+            pcpu.note_exit_handled(index, reason, entry - stretch_start);
         }
         if core::mem::take(&mut sampled) {
             pcpu.spin_sample.cycles += entry - stretch_start;
@@ -387,10 +384,7 @@ fn run_turn(
         let reason = ExitReason::from_raw(raw);
         let slot = (reason.number() as usize).min(EXIT_REASONS - 1);
         pcpu.trace(EventKind::VmExit, exit, index, reason.number());
-        pcpu.exits[slot].count += 1;
-        if pcpu.vcpus[index].in_spin_window {
-            pcpu.window_exits[partition_id][slot].count += 1;
-        }
+        pcpu.note_exit_reason(index, slot);
         last_reason = Some(slot);
         match handle_exit(&mut pcpu.vcpus[index], partition, reason, raw, deadline, guard_at) {
             ExitOutcome::Resume => continue,
@@ -439,10 +433,7 @@ fn run_turn(
     };
     let now = crate::tsc::now();
     if let Some(reason) = last_reason {
-        pcpu.exits[reason].cycles += now - stretch_start;
-        if pcpu.vcpus[index].in_spin_window {
-            pcpu.window_exits[partition_id][reason].cycles += now - stretch_start;
-        }
+        pcpu.note_exit_handled(index, reason, now - stretch_start);
     }
     if sampled {
         pcpu.spin_sample.cycles += now - stretch_start;
