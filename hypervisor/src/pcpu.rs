@@ -117,6 +117,7 @@ impl Pcpu {
 
     /// vCPU `index` exited for `reason`: counted per pCPU, and per partition as well inside
     /// the vCPU's measurement window.
+    #[inline]
     pub fn note_exit_reason(&mut self, index: usize, reason: usize) {
         self.exits[reason].count += 1;
         let v = &self.vcpus[index];
@@ -127,6 +128,7 @@ impl Pcpu {
 
     /// Handling vCPU `index`'s exit for `reason` took `cycles` (VM exit to the next entry, or
     /// to the end of the turn), counted as the exit itself was.
+    #[inline]
     pub fn note_exit_handled(&mut self, index: usize, reason: usize, cycles: u64) {
         self.exits[reason].cycles += cycles;
         let v = &self.vcpus[index];
