@@ -115,25 +115,24 @@ impl Pcpu {
         self.ledger.charge(account, from, to);
     }
 
-    /// vCPU `index` exited for `reason`: counted per pCPU, and per partition as well inside
-    /// the vCPU's measurement window.
+    /// An exit for `reason` of a vCPU of `partition`: counted per pCPU, and per partition as
+    /// well when it came inside the vCPU's measurement window (`in_window`, read once per exit
+    /// by the caller, which reads it anyway: this sits on every exit's path).
     #[inline]
-    pub fn note_exit_reason(&mut self, index: usize, reason: usize) {
+    pub fn note_exit_reason(&mut self, partition: usize, reason: usize, in_window: bool) {
         self.exits[reason].count += 1;
-        let v = &self.vcpus[index];
-        if v.in_spin_window {
-            self.window_exits[v.partition][reason].count += 1;
+        if in_window {
+            self.window_exits[partition][reason].count += 1;
         }
     }
 
-    /// Handling vCPU `index`'s exit for `reason` took `cycles` (VM exit to the next entry, or
-    /// to the end of the turn), counted as the exit itself was.
+    /// Handling that exit took `cycles` (VM exit to the next entry, or to the end of the
+    /// turn), counted where the exit itself was.
     #[inline]
-    pub fn note_exit_handled(&mut self, index: usize, reason: usize, cycles: u64) {
+    pub fn note_exit_handled(&mut self, partition: usize, reason: usize, in_window: bool, cycles: u64) {
         self.exits[reason].cycles += cycles;
-        let v = &self.vcpus[index];
-        if v.in_spin_window {
-            self.window_exits[v.partition][reason].cycles += cycles;
+        if in_window {
+            self.window_exits[partition][reason].cycles += cycles;
         }
     }
 

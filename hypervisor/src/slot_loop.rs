@@ -312,7 +312,8 @@ fn run_turn(
     }
     let guard_at = pacing.guard_deadline(deadline);
     let mut first_entry = true;
-    let mut last_reason: Option<usize> = None;
+    // The last exit's reason, and whether it came inside the vCPU's measurement window.
+    let mut last_reason: Option<(usize, bool)> = None;
     // The last exit took a spin-wait sample: its cost is the sampler's too.
     let mut sampled = false;
     // The stretch since the last entry (or the switch) and whose it is.
@@ -338,8 +339,8 @@ fn run_turn(
         let guard = (guard_at.saturating_sub(now).min(wake.max(1)).min(sample)) >> pcpu.preemption_shift;
         vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, guard.min(u32::MAX as u64));
         let entry = crate::tsc::now();
-        if let Some(reason) = last_reason.take() {
-            pcpu.note_exit_handled(index, reason, entry - stretch_start);
+        if let Some((reason, in_window)) = last_reason.take() {
+            pcpu.note_exit_handled(partition_id, reason, in_window, entry - stretch_start);
         }
         if core::mem::take(&mut sampled) {
             pcpu.spin_sample.cycles += entry - stretch_start;
@@ -377,15 +378,16 @@ fn run_turn(
             break TurnEnd::Stopped;
         }
         pcpu.ledger.note_exit(account_id);
-        if pcpu.vcpus[index].in_spin_window {
+        let in_window = pcpu.vcpus[index].in_spin_window;
+        if in_window {
             pcpu.ledger.note_window_stretch(account_id, exit - entry, handled);
         }
         let raw = vmcs::read(ro::EXIT_REASON) as u32;
         let reason = ExitReason::from_raw(raw);
         let slot = (reason.number() as usize).min(EXIT_REASONS - 1);
         pcpu.trace(EventKind::VmExit, exit, index, reason.number());
-        pcpu.note_exit_reason(index, slot);
-        last_reason = Some(slot);
+        pcpu.note_exit_reason(partition_id, slot, in_window);
+        last_reason = Some((slot, in_window));
         match handle_exit(&mut pcpu.vcpus[index], partition, reason, raw, deadline, guard_at) {
             ExitOutcome::Resume => continue,
             // A sibling pCPU's kick or the slot timer: the hypervisor's own, not the
@@ -408,7 +410,6 @@ fn run_turn(
                 pcpu.spin_sample.count += 1;
                 sampled = true;
                 if sample != Sample::Unreadable {
-                    let in_window = pcpu.vcpus[index].in_spin_window;
                     pcpu.ledger.note_spin_sample(account_id, sample == Sample::Spinning, in_window);
                 }
                 continue;
@@ -432,8 +433,8 @@ fn run_turn(
         }
     };
     let now = crate::tsc::now();
-    if let Some(reason) = last_reason {
-        pcpu.note_exit_handled(index, reason, now - stretch_start);
+    if let Some((reason, in_window)) = last_reason {
+        pcpu.note_exit_handled(partition_id, reason, in_window, now - stretch_start);
     }
     if sampled {
         pcpu.spin_sample.cycles += now - stretch_start;

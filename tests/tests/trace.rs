@@ -106,11 +106,13 @@ fn ipi_gang_switches_at_the_timing_pcpus_signal() {
     assert!(by_pcpu[&1].iter().all(|e| e.kind != EventKind::BoundaryIpi), "only pCPU 0 times the slots");
     let arrived = by_pcpu[&1].iter().filter(|e| e.kind == EventKind::HostInterrupt && e.arg == BOUNDARY_VECTOR);
     assert!(arrived.count() > 100, "pCPU 1's guests are stopped by the signal");
-    // pCPU 1 starts each slot after the signal: every gang slot has a skew, still far below
-    // the slot; the barrier keeps its progress.
+    // pCPU 1 starts each slot after the signal: every gang slot has a skew (the IPI, one exit's
+    // handling and the switch: about 500 Bochs cycles), still far below the slot. A pCPU that
+    // missed the signal would start a whole frame late, at its guard. The barrier keeps its
+    // progress.
     let barrier = run.all("partition_stats").into_iter().find(|s| s["partition"] == "barrier").unwrap();
     let slot_cycles = run.one("boot")["tsc_hz"].as_u64().unwrap() / 200;
     let skew = barrier["skew_median_cycles"].as_u64().unwrap();
-    assert!(skew > 0 && skew * 100 < slot_cycles, "median skew {skew} cycles: {barrier}");
+    assert!(skew > 0 && skew * 50 < slot_cycles, "median skew {skew} cycles: {barrier}");
     assert!(barrier["spin_waste_guest_pct"].as_str().unwrap().parse::<f64>().unwrap() < 2.0, "{barrier}");
 }
