@@ -182,9 +182,7 @@ impl VirtualLapic {
         self.regs.0[(offset / 4) as usize] = value;
         for base in [reg::IRR, reg::ISR] {
             if (base..base + 0x80).contains(&offset) {
-                for i in 0..8 {
-                    self.note_word(base, i);
-                }
+                self.note_word(base, ((offset - base) / 0x10) as usize);
             }
         }
     }
