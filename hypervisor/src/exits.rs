@@ -179,7 +179,7 @@ pub fn handle_exit(
             let access = IoAccess::decode(vmcs::read(ro::EXIT_QUALIFICATION));
             let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
             match partition.devices.port_io(&mut cpu, vcpu_index, &mut vcpu.lapic, access, crate::tsc::now()) {
-                Ok(effects) => apply(partition, vcpu_index, effects),
+                Ok(effects) => apply(partition, vcpu_index, effects, rip),
                 Err(detail) => stop("refused", detail),
             }
         }
@@ -222,7 +222,7 @@ pub fn handle_exit(
             let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
             let gpa = vmx::devices::LAPIC_PAGE + offset as u64;
             match partition.devices.mmio(&mut cpu, vcpu_index, &mut vcpu.lapic, gpa, crate::tsc::now()) {
-                Some(Ok(effects)) => apply(partition, vcpu_index, effects),
+                Some(Ok(effects)) => apply(partition, vcpu_index, effects, rip),
                 Some(Err(detail)) => stop("refused", detail),
                 None => unreachable!("the xAPIC page is a device page"),
             }
@@ -230,14 +230,14 @@ pub fn handle_exit(
         Handler::ApicWrite => {
             let offset = vmx::exit::apic_write_offset(vmcs::read(ro::EXIT_QUALIFICATION));
             let effects = partition.devices.apic_write(vcpu_index, &mut vcpu.lapic, offset, crate::tsc::now());
-            apply(partition, vcpu_index, effects)
+            apply(partition, vcpu_index, effects, rip)
         }
         Handler::MemoryFault => {
             let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL);
             if reason == ExitReason::EptViolation {
                 let mut cpu = CurrentVcpu { regs: &mut vcpu.regs, partition };
                 match partition.devices.mmio(&mut cpu, vcpu_index, &mut vcpu.lapic, gpa, crate::tsc::now()) {
-                    Some(Ok(effects)) => return apply(partition, vcpu_index, effects),
+                    Some(Ok(effects)) => return apply(partition, vcpu_index, effects, rip),
                     Some(Err(detail)) => return stop("refused", detail),
                     None => {}
                 }
@@ -257,7 +257,7 @@ pub fn handle_exit(
 
 /// Does what a device exit (of the instruction at `rip`) left for the hypervisor: console
 /// output, siblings to look at, a reset or power-off the guest asked for.
-fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects) -> ExitOutcome {
+fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects, rip: u64) -> ExitOutcome {
     if effects.level_pins_free != 0 {
         machine().device_irqs.level_pins_free(partition.id, effects.level_pins_free);
     }
@@ -271,7 +271,7 @@ fn apply(partition: &Partition, vcpu: u32, effects: DeviceEffects) -> ExitOutcom
         log::warn!("[{}] vCPU {vcpu}: IPI {ipi:?} is not supported yet", partition.name);
     }
     if let Some(request) = effects.power {
-        partition.power_request(vcpu, request);
+        partition.power_request(vcpu, request, rip);
         return ExitOutcome::Stopped;
     }
     ExitOutcome::Resume

@@ -20,40 +20,19 @@ use vmx::vmcs_image::PartitionContext;
 /// Longest guest console line held before it is printed anyway (JSON records fit).
 const GUEST_LINE_MAX: usize = 4096;
 
-/// A fault: what stopped a partition that did not ask to stop.
+/// The reasons of stops the guest asked for itself, reported as such rather than as faults.
+const REASON_POWEROFF: &str = "poweroff";
+const REASON_REBOOT: &str = "reboot";
+/// Stopped, started or reset through the control channel.
+const REASON_CONTROL: &str = "control";
+
+/// Why a partition was stopped.
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub vcpu: u32,
     pub reason: &'static str,
     pub detail: String,
     pub rip: u64,
-}
-
-/// Why a partition stopped: each kind is reported as its own record.
-#[derive(Debug, Clone)]
-pub enum Stop {
-    /// The guest did what it may not (`on_fault` says whether a reset follows).
-    Fault(Fault),
-    /// It cannot run on this machine (a feature the CPU lacks, a VMCS the VM-entry checks
-    /// refuse, a device it cannot be given): no reset mends that.
-    Unfit(Fault),
-    /// The guest powered its platform off (ACPI S5).
-    PowerOff { vcpu: u32 },
-    /// The guest reset its platform, through `via` (`on_reboot` says whether it boots again).
-    Reboot { vcpu: u32, via: &'static str },
-    /// Stopped or reset through the control channel.
-    Control { what: &'static str },
-}
-
-impl Stop {
-    /// The vCPU that stopped it (0 when none did).
-    fn vcpu(&self) -> u32 {
-        match self {
-            Stop::Fault(f) | Stop::Unfit(f) => f.vcpu,
-            Stop::PowerOff { vcpu } | Stop::Reboot { vcpu, .. } => *vcpu,
-            Stop::Control { .. } => 0,
-        }
-    }
 }
 
 pub struct Partition {
@@ -67,10 +46,9 @@ pub struct Partition {
     pub on_poweroff: OnPoweroff,
     pub context: PartitionContext,
     pub stopped: AtomicBool,
-    /// Why it stopped, the first cause only, until a reset clears it.
-    pub stop_cause: Mutex<Option<Stop>>,
-    /// A stop is recorded but its report not yet written.
-    stop_unreported: AtomicBool,
+    pub fault: Mutex<Option<Fault>>,
+    /// A fault is recorded but its report not yet written.
+    fault_unreported: AtomicBool,
     console: Mutex<String>,
     /// Its COM1, IO-APIC, and the IPI and start-up routing between its vCPUs.
     pub devices: vmx::devices::PartitionDevices,
@@ -145,8 +123,8 @@ impl Partition {
             on_poweroff: config.on_poweroff,
             context,
             stopped: AtomicBool::new(false),
-            stop_cause: Mutex::new(None),
-            stop_unreported: AtomicBool::new(false),
+            fault: Mutex::new(None),
+            fault_unreported: AtomicBool::new(false),
             console: Mutex::new(String::new()),
             devices,
             done_vcpus: AtomicU64::new(0),
@@ -209,32 +187,34 @@ impl Partition {
     }
 
     /// Stops every vCPU of this partition (each leaves the guest at its next exit or slot);
-    /// the first cause is the one reported. Cheap: the report is written later, in one of the
-    /// partition's own slots (`report_stop`), so a fault near the end of its slot does not run
+    /// the first fault is the one reported. Cheap: the report is written later, in one of the
+    /// partition's own slots (`report_fault`), so a fault near the end of its slot does not run
     /// into the next partition's.
     pub fn stop(&self, fault: Fault) {
-        self.stop_and_maybe_reset(Stop::Fault(fault), self.on_fault == OnFault::Reset);
+        self.stop_and_maybe_reset(fault, self.on_fault == OnFault::Reset);
     }
 
     /// Stops the partition for good, whatever its `on_fault`: for what a reset cannot mend
     /// (the CPU lacks a feature it needs, its VMCS fails the VM-entry checks).
     pub fn refuse(&self, fault: Fault) {
-        self.stop_and_maybe_reset(Stop::Unfit(fault), false);
+        self.stop_and_maybe_reset(fault, false);
     }
 
     /// What the guest asked of its platform: a reboot resets it (or stops it, as its
     /// `on_reboot` says); S5 stops it for good. Reported in its own slot, as a fault is.
-    pub fn power_request(&self, vcpu: u32, request: PowerRequest) {
+    pub fn power_request(&self, vcpu: u32, request: PowerRequest, rip: u64) {
         match request {
             PowerRequest::PowerOff => {
-                self.stop_and_maybe_reset(Stop::PowerOff { vcpu }, false);
+                let detail = "ACPI S5 (SLP_EN with the _S5 sleep type)".into();
+                self.stop_and_maybe_reset(Fault { vcpu, reason: REASON_POWEROFF, detail, rip }, false);
                 if self.on_poweroff == OnPoweroff::EndRun {
                     let m = crate::machine::machine();
                     m.end_early(crate::tsc::now(), crate::machine::EndCause::Poweroff);
                 }
             }
             PowerRequest::Reset { via } => {
-                self.stop_and_maybe_reset(Stop::Reboot { vcpu, via }, self.on_reboot == OnReboot::Reset)
+                let fault = Fault { vcpu, reason: REASON_REBOOT, detail: via.into(), rip };
+                self.stop_and_maybe_reset(fault, self.on_reboot == OnReboot::Reset)
             }
         }
     }
@@ -245,7 +225,8 @@ impl Partition {
         if self.is_stopped() {
             return Err("it is already stopped");
         }
-        self.stop_and_maybe_reset(Stop::Control { what: "stopped through the control channel" }, false);
+        let detail = "stopped through the control channel".into();
+        self.stop_and_maybe_reset(Fault { vcpu: 0, reason: REASON_CONTROL, detail, rip: 0 }, false);
         Ok(())
     }
 
@@ -261,7 +242,8 @@ impl Partition {
     /// The control channel's `reset`: the partition, running or stopped, boots again.
     pub fn control_reset(&self) -> Result<(), String> {
         if !self.is_stopped() {
-            self.stop_and_maybe_reset(Stop::Control { what: "reset through the control channel" }, true);
+            let detail = "reset through the control channel".into();
+            self.stop_and_maybe_reset(Fault { vcpu: 0, reason: REASON_CONTROL, detail, rip: 0 }, true);
             return Ok(());
         }
         self.restart()
@@ -269,7 +251,9 @@ impl Partition {
 
     /// A stopped partition's reset, unless it was stopped for what a reset cannot mend.
     fn restart(&self) -> Result<(), String> {
-        if let Some(Stop::Unfit(fault)) = self.stop_cause.lock().as_ref() {
+        if let Some(fault) =
+            self.fault.lock().as_ref().filter(|f| ["unsupported", "vm-entry-check"].contains(&f.reason))
+        {
             return Err(format!("it cannot run on this machine: {}", fault.detail));
         }
         self.refused.store(false, Ordering::Release);
@@ -286,12 +270,12 @@ impl Partition {
         }
     }
 
-    fn stop_and_maybe_reset(&self, cause: Stop, reset: bool) {
-        let mut slot = self.stop_cause.lock();
+    fn stop_and_maybe_reset(&self, fault: Fault, reset: bool) {
+        let mut slot = self.fault.lock();
         if slot.is_none() {
-            crate::trace::record_here(EventKind::Fault, self.id, cause.vcpu(), 0);
-            *slot = Some(cause);
-            self.stop_unreported.store(true, Ordering::Release);
+            crate::trace::record_here(EventKind::Fault, self.id, fault.vcpu, 0);
+            *slot = Some(fault);
+            self.fault_unreported.store(true, Ordering::Release);
         }
         drop(slot);
         if !reset {
@@ -308,45 +292,45 @@ impl Partition {
         self.reset_pending.load(Ordering::Acquire)
     }
 
-    pub fn stop_unreported(&self) -> bool {
-        self.stop_unreported.load(Ordering::Acquire)
+    pub fn fault_unreported(&self) -> bool {
+        self.fault_unreported.load(Ordering::Acquire)
     }
 
-    /// Prints the pending stop's line and record, once.
-    pub fn report_stop(&self) {
-        let cause = self.stop_cause.lock().clone();
-        if !self.stop_unreported.swap(false, Ordering::AcqRel) {
+    /// Prints the pending fault's line and record, once.
+    pub fn report_fault(&self) {
+        let fault = self.fault.lock().clone();
+        if !self.fault_unreported.swap(false, Ordering::AcqRel) {
             return;
         }
-        let Some(cause) = cause else { return };
+        let Some(fault) = fault else { return };
         // Every stop that is not for good is followed by a reset.
         let action = if self.refused.load(Ordering::Acquire) { "stopped" } else { "reset" };
-        match cause {
-            Stop::PowerOff { vcpu } => {
-                log::info!("partition {} powered off (ACPI S5: SLP_EN with the _S5 sleep type); its slots stay idle", self.name);
+        match fault.reason {
+            REASON_POWEROFF => {
+                log::info!("partition {} powered off ({}); its slots stay idle", self.name, fault.detail);
                 crate::console::Record::new("partition_poweroff")
                     .str("partition", &self.name)
-                    .u64("vcpu", vcpu as u64)
+                    .u64("vcpu", fault.vcpu as u64)
                     .emit();
             }
-            Stop::Control { what } => {
-                log::info!("partition {}: {what} ({action})", self.name);
+            REASON_CONTROL => {
+                log::info!("partition {}: {} ({action})", self.name, fault.detail);
                 crate::console::Record::new("partition_control")
                     .str("partition", &self.name)
-                    .str("detail", what)
+                    .str("detail", &fault.detail)
                     .str("action", action)
                     .emit();
             }
-            Stop::Reboot { vcpu, via } => {
-                log::info!("partition {} asked to reboot (through the {via}): {action}", self.name);
+            REASON_REBOOT => {
+                log::info!("partition {} asked to reboot (through the {}): {action}", self.name, fault.detail);
                 crate::console::Record::new("partition_reboot")
                     .str("partition", &self.name)
-                    .u64("vcpu", vcpu as u64)
-                    .str("via", via)
+                    .u64("vcpu", fault.vcpu as u64)
+                    .str("via", &fault.detail)
                     .str("action", action)
                     .emit();
             }
-            Stop::Fault(fault) | Stop::Unfit(fault) => {
+            _ => {
                 log::error!(
                     "partition {} stopped: vCPU {} {} ({}) at RIP {:#x}; other partitions keep their reservations",
                     self.name,
@@ -390,7 +374,7 @@ impl Partition {
         }
         self.devices.power_on(self.payload == Payload::TestGuest);
         self.parked.store(0, Ordering::Release);
-        *self.stop_cause.lock() = None;
+        *self.fault.lock() = None;
         self.done_vcpus.store(0, Ordering::Relaxed);
         let resets = self.resets.fetch_add(1, Ordering::AcqRel) + 1;
         self.reset_pending.store(false, Ordering::Release);

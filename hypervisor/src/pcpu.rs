@@ -193,11 +193,11 @@ impl Pcpu {
         let partition = &m.partitions[partition_id];
         let generation = partition.generation.load(Ordering::Acquire);
         let current = self.vcpus.iter().all(|v| v.partition != partition_id || v.generation == generation);
-        if current && !partition.reset_pending() && !partition.stop_unreported() {
+        if current && !partition.reset_pending() && !partition.fault_unreported() {
             return switch_start;
         }
         let start = crate::tsc::now();
-        partition.report_stop();
+        partition.report_fault();
         for index in 0..self.vcpus.len() {
             let v = &mut self.vcpus[index];
             if v.partition != partition_id {

@@ -56,7 +56,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
     let seconds_x1000 = run_cycles * 1000 / hz;
 
     for p in &m.partitions {
-        p.report_stop();
+        p.report_fault();
     }
     if let Some(id) = m.console_input {
         let (received, dropped) = crate::console::input_counts();
@@ -122,7 +122,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .next()
             .unwrap_or(0);
         let skew_median = median(&mut skews);
-        let stopped = p.stop_cause.lock().is_some();
+        let fault = p.fault.lock().clone();
         Record::new("partition_stats")
             .str("partition", &p.name)
             .u64("vcpus", p.vcpus as u64)
@@ -154,7 +154,7 @@ pub fn final_records(cpus: usize, run_cycles: u64) {
             .u64("entry_latency_median_cycles", median(&mut latencies))
             .u64("hypercalls", p.hypercalls.load(core::sync::atomic::Ordering::Relaxed))
             .u64("resets", p.resets.load(core::sync::atomic::Ordering::Relaxed))
-            .str("state", if stopped { "stopped" } else { "running" })
+            .str("state", if fault.is_some() { "stopped" } else { "running" })
             .emit();
         window_exit_records(&p.name, p.id, &results, window_guest);
     }
